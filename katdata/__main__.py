@@ -1,0 +1,5 @@
+import sys
+
+from katdata.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""Assembly: the cold-start KAT records, rendered byte-exact and re-checked with the parser.
+
+For each labelled vote with an accepted judge rationale: think-off takes the answer of the vote's
+chosen (shortest correct) sample; think-on takes its think text and answer from the solver's
+accepted attempts (solve.jsonl) or from the vote samples, as ``think_source`` says. The response is
+``template.render``-ed, then ``template.parse``-d back: any difference rejects the record. Every
+query that yields no record lands in rejects.jsonl with its stage and reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata import template
+from katdata.judge import JudgeRow
+from katdata.records import Attempt, KatRecord, Query, Tags, Vote
+from katdata.runfiles import RowWriter, done_keys, read_rows
+
+log = logging.getLogger(__name__)
+
+
+class AssembleConfig(BaseModel):
+    """Settings of the assembly stage (the recipe's ``assemble:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    think_source: Literal["solver", "vote", "solver_then_vote", "vote_then_solver"] = Field(
+        "solver_then_vote", description="where think-on content comes from: the solver's accepted traces, "
+        "the vote's shortest correct think-on sample, or one then the other")
+    require_clean_parse: bool = Field(False, description="use only vote samples whose raw response parsed cleanly")
+
+
+def _rows(path: Path, model):
+    return list(read_rows(path, model)) if path.is_file() else []
+
+
+def solver_pick(attempts: list[Attempt]) -> Optional[Attempt]:
+    """The solver's accepted attempt with a think text and an answer (highest score, then shortest)."""
+    good = [a for a in attempts if a.reason is None and a.think and a.answer and a.correct is not False]
+    return min(good, key=lambda a: (-(a.score or 0.0), a.completion_tokens, a.index)) if good else None
+
+
+def content(vote: Vote, samples: list[Attempt], solver: list[Attempt], cfg: AssembleConfig) -> tuple[Optional[Attempt], str]:
+    """The attempt whose think/answer the record uses, and where it came from (or why none)."""
+    chosen = next((a for a in samples if a.mode == vote.label and a.index == vote.chosen_index), None)
+    if chosen is not None and cfg.require_clean_parse and not chosen.ok:
+        chosen = None
+    if vote.label == "off":
+        return (chosen, "vote") if chosen else (None, "no correct think-off sample")
+    order = {"solver": ["solver"], "vote": ["vote"], "solver_then_vote": ["solver", "vote"],
+             "vote_then_solver": ["vote", "solver"]}[cfg.think_source]
+    for src in order:
+        pick = solver_pick(solver) if src == "solver" else (chosen if chosen and chosen.think else None)
+        if pick is not None:
+            return pick, src
+    return None, f"no think-on content ({cfg.think_source})"
+
+
+def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
+          tags: Optional[Tags]) -> KatRecord:
+    """Render and re-check one record; raises template.TemplateError with the reason."""
+    answer = pick.answer.strip("\n")
+    think = pick.think.strip("\n") if vote.label == "on" and pick.think else None
+    response = template.render(vote.label, judge.rationale, answer, think)
+    back = template.parse(response)
+    same = back.ok and (back.mode, back.judge, back.answer, back.think) == (vote.label, judge.rationale, answer, think)
+    if not same or template.render(back.mode, back.judge, back.answer, back.think) != response:
+        raise template.TemplateError(f"render check failed: {back.errors or 'fields differ after parsing'}")
+    return KatRecord(id=q.id, query=q.query, system=q.system, mode=vote.label, judge=judge.rationale, think=think,
+                     answer=answer, response=response, reference=q.reference, kind=q.kind,
+                     tags=tags.model_dump(mode="json") if tags else {},
+                     vote=vote.model_dump(mode="json"),
+                     provenance={"content_source": source, "attempt_index": pick.index, "attempt_mode": pick.mode,
+                                 "judge_tries": len(judge.attempts), "explored": vote.explored,
+                                 "review": vote.review})
+
+
+def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
+    """queries + votes + judges (+ samples, solve, tags) -> records.jsonl and rejects.jsonl."""
+    run_dir = Path(run_dir)
+    queries = {q.id: q for q in read_rows(run_dir / "queries.jsonl", Query)}
+    votes = _rows(run_dir / "votes.jsonl", Vote)
+    judges = {j.id: j for j in _rows(run_dir / "judges.jsonl", JudgeRow)}
+    tags = {t.id: t for t in _rows(run_dir / "tags.jsonl", Tags)}
+    samples, solver = defaultdict(list), defaultdict(list)
+    for a in _rows(run_dir / "samples.jsonl", Attempt):
+        samples[a.id].append(a)
+    for a in _rows(run_dir / "solve.jsonl", Attempt):
+        if a.source == "solver":
+            solver[a.id].append(a)
+    done = done_keys(run_dir / "records.jsonl") | done_keys(run_dir / "rejects.jsonl")
+    stats: Counter = Counter()
+    rejects: Counter = Counter()
+    with RowWriter(run_dir / "records.jsonl") as rec_out, RowWriter(run_dir / "rejects.jsonl") as rej_out:
+        def reject(qid: str, stage: str, reason: str, raw=None) -> None:
+            rej_out.write({"id": qid, "stage": stage, "reason": reason, "raw": raw})
+            rejects[f"{stage}: {reason.split(':')[0]}"] += 1
+
+        for vote in votes:
+            if vote.id in done or vote.id not in queries:
+                continue
+            q = queries[vote.id]
+            if vote.label is None:
+                reject(q.id, "review" if vote.review else "vote", vote.reason, vote.model_dump(mode="json"))
+                continue
+            judge = judges.get(q.id)
+            if judge is None or not judge.ok or not judge.rationale:
+                reason = judge.reason if judge else "no judge rationale"
+                reject(q.id, "judge", reason or "no judge rationale", judge.attempts if judge else None)
+                continue
+            pick, source = content(vote, samples[q.id], solver[q.id], cfg)
+            if pick is None:
+                reject(q.id, "assemble", source, vote.model_dump(mode="json"))
+                continue
+            try:
+                rec = build(q, vote, judge, pick, source, tags.get(q.id))
+            except template.TemplateError as exc:
+                reject(q.id, "assemble", f"render: {exc}", {"think": pick.think, "answer": pick.answer})
+                continue
+            rec_out.write(rec)
+            stats["rows_out"] += 1
+            stats[f"mode_{rec.mode}"] += 1
+            stats[f"source_{source}"] += 1
+    return {"rows_in": len(votes), **stats, "rejects": dict(rejects)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="katdata assemble", description="Render the cold-start KAT records.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--think-source", default="solver_then_vote",
+                   choices=["solver", "vote", "solver_then_vote", "vote_then_solver"], help="think-on content source")
+    args = p.parse_args(argv)
+    print(run(AssembleConfig(think_source=args.think_source), args.run_dir))
+    return 0

@@ -1,0 +1,30 @@
+"""Engines behind one interface, imported only when chosen (lm-eval style table)."""
+
+from __future__ import annotations
+
+import importlib
+
+from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.errors import KatdataError
+
+BACKENDS = {
+    "transformers": ("katdata.backends.hf:TransformersBackend", "local"),
+    "vllm": ("katdata.backends.vllm_engine:VLLMBackend", "vllm' (GPU) or 'cpu"),
+    "openai": ("katdata.backends.openai_api:OpenAIBackend", "openai"),
+    "scripted": ("katdata.backends.scripted:ScriptedBackend", "dev"),
+}
+
+__all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Request", "SamplingParams", "get_backend"]
+
+
+def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
+    """Build the backend called ``name``; a missing engine names the extra that installs it."""
+    if name not in BACKENDS:
+        raise KatdataError(f"unknown backend '{name}'; known: {', '.join(sorted(BACKENDS))}")
+    target, extra = BACKENDS[name]
+    module, cls = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise KatdataError(f"backend '{name}' needs {exc.name or exc}: install the '{extra}' extra") from exc
+    return getattr(mod, cls)(config or BackendConfig())

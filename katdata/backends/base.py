@@ -1,0 +1,93 @@
+"""The one interface every engine implements.
+
+A request is a chat plus an optional assistant prefix that the model continues: ``"<judge>\\n"``
+pre-fills the KAT judge; ``"<judge>\\n...</judge>\\n\\n<think_on>\\n<think>\\n"`` forces a mode.
+``generate`` returns, per request, ``params.n`` completions of the same shape on every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from katdata.chat_template import render_chat
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict]
+    prefix: Optional[str] = None  # assistant text to continue; None = a plain new assistant turn
+
+    def prompt(self) -> str:
+        """The prompt text under the KAT chat template (ChatML), prefix appended."""
+        return render_chat(self.messages, add_generation_prompt=True, prefill_judge=False) + (self.prefix or "")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = 0
+    logprobs: Optional[int] = None  # top-k logprobs per generated token, where the engine has them
+
+    def with_(self, **kw) -> "SamplingParams":
+        return replace(self, **kw)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: Optional[list[dict[str, float]]] = None  # per token: {token: logprob} of the top-k
+    error: Optional[str] = None  # why the request failed (finish_reason == "error")
+
+
+@dataclass
+class BackendConfig:
+    """What a recipe says about an engine; each backend reads the fields it needs."""
+
+    model: Optional[str] = None  # None / "embedded" = the embedded SmolLM2
+    revision: Optional[str] = None
+    dtype: str = "auto"
+    chat_template: str = "kat"  # "kat" (ChatML, katdata's template) or "model" (the tokenizer's own)
+    batch_size: int = 32
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: Optional[float] = None
+    enforce_eager: Optional[bool] = None
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    lora_path: Optional[str] = None
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Backend:
+    """Base class: subclasses implement ``generate`` and set ``name`` and ``model_id``."""
+
+    name = "base"
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.model_id = config.model or "embedded"
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the engine (processes, GPU memory)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,149 @@
+"""The request cache: an append-only, crash-safe JSONL file of finished completions.
+
+A completion is keyed by the backend, the model id, revision and adapter, the rendered prompt, the
+sampling params (all but ``n``) and the sample index. So sample i is never served for sample j, a
+rerun after kill -9 reuses every completion that was written, and changing a parser or a later
+stage regenerates nothing. Failed requests (``finish_reason="error"``) are not cached: a rerun
+tries them again.
+
+When some samples of a request are cached and the rest are not, only the missing ones are
+generated, with the seed moved by the index of the first missing sample (vLLM seeds sample i of a
+request with ``seed + i``, so there the resumed samples are the very ones an uninterrupted run
+draws; on other engines they are fresh draws, never copies of cached samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.runfiles import repair_tail
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(backend: Backend, prompt: str, params: SamplingParams, index: int) -> str:
+    """The key of sample ``index`` of ``prompt`` under ``params`` on ``backend``."""
+    cfg = backend.config
+    ident = {
+        "backend": backend.name,
+        "model": backend.model_id,
+        "revision": cfg.revision,
+        "lora": cfg.lora_path,
+        "prompt": prompt,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "stop": sorted(params.stop),
+        "seed": params.seed,
+        "logprobs": params.logprobs,
+        "index": index,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class CachedBackend(Backend):
+    """Wraps a backend; ``generate`` serves cached samples and writes each new one as it finishes."""
+
+    def __init__(self, backend: Backend, path: str | os.PathLike, fsync: bool = False):
+        super().__init__(backend.config)
+        self.backend = backend
+        self.name = backend.name
+        self.model_id = backend.model_id
+        self.path = Path(path)
+        self.fsync = fsync
+        self.hits = 0
+        self.misses = 0
+        self._store: dict[str, Completion] = {}
+        self._load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        repair_tail(self.path)
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    row = json.loads(raw)
+                    self._store[row["key"]] = Completion(**row["completion"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s:%d: skipping a broken cache line (%s)", self.path, n, exc)
+        log.info("request cache %s: %d completions", self.path, len(self._store))
+
+    def render_prompt(self, request: Request) -> str:
+        render = getattr(self.backend, "render_prompt", None)
+        return render(request) if render else request.prompt()
+
+    def _put(self, key: str, comp: Completion) -> None:
+        if comp.finish_reason == "error":
+            return
+        self._store[key] = comp
+        self._f.write(json.dumps({"key": key, "completion": asdict(comp)}, ensure_ascii=False) + "\n")
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+
+    def generate(self, requests: list[Request], params: SamplingParams,
+                 on_done=None) -> list[list[Completion]]:
+        keys = []
+        results: list[list[Optional[Completion]]] = []
+        missing: dict[tuple[int, ...], list[int]] = {}  # missing sample indices -> request positions
+        for i, req in enumerate(requests):
+            prompt = self.render_prompt(req)
+            ks = [cache_key(self.backend, prompt, params, j) for j in range(params.n)]
+            row = [self._store.get(k) for k in ks]
+            keys.append(ks)
+            results.append(row)
+            gaps = tuple(j for j, c in enumerate(row) if c is None)
+            self.hits += params.n - len(gaps)
+            self.misses += len(gaps)
+            if gaps:
+                missing.setdefault(gaps, []).append(i)
+            elif on_done:
+                on_done(i, row)
+        for gaps, positions in missing.items():
+            self._fill(requests, params, gaps, positions, keys, results, on_done)
+        return results  # type: ignore[return-value]
+
+    def _fill(self, requests, params, gaps, positions, keys, results, on_done) -> None:
+        """Generate the samples ``gaps`` of the requests at ``positions``, in contiguous runs."""
+        runs, start = [], 0
+        for k in range(1, len(gaps) + 1):
+            if k == len(gaps) or gaps[k] != gaps[k - 1] + 1:
+                runs.append(gaps[start:k])
+                start = k
+        for run_no, run in enumerate(runs):
+            seed = None if params.seed is None else params.seed + run[0]
+            sub = params.with_(n=len(run), seed=seed)
+            last = run_no == len(runs) - 1
+
+            def store(local: int, comps: list[Completion], run=run, last=last) -> None:
+                i = positions[local]
+                for j, comp in zip(run, comps):
+                    results[i][j] = comp
+                    self._put(keys[i][j], comp)
+                if last and on_done:
+                    on_done(i, results[i])
+
+            batch = [requests[i] for i in positions]
+            if "on_done" in inspect.signature(self.backend.generate).parameters:
+                self.backend.generate(batch, sub, on_done=store)
+            else:
+                step = max(1, self.backend.config.batch_size)
+                for lo in range(0, len(batch), step):
+                    for k, comps in enumerate(self.backend.generate(batch[lo:lo + step], sub)):
+                        store(lo + k, comps)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.backend.close()

@@ -1,0 +1,201 @@
+"""Judge rationales: 1-3 sentences on what the query asks and why it does or does not need reasoning.
+
+Written for the voted mode by the judge engine with an intent-aware prompt
+(``prompts/judge_rationale.txt``), then checked: does the rationale argue for its label? The check
+asks the judge engine (``prompts/judge_check.txt``, NEEDS / NOT); a reply that does not parse falls
+back to a keyword reading of the rationale. A failed rationale is regenerated once, then the
+query is rejected with the reason. Every reply is kept in judges.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata import template
+from katdata.backends.base import Backend, Request, SamplingParams
+from katdata.records import Query, Vote
+from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.verify import prompt
+
+log = logging.getLogger(__name__)
+
+DECISION = {
+    "on": ("This request needs explicit step-by-step reasoning before the answer.", "needs explicit reasoning"),
+    "off": ("This request can be answered directly, without explicit reasoning.", "does not need explicit reasoning"),
+}
+
+
+class JudgeConfig(BaseModel):
+    """Settings of the judge-rationale stage (the recipe's ``judge:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field("judge", description="engine that writes and checks rationales (falls back to 'default')")
+    prompt: str = Field("judge_rationale.txt", description="prompt file of the rationale")
+    check_prompt: str = Field("judge_check.txt", description="prompt file of the stance check")
+    check: Literal["llm", "keywords", "none"] = Field("llm", description="how a rationale's stance is checked")
+    temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the rationale")
+    max_tokens: int = Field(96, ge=8, description="token limit of a rationale")
+    max_sentences: int = Field(3, ge=1, description="a rationale is cut to this many sentences")
+    retries: int = Field(1, ge=0, description="regenerations of a failed rationale before rejecting")
+    seed: int = Field(0, description="sampling seed (moved per retry)")
+
+
+class JudgeRow(BaseModel):
+    """One row of judges.jsonl."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    mode: Literal["on", "off"]
+    rationale: Optional[str] = Field(None, description="the accepted rationale")
+    ok: bool = False
+    reason: Optional[str] = Field(None, description="why no rationale was accepted")
+    attempts: list[dict] = Field(default_factory=list, description="every raw reply with its verdict")
+
+
+_CUT = (template.JUDGE_CLOSE, template.THINK_ON, template.THINK_OFF, template.THINK_OPEN,
+        template.ANSWER_OPEN) + template.END_TOKENS
+_SENT = re.compile(r"(?<=[.!?])\s+")
+_NEG = r"\b(no|not|without|never|little|doesn't|does not|don't|do not|needn't|isn't|is not)\b[^.;]{0,40}"
+_TOPIC = r"(reason|step|think|deliberat|work(ing)? out|calculat|derivation)"
+_OFF = re.compile(_NEG + _TOPIC + r"|\b(directly|straightforward|simple|recall|well-known|look-?up|memori[sz]ed?)\b", re.I)
+_ON = re.compile(r"\b(requires?|needs?|involves?|multi-step|multiple steps|several steps|step-by-step|careful|"
+                 r"calculat\w*|comput\w*|deriv\w*|reasoning is needed|work(ing)? through)\b", re.I)
+
+
+def clean(text: str, max_sentences: int = 3) -> Optional[str]:
+    """The rationale from a raw reply: cut at the first mode/closing marker or end token, the
+    remaining markers removed, the first sentences kept; None when too little is left."""
+    cut = min((text.find(m) for m in _CUT if m in text), default=len(text))
+    text = text[:cut]
+    for marker in template.MARKERS:
+        text = text.replace(marker, " ")
+    text = " ".join(text.split()).strip().strip('"').strip()
+    sentences = [s for s in _SENT.split(text) if s.strip()]
+    out = " ".join(sentences[:max_sentences]).strip()
+    return out if len(out) >= 12 else None
+
+
+def keyword_stance(text: str) -> Optional[str]:
+    """Which mode a rationale argues for, from its wording; None when it is unclear."""
+    off = on = 0
+    for sentence in _SENT.split(text):
+        if _OFF.search(sentence):
+            off += 1
+        elif _ON.search(sentence):
+            on += 1
+    if off == on:
+        return None
+    return "off" if off > on else "on"
+
+
+def parse_stance(reply: str) -> Optional[str]:
+    """NEEDS -> 'on', NOT -> 'off'; None when neither word leads the reply."""
+    m = re.search(r"\b(needs|need|not)\b", reply.lower())
+    if not m:
+        return None
+    return "off" if m.group(1) == "not" else "on"
+
+
+def _chat(text: str) -> Request:
+    return Request(messages=[{"role": "user", "content": text}])
+
+
+def write_rationales(queries: list[Query], modes: list[str], cfg: JudgeConfig, backend: Backend) -> list[JudgeRow]:
+    """Rationale rows for (query, mode) pairs: write, check, regenerate once, else reject."""
+    rows = [JudgeRow(id=q.id, mode=m) for q, m in zip(queries, modes)]
+    todo = list(range(len(rows)))
+    tmpl, check_tmpl = prompt(cfg.prompt), prompt(cfg.check_prompt)
+    for attempt in range(cfg.retries + 1):
+        if not todo:
+            break
+        reqs = [_chat(tmpl.format(query=queries[i].query, decision=DECISION[modes[i]][0], why=DECISION[modes[i]][1]))
+                for i in todo]
+        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                stop=tuple(template.STOP_STRINGS), seed=cfg.seed + attempt)
+        replies = [c[0] for c in backend.generate(reqs, params)]
+        texts = {i: clean(c.text, cfg.max_sentences) for i, c in zip(todo, replies)}
+        stances = _stances(queries, texts, cfg, backend)
+        still = []
+        for i, comp in zip(todo, replies):
+            text, (stance, how) = texts[i], stances.get(i, (None, "empty"))
+            if text is None:
+                verdict = "empty rationale"
+            elif cfg.check != "none" and stance != modes[i]:
+                verdict = f"argues for {stance or 'neither mode'} ({how}), label is {modes[i]}"
+            else:
+                verdict = "ok"
+            rows[i].attempts.append({"raw": comp.text, "finish_reason": comp.finish_reason, "rationale": text,
+                                     "stance": stance, "check": how, "verdict": verdict})
+            if verdict == "ok":
+                rows[i].rationale, rows[i].ok, rows[i].reason = text, True, None
+            else:
+                rows[i].reason = f"rationale rejected after {attempt + 1} tries: {verdict}"
+                still.append(i)
+        todo = still
+    return rows
+
+
+def _stances(queries, texts: dict[int, Optional[str]], cfg: JudgeConfig, backend: Backend) -> dict:
+    """(stance, how it was decided) per index."""
+    have = [i for i, t in texts.items() if t]
+    out = {i: (keyword_stance(texts[i]), "keywords") for i in have}
+    if cfg.check != "llm" or not have:
+        return out
+    tmpl = prompt(cfg.check_prompt)
+    reqs = [_chat(tmpl.format(query=queries[i].query, rationale=texts[i])) for i in have]
+    replies = backend.generate(reqs, SamplingParams(temperature=0.0, max_tokens=4, stop=tuple(template.STOP_STRINGS)))
+    for i, comps in zip(have, replies):
+        stance = parse_stance(comps[0].text)
+        if stance is not None:
+            out[i] = (stance, "llm")
+        else:
+            out[i] = (out[i][0], f"keywords (llm reply unparsed: {comps[0].text[:40]!r})")
+    return out
+
+
+def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
+    """votes.jsonl + queries.jsonl -> judges.jsonl, for every labelled vote; resumable by id."""
+    run_dir = Path(run_dir)
+    queries = {q.id: q for q in read_rows(run_dir / "queries.jsonl", Query)}
+    votes = [v for v in read_rows(run_dir / "votes.jsonl", Vote) if v.label is not None]
+    done = done_keys(run_dir / "judges.jsonl")
+    todo = [v for v in votes if v.id not in done and v.id in queries]
+    try:
+        backend = engine(cfg.engine)
+    except Exception:  # no engine of that name: the default one judges
+        log.info("no engine '%s'; judging with 'default'", cfg.engine)
+        backend = engine("default")
+    stats: Counter = Counter()
+    with RowWriter(run_dir / "judges.jsonl") as out:
+        for start in range(0, len(todo), 32):
+            part = todo[start:start + 32]
+            for row in write_rationales([queries[v.id] for v in part], [v.label for v in part], cfg, backend):
+                out.write(row)
+                stats["ok" if row.ok else "rejected"] += 1
+                stats["regenerated"] += len(row.attempts) > 1
+                if not row.ok:
+                    stats["reject:" + row.reason.split(": ", 1)[-1].split(" (")[0]] += 1
+    return {"rows_in": len(votes), "rows_out": len(todo), **stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="katdata judge", description="Write and check judge rationales.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--backend", default="transformers", help="engine (transformers, vllm, openai)")
+    p.add_argument("--model", default=None, help="judge model (default: the embedded SmolLM2)")
+    p.add_argument("--check", default="llm", choices=["llm", "keywords", "none"], help="stance check")
+    args = p.parse_args(argv)
+    from katdata.backends import BackendConfig, get_backend
+
+    with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
+        print(run(JudgeConfig(check=args.check), args.run_dir, lambda name: backend))
+    return 0

@@ -1,0 +1,100 @@
+"""Run-folder files: append-only JSONL, one row a line, flushed row by row.
+
+A crash (even kill -9) loses at most the line being written; on resume the torn last line is cut
+off and the ids already written are skipped. Readers name the file and line of any bad row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Type, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from katdata.errors import InputError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def read_rows(path: Path, model: Type[T]) -> Iterator[T]:
+    """Validated rows of a stage file; a broken line raises InputError naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InputError(path, f"not UTF-8 ({exc.reason})", line=n) from exc
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"broken JSON ({exc.msg})", line=n) from exc
+            try:
+                yield model.model_validate(data)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or None
+                raise InputError(path, err["msg"], line=n, field=field) from exc
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (no trailing newline) left by a crash mid-write."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+class RowWriter:
+    """Append rows to a JSONL file, flushing each one; ``fsync=True`` also syncs it to disk."""
+
+    def __init__(self, path: Path, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._fsync = fsync
+
+    def write(self, row: BaseModel | dict[str, Any]) -> None:
+        data = row.model_dump(mode="json") if isinstance(row, BaseModel) else row
+        self._f.write(json.dumps(data, ensure_ascii=False) + "\n")
+        self._f.flush()
+        if self._fsync:
+            os.fsync(self._f.fileno())
+
+    def write_all(self, rows: Iterable[BaseModel | dict[str, Any]]) -> int:
+        n = 0
+        for row in rows:
+            self.write(row)
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def done_keys(path: Path, key: str = "id") -> set:
+    """The values of ``key`` already written to a stage file (for resume); tolerates a torn tail."""
+    path = Path(path)
+    keys = set()
+    if not path.is_file():
+        return keys
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                keys.add(json.loads(raw)[key])
+    return keys

@@ -1,0 +1,212 @@
+"""Two-mode sampling for the vote: N responses per mode per query, the mode forced by the prefix.
+
+Each request is the query's chat with the assistant turn pre-filled up to the mode:
+``<judge>\\n{neutral text}\\n</judge>\\n\\n`` + ``template.FORCE_PREFIX[mode]``, so the judge text
+does not argue for either mode. Each mode of each query is ONE request with ``n`` samples.
+
+Early stopping: samples come in rounds (cumulative per-mode counts, e.g. 2, 4, 8); after each round
+a query whose label cannot change at the recipe's confidence (``vote.settled``) gets no more.
+Every sample becomes an ``Attempt`` row (source="vote") in samples.jsonl, parsed with
+``template.parse``; one that yields no answer is kept with a ``reason``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata import template
+from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.records import Attempt, Query
+from katdata.runfiles import RowWriter, read_rows
+from katdata.verify import INVALID, Verifier, VerifyConfig, assign_class, prompt
+from katdata.vote import settled, verdicts
+
+log = logging.getLogger(__name__)
+
+
+class SampleConfig(BaseModel):
+    """Settings of the two-mode sampling stage (the recipe's ``sample:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field("default", description="engine that samples the responses")
+    judge_engine: Optional[str] = Field(None, description="engine of the LLM judge for open-ended queries")
+    n: int = Field(8, ge=1, description="samples per mode per query (N)")
+    rounds: list[int] = Field([2, 4, 8], description="cumulative samples per mode after each round; [] = all N at once")
+    confidence: float = Field(0.95, gt=0.0, le=1.0, description="stop a query once its label is settled at this confidence (1 = worst case)")
+    delta: float = Field(0.1, description="the vote's delta (keep equal to vote.delta)")
+    temperature: float = Field(0.8, ge=0.0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling")
+    max_tokens_on: int = Field(384, ge=8, description="token limit of a think-on sample")
+    max_tokens_off: int = Field(128, ge=8, description="token limit of a think-off sample")
+    seed: int = Field(0, description="sampling seed (moved per round, so rounds draw fresh samples)")
+    chunk: int = Field(16, ge=1, description="queries per generate call")
+    neutral_judge: str = Field("judge_neutral.txt", description="prompt file with the neutral judge text")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked")
+
+
+def schedule(cfg: SampleConfig) -> list[int]:
+    """The cumulative per-mode targets, ending at N."""
+    steps = sorted({r for r in cfg.rounds if 0 < r < cfg.n}) + [cfg.n]
+    return steps
+
+
+def mode_prefix(mode: str, neutral: str) -> str:
+    """The assistant prefix that forces ``mode`` after a neutral judge text."""
+    return f"{template.GENERATION_PREFIX}{neutral.strip()}\n{template.JUDGE_CLOSE}\n\n{template.FORCE_PREFIX[mode]}"
+
+
+def request_for(q: Query, mode: str, neutral: str) -> Request:
+    msgs = ([{"role": "system", "content": q.system}] if q.system else []) + [{"role": "user", "content": q.query}]
+    return Request(messages=msgs, prefix=mode_prefix(mode, neutral))
+
+
+def to_attempt(q: Query, mode: str, index: int, prefix: str, comp: Completion) -> Attempt:
+    """Parse one completion. A completion that stopped at the end-of-turn token inside the open
+    ``<answer>`` block is closed before parsing (recorded as ``closed_at_stop``): the model ended
+    its answer there. Errors from the strict parse are kept."""
+    response = prefix + comp.text
+    strict = template.parse(response, comp.finish_reason)
+    parsed, errors = strict, list(strict.errors)
+    if comp.finish_reason == "stop" and "unclosed_answer" in strict.errors:
+        parsed = template.parse(response.rstrip() + "\n" + template.ANSWER_CLOSE)
+        errors.append("closed_at_stop")
+    answer = parsed.answer if parsed.answer and parsed.answer.strip() and not parsed.truncated else None
+    think = parsed.think if mode == "on" else None
+    reason = None
+    if comp.finish_reason == "error":
+        reason = f"engine error: {comp.error}"
+    elif answer is None:
+        reason = "no answer: " + ",".join(parsed.errors or ["empty"])
+    return Attempt(id=q.id, index=index, source="vote", mode=mode, text=comp.text, response=response,
+                   think=think, answer=answer, finish_reason=comp.finish_reason, ok=strict.ok, errors=errors,
+                   prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens, reason=reason)
+
+
+class QueryState:
+    def __init__(self, q: Query):
+        self.q = q
+        self.rows: dict[str, list[Attempt]] = {"on": [], "off": []}
+        self.seen: list[str] = []  # class keys so far (both modes)
+
+    def counts(self) -> tuple[int, int, int, int]:
+        ok, _ = verdicts(self.rows["on"] + self.rows["off"])
+        n_on = len(self.rows["on"])
+        return sum(ok[:n_on]), n_on, sum(ok[n_on:]), len(self.rows["off"])
+
+    def done(self, cfg: SampleConfig) -> bool:
+        s_on, n_on, s_off, n_off = self.counts()
+        if n_on >= cfg.n and n_off >= cfg.n:
+            return True
+        return n_on > 0 and n_off > 0 and settled(s_on, n_on, s_off, n_off, cfg.n, cfg.delta, cfg.confidence)
+
+
+def judge_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
+    """Fill ``answer_class`` and ``correct`` for one attempt."""
+    q = st.q
+    key = verifier.key(q.kind, a.answer, q) if a.answer is not None else None
+    a.answer_class = assign_class(q.kind, key, st.seen, verifier)
+    if a.answer is not None and q.reference is not None:
+        a.correct = verifier.correct(q.kind, a.answer, q.reference, q)
+    elif q.reference is not None:
+        a.correct = False
+    return a
+
+
+def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, verifier: Verifier,
+                   existing: Optional[dict[str, list[Attempt]]] = None,
+                   on_rows: Optional[Callable[[list[Attempt]], None]] = None) -> dict[str, QueryState]:
+    """Run the rounds for ``queries``; ``on_rows`` gets each round's new rows. Returns the states."""
+    neutral = prompt(cfg.neutral_judge)
+    states = {q.id: QueryState(q) for q in queries}
+    for qid, rows in (existing or {}).items():
+        if qid in states:
+            for a in sorted(rows, key=lambda r: (r.mode, r.index)):
+                states[qid].rows[a.mode].append(a)
+                if a.answer_class not in (None, INVALID) and a.answer_class not in states[qid].seen:
+                    states[qid].seen.append(a.answer_class)
+    for r, target in enumerate(schedule(cfg)):
+        active = [st for st in states.values() if not st.done(cfg)]
+        if not active:
+            break
+        new: list[Attempt] = []
+        for mode in ("on", "off"):
+            groups: dict[int, list[QueryState]] = defaultdict(list)
+            for st in active:
+                need = target - len(st.rows[mode])
+                if need > 0:
+                    groups[need].append(st)
+            for need, group in sorted(groups.items()):
+                params = SamplingParams(n=need, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_tokens=cfg.max_tokens_on if mode == "on" else cfg.max_tokens_off,
+                                        stop=tuple(template.STOP_STRINGS), seed=cfg.seed + 7919 * target)
+                for start in range(0, len(group), cfg.chunk):
+                    part = group[start:start + cfg.chunk]
+                    reqs = [request_for(st.q, mode, neutral) for st in part]
+                    outs = backend.generate(reqs, params)
+                    for st, req, comps in zip(part, reqs, outs):
+                        for comp in comps:
+                            a = to_attempt(st.q, mode, len(st.rows[mode]), req.prefix, comp)
+                            st.rows[mode].append(judge_attempt(a, st, verifier))
+                            new.append(st.rows[mode][-1])
+        log.info("sample round %d (target %d): %d queries active, %d samples", r + 1, target, len(active), len(new))
+        if on_rows:
+            on_rows(new)
+    return states
+
+
+def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
+    """queries.jsonl -> samples.jsonl; a rerun continues each query from the rows it has."""
+    run_dir = Path(run_dir)
+    queries = list(read_rows(run_dir / "queries.jsonl", Query))
+    out_path = run_dir / "samples.jsonl"
+    existing: dict[str, list[Attempt]] = defaultdict(list)
+    if out_path.is_file():
+        from katdata.runfiles import repair_tail
+
+        repair_tail(out_path)
+        for a in read_rows(out_path, Attempt):
+            existing[a.id].append(a)
+    judge = engine(cfg.judge_engine) if cfg.judge_engine else None
+    verifier = Verifier(cfg.verify, judge=judge)
+    backend = engine(cfg.engine)
+    stats: Counter = Counter()
+    with RowWriter(out_path) as out:
+        def write(rows: list[Attempt]) -> None:
+            out.write_all(rows)
+            stats["samples"] += len(rows)
+            stats["tokens"] += sum(a.completion_tokens for a in rows)
+            stats["no_answer"] += sum(a.answer is None for a in rows)
+            stats["closed_at_stop"] += sum("closed_at_stop" in a.errors for a in rows)
+
+        states = sample_queries(queries, cfg, backend, verifier, existing, write)
+    used = sum(len(st.rows["on"]) + len(st.rows["off"]) for st in states.values())
+    return {"rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
+            "samples_saved": 2 * cfg.n * len(states) - used, "tokens": stats["tokens"],
+            "no_answer": stats["no_answer"], "closed_at_stop": stats["closed_at_stop"],
+            "stopped_early": sum(not (len(st.rows["on"]) >= cfg.n and len(st.rows["off"]) >= cfg.n)
+                                 for st in states.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="katdata sample", description="Sample N responses per mode per query.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--backend", default="transformers", help="engine to use (transformers, vllm, openai)")
+    p.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2)")
+    p.add_argument("--n", type=int, default=8, help="samples per mode")
+    p.add_argument("--rounds", default="2,4,8", help="cumulative per-mode counts, comma-separated ('' = none)")
+    p.add_argument("--confidence", type=float, default=0.95, help="early-stop confidence")
+    args = p.parse_args(argv)
+    from katdata.backends import BackendConfig, get_backend
+
+    cfg = SampleConfig(n=args.n, rounds=[int(x) for x in args.rounds.split(",") if x.strip()],
+                       confidence=args.confidence)
+    with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
+        print(run(cfg, args.run_dir, lambda name: backend))
+    return 0

@@ -1,0 +1,420 @@
+"""Stage `tag`: label every query (kat-format.md section 5, the "tagging system").
+
+Two taggers, combined per query:
+
+- a rule prior that needs no model: math notation, numbers and operators, code, length, question
+  form, multi-part questions -> domain, task type, difficulty, p(needs reasoning), verifiability,
+  language;
+- an LLM tagger (prompt ``prompts/tag.txt``) asked for one JSON object and parsed tolerantly. The
+  assistant turn is pre-filled with ``{"needs_reasoning": "`` so that the first generated token is
+  the yes/no answer: where the backend returns logprobs, p(needs reasoning) comes from the yes/no
+  token probabilities at that position, not from the free text.
+
+A reply that does not parse keeps its raw text (``Tags.llm_raw``), gets a reason (``llm_error``), is
+counted, and the rule prior fills in. Think-off candidates are queries tagged as needing no
+reasoning with a confidence ``1 - p_reasoning`` at or above ``think_off_threshold``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.records import Query, Tags
+from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.template import STOP_STRINGS
+
+log = logging.getLogger(__name__)
+
+LLM_PREFIX = '{"needs_reasoning": "'
+VERIFIABILITY = ("reference", "tests", "judge", "none")
+FIELDS = ("needs_reasoning", "domain", "task_type", "difficulty", "verifiability", "language")
+
+# Keyword hints of the default taxonomy; a recipe may replace them (keys must be taxonomy labels).
+DEFAULT_HINTS = {
+    "math": r"\b(how many|how much|calculate|compute|solve|sum|total|percent|average|equation|integer|"
+            r"remainder|probability|fraction|prove|triangle|area|ratio|digits?)\b",
+    "code": r"\b(python|javascript|java|c\+\+|rust|sql|function|code|program|algorithm|script|regex|"
+            r"bug|compile|api|class|array|string|list)\b",
+    "science": r"\b(physics|chemistry|biology|atom|molecule|cell|energy|force|gravity|planet|species|"
+               r"dna|protein|reaction|element|temperature)\b",
+    "factual": r"^\s*(who|what|when|where|which|whose|name|in (which|what)|how (old|long|tall|far|big))\b",
+    "writing": r"\b(write|compose|draft|poem|story|essay|email|letter|summari[sz]e|translate|rewrite|"
+               r"paraphrase)\b",
+    "calculation": r"\b(how many|how much|calculate|compute|total|percent|average|cost|left|remain)\b",
+    "proof": r"\b(prove|show that|derive|demonstrate)\b",
+    "coding": r"\b(implement|function|code|program|script|debug|return)\b",
+    "lookup": r"^\s*(who|what|when|where|which|whose|name|in (which|what)|how (old|long|tall|far|big))\b",
+    "explanation": r"\b(why|explain|describe|compare|difference|how does|how do)\b",
+    "creative": r"\b(write|compose|poem|story|essay|imagine|slogan)\b",
+}
+_MATH_NOTATION = re.compile(r"\\(frac|sqrt|sum|int|cdot|times|le|ge|pi)\b|\$[^$\n]+\$|\^\d|[=<>≤≥±×÷√∑∫π]")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+_OPERATOR = re.compile(r"\d\s*[-+*/×÷^%]\s*\d")
+_CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\breturn\b|\bimport \w+|#include|=>|\w+\(\w*\)\s*[:{]|"
+                   r">>>|\bprint\(", re.M)
+_QUESTION = re.compile(r"^\s*(what|who|whom|whose|when|where|which|why|how|is|are|was|were|do|does|did|"
+                       r"can|could|should|would|will|name|list)\b", re.I)
+_REASONING_WORDS = re.compile(r"\b(why|explain|prove|derive|step|compare|analy[sz]e|justify|estimate|"
+                              r"optimi[sz]e|plan|design|debug)\b", re.I)
+_MULTI_PART = re.compile(r"\b(and then|after that|first\b.*\bthen|respectively)\b|\(\s*[a-d1-4]\s*\)|"
+                         r"^\s*\d+[.)]\s", re.I | re.M)
+_SCRIPTS = (("zh", r"[\u4e00-\u9fff]"), ("ja", r"[\u3040-\u30ff]"), ("ko", r"[\uac00-\ud7af]"),
+            ("ru", r"[\u0400-\u04ff]"), ("ar", r"[\u0600-\u06ff]"), ("hi", r"[\u0900-\u097f]"),
+            ("el", r"[\u0370-\u03ff]"))
+_LANG_NAMES = {"english": "en", "chinese": "zh", "mandarin": "zh", "japanese": "ja", "korean": "ko",
+               "russian": "ru", "arabic": "ar", "hindi": "hi", "greek": "el", "french": "fr",
+               "german": "de", "spanish": "es", "italian": "it", "portuguese": "pt"}
+
+
+class TagConfig(BaseModel):
+    """Settings of the tagging stage (the recipe's ``tag:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domains: list[str] = Field(default_factory=lambda: ["math", "code", "science", "factual", "writing", "general"],
+                               description="the domain taxonomy; the last label is the fallback")
+    task_types: list[str] = Field(
+        default_factory=lambda: ["calculation", "proof", "coding", "lookup", "explanation", "creative", "other"],
+        description="the task-type taxonomy; the last label is the fallback")
+    hints: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_HINTS),
+                                  description="rule-prior keyword regexes per taxonomy label (case-insensitive)")
+    use_llm: bool = Field(True, description="run the LLM tagger; off = the rule prior alone")
+    engine: str = Field("default", description="name of the engine (recipe `engines:` table) of the LLM tagger")
+    max_tokens: int = Field(80, ge=8, description="token limit of an LLM tagger reply")
+    logprobs: int = Field(5, ge=0, description="top-k logprobs to ask for (0 = take p from the text only)")
+    batch_size: int = Field(64, ge=1, description="queries per backend call (rows are written per call)")
+    rule_weight: float = Field(0.5, ge=0.0, le=1.0,
+                               description="weight of the rule prior in the combined p_reasoning")
+    text_confidence: float = Field(0.75, gt=0.5, le=1.0,
+                                   description="p given to the LLM's yes/no answer when there are no logprobs")
+    think_off_threshold: float = Field(0.7, ge=0.5, le=1.0,
+                                       description="think-off candidate: 1 - p_reasoning at least this")
+    skip_think_on_for_off_candidates: bool = Field(
+        False, description="budget: think-off candidates get no think-on sampling in later stages")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.domains or not self.task_types:
+            raise ValueError("domains and task_types need at least one label each")
+        unknown = set(self.hints) - set(self.domains) - set(self.task_types)
+        if unknown and self.hints != DEFAULT_HINTS:
+            raise ValueError(f"hints for labels outside the taxonomy: {sorted(unknown)}")
+        for label, pattern in self.hints.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"hint for '{label}' is not a regex: {exc}") from exc
+        return self
+
+
+@dataclass
+class LLMTags:
+    """What the LLM tagger said, after tolerant parsing."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None  # no_reply | no_json | no_valid_fields | partial: ...
+    p_reasoning: Optional[float] = None
+    p_from: Optional[str] = None  # logprobs | text
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def language_of(text: str) -> str:
+    """The query's language from its script (Latin script counts as English)."""
+    letters = sum(ch.isalpha() for ch in text) or 1
+    for code, pattern in _SCRIPTS:
+        if len(re.findall(pattern, text)) / letters > 0.2:
+            return code
+    return "en"
+
+
+def _pick(labels: list[str], hints: dict[str, str], text: str, bonus: dict[str, float]) -> str:
+    scores = {lab: bonus.get(lab, 0.0) + (len(re.findall(hints[lab], text, re.I | re.M)) if lab in hints else 0)
+              for lab in labels}
+    best = max(scores.values())
+    return next(lab for lab in labels if scores[lab] == best) if best > 0 else labels[-1]
+
+
+def rule_tags(q: Query, cfg: TagConfig) -> dict[str, Any]:
+    """The rule prior: tags from surface features, no model."""
+    text = q.query
+    words = len(text.split())
+    feats = {
+        "words": words,
+        "numbers": len(_NUMBER.findall(text)),
+        "operators": len(_OPERATOR.findall(text)),
+        "math_notation": bool(_MATH_NOTATION.search(text)),
+        "code": bool(_CODE.search(text)) or q.kind == "code",
+        "question": bool(_QUESTION.search(text)) or text.rstrip().endswith("?"),
+        "questions": text.count("?"),
+        "multi_part": bool(_MULTI_PART.search(text)) or text.count("?") > 1,
+        "reasoning_words": len(_REASONING_WORDS.findall(text)),
+    }
+    math_words = len(re.findall(DEFAULT_HINTS["math"], text, re.I))
+    short_lookup = words <= 15 and feats["numbers"] == 0 and feats["question"] and not feats["reasoning_words"]
+    logit = (-1.2 + 1.5 * feats["math_notation"] + 0.35 * min(feats["numbers"], 6) + 0.8 * bool(feats["operators"])
+             + 1.5 * feats["code"] + 0.8 * min(math_words, 2) + 0.8 * min(feats["reasoning_words"], 2)
+             + 0.7 * feats["multi_part"] + 0.6 * (words > 60) + 0.6 * (words > 120) - 0.8 * short_lookup)
+    p = round(_sigmoid(logit), 4)
+    numeric = 1.0 + feats["math_notation"] + (feats["numbers"] >= 2)
+    domain = _pick(cfg.domains, cfg.hints, text, {"math": 2.0 * feats["math_notation"] + (feats["numbers"] >= 2),
+                                                  "code": 5.0 * feats["code"]})
+    task = _pick(cfg.task_types, cfg.hints, text, {"calculation": numeric - 1.0, "coding": 5.0 * feats["code"]})
+    difficulty = 1 + (words > 40) + (words > 100) + (feats["numbers"] >= 4 or feats["math_notation"]) \
+        + (feats["multi_part"] or feats["code"])
+    if q.reference is not None:
+        verif = "tests" if q.kind == "code" else "reference"
+    else:
+        verif = "judge" if p >= 0.5 or domain in ("math", "code", "science", "factual") else "none"
+    return {"domain": domain, "task_type": task, "difficulty": int(min(difficulty, 5)), "p_reasoning": p,
+            "needs_reasoning": p >= 0.5, "verifiability": verif, "language": language_of(text), "features": feats}
+
+
+def _json_object(text: str) -> Optional[dict]:
+    """The first JSON object in ``text``, repairing the usual slips (quotes, commas, a missing brace)."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    body = text[start:]
+    end = body.find("}")
+    candidates = [body, body[: end + 1]] if end >= 0 else [body + "}", body + '"}']
+    for cand in candidates:
+        for fixed in (cand, _repair(cand)):
+            try:
+                obj, _ = json.JSONDecoder().raw_decode(fixed)
+            except (json.JSONDecodeError, ValueError):
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def _repair(s: str) -> str:
+    s = s.replace("'", '"').replace("\u201c", '"').replace("\u201d", '"')
+    s = re.sub(r",\s*([}\]])", r"\1", s)
+    s = re.sub(r'([{,]\s*)([A-Za-z_]\w*)\s*:', r'\1"\2":', s)
+    return re.sub(r"\b(True|False|None)\b", lambda m: {"True": "true", "False": "false", "None": "null"}[m[1]], s)
+
+
+_KV = re.compile(r"[\"']?(" + "|".join(FIELDS) + r")[\"']?\s*[:=]\s*[\"']?([^\"',}\n]+)", re.I)
+
+
+def _label(value: Any, labels: list[str]) -> Optional[str]:
+    v = re.sub(r"[\s-]+", "_", str(value).strip().lower())
+    by_lower = {lab.lower(): lab for lab in labels}
+    if v in by_lower:
+        return by_lower[v]
+    near = [lab for low, lab in by_lower.items() if v and (low.startswith(v) or v.startswith(low))]
+    return near[0] if len(near) == 1 else None
+
+
+def _normalize(key: str, value: Any, cfg: TagConfig) -> Any:
+    """A valid tag value, or None."""
+    if key == "needs_reasoning":
+        v = str(value).strip().lower()
+        return True if v in ("yes", "y", "true", "1") else False if v in ("no", "n", "false", "0") else None
+    if key == "domain":
+        return _label(value, cfg.domains)
+    if key == "task_type":
+        return _label(value, cfg.task_types)
+    if key == "verifiability":
+        return _label(value, list(VERIFIABILITY))
+    if key == "difficulty":
+        m = re.match(r"\s*([1-5])(?:\.0)?\s*(?:/\s*5)?\s*$", str(value))
+        return int(m[1]) if m else None
+    v = str(value).strip().lower()
+    if v in _LANG_NAMES:
+        return _LANG_NAMES[v]
+    return v if re.fullmatch(r"[a-z]{2,3}(-[a-z]{2})?", v) else None
+
+
+def parse_llm(raw: str, cfg: TagConfig) -> LLMTags:
+    """Parse an LLM tagger reply (the pre-filled prefix included) tolerantly."""
+    if not raw.strip() or raw.strip() == LLM_PREFIX.strip():
+        return LLMTags(error="no_reply")
+    obj = _json_object(raw)
+    pairs = {k.lower(): v for k, v in obj.items()} if obj else {m[1].lower(): m[2] for m in _KV.finditer(raw)}
+    if not pairs:
+        return LLMTags(error="no_json")
+    out, bad = {}, []
+    for key in FIELDS:
+        if key in pairs:
+            value = _normalize(key, pairs[key], cfg)
+            (bad.append(key) if value is None else out.__setitem__(key, value))
+    if not out:
+        return LLMTags(error="no_valid_fields")
+    missing = [k for k in FIELDS if k not in out and k not in bad]
+    error = None
+    if bad or missing:
+        error = "partial: " + ", ".join([f"bad {k}" for k in bad] + [f"no {k}" for k in missing])
+    return LLMTags(fields=out, error=error)
+
+
+def yes_probability(logprobs: Optional[list[dict[str, float]]], positions: int = 3) -> Optional[float]:
+    """p(yes) / (p(yes) + p(no)) at the first of the first ``positions`` tokens that offers yes or no."""
+    for top in (logprobs or [])[:positions]:
+        p_yes = p_no = 0.0
+        for token, lp in (top or {}).items():
+            t = token.replace("\u2581", " ").replace("\u0120", " ").strip().strip('"').lower()
+            if t in ("y", "ye", "yes", "true"):
+                p_yes += math.exp(lp)
+            elif t in ("n", "no", "false"):
+                p_no += math.exp(lp)
+        if p_yes + p_no > 0:
+            return p_yes / (p_yes + p_no)
+    return None
+
+
+def llm_tags(completion: Completion, cfg: TagConfig) -> tuple[str, LLMTags]:
+    raw = LLM_PREFIX + completion.text if completion.finish_reason != "error" else ""
+    got = parse_llm(raw, cfg) if raw else LLMTags(error=f"engine_error: {completion.error}")
+    p = yes_probability(completion.logprobs)
+    if p is not None:
+        got.p_reasoning, got.p_from = p, "logprobs"
+    elif "needs_reasoning" in got.fields:
+        got.p_reasoning = cfg.text_confidence if got.fields["needs_reasoning"] else 1 - cfg.text_confidence
+        got.p_from = "text"
+    return raw or (completion.error or ""), got
+
+
+def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optional[str], cfg: TagConfig) -> Tags:
+    """Merge the rule prior with the LLM tagger; the rule prior fills every field the LLM missed."""
+    f = llm.fields if llm else {}
+    p = rule["p_reasoning"]
+    if llm and llm.p_reasoning is not None:
+        p = cfg.rule_weight * p + (1 - cfg.rule_weight) * llm.p_reasoning
+    difficulty = rule["difficulty"] if "difficulty" not in f else round((rule["difficulty"] + f["difficulty"]) / 2 + 1e-9)
+    verif = rule["verifiability"] if q.reference is not None else f.get("verifiability", rule["verifiability"])
+    used = bool(f) or (llm is not None and llm.p_reasoning is not None)
+    needs = p >= 0.5
+    return Tags(id=q.id, domain=f.get("domain", rule["domain"]), task_type=f.get("task_type", rule["task_type"]),
+                difficulty=int(difficulty), needs_reasoning=needs, p_reasoning=round(min(max(p, 0.0), 1.0), 4),
+                verifiability=verif, language=f.get("language", rule["language"]),
+                think_off_candidate=(not needs) and (1 - p) >= cfg.think_off_threshold,
+                source="combined" if used else "rule", rule=rule, llm_raw=raw, llm_error=llm.error if llm else None)
+
+
+def tag_requests(queries: list[Query], cfg: TagConfig, prompt: Optional[str] = None) -> list[Request]:
+    template = prompt or load_prompt("tag")
+    kw = {"domains": ", ".join(f'"{d}"' for d in cfg.domains), "task_types": ", ".join(f'"{t}"' for t in cfg.task_types),
+          "example_domain": cfg.domains[-1], "example_task": cfg.task_types[-1]}
+    return [Request(messages=[{"role": "user", "content": template.format(query=q.query, **kw)}], prefix=LLM_PREFIX)
+            for q in queries]
+
+
+def load_prompt(name: str) -> str:
+    return resources.files("katdata").joinpath(f"prompts/{name}.txt").read_text("utf-8")
+
+
+def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend]) -> tuple[list[Tags], dict]:
+    """Tag a batch: one backend call for all of it (none when the LLM tagger is off)."""
+    rules = [rule_tags(q, cfg) for q in queries]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    if not (cfg.use_llm and backend):
+        return [combine(q, r, None, None, cfg) for q, r in zip(queries, rules)], usage
+    params = SamplingParams(max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS), logprobs=cfg.logprobs or None)
+    outs = backend.generate(tag_requests(queries, cfg), params)
+    rows = []
+    for q, r, out in zip(queries, rules, outs):
+        c = out[0]
+        usage["prompt_tokens"] += c.prompt_tokens
+        usage["completion_tokens"] += c.completion_tokens
+        raw, got = llm_tags(c, cfg)
+        rows.append(combine(q, r, got, raw, cfg))
+    return rows, usage
+
+
+def tag_stats(rows: list[Tags], cfg: TagConfig) -> dict[str, Any]:
+    """Distribution of every tag, the LLM tagger's parse-failure rate, rule/LLM agreement."""
+    n = len(rows)
+    dist = {k: dict(Counter(str(getattr(t, k)) for t in rows).most_common())
+            for k in ("domain", "task_type", "difficulty", "needs_reasoning", "verifiability", "language",
+                      "think_off_candidate", "source")}
+    asked = [t for t in rows if t.llm_raw is not None or t.llm_error is not None]
+    errors = Counter((t.llm_error or "ok").split(":")[0] for t in asked)
+    failed = sum(v for k, v in errors.items() if k not in ("ok", "partial"))
+    agree: dict[str, list[int]] = {k: [0, 0] for k in FIELDS}
+    for t in asked:
+        got = parse_llm(t.llm_raw or "", cfg).fields
+        for k, v in got.items():
+            same = abs(v - t.rule[k]) <= 1 if k == "difficulty" else v == t.rule[k]
+            agree[k][0] += bool(same)
+            agree[k][1] += 1
+    return {"rows": n, "distribution": dict(dist), "think_off_candidates": sum(t.think_off_candidate for t in rows),
+            "llm_replies": len(asked), "llm_parse": dict(errors),
+            "llm_parse_failure_rate": round(failed / len(asked), 4) if asked else None,
+            "agreement": {k: {"rate": round(a / m, 4), "n": m} for k, (a, m) in agree.items() if m},
+            "agreement_note": "rule prior vs parsed LLM fields; difficulty agrees within 1"}
+
+
+def think_off_candidates(run_dir: Path) -> set[str]:
+    """Ids of the think-off candidates in a run's tags.jsonl (for the budget option)."""
+    return {t.id for t in read_rows(Path(run_dir) / "tags.jsonl", Tags) if t.think_off_candidate}
+
+
+def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict[str, Any]:
+    """Tag queries.jsonl into tags.jsonl, skipping ids already there; returns the stage stats."""
+    run_dir = Path(run_dir)
+    out_path = run_dir / "tags.jsonl"
+    queries = list(read_rows(run_dir / "queries.jsonl", Query))
+    done = done_keys(out_path)
+    todo = [q for q in queries if q.id not in done]
+    backend = engine(cfg.engine) if cfg.use_llm and todo else None
+    usage = Counter()
+    t0 = time.perf_counter()
+    with RowWriter(out_path) as w:
+        for i in range(0, len(todo), cfg.batch_size):
+            rows, u = tag_batch(todo[i:i + cfg.batch_size], cfg, backend)
+            w.write_all(rows)
+            usage.update(u)
+            log.info("tagged %d/%d", min(i + cfg.batch_size, len(todo)), len(todo))
+    secs = time.perf_counter() - t0
+    rows = list(read_rows(out_path, Tags))
+    stats = tag_stats(rows, cfg)
+    stats.update(rows_in=len(queries), rows_new=len(todo), rows_skipped=len(queries) - len(todo), seconds=round(secs, 3),
+                 queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None, tokens=dict(usage),
+                 model=getattr(backend, "model_id", None), skip_think_on_for_off_candidates=cfg.skip_think_on_for_off_candidates)
+    return stats
+
+
+def engine_factory(backend: str, model: Optional[str]) -> Callable[[str], Backend]:
+    """One cached backend for every engine name (the CLI's stand-in for a recipe's engines table)."""
+    from katdata.backends import BackendConfig, get_backend
+
+    cache: dict[str, Backend] = {}
+
+    def engine(name: str) -> Backend:
+        if "b" not in cache:
+            cache["b"] = get_backend(backend, BackendConfig(model=model))
+        return cache["b"]
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="katdata tag", description="Tag a run folder's queries.jsonl into tags.jsonl.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--backend", default="transformers", help="transformers | vllm | openai")
+    ap.add_argument("--model", default=None, help="model name or folder (default: the embedded model)")
+    ap.add_argument("--no-llm", action="store_true", help="rule prior only")
+    ap.add_argument("--threshold", type=float, default=0.7, help="think-off candidate confidence threshold")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    cfg = TagConfig(use_llm=not args.no_llm, think_off_threshold=args.threshold, batch_size=args.batch_size)
+    stats = run(cfg, args.run_dir, engine_factory(args.backend, args.model))
+    print(json.dumps(stats, indent=2))
+    return 0

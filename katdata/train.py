@@ -1,0 +1,394 @@
+"""Stage `train`: mode-aware LoRA fine-tuning on the KAT records (`katdata train`).
+
+Loss falls only on the final assistant completion after the pre-filled ``<judge>\\n``: the judge
+rationale, the mode tag, the think block, the answer and the end-of-turn token. The boundary comes
+from token ids: the rendered prompt (ending in ``<judge>\\n``) is tokenized and must be a token
+prefix of the full chat rendered with the training template; every token after it up to and
+including ``<|im_end|>`` carries loss. The template's own assistant mask (``{% generation %}``) is
+computed too, as a cross-check. Nothing is masked by pad id (SmolLM2's pad is its EOS).
+
+Data: ``RUN_DIR/export`` (a Hub dataset folder, ``data/*.parquet`` with ``messages``) when present,
+else ``RUN_DIR/records.jsonl`` (KatRecord rows). A seeded, mode-stratified share of the ids is held
+out for `katdata eval` and listed in ``train/split.json``.
+
+Output in ``RUN_DIR/train``: ``adapter/`` (peft adapter + tokenizer with the KAT chat template),
+optionally ``merged/``, ``log.jsonl`` (the trainer's log), ``train.json`` (stats). Checkpoints go to
+``checkpoints/``; a rerun resumes from the last one, and a finished run is not trained again.
+Multi-GPU: ``accelerate launch --config_file recipes/accelerate_multi_gpu.yaml -m katdata.train RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata.errors import InputError, KatdataError, require
+from katdata.template import MARKERS, parse
+
+log = logging.getLogger(__name__)
+
+SPANS = ("judge", "mode", "think", "answer", "eot")
+# Words whose embeddings initialise the marker tokens when add_marker_tokens is on.
+MARKER_WORDS = {"<judge>": "judge", "</judge>": "end judge", "<think_on>": "think on", "<think_off>": "think off",
+                "<think>": "think", "</think>": "end think", "<answer>": "answer", "</answer>": "end answer"}
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = Field(None, description="base model folder or hub id; None or 'embedded' = the embedded SmolLM2")
+    data: Optional[str] = Field(None, description="a Hub dataset folder or a records.jsonl; default RUN_DIR/export, else RUN_DIR/records.jsonl")
+    output: str = Field("train", description="output folder, relative to the run folder")
+    holdout: int = Field(32, ge=0, description="records held out for `katdata eval` (seeded, stratified by mode), never trained on")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="modules that get LoRA adapters")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate (cosine schedule)")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up steps")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (used when max_steps is -1)")
+    max_steps: int = Field(50, description="optimizer steps; -1 = run `epochs` passes")
+    batch_size: int = Field(4, ge=1, description="examples per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    max_length: int = Field(512, ge=16, description="longest example in tokens; longer ones are skipped (counted), never cut")
+    packing: bool = Field(False, description="pack examples into max_length rows (TRL best-fit packing, padding-free)")
+    bf16: Optional[bool] = Field(None, description="bf16 mixed precision; None = on where the hardware supports it")
+    add_marker_tokens: bool = Field(False, description="add the KAT markers as new tokens and train their embedding rows and the "
+                                    "output head; such an adapter must be merged before vLLM can serve it")
+    merge: bool = Field(False, description="also write a merged full model to OUTPUT/merged")
+    save_steps: int = Field(25, ge=1, description="checkpoint every N steps (resume point after a crash)")
+    logging_steps: int = Field(5, ge=1, description="log loss every N steps")
+    seed: int = Field(0, description="seed for the split, the shuffling and the LoRA init")
+
+
+# ---------------------------------------------------------------- data
+def _jsonish(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value
+
+
+def load_examples(cfg: TrainConfig, run_dir: Path) -> list[dict]:
+    """Rows {id, messages, mode, tags, vote, reference, kind} from the export folder or records.jsonl."""
+    src = Path(cfg.data) if cfg.data else (run_dir / "export" if (run_dir / "export").is_dir() else run_dir / "records.jsonl")
+    rows: list[dict] = []
+    if src.is_dir():
+        pq = require("pyarrow.parquet", "local")
+        files = sorted((src / "data").glob("*.parquet")) or sorted(src.glob("*.parquet"))
+        if not files:
+            raise InputError(src, "no data/*.parquet files in the dataset folder")
+        for path in files:
+            for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+                rows.append(_check(row, path, n))
+    else:
+        from katdata.records import KatRecord
+        from katdata.runfiles import read_rows
+
+        for n, rec in enumerate(read_rows(src, KatRecord), 1):
+            rows.append(_check({**rec.model_dump(), "messages": rec.messages()}, src, n))
+    if not rows:
+        raise InputError(src, "no training rows")
+    return rows
+
+
+def _check(row: dict, path: Path, line: int) -> dict:
+    from katdata.records import stable_id
+
+    msgs = _jsonish(row.get("messages"))
+    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+        raise InputError(path, "needs a chat ending in an assistant message", line=line, field="messages")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    parsed = parse(msgs[-1]["content"])
+    if not msgs[-1]["content"].startswith("<judge>\n") or not parsed.ok:
+        raise InputError(path, f"the assistant message is not a valid KAT response ({', '.join(parsed.errors) or 'no <judge>'})",
+                         line=line, field="messages")
+    user = next((m["content"] for m in msgs if m["role"] == "user"), "")
+    return {"id": row.get("id") or stable_id(user), "messages": msgs, "mode": parsed.mode,
+            "tags": _jsonish(row.get("tags")) or {}, "vote": _jsonish(row.get("vote")) or {},
+            "reference": row.get("reference"), "kind": row.get("kind"), "query": user}
+
+
+def split(rows: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): per mode, the ids with the smallest seeded hash, in proportion to the mode's share."""
+    def key(r):
+        return hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()
+
+    held: list[dict] = []
+    for mode in ("on", "off"):
+        group = sorted((r for r in rows if r["mode"] == mode), key=key)
+        held += group[: round(holdout * len(group) / len(rows))]
+    ids = {r["id"] for r in held}
+    return [r for r in rows if r["id"] not in ids], held
+
+
+# ---------------------------------------------------------------- tokens and spans
+def encode(tok, messages: list[dict], training_template: str) -> dict:
+    """input_ids, labels (-100 off the completion) and the span type of each loss token."""
+    from katdata.chat_template import render_chat
+
+    full = tok.apply_chat_template(messages, chat_template=training_template, tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    ids, amask = list(full["input_ids"]), list(full["assistant_masks"])
+    prompt_ids = tok(render_chat(messages[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    completion = messages[-1]["content"][len("<judge>\n"):] + "<|im_end|>"
+    comp = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
+    start, end = len(prompt_ids), len(prompt_ids) + len(comp["input_ids"])
+    if ids[:start] != prompt_ids or ids[start:end] != comp["input_ids"]:
+        raise KatdataError("the training template does not tokenize as prompt + completion: the loss boundary "
+                           f"cannot be taken from token ids (chat starting {messages[-1]['content'][:40]!r})")
+    labels = [-100] * start + ids[start:end] + [-100] * (len(ids) - end)
+    bounds = _span_bounds(completion)
+    spans = [next(name for name, stop in bounds if a < stop) for a, _ in comp["offset_mapping"]]
+    return {"input_ids": ids, "labels": labels, "spans": spans, "start": start,
+            "mask_agrees": [int(x != -100) for x in labels] == amask}
+
+
+def _span_bounds(completion: str) -> list[tuple[str, int]]:
+    """(span, end offset) over the completion text; used only to label loss tokens for the audit."""
+    judge_end = completion.index("</judge>") + len("</judge>\n\n")
+    mode_end = completion.index("\n", judge_end) + 1
+    answer_at = completion.rindex("<answer>")
+    out = [("judge", judge_end), ("mode", mode_end)]
+    if completion[judge_end:mode_end].startswith("<think_on>"):
+        out.append(("think", answer_at))
+    return out + [("answer", completion.rindex("<|im_end|>")), ("eot", len(completion) + 1)]
+
+
+def audit(tok, examples: list[dict], encoded: list[dict], n: int) -> str:
+    """N examples with loss-bearing spans marked ⟦span|…⟧, and loss tokens per span type over all examples."""
+    lines = []
+    for ex, enc in list(zip(examples, encoded))[:n]:
+        ids, start, stop = enc["input_ids"], enc["start"], enc["start"] + len(enc["spans"])
+        out, k = [tok.decode(ids[:start])], start
+        while k < stop:
+            span, j = enc["spans"][k - start], k
+            while j < stop and enc["spans"][j - start] == span:
+                j += 1
+            out.append(f"⟦{span}|{tok.decode(ids[k:j])}⟧")
+            k = j
+        out.append(tok.decode(ids[stop:]))
+        lines += [f"=== {ex['id']} (mode {ex['mode']}, {len(ids)} tokens, {stop - start} with loss)", "".join(out), ""]
+    totals = {s: 0 for s in SPANS}
+    for enc in encoded:
+        for s in enc["spans"]:
+            totals[s] += 1
+    masked = sum(len(e["input_ids"]) - len(e["spans"]) for e in encoded)
+    lines.append(f"loss tokens per span type over {len(encoded)} examples:")
+    lines += [f"  {s:<7}{totals[s]:>9}" for s in SPANS]
+    lines.append(f"  {'total':<7}{sum(totals.values()):>9}   (masked prompt/history tokens: {masked})")
+    disagree = sum(not e["mask_agrees"] for e in encoded)
+    lines.append(f"template generation-mask cross-check: {len(encoded) - disagree}/{len(encoded)} agree")
+    return "\n".join(lines)
+
+
+def prepare(cfg: TrainConfig, run_dir: Path, tok) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(train rows, their encodings, held-out rows, stats); over-long rows are skipped and counted."""
+    from katdata.chat_template import template_text
+
+    rows = load_examples(cfg, run_dir)
+    train, held = split(rows, cfg.holdout, cfg.seed)
+    kept, encs, too_long = [], [], 0
+    for r in train:
+        enc = encode(tok, r["messages"], template_text(training=True))
+        if len(enc["input_ids"]) > cfg.max_length:
+            too_long += 1
+            continue
+        kept.append(r)
+        encs.append(enc)
+    if not kept:
+        raise KatdataError(f"no training example fits max_length={cfg.max_length}")
+    stats = {"rows_in": len(rows), "train": len(kept), "heldout": len(held), "skipped_too_long": too_long,
+             "mask_disagreements": sum(not e["mask_agrees"] for e in encs),
+             "loss_tokens": sum(len(e["spans"]) for e in encs), "tokens": sum(len(e["input_ids"]) for e in encs)}
+    return kept, encs, held, stats
+
+
+# ---------------------------------------------------------------- training
+def _marker_tokens(tok, model) -> list[int]:
+    """Add the markers as tokens; initialise each new row from the embedding of descriptive words."""
+    import torch
+
+    tok.add_tokens(list(MARKERS))
+    ids = tok.convert_tokens_to_ids(list(MARKERS))
+    model.resize_token_embeddings(len(tok))
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for marker, i in zip(MARKERS, ids):
+            words = tok(MARKER_WORDS[marker], add_special_tokens=False)["input_ids"]
+            emb[i] = emb[words].mean(0)
+    log.warning("add_marker_tokens: the adapter carries trained embedding rows and output head; merge it "
+                "(merge: true) before serving it with vLLM, which refuses such adapters")
+    return ids
+
+
+def _save_atomic(save, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+
+
+def _last_checkpoint(ckpt: Path) -> Optional[str]:
+    steps = [(int(p.name.split("-")[-1]), p) for p in ckpt.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(steps)[1]) if steps else None
+
+
+def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
+    """Train the LoRA adapter; returns the stats for summary.json (also written to OUTPUT/train.json)."""
+    run_dir = Path(run_dir)
+    out = run_dir / cfg.output
+    if (out / "train.json").is_file() and (out / "adapter").is_dir():
+        log.info("train: %s already holds a finished adapter, skipping", out)
+        return json.loads((out / "train.json").read_text())
+    torch = require("torch", "local")
+    transformers = require("transformers", "local")
+    peft = require("peft", "train")
+    trl = require("trl", "train")
+    datasets = require("datasets", "local")
+    from katdata.chat_template import template_text
+    from katdata.model import resolve
+
+    base = resolve(cfg.model)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    train_rows, encs, held, stats = prepare(cfg, run_dir, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    split_doc = {"seed": cfg.seed, "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
+    (out / "split.json").write_text(json.dumps(split_doc, indent=1))
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (
+        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    modules_to_save = None
+    if cfg.add_marker_tokens:
+        _marker_tokens(tok, model)
+        encs = [encode(tok, r["messages"], template_text(training=True)) for r in train_rows]
+        modules_to_save = ["embed_tokens", "lm_head"]
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=cfg.target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    data = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encs])
+    ckpt = out / "checkpoints"
+    args = trl.SFTConfig(
+        output_dir=str(ckpt), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, bf16=bool(bf16),
+        seed=cfg.seed, report_to=[], max_length=cfg.max_length, packing=cfg.packing, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    resume = _last_checkpoint(ckpt)
+    if resume:
+        log.info("train: resuming from %s", resume)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    tokens = int(trainer.state.num_input_tokens_seen)
+
+    tok.chat_template = template_text(training=False)
+    if trainer.accelerator.is_main_process:
+        def save_adapter(path):
+            trainer.model.save_pretrained(path)
+            tok.save_pretrained(path)
+
+        _save_atomic(save_adapter, out / "adapter")
+        if cfg.merge:
+            merged = trainer.model.merge_and_unload()
+            _save_atomic(lambda p: (merged.save_pretrained(p), tok.save_pretrained(p)), out / "merged")
+        with open(out / ".log.jsonl.tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in trainer.state.log_history)
+        os.replace(out / ".log.jsonl.tmp", out / "log.jsonl")
+    stats |= {"base_model": base, "steps": trainer.state.global_step, "resumed_from": resume, "bf16": bool(bf16),
+              "train_loss": result.training_loss, "seconds": round(seconds, 2), "input_tokens_seen": tokens,
+              "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "marker_tokens": cfg.add_marker_tokens,
+              "adapter": str(out / "adapter"), "merged": str(out / "merged") if cfg.merge else None}
+    if trainer.accelerator.is_main_process:
+        (out / ".train.json.tmp").write_text(json.dumps(stats, indent=1))
+        os.replace(out / ".train.json.tmp", out / "train.json")
+    return stats
+
+
+# ---------------------------------------------------------------- demo data and the command
+JUDGE_ON = ("This is a multi-step arithmetic word problem: the quantities must be combined in several steps, so "
+            "explicit step-by-step reasoning is needed.",
+            "The question needs several calculations that depend on each other, so working through them carefully "
+            "before answering is worthwhile.")
+JUDGE_OFF = ("The question asks to recall a single well-known fact, so no complex reasoning is needed.",
+             "This is a direct factual lookup with a short answer; explicit reasoning would add nothing.")
+
+
+def demo_records(n_on: int, n_off: int, seed: int = 0) -> list:
+    """Real cold-start records from packaged data: GSM8K worked solutions as think-on traces, fanoutqa
+    single-hop questions with short answers as think-off (smoke runs, tests and benchmarks)."""
+    import re
+
+    from katdata import sources
+    from katdata.records import KatRecord
+    from katdata.template import render
+
+    out = []
+    for i, q in enumerate(sources.load("gsm8k", limit=n_on, seed=seed)):
+        think = re.sub(r"<<[^>]*>>", "", q.meta["solution"].split("####")[0]).strip()
+        judge = JUDGE_ON[i % len(JUDGE_ON)]
+        out.append(KatRecord(id=q.id, query=q.query, mode="on", judge=judge, think=think, answer=q.reference,
+                             response=render("on", judge, q.reference, think=think), reference=q.reference,
+                             kind=q.kind, tags={"domain": "math", "difficulty": 3}, vote={"label": "on"}))
+    for i, q in enumerate(sources.load("fanoutqa-hop", limit=n_off, seed=seed)):
+        judge = JUDGE_OFF[i % len(JUDGE_OFF)]
+        out.append(KatRecord(id=q.id, query=q.query, mode="off", judge=judge, answer=q.reference,
+                             response=render("off", judge, q.reference), reference=q.reference, kind=q.kind,
+                             tags={"domain": "factual", "difficulty": 1}, vote={"label": "off"}))
+    return out
+
+
+def _load_config(path: Optional[str], sets: list[str]) -> TrainConfig:
+    import yaml
+
+    data: dict = {}
+    if path:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        data = dict(doc.get("train", doc)) if isinstance(doc, dict) else {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KatdataError(f"--set expects key=value, got {item!r}")
+        data[key.strip()] = yaml.safe_load(value)
+    return TrainConfig.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="katdata train", description="LoRA fine-tuning on the KAT records of a run folder.")
+    ap.add_argument("run_dir", type=Path, help="the run folder (reads export/ or records.jsonl, writes train/)")
+    ap.add_argument("--config", help="a YAML file: the recipe (its `train:` section is used) or train settings alone")
+    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    ap.add_argument("--audit", type=int, metavar="N", help="print N examples with loss spans marked and per-span "
+                    "loss-token counts, then exit without training")
+    ns = ap.parse_args(argv)
+    cfg = _load_config(ns.config, ns.set)
+    if ns.audit is not None:
+        transformers = require("transformers", "local")
+        from katdata.model import resolve
+
+        tok = transformers.AutoTokenizer.from_pretrained(resolve(cfg.model))
+        rows, encs, _, stats = prepare(cfg, ns.run_dir, tok)
+        print(audit(tok, rows, encs, ns.audit))
+        print(f"train rows {stats['train']}, held out {stats['heldout']}, skipped (> max_length) {stats['skipped_too_long']}")
+        return 0
+    stats = run(cfg, ns.run_dir)
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
+    raise SystemExit(main())

