@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: quickstart test test-slow install install-dev clean-venv
+.PHONY: quickstart test test-slow install install-dev argilla-venv argilla-up argilla-down chromium clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,21 @@ $(STAMP)-dev: $(STAMP)-local
 	touch $@
 
 install: $(STAMP)-local
-install-dev: $(STAMP)-dev
+install-dev: $(STAMP)-dev argilla-venv chromium
+
+# the Argilla server lives in its own venv (its pins clash with current transformers)
+argilla-venv:
+	bash annotation/server.sh venv
+argilla-up:
+	bash annotation/server.sh start
+argilla-down:
+	bash annotation/server.sh stop
+
+# Debian's chromium, for the test that opens a pushed record in Argilla's own web UI
+chromium:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the Argilla web-UI test will be skipped"; }
 
 quickstart: install
 	$(BIN)/katdata run recipes/quickstart.yaml

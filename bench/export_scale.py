@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import resource
@@ -39,7 +40,7 @@ def _pool():
     on = [(q.query, re.sub(r"<<[^>]*>>", "", q.meta["solution"].split("####")[0]).strip(), q.reference)
           for q in sources.load("gsm8k")]
     off = [(q.query, None, q.reference) for q in sources.load("fanoutqa-hop")]
-    return on, off
+    return [t for t in on if t[1] and t[2].strip()], [t for t in off if t[2].strip()]  # a few hops have blank answers
 
 
 def assemble(run: Path, n: int, seed: int = 0) -> None:
@@ -68,8 +69,13 @@ def assemble(run: Path, n: int, seed: int = 0) -> None:
                 provenance={"source": "gsm8k" if mode == "on" else "fanoutqa-hop", "models": MODELS}))
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def child(step: str, run: Path, n: int) -> dict:
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     if step == "assemble":
         run.mkdir(parents=True, exist_ok=True)
         assemble(run, n)
@@ -77,9 +83,10 @@ def child(step: str, run: Path, n: int) -> dict:
         from katdata.export import ExportConfig, run as export_run
 
         export_run(ExportConfig(), run, None)
-    secs = time.perf_counter() - t
+    secs, cpu = time.perf_counter() - t, _cpu() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step": step, "n": n, "seconds": secs, "rate": n / secs, "peak_rss_mb": peak / 2**20}
+    return {"step": step, "n": n, "seconds": secs, "rate": n / secs, "cpu_s": cpu, "cpu_rate": n / cpu,
+            "peak_rss_mb": peak / 2**20}
 
 
 def measure(step: str, run: Path, n: int) -> dict:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(step, run, n)
                 results.append(r)
                 print(f"{step:8s} n={n:>9,d}  {r['seconds']:7.1f} s  {r['rate']:9,.0f} records/s  "
-                      f"peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
+                      f"({r['cpu_rate']:9,.0f} records/CPU-s)  peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
             print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
                   f"{(run / 'records.jsonl').stat().st_size / 2**20:.1f} MB", flush=True)
@@ -123,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         r_hi = next(r for r in results if r["step"] == step and r["n"] == hi)
         print(f"{step}: {hi:,d} vs {lo:,d} records: peak RSS ratio {r_hi['peak_rss_mb'] / r_lo['peak_rss_mb']:.2f}, "
               f"records/s ratio {r_hi['rate'] / r_lo['rate']:.2f}")
-    best = min(r["rate"] for r in results if r["step"] == "export")
-    print(f"export goal >= 20,000 records/s: slowest run {best:,.0f} records/s -> {'met' if best >= 20_000 else 'NOT met'}")
+    r_hi = next(r for r in results if r["step"] == "export" and r["n"] == hi)
+    print(f"export goal >= 20,000 records/s at {hi:,d}: {r_hi['rate']:,.0f} records/s wall "
+          f"({'met' if r_hi['rate'] >= 20_000 else 'NOT met'}), {r_hi['cpu_rate']:,.0f} per CPU-second "
+          f"({'met' if r_hi['cpu_rate'] >= 20_000 else 'NOT met'}); load average now {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     return 0
 
 

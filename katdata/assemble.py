@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal, Optional
@@ -34,6 +35,29 @@ class AssembleConfig(BaseModel):
         "solver_then_vote", description="where think-on content comes from: the solver's accepted traces, "
         "the vote's shortest correct think-on sample, or one then the other")
     require_clean_parse: bool = Field(False, description="use only vote samples whose raw response parsed cleanly")
+    reference_fallback: bool = Field(
+        False, description="when no verified sample of the chosen mode exists, use the query's reference as the "
+        "teacher: its worked solution (meta.solution, e.g. GSM8K's) as the think text and the reference answer; "
+        "marked content_source=reference")
+
+
+CALC_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def reference_pick(q: Query, mode: str) -> Optional[Attempt]:
+    """An attempt built from the query's reference (a worked solution for think-on), or None."""
+    if not q.reference or q.kind not in ("numeric", "math", "exact", "choice"):
+        return None
+    think = None
+    if mode == "on":
+        solution = q.meta.get("solution")
+        if not isinstance(solution, str):
+            return None
+        think = CALC_NOTE.sub("", solution.split("####")[0]).strip()
+        if not think:
+            return None
+    return Attempt(id=q.id, index=-1, source="vote", mode=mode, text="", think=think, answer=q.reference, ok=True,
+                   correct=True)
 
 
 def _rows(path: Path, model):
@@ -46,8 +70,19 @@ def solver_pick(attempts: list[Attempt]) -> Optional[Attempt]:
     return min(good, key=lambda a: (-(a.score or 0.0), a.completion_tokens, a.index)) if good else None
 
 
-def content(vote: Vote, samples: list[Attempt], solver: list[Attempt], cfg: AssembleConfig) -> tuple[Optional[Attempt], str]:
+def content(vote: Vote, samples: list[Attempt], solver: list[Attempt], cfg: AssembleConfig,
+            q: Optional[Query] = None) -> tuple[Optional[Attempt], str]:
     """The attempt whose think/answer the record uses, and where it came from (or why none)."""
+    pick, source = _sampled_content(vote, samples, solver, cfg)
+    if pick is None and cfg.reference_fallback and q is not None:
+        ref = reference_pick(q, vote.label)
+        if ref is not None:
+            return ref, "reference"
+    return pick, source
+
+
+def _sampled_content(vote: Vote, samples: list[Attempt], solver: list[Attempt],
+                     cfg: AssembleConfig) -> tuple[Optional[Attempt], str]:
     chosen = next((a for a in samples if a.mode == vote.label and a.index == vote.chosen_index), None)
     if chosen is not None and cfg.require_clean_parse and not chosen.ok:
         chosen = None
@@ -76,7 +111,9 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
                      answer=answer, response=response, reference=q.reference, kind=q.kind,
                      tags=tags.model_dump(mode="json") if tags else {},
                      vote=vote.model_dump(mode="json"),
-                     provenance={"content_source": source, "attempt_index": pick.index, "attempt_mode": pick.mode,
+                     provenance={"source": q.source, "content_source": source, "attempt_index": pick.index,
+                                 "attempt_mode": pick.mode, "correct": pick.correct,
+                                 "completion_tokens": pick.completion_tokens,
                                  "judge_tries": len(judge.attempts), "explored": vote.explored,
                                  "review": vote.review})
 
@@ -114,7 +151,7 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
                 reason = judge.reason if judge else "no judge rationale"
                 reject(q.id, "judge", reason or "no judge rationale", judge.attempts if judge else None)
                 continue
-            pick, source = content(vote, samples[q.id], solver[q.id], cfg)
+            pick, source = content(vote, samples[q.id], solver[q.id], cfg, q)
             if pick is None:
                 reject(q.id, "assemble", source, vote.model_dump(mode="json"))
                 continue

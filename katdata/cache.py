@@ -9,7 +9,8 @@ tries them again.
 When some samples of a request are cached and the rest are not, only the missing ones are
 generated, with the seed moved by the index of the first missing sample (vLLM seeds sample i of a
 request with ``seed + i``, so there the resumed samples are the very ones an uninterrupted run
-draws; on other engines they are fresh draws, never copies of cached samples).
+draws; transformers seeds each batch by its content, so a re-issued call whose finished batches
+are cached redraws the remaining batches exactly; other engines give fresh draws, never copies).
 """
 
 from __future__ import annotations

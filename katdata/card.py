@@ -1,9 +1,11 @@
-"""The dataset card of an export: a YAML header for the Hub and a body built from the run.
+"""What an export is: its layouts (explicit Features; hf, trl, llamafactory), its Hub card.
 
-`CardStats` is filled row by row while the export streams (counters only, so memory stays flat);
-`write_card` adds what the other run files say (summary.json, recipe.yaml, rejects.jsonl, the
-vote and solver attempts), draws the think-on share by difficulty, and writes README.md.
-Missing optional files are noted in the card; corrupt ones raise InputError with file and line.
+The tags and vote dicts become typed structs; keys or values that do not fit are kept, JSON-encoded,
+in the struct's ``extra`` field. `CardStats` counts each batch while the export streams (counters
+only, so memory stays flat); `write_card` adds what the other run files say (summary.json,
+recipe.yaml, rejects.jsonl, queries.jsonl, the vote and solver attempts), draws the think-on share
+by difficulty, and writes README.md. Missing optional files are noted in the card; corrupt ones
+raise InputError with file and line.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 import yaml
 
-from katdata.errors import InputError
-from katdata.records import Attempt, KatRecord
+from katdata.errors import InputError, require
+from katdata.records import Attempt, Change, KatRecord
 from katdata.runfiles import read_rows
 
 PLOT = "think_on_by_difficulty.png"
@@ -28,8 +31,122 @@ SOURCE_LICENSES = {"gsm8k": "MIT", "aime2025": "MIT", "humaneval": "MIT", "fanou
 SECRET = re.compile(r"key|token|secret|password", re.I)
 
 
+TAG_TYPES = {"domain": "string", "task_type": "string", "difficulty": "int32", "needs_reasoning": "bool",
+             "p_reasoning": "float64", "verifiability": "string", "language": "string",
+             "think_off_candidate": "bool", "source": "string"}
+VOTE_TYPES = {"label": "string", "reason": "string", "explored": "bool", "n_on": "int32", "n_off": "int32",
+              "p_on": "float64", "p_off": "float64", "margin": "float64", "delta": "float64",
+              "entropy_on": "float64", "entropy_off": "float64", "tokens_on": "float64", "tokens_off": "float64",
+              "samples_used": "int32", "samples_saved": "int32", "chosen_index": "int32",
+              "chosen_source": "string", "review": "bool"}
+COLUMN_TYPES = {"string": (str,), "bool": (bool,), "int32": (int,), "float64": (int, float)}
+
+
+def features(fmt: str = "hf"):
+    """The explicit datasets.Features of each export format."""
+    ds = require("datasets", "local")
+    V, L = ds.Value, ds.List
+    msg = L({"role": V("string"), "content": V("string")})
+    if fmt == "trl":
+        return ds.Features({"id": V("string"), "prompt": msg, "completion": msg, "mode": V("string")})
+    if fmt == "llamafactory":
+        return ds.Features({"id": V("string"), "messages": msg, "mode": V("string")})
+    change = {"field": V("string"), "old": V("string"), "new": V("string"), "annotator": V("string"), "at": V("string")}
+    return ds.Features({
+        "id": V("string"), "query": V("string"), "system": V("string"), "messages": msg,
+        "response": V("string"), "mode": V("string"), "judge": V("string"), "think": V("string"),
+        "answer": V("string"), "reference": V("string"), "kind": V("string"),
+        "tags": {**{k: V(t) for k, t in TAG_TYPES.items()}, "extra": V("string")},
+        "vote": {**{k: V(t) for k, t in VOTE_TYPES.items()}, "extra": V("string")},
+        "provenance": {"source": V("string"), "models": L({"role": V("string"), "model": V("string")}),
+                       "changes": L(change), "extra": V("string")},
+    })
+
+
+def _fits(value: Any, dtype: str) -> bool:
+    """Whether a value goes in a typed column (exact types: a bool is no int here)."""
+    if value is None:
+        return True
+    if type(value) not in COLUMN_TYPES[dtype]:
+        return False
+    return dtype != "int32" or -2**31 <= value < 2**31
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON (pydantic-core: several times faster than json.dumps)."""
+    return pydantic_core.to_json(value).decode()
+
+
+def typed(d: dict, types: dict[str, str]) -> dict:
+    """A dict as a struct: the typed keys in their columns, anything else JSON-encoded in ``extra``."""
+    out: dict[str, Any] = dict.fromkeys(types)
+    extra = None
+    for k, v in d.items():
+        t = types.get(k)
+        if t is not None and _fits(v, t):
+            out[k] = v
+        else:
+            extra = extra or {}
+            extra[k] = v
+    out["extra"] = dumps(extra) if extra else None
+    return out
+
+
+def untyped(s: dict) -> dict:
+    """The dict back from a typed struct (keys whose value was null are left out)."""
+    out = {k: v for k, v in s.items() if k != "extra" and v is not None}
+    return out | (json.loads(s["extra"]) if s.get("extra") else {})
+
+
+def from_hf_row(row: dict) -> KatRecord:
+    """The KatRecord back from a row of the hf layout (lossless up to null-valued keys in tags/vote)."""
+    p = row["provenance"]
+    prov = json.loads(p["extra"]) if p.get("extra") else {}
+    if p.get("source") is not None:
+        prov["source"] = p["source"]
+    if p["models"]:
+        prov["models"] = {m["role"]: m["model"] for m in p["models"]}
+    changes = [Change(field=c["field"], old=json.loads(c["old"]), new=json.loads(c["new"]),
+                      annotator=c["annotator"], at=c["at"]) for c in p["changes"]]
+    keep = ("id", "query", "system", "mode", "judge", "think", "answer", "response", "reference", "kind")
+    return KatRecord(**{k: row[k] for k in keep}, tags=untyped(row["tags"]), vote=untyped(row["vote"]),
+                     provenance=prov, changes=changes)
+
+
+def view(table, fmt: str, schema):
+    """The hf table in another layout: trl (prompt/completion chat lists) or llamafactory (messages)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if fmt == "hf":
+        return table
+    msgs = table.column("messages").combine_chunks()
+    if fmt == "llamafactory":
+        return pa.Table.from_arrays([table.column("id"), msgs, table.column("mode")], schema=schema)
+    offs = msgs.offsets.to_numpy().astype(np.int64)
+    offs, values, n = offs - offs[0], msgs.flatten(), len(msgs)
+    last = offs[1:] - 1
+    keep = np.ones(len(values), dtype=bool)
+    keep[last] = False
+    typ = schema.field("prompt").type
+    prompt = pa.ListArray.from_arrays(pa.array((offs - np.arange(n + 1)).astype(np.int32)),
+                                      values.filter(pa.array(keep)), type=typ)
+    completion = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values.take(pa.array(last)),
+                                          type=typ)
+    return pa.Table.from_arrays([table.column("id"), prompt, completion, table.column("mode")], schema=schema)
+
+
+def llamafactory_info(tmp: Path, splits: dict) -> None:
+    """dataset_info.json: how LLaMA-Factory reads each split folder (sharegpt layout, OpenAI-style roles)."""
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "system_tag": "system"}
+    info = {f"katdata_{s}": {"file_name": f"data/{s}", "formatting": "sharegpt",
+                             "columns": {"messages": "messages"}, "tags": tags} for s in splits}
+    (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
 class CardStats:
-    """Counters over the exported records, filled one record at a time."""
+    """Counters over the exported records, filled a batch (pyarrow Table) at a time."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -38,7 +155,7 @@ class CardStats:
         self.by: dict[str, dict[str, Counter]] = {k: defaultdict(Counter) for k in BY}
         self.margins: Counter = Counter()  # margin rounded to 0.1
         self.margin_sum, self.voted = 0.0, 0
-        self.p_sum = {"on": 0.0, "off": 0.0}
+        self.p_sum, self.p_n = {"on": 0.0, "off": 0.0}, {"on": 0, "off": 0}
         self.explored, self.flagged, self.reviewed = 0, 0, 0
         self.changed_fields: Counter = Counter()
         self.models: Counter = Counter()
@@ -46,33 +163,59 @@ class CardStats:
         self.languages: Counter = Counter()
         self.plotted = False
 
-    def add(self, rec: KatRecord, split: str) -> None:
-        self.n += 1
-        self.splits[split] += 1
-        self.modes[rec.mode] += 1
-        self.chars[rec.mode] += len(rec.response)
-        keys = {"domain": rec.tags.get("domain"), "difficulty": rec.tags.get("difficulty"),
-                "task_type": rec.tags.get("task_type"), "kind": rec.kind,
-                "source": rec.provenance.get("source")}
-        for k, v in keys.items():
-            self.by[k][str(v) if v is not None else "-"][rec.mode] += 1
-        if isinstance(rec.tags.get("language"), str):
-            self.languages[rec.tags["language"]] += 1
-        v = rec.vote
-        if isinstance(v.get("margin"), (int, float)):
-            self.voted += 1
-            self.margin_sum += v["margin"]
-            self.margins[round(v["margin"], 1)] += 1
-            for m in ("on", "off"):
-                self.p_sum[m] += float(v.get(f"p_{m}") or 0.0)
-        self.explored += bool(v.get("explored"))
-        self.flagged += bool(v.get("review"))
-        if rec.changes:
-            self.reviewed += 1
-            self.changed_fields.update({c.field for c in rec.changes})
-        models = rec.provenance.get("models")
-        if isinstance(models, dict):
-            self.models.update((str(r), str(m)) for r, m in models.items())
+    def add_table(self, t, test) -> None:
+        """Count one batch: ``t`` in the hf layout (a pyarrow Table), ``test`` its test-split mask."""
+        import pyarrow.compute as pc
+
+        def col(path: str):
+            head, *rest = path.split(".")
+            c = t.column(head).combine_chunks()
+            for name in rest:
+                c = pc.struct_field(c, name)
+            return c
+
+        def group(*cols) -> list[tuple]:
+            import pyarrow as pa
+
+            names = [f"c{i}" for i in range(len(cols))]
+            g = pa.table(dict(zip(names, cols))).group_by(names, use_threads=False).aggregate([([], "count_all")])
+            return list(zip(*(g.column(c).to_pylist() for c in names), g.column("count_all").to_pylist()))
+
+        n = t.num_rows
+        n_test = pc.sum(test).as_py() or 0
+        self.n += n
+        self.splits.update({"train": n - n_test, "test": n_test})
+        mode = col("mode")
+        for m, length, c in group(mode, pc.utf8_length(col("response"))):
+            self.modes[m] += c
+            self.chars[m] += length * c
+        for key, path in (("domain", "tags.domain"), ("difficulty", "tags.difficulty"), ("task_type", "tags.task_type"),
+                          ("kind", "kind"), ("source", "provenance.source")):
+            for v, m, c in group(col(path), mode):
+                self.by[key][str(v) if v is not None else "-"][m] += c
+        for lang, c in group(col("tags.language")):
+            if lang is not None:
+                self.languages[lang] += c
+        margin = col("vote.margin")
+        voted = pc.is_valid(margin)
+        self.voted += pc.sum(voted).as_py() or 0
+        self.margin_sum += pc.sum(margin).as_py() or 0.0
+        for m, c in group(pc.round(margin, 1)):
+            if m is not None:
+                self.margins[m + 0.0] += c
+        for m in ("on", "off"):
+            p = col(f"vote.p_{m}")
+            self.p_sum[m] += pc.sum(p).as_py() or 0.0
+            self.p_n[m] += pc.sum(pc.is_valid(p)).as_py() or 0
+        self.explored += pc.sum(pc.fill_null(col("vote.explored"), False)).as_py() or 0
+        self.flagged += pc.sum(pc.fill_null(col("vote.review"), False)).as_py() or 0
+        changes = col("provenance.changes")
+        self.reviewed += pc.sum(pc.greater(pc.list_value_length(changes), 0)).as_py() or 0
+        for f, c in group(pc.struct_field(pc.list_flatten(changes), "field")):
+            self.changed_fields[f] += c
+        models = pc.list_flatten(col("provenance.models"))
+        for r, m, c in group(pc.struct_field(models, "role"), pc.struct_field(models, "model")):
+            self.models[(r, m)] += c
 
 
 def _pct(a: float, b: float) -> str:
@@ -81,7 +224,8 @@ def _pct(a: float, b: float) -> str:
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
 
 
 def size_category(n: int) -> str:
@@ -116,8 +260,9 @@ def read_yaml(path: Path) -> Any:
                          line=mark.line + 1 if mark else None) from exc
 
 
-def attempt_stats(path: Path) -> dict[str, dict[str, int]]:
-    """Per mode: attempts, parsed, verified, passed, truncated (from solve.jsonl or samples.jsonl)."""
+def attempt_stats(path: Path, models: Counter) -> dict[str, dict[str, int]]:
+    """Per mode: attempts, parsed, verified, passed, truncated (solve.jsonl or samples.jsonl); counts
+    the (role, model) of the attempts' agent segments into ``models``."""
     out: dict[str, dict[str, int]] = defaultdict(Counter)
     for a in read_rows(path, Attempt):
         c = out[a.mode]
@@ -126,10 +271,29 @@ def attempt_stats(path: Path) -> dict[str, dict[str, int]]:
         c["verified"] += a.correct is not None
         c["passed"] += a.correct is True
         c["truncated"] += a.finish_reason == "length" or "truncated" in a.errors
+        models.update((s.role, s.model) for s in a.segments if s.model)
     return out
 
 
-def reject_stats(path: Path) -> Counter:
+def recipe_roles(recipe: Any) -> list[list[str]]:
+    """(role, engine, backend, model) for every ``*engine`` setting of every recipe section."""
+    if not isinstance(recipe, dict):
+        return []
+    engines = recipe.get("engines") if isinstance(recipe.get("engines"), dict) else {}
+    rows = []
+    for section, body in recipe.items():
+        for key, name in (body.items() if isinstance(body, dict) and section != "engines" else ()):
+            if (key == "engine" or key.endswith("_engine")) and isinstance(name, str):
+                used = name if name in engines else "default"
+                e = engines.get(used) if isinstance(engines.get(used), dict) else {}
+                rows.append([section if key == "engine" else f"{section} ({key[:-7]})",
+                             name if used == name else f"{name} -> default",
+                             e.get("backend", "transformers"), e.get("model") or "embedded (SmolLM2-135M-Instruct)"])
+    return rows
+
+
+def count_json(path: Path, key) -> Counter:
+    """Count ``key(row)`` over a JSONL file of objects; a bad line raises InputError with its number."""
     out: Counter = Counter()
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -141,7 +305,7 @@ def reject_stats(path: Path) -> Counter:
                 raise InputError(path, f"broken JSON ({exc})", line=n) from exc
             if not isinstance(row, dict):
                 raise InputError(path, "not a JSON object", line=n)
-            out[(str(row.get("stage", "-")), str(row.get("reason", "-")))] += 1
+            out[key(row)] += 1
     return out
 
 
@@ -187,6 +351,13 @@ def header(stats: CardStats, splits: dict, feats, cfg) -> dict:
     return {k: v for k, v in head.items() if v is not None}
 
 
+def _order(key: str):
+    """Difficulty levels in their own order; other tags by size."""
+    if key == "difficulty":
+        return lambda kv: (len(kv[0]), kv[0])
+    return lambda kv: (-sum(kv[1].values()), kv[0])
+
+
 def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
     """The card's markdown body, from the run's records and files."""
     on, off, n = stats.modes["on"], stats.modes["off"], stats.n
@@ -199,7 +370,7 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
            f"Built from `{src.relative_to(run_dir) if src.is_relative_to(run_dir) else src}` of run "
            f"`{run_dir.name}`; layout `{cfg.format}`; split seed {cfg.seed}, test share {cfg.test_size} "
            "stratified by mode and domain.", "",
-           "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_OR_REPO\")\n```", "",
+           f"```python\nfrom datasets import load_dataset\nds = load_dataset(\"{cfg.push_to_hub or 'path/to/export'}\")\n```", "",
            "## Counts", "", _table(["split", "rows", "files"], [[s, v["rows"], v["files"]] for s, v in splits.items()]),
            "", f"Mode ratio overall: think-on {on} ({_pct(on, n)}), think-off {off} ({_pct(off, n)}). "
            f"Mean response length: think-on {stats.chars['on'] // max(on, 1)} chars, "
@@ -209,37 +380,38 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
         if set(groups) == {"-"}:
             continue
         rows = [[g, c["on"] + c["off"], c["on"], c["off"], _pct(c["on"], c["on"] + c["off"])]
-                for g, c in sorted(groups.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))]
+                for g, c in sorted(groups.items(), key=_order(key))]
         out += [f"### Mode ratio by {key}", "", _table([key, "rows", "think-on", "think-off", "on share"], rows), ""]
     if stats.plotted:
         out += [f"![Think-on share by difficulty]({PLOT})", ""]
     out += ["## Vote evidence", ""]
     if stats.voted:
-        out += [f"{stats.voted} records carry a vote. Mean margin (think-on minus think-off pass rate) "
-                f"{stats.margin_sum / stats.voted:+.3f}; mean pass rate of the sampled responses: think-on "
-                f"{stats.p_sum['on'] / stats.voted:.3f}, think-off {stats.p_sum['off'] / stats.voted:.3f}. "
+        p = {m: f"{stats.p_sum[m] / stats.p_n[m]:.3f}" if stats.p_n[m] else "-" for m in ("on", "off")}
+        out += [f"{stats.voted} records carry a vote. Mean vote margin (as the vote stage recorded it) "
+                f"{stats.margin_sum / stats.voted:+.3f}; mean pass rate of the sampled responses per record: "
+                f"think-on {p['on']}, think-off {p['off']}. "
                 f"Exploration (random mode): {stats.explored}; flagged for review: {stats.flagged}.", "",
                 _table(["margin", "records"], [[f"{m:+.1f}", c] for m, c in sorted(stats.margins.items())]), ""]
     else:
         out += ["No record carries a vote margin.", ""]
     out += _run_files(run_dir, stats)
-    out += _sources(stats, cfg)
+    out += _sources(run_dir, stats, cfg)
     return "\n".join(out).rstrip() + "\n"
 
 
 def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     out = ["## Verifier pass rates and truncation", ""]
-    rows = []
+    rows, seg_models = [], Counter()
     for name in ("samples.jsonl", "solve.jsonl"):
         if (run_dir / name).is_file():
-            for mode, c in sorted(attempt_stats(run_dir / name).items()):
+            for mode, c in sorted(attempt_stats(run_dir / name, seg_models).items()):
                 rows.append([name, mode, c["attempts"], _pct(c["parsed"], c["attempts"]), c["verified"],
                              _pct(c["passed"], c["verified"]), _pct(c["truncated"], c["attempts"])])
     out += [_table(["file", "mode", "attempts", "parsed", "verified", "pass rate", "truncated"], rows)
             if rows else "No attempt files (samples.jsonl, solve.jsonl) in the run folder.", ""]
     out += ["## Rejects", ""]
     if (run_dir / "rejects.jsonl").is_file():
-        rej = reject_stats(run_dir / "rejects.jsonl")
+        rej = count_json(run_dir / "rejects.jsonl", lambda r: (str(r.get("stage", "-")), str(r.get("reason", "-"))))
         total = sum(rej.values())
         out += [f"{total} rows rejected along the way ({_pct(total, total + stats.n)} of exported + rejected).", "",
                 _table(["stage", "reason", "rows"], [[s, r, c] for (s, r), c in rej.most_common()]), ""]
@@ -247,18 +419,20 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
         out += ["No rejects.jsonl in the run folder.", ""]
     out += ["## Models per role", ""]
     recipe = read_yaml(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
+    roles = recipe_roles(recipe)
+    if roles:
+        out += ["From recipe.yaml:", "", _table(["role", "engine", "backend", "model"], roles), ""]
+    if seg_models:
+        out += ["From the solver's agent segments:", "",
+                _table(["role", "model", "segments"], [[r, m, c] for (r, m), c in sorted(seg_models.items())]), ""]
     if stats.models:
-        out += [_table(["role", "model", "records"], [[r, m, c] for (r, m), c in sorted(stats.models.items())]), ""]
-    engines = recipe.get("engines") if isinstance(recipe, dict) else None
-    if isinstance(engines, dict):
-        out += [_table(["engine", "settings"], [[k, ", ".join(f"{a}={b}" for a, b in (v or {}).items()
-                                                              if not SECRET.search(str(a)))
-                                                 if isinstance(v, dict) else v] for k, v in engines.items()]), ""]
-    if not stats.models and not isinstance(engines, dict):
-        out += ["No model information (no provenance.models in the records, no engines in recipe.yaml).", ""]
+        out += ["From the records' provenance:", "",
+                _table(["role", "model", "records"], [[r, m, c] for (r, m), c in sorted(stats.models.items())]), ""]
+    if not (roles or seg_models or stats.models):
+        out += ["No model information (no recipe.yaml, agent segments or provenance.models).", ""]
     if stats.reviewed:
         fields = ", ".join(f"{f} ({c})" for f, c in stats.changed_fields.most_common())
-        out += ["## Human review", "", f"{stats.reviewed} records changed in review; fields: {fields}.", ""]
+        out += ["## Human review", "", f"{stats.reviewed} records changed in review; changes per field: {fields}.", ""]
     out += ["## Recipe", ""]
     out += (["<details><summary>recipe.yaml (secrets redacted)</summary>", "", "```yaml",
              yaml.safe_dump(_redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
@@ -270,12 +444,17 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     return out
 
 
-def _sources(stats: CardStats, cfg) -> list[str]:
-    out = ["## Licence", "", f"Card licence: `{cfg.license}`."]
-    srcs = [s for s in stats.by["source"] if s != "-"]
+def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
+    out = ["## Licence", "", f"Card licence: `{cfg.license}`.", ""]
+    queries = run_dir / "queries.jsonl"
+    srcs = count_json(queries, lambda r: str(r.get("source") or "-")) if queries.is_file() else Counter()
+    for s in stats.by["source"]:
+        srcs[s] += 0
+    srcs.pop("-", None)
     if srcs:
-        out += ["The queries come from these sources; their licences apply to the query text:", "",
-                _table(["source", "licence"], [[s, SOURCE_LICENSES.get(s, "unknown")] for s in sorted(srcs)])]
+        out += ["The queries come from these sources (queries.jsonl); their licences apply to the query text:", "",
+                _table(["source", "queries", "licence"], [[s, c or "-", SOURCE_LICENSES.get(s, "unknown")]
+                                                          for s, c in sorted(srcs.items())])]
     return out + [""]
 
 

@@ -18,10 +18,17 @@ from katdata.errors import KatdataError
 
 # commands whose module has its own `main(argv) -> int`
 DELEGATED = {
+    "tag": ("katdata.tag", "tag a run's queries (rule prior + LLM tagger)"),
+    "solve": ("katdata.solve", "think-on traces from the solver / thinker / critic agents"),
+    "sample": ("katdata.sample", "sample N responses per mode per query (mode forced by the prefix)"),
+    "vote": ("katdata.vote", "majority vote over verified samples: the mode labels"),
+    "judge": ("katdata.judge", "write and check the judge rationales"),
+    "assemble": ("katdata.assemble", "render the final KAT records"),
     "export": ("katdata.export", "write the Hub dataset folder (and card) of a run"),
     "train": ("katdata.train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)"),
     "eval": ("katdata.evaluate", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens"),
     "review": ("katdata.review", "push records to Argilla for human review, pull annotations back"),
+    "serve": ("katdata.servers", "serve a model folder with vLLM's OpenAI-compatible server on 127.0.0.1"),
 }
 
 

@@ -37,7 +37,7 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: str = Field("judge", description="engine that writes and checks rationales (falls back to 'default')")
+    engine: str = Field("default", description="engine that writes and checks rationales (e.g. a stronger 'judge' engine)")
     prompt: str = Field("judge_rationale.txt", description="prompt file of the rationale")
     check_prompt: str = Field("judge_check.txt", description="prompt file of the stance check")
     check: Literal["llm", "keywords", "none"] = Field("llm", description="how a rationale's stance is checked")
@@ -169,11 +169,7 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     votes = [v for v in read_rows(run_dir / "votes.jsonl", Vote) if v.label is not None]
     done = done_keys(run_dir / "judges.jsonl")
     todo = [v for v in votes if v.id not in done and v.id in queries]
-    try:
-        backend = engine(cfg.engine)
-    except Exception:  # no engine of that name: the default one judges
-        log.info("no engine '%s'; judging with 'default'", cfg.engine)
-        backend = engine("default")
+    backend = engine(cfg.engine)
     stats: Counter = Counter()
     with RowWriter(run_dir / "judges.jsonl") as out:
         for start in range(0, len(todo), 32):

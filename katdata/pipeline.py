@@ -79,8 +79,12 @@ def load_queries(recipe: Recipe):
     from katdata import sources
     from katdata.inputs import read_queries
 
+    if recipe.data is None:
+        raise KatdataError("recipe: the load stage needs a 'data' section (data.path or data.sources)")
     queries = []
     if recipe.data.path:
+        if not Path(recipe.data.path).exists():
+            raise KatdataError(f"recipe key data.path: input not found: {recipe.data.path}")
         queries += read_queries(recipe.data.path, recipe.data.fields)
     for spec in recipe.data.sources:
         queries += sources.load(spec.name, spec.limit, seed=recipe.seed)

@@ -39,7 +39,7 @@ class SourceSpec(Strict):
 
 
 class DataConfig(Strict):
-    path: Optional[str] = Field(None, description="input file (.jsonl, .csv, .parquet) or saved HF dataset folder; relative to the recipe")
+    path: Optional[str] = Field(None, description="input file (.jsonl, .csv, .parquet) or saved HF dataset folder (relative: to the working directory, else to the recipe)")
     fields: FieldMap = Field(default_factory=FieldMap, description="which input columns hold id, query, reference, kind, system")
     sources: list[SourceSpec] = Field(default_factory=list, description="packaged real-data sources to mix in")
     limit: Optional[int] = Field(None, ge=1, description="use only the first N queries")
@@ -81,7 +81,7 @@ class Recipe(Strict):
     name: str = Field("katdata", description="name of the run (used in dataset names)")
     seed: int = Field(0, description="seed for sampling, splits and exploration")
     run_dir: str = Field("runs/{name}", description="run folder; {name} is replaced; relative to the working directory")
-    data: DataConfig = Field(description="the input queries")
+    data: Optional[DataConfig] = Field(None, description="the input queries (needed by the load stage)")
     engines: dict[str, EngineConfig] = Field(
         default_factory=lambda: {"default": EngineConfig()}, description="named engines the stages refer to")
     tag: TagConfig = Field(default_factory=TagConfig, description="tagging system")
@@ -96,9 +96,12 @@ class Recipe(Strict):
     eval: Optional[EvalConfig] = Field(None, description="adaptive-thinking evaluation (optional stage)")
 
     @model_validator(mode="after")
-    def _engines_exist(self):
+    def _consistent(self):
         if "default" not in self.engines:
             raise ValueError("engines needs a 'default' entry")
+        if (self.sample.n, self.sample.delta) != (self.vote.n, self.vote.delta):
+            raise ValueError(f"vote.n and vote.delta ({self.vote.n}, {self.vote.delta}) must equal sample.n and "
+                             f"sample.delta ({self.sample.n}, {self.sample.delta})")
         return self
 
 
@@ -168,13 +171,26 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise _explain(exc, str(path)) from None
-    if recipe.data.path and not Path(recipe.data.path).is_absolute():
-        recipe.data.path = str((path.parent / recipe.data.path).resolve())
+    if recipe.data and recipe.data.path:  # relative to the working directory, else to the recipe's folder
+        given = Path(recipe.data.path)
+        if not given.exists() and not given.is_absolute() and (path.parent / given).exists():
+            recipe.data.path = str((path.parent / given).resolve())
     return recipe
 
 
+SECRET_KEYS = ("api_key", "token", "password", "secret")
+
+
+def _redact(node):
+    if isinstance(node, dict):
+        return {k: ("<redacted>" if v and any(s in k for s in SECRET_KEYS) and k != "api_key_env" else _redact(v))
+                for k, v in node.items()}
+    return [_redact(v) for v in node] if isinstance(node, list) else node
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, with any secret a recipe carried redacted."""
+    return yaml.safe_dump(_redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 def describe(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str]]:

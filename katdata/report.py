@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -18,32 +20,66 @@ def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, d
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
     return "-" if value is None else str(value)
 
 
-def summary_rows(data: dict) -> list[tuple[str, str, str, str, str]]:
-    """(stage, rows in, rows out, seconds, notes) for each stage that ran."""
+def _tokens(st: dict) -> Optional[int]:
+    tok = st.get("tokens")
+    if isinstance(tok, dict):
+        return sum(v for k, v in tok.items() if "completion" in k and isinstance(v, (int, float))) or None
+    return tok if isinstance(tok, (int, float)) else None
+
+
+def summary_rows(data: dict) -> list[tuple[str, ...]]:
+    """(stage, rows in, rows out, seconds, tokens, notes) per stage; notes are the stage's scalar stats."""
     rows = []
+    skip = {"rows_in", "rows_out", "seconds", "done", "tokens"}
     for stage, st in data.get("stages", {}).items():
-        notes = {k: v for k, v in st.items() if k not in ("rows_in", "rows_out", "seconds", "done")}
-        rows.append((stage, _fmt(st.get("rows_in")), _fmt(st.get("rows_out")), _fmt(st.get("seconds")), _fmt(notes)))
+        notes = [f"{k}={_fmt(v)}" for k, v in st.items()
+                 if k not in skip and isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) < 40]
+        rejects = st.get("rejects")
+        if isinstance(rejects, dict) and rejects:
+            notes.append("rejects: " + ", ".join(f"{k} {v}" for k, v in rejects.items()))
+        rows.append((stage, _fmt(st.get("rows_in")), _fmt(st.get("rows_out")), _fmt(st.get("seconds")),
+                     _fmt(_tokens(st)), "; ".join(notes[:8])))
     return rows
 
 
+def dataset_line(run_dir: Path) -> Optional[str]:
+    """Mode ratio and vote pass rates of the final records."""
+    path = run_dir / "records.jsonl"
+    if not path.is_file():
+        return None
+    modes, p_on, p_off, sources = Counter(), [], [], Counter()
+    for line in path.read_text("utf-8").splitlines():
+        rec = json.loads(line)
+        modes[rec["mode"]] += 1
+        sources[rec.get("provenance", {}).get("content_source", "?")] += 1
+        p_on.append(rec.get("vote", {}).get("p_on", 0.0))
+        p_off.append(rec.get("vote", {}).get("p_off", 0.0))
+    n = sum(modes.values())
+    if not n:
+        return "records: 0"
+    return (f"records: {n}  think-on {modes['on']} ({modes['on'] / n:.0%}) / think-off {modes['off']}  "
+            f"mean pass rate on {sum(p_on) / n:.2f} / off {sum(p_off) / n:.2f}  "
+            f"content from: {', '.join(f'{k} {v}' for k, v in sources.items())}")
+
+
 def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
-    """The end-of-run table: counts, time and notes per stage (mode ratio, pass rates, tokens), and where things are."""
+    """The end-of-run table: counts, time and tokens per stage, then the dataset and where things are."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"katdata run: {run_dir}  ({wall_s:.0f} s)", show_lines=False)
-    for col in ("stage", "in", "out", "seconds", "notes"):
+    table = Table(title=f"katdata run: {run_dir}  ({wall_s:.0f} s)")
+    for col in ("stage", "in", "out", "seconds", "tokens", "notes"):
         table.add_column(col, overflow="fold")
     for row in summary_rows(data):
         table.add_row(*row)
-    console = Console(width=140)
+    console = Console(width=150)
     console.print(table)
+    line = dataset_line(run_dir)
+    if line:
+        console.print(line)
     where = {"dataset": run_dir / "export", "adapter": run_dir / "train" / "adapter", "report": run_dir / "eval" / "eval.json"}
     for what, path in where.items():
         if path.exists():

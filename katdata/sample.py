@@ -49,6 +49,8 @@ class SampleConfig(BaseModel):
     chunk: int = Field(16, ge=1, description="queries per generate call")
     neutral_judge: str = Field("judge_neutral.txt", description="prompt file with the neutral judge text")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked")
+    skip_on_for_off_candidates: bool = Field(
+        False, description="budget: queries the tagger marks as think-off candidates get no think-on samples")
 
 
 def schedule(cfg: SampleConfig) -> list[int]:
@@ -77,7 +79,9 @@ def to_attempt(q: Query, mode: str, index: int, prefix: str, comp: Completion) -
     if comp.finish_reason == "stop" and "unclosed_answer" in strict.errors:
         parsed = template.parse(response.rstrip() + "\n" + template.ANSWER_CLOSE)
         errors.append("closed_at_stop")
-    answer = parsed.answer if parsed.answer and parsed.answer.strip() and not parsed.truncated else None
+    # An answer block that closed before a cut-off still counts (the junk after it is recorded).
+    closed = "unclosed_answer" not in parsed.errors and "unclosed_think" not in parsed.errors
+    answer = parsed.answer if parsed.answer and parsed.answer.strip() and closed else None
     think = parsed.think if mode == "on" else None
     reason = None
     if comp.finish_reason == "error":
@@ -112,17 +116,19 @@ def judge_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
     q = st.q
     key = verifier.key(q.kind, a.answer, q) if a.answer is not None else None
     a.answer_class = assign_class(q.kind, key, st.seen, verifier)
-    if a.answer is not None and q.reference is not None:
-        a.correct = verifier.correct(q.kind, a.answer, q.reference, q)
-    elif q.reference is not None:
-        a.correct = False
+    if verifier.can_check(q.kind, q.reference):
+        a.correct = verifier.correct(q.kind, a.answer, q.reference, q) if a.answer is not None else False
     return a
 
 
 def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, verifier: Verifier,
                    existing: Optional[dict[str, list[Attempt]]] = None,
-                   on_rows: Optional[Callable[[list[Attempt]], None]] = None) -> dict[str, QueryState]:
-    """Run the rounds for ``queries``; ``on_rows`` gets each round's new rows. Returns the states."""
+                   on_rows: Optional[Callable[[list[Attempt]], None]] = None,
+                   skip_on: frozenset = frozenset()) -> dict[str, QueryState]:
+    """Run the rounds for ``queries``; ``on_rows`` gets each round's new rows. Returns the states.
+
+    Queries in ``skip_on`` (think-off candidates, under the budget option) get no think-on samples.
+    """
     neutral = prompt(cfg.neutral_judge)
     states = {q.id: QueryState(q) for q in queries}
     for qid, rows in (existing or {}).items():
@@ -139,6 +145,8 @@ def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, ve
         for mode in ("on", "off"):
             groups: dict[int, list[QueryState]] = defaultdict(list)
             for st in active:
+                if mode == "on" and st.q.id in skip_on:
+                    continue
                 need = target - len(st.rows[mode])
                 if need > 0:
                     groups[need].append(st)
@@ -185,11 +193,16 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
             stats["no_answer"] += sum(a.answer is None for a in rows)
             stats["closed_at_stop"] += sum("closed_at_stop" in a.errors for a in rows)
 
-        states = sample_queries(queries, cfg, backend, verifier, existing, write)
+        skip_on = frozenset()
+        if cfg.skip_on_for_off_candidates:
+            from katdata.tag import think_off_candidates
+
+            skip_on = frozenset(think_off_candidates(run_dir))
+        states = sample_queries(queries, cfg, backend, verifier, existing, write, skip_on)
     used = sum(len(st.rows["on"]) + len(st.rows["off"]) for st in states.values())
     return {"rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
             "samples_saved": 2 * cfg.n * len(states) - used, "tokens": stats["tokens"],
-            "no_answer": stats["no_answer"], "closed_at_stop": stats["closed_at_stop"],
+            "no_answer": stats["no_answer"], "skipped_think_on": len(skip_on), "closed_at_stop": stats["closed_at_stop"],
             "stopped_early": sum(not (len(st.rows["on"]) >= cfg.n and len(st.rows["off"]) >= cfg.n)
                                  for st in states.values())}
 

@@ -9,6 +9,7 @@ passed through the environment (``VLLM_API_KEY``), so it shows in no command lin
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -181,3 +182,29 @@ def _cpu() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return True
     return not (Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``katdata serve``: run a local vLLM server of a model folder until interrupted."""
+    ap = argparse.ArgumentParser(prog="katdata serve", description="Serve a model folder with vLLM on 127.0.0.1.")
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    ap.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="context length")
+    ap.add_argument("--compile", action="store_true", help="use torch.compile (slower start; default eager)")
+    ap.add_argument("--api-key-env", default=None, help="env var holding the key clients must send")
+    args = ap.parse_args(argv)
+    server = start(args.model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
+                   api_key_env=args.api_key_env)
+    print(f"serving {server.model} as '{server.served_name}' at {server.base_url} (pid {server.pid}, "
+          f"log {server.log_path}); Ctrl-C stops it", flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import time
 from collections import Counter
@@ -34,15 +33,23 @@ from katdata.backends.base import Backend, Completion, Request, SamplingParams
 from katdata.records import Attempt, Query, Segment, Tags
 from katdata.runfiles import RowWriter, read_rows, repair_tail
 from katdata.tag import engine_factory, load_prompt
+from katdata.verify import Verifier, VerifyConfig
 from katdata.template import END_TOKENS, MARKERS, STOP_STRINGS
 
 log = logging.getLogger(__name__)
 
 CRITIC_PREFIX = "Score:"
+# why a trace is rejected before the critic sees it (also the feedback for the next round)
+STRUCTURAL = {
+    "engine_error": "the engine failed on this request",
+    "truncated": "the reasoning was cut off at the token limit; reason more concisely",
+    "no_reasoning": "the reasoning is empty",
+    "no_answer": "the reasoning ends without a final answer line (Final answer: ...)",
+    "marker_in_text": "the reasoning or answer contains a KAT template tag",
+}
 _ANSWER = re.compile(r"^[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]\s*(.+?)\s*$", re.I | re.M)
 _BOXED = re.compile(r"\\boxed\{([^{}]+)\}")
 _ANSWER_IS = re.compile(r"\bthe (?:final )?answer is\s*:?\s*([^\n]+?)\s*\.?\s*$", re.I | re.M)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
 class SolveConfig(BaseModel):
@@ -64,6 +71,9 @@ class SolveConfig(BaseModel):
         "all", description="which queries to solve: all, or only those not tagged think-off candidates")
     chunk_size: int = Field(64, ge=1, description="queries solved together: one backend call per role per round")
     check_reference: bool = Field(True, description="reject a trace whose answer fails the reference check")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked (katdata.verify)")
+    judge_engine: Optional[str] = Field(None, description="engine of the LLM judge for kind=open references "
+                                                          "(None: open answers stay unverified)")
 
 
 @dataclass
@@ -96,41 +106,19 @@ def parse_critic(raw: str) -> tuple[Optional[float], Optional[str], str]:
     return score, verdict, reason[:400]
 
 
-def _number(text: str) -> Optional[float]:
-    nums = _NUMBER.findall(text.replace("$", ""))
-    if not nums:
+def check_answer(answer: Optional[str], q: Query, verifier: Verifier) -> Optional[bool]:
+    """The project's verifier on the trace's answer; None when the query has no checkable reference."""
+    if q.reference is None:
         return None
-    s = nums[-1].replace(",", "")
-    try:
-        if "/" in s:
-            a, b = s.split("/")
-            return float(a) / float(b) if float(b) else None
-        return float(s)
-    except ValueError:
-        return None
+    return verifier.correct(q.kind, answer, q.reference, query=q)
 
 
-def _norm(text: str) -> str:
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-def check_answer(answer: Optional[str], q: Query) -> Optional[bool]:
-    """A small reference check (numeric, then normalised text); None when the query has none.
-
-    A stand-in until katdata.verify lands: code (tests) and open answers are left unverified here.
-    """
-    if q.reference is None or q.kind in ("code", "open"):
-        return None
-    if not answer:
-        return False
-    ref = q.reference.strip()
-    if q.kind in ("numeric", "math") or (q.kind is None and re.fullmatch(r"-?[\d,]+(\.\d+)?", ref)):
-        want, got = _number(ref), _number(answer)
-        if want is not None:
-            return got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    na, nr = _norm(answer), _norm(ref)
-    return bool(na) and (na == nr or f" {nr} " in f" {na} " or (len(na) >= 3 and f" {na} " in f" {nr} "))
+def answer_of(think: str, q: Query) -> Optional[str]:
+    """The trace's answer: the last fenced code block for code queries, else the stated final answer."""
+    if q.kind == "code":
+        blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", think, re.S)
+        return f"```python\n{blocks[-1].strip()}\n```" if blocks and blocks[-1].strip() else None
+    return extract_answer(think)
 
 
 def _prompts() -> dict[str, str]:
@@ -155,9 +143,10 @@ def _reject_code(reason: Optional[str]) -> str:
 
 
 def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str], Backend],
-                 calls: Counter, usage: Counter) -> Iterator[list[Attempt]]:
+                 calls: Counter, usage: Counter, verifier: Optional[Verifier] = None) -> Iterator[list[Attempt]]:
     """Run the rounds for a chunk of queries; yields each round's attempt rows (accepted and rejected)."""
     p = _prompts()
+    verifier = verifier or Verifier(cfg.verify)
     active = [Work(q) for q in queries]
     for rnd in range(cfg.rounds + 1):
         if not active:
@@ -181,14 +170,14 @@ def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str],
         found: list[dict[str, Any]] = []
         for w, d, t in zip(active, drafts, traces):
             think = _clean(t.text)
-            answer = extract_answer(think)
+            answer = answer_of(think, w.q)
             errors = [code for code, bad in (
                 ("engine_error", t.finish_reason == "error" or d.finish_reason == "error"),
                 ("truncated", t.finish_reason == "length"), ("no_reasoning", not think),
                 ("no_answer", not answer),
                 ("marker_in_text", any(m in think or m in (answer or "") for m in MARKERS))) if bad]
             found.append({"think": think, "answer": answer, "errors": errors,
-                          "correct": check_answer(answer, w.q) if cfg.check_reference else None})
+                          "correct": check_answer(answer, w.q, verifier) if cfg.check_reference and not errors else None})
         judged = [i for i, f in enumerate(found) if not f["errors"]]
         critiques: dict[int, Completion] = {}
         if judged:
@@ -211,8 +200,8 @@ def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str],
                 if score is None:
                     errors.append("critic_unparsed")
             if errors:
-                reason = f"{errors[0]}: the trace cannot be judged" if errors[0] != "critic_unparsed" \
-                    else f"critic_unparsed: no score in {raw[:120]!r}"
+                reason = f"{errors[0]}: " + (f"no score in {raw[:120]!r}" if errors[0] == "critic_unparsed"
+                                             else STRUCTURAL[errors[0]])
             elif f["correct"] is False:
                 reason = f"reference_mismatch: answer {f['answer']!r} fails the reference check (critic score {score:g})"
             elif score < cfg.threshold:
@@ -263,10 +252,11 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
         if out_path.is_file() else set()
     todo = [q for q in queries if q.id not in done]
     calls, usage = Counter(), Counter()
+    verifier = Verifier(cfg.verify, judge=engine(cfg.judge_engine) if cfg.judge_engine and todo else None)
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
         for i in range(0, len(todo), cfg.chunk_size):
-            for rows in solve_rounds(todo[i:i + cfg.chunk_size], cfg, engine, calls, usage):
+            for rows in solve_rounds(todo[i:i + cfg.chunk_size], cfg, engine, calls, usage, verifier):
                 w.write_all(a for a in rows if (a.id, a.index) not in existing)
             log.info("solved %d/%d", min(i + cfg.chunk_size, len(todo)), len(todo))
     secs = time.perf_counter() - t0

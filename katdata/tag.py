@@ -74,6 +74,8 @@ _MULTI_PART = re.compile(r"\b(and then|after that|first\b.*\bthen|respectively)\
 _SCRIPTS = (("zh", r"[\u4e00-\u9fff]"), ("ja", r"[\u3040-\u30ff]"), ("ko", r"[\uac00-\ud7af]"),
             ("ru", r"[\u0400-\u04ff]"), ("ar", r"[\u0600-\u06ff]"), ("hi", r"[\u0900-\u097f]"),
             ("el", r"[\u0370-\u03ff]"))
+_DIFFICULTY_WORDS = {"trivial": 1, "very easy": 1, "easy": 2, "simple": 2, "medium": 3, "moderate": 3,
+                     "intermediate": 3, "hard": 4, "difficult": 4, "very hard": 5, "expert": 5}
 _LANG_NAMES = {"english": "en", "chinese": "zh", "mandarin": "zh", "japanese": "ja", "korean": "ko",
                "russian": "ru", "arabic": "ar", "hindi": "hi", "greek": "el", "french": "fr",
                "german": "de", "spanish": "es", "italian": "it", "portuguese": "pt"}
@@ -102,8 +104,6 @@ class TagConfig(BaseModel):
                                    description="p given to the LLM's yes/no answer when there are no logprobs")
     think_off_threshold: float = Field(0.7, ge=0.5, le=1.0,
                                        description="think-off candidate: 1 - p_reasoning at least this")
-    skip_think_on_for_off_candidates: bool = Field(
-        False, description="budget: think-off candidates get no think-on sampling in later stages")
 
     @model_validator(mode="after")
     def _check(self):
@@ -236,7 +236,7 @@ def _normalize(key: str, value: Any, cfg: TagConfig) -> Any:
         return _label(value, list(VERIFIABILITY))
     if key == "difficulty":
         m = re.match(r"\s*([1-5])(?:\.0)?\s*(?:/\s*5)?\s*$", str(value))
-        return int(m[1]) if m else None
+        return int(m[1]) if m else _DIFFICULTY_WORDS.get(str(value).strip().lower())
     v = str(value).strip().lower()
     if v in _LANG_NAMES:
         return _LANG_NAMES[v]
@@ -312,7 +312,8 @@ def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optiona
 def tag_requests(queries: list[Query], cfg: TagConfig, prompt: Optional[str] = None) -> list[Request]:
     template = prompt or load_prompt("tag")
     kw = {"domains": ", ".join(f'"{d}"' for d in cfg.domains), "task_types": ", ".join(f'"{t}"' for t in cfg.task_types),
-          "example_domain": cfg.domains[-1], "example_task": cfg.task_types[-1]}
+          "first_domain": cfg.domains[0], "first_task": cfg.task_types[0],
+          "last_domain": cfg.domains[-1], "last_task": cfg.task_types[-1]}
     return [Request(messages=[{"role": "user", "content": template.format(query=q.query, **kw)}], prefix=LLM_PREFIX)
             for q in queries]
 
@@ -363,7 +364,7 @@ def tag_stats(rows: list[Tags], cfg: TagConfig) -> dict[str, Any]:
 
 
 def think_off_candidates(run_dir: Path) -> set[str]:
-    """Ids of the think-off candidates in a run's tags.jsonl (for the budget option)."""
+    """Ids of the think-off candidates in a run's tags.jsonl (for sample.skip_on_for_off_candidates)."""
     return {t.id for t in read_rows(Path(run_dir) / "tags.jsonl", Tags) if t.think_off_candidate}
 
 
@@ -388,7 +389,7 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     stats = tag_stats(rows, cfg)
     stats.update(rows_in=len(queries), rows_new=len(todo), rows_skipped=len(queries) - len(todo), seconds=round(secs, 3),
                  queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None, tokens=dict(usage),
-                 model=getattr(backend, "model_id", None), skip_think_on_for_off_candidates=cfg.skip_think_on_for_off_candidates)
+                 model=getattr(backend, "model_id", None))
     return stats
 
 

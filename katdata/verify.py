@@ -39,6 +39,8 @@ class VerifyConfig(BaseModel):
     math_workers: int = Field(2, description="worker processes of the Math-Verify pool")
     rel_tol: float = Field(1e-6, description="relative tolerance of numeric answers")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="limits for code answers")
+    exact_contains: bool = Field(True, description="kind=exact: also correct when the answer contains the "
+                                 "(normalised, at most 5-word) reference as whole words")
     judge_prompt: str = Field("verify_judge.txt", description="prompt file (katdata/prompts) of the LLM judge")
     judge_max_tokens: int = Field(8, description="tokens the LLM judge may answer with")
 
@@ -105,6 +107,16 @@ def normalize_choice(text: Optional[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------- math via a worker pool
 
+STARTUP_S = 120.0
+
+
+def _warm() -> None:
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:  # the verdict functions then fail per call, as they should
+        pass
+
+
 def _mv_parse(text: str) -> Optional[str]:
     from math_verify import parse
 
@@ -130,7 +142,10 @@ class MathPool:
 
     def _get(self):
         if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            # Workers import Math-Verify as they start; wait for that once with a generous limit,
+            # so start-up on a busy machine is not mistaken for a hung call.
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_warm)
+            self._pool.apply_async(_warm).get(timeout=STARTUP_S)
         return self._pool
 
     def call(self, fn: Callable, *args):
@@ -211,9 +226,13 @@ class Verifier:
             return _close(a, b, self.cfg.rel_tol)
         return False
 
+    def can_check(self, kind: Optional[str], reference: Optional[str]) -> bool:
+        """Whether verdicts exist for this query (a reference, and a judge engine for open answers)."""
+        return reference is not None and (kind != "open" or self.judge is not None)
+
     def correct(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
         """True/False against the reference; None when there is no reference or no verdict."""
-        if reference is None:
+        if not self.can_check(kind, reference):
             return None
         if answer is None or not answer.strip():
             return False
@@ -223,7 +242,13 @@ class Verifier:
             return self.judge_open(query, answer, reference)
         ref_key = extract_number(reference) if kind == "numeric" else self.key(kind, reference)
         got = self.key(kind, answer)
-        return got is not None and ref_key is not None and self.same(kind, got, ref_key)
+        if got is None or ref_key is None:
+            return False
+        if self.same(kind, got, ref_key):
+            return True
+        if kind in ("exact", None) and self.cfg.exact_contains and len(ref_key.split()) <= 5:
+            return f" {ref_key} " in f" {got} "
+        return False
 
     def check_code(self, answer: str, test: str, query=None) -> bool:
         prompt_text = (getattr(query, "meta", None) or {}).get("prompt")

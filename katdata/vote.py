@@ -66,7 +66,7 @@ def consensus(attempts: list[Attempt]) -> Optional[str]:
 def entropy(counts: dict[str, int]) -> float:
     """Shannon entropy (bits) of the class distribution, invalid class included."""
     total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values() if c) if total else 0.0
+    return 0.0 - sum(c / total * math.log2(c / total) for c in counts.values() if c) if total else 0.0
 
 
 def verdicts(attempts: list[Attempt]) -> tuple[list[bool], Optional[str]]:

@@ -66,27 +66,41 @@ def api_key() -> str:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(embedded_model, api_key, tmp_path_factory):
+def vllm_server(embedded_model, api_key):
+    import shutil
+    import tempfile
+
     from katdata import servers
 
-    log_path = tmp_path_factory.mktemp("server") / "vllm-server.log"
+    # not under pytest's basetemp: concurrent pytest sessions prune those while the server runs
+    log_dir = Path(tempfile.mkdtemp(prefix="katdata-test-server-"))
     server = servers.start(str(embedded_model), max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                           api_key_env=TEST_KEY_ENV, log_path=str(log_path))
+                           api_key_env=TEST_KEY_ENV, log_path=str(log_dir / "vllm-server.log"))
     yield server
     server.stop()
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def openai_config(server, **extra):
+def _openai_config(server, **extra):
+    """A BackendConfig for the openai backend on ``server`` (test defaults: short backoff)."""
     from katdata.backends import BackendConfig
 
     opts = {"server": "vllm", "retry_base_s": 0.2, "retry_cap_s": 2.0}
     opts.update(extra.pop("extra", {}))
-    return BackendConfig(model=server.served_name, base_url=server.base_url, api_key_env=TEST_KEY_ENV,
-                         concurrency=8, timeout_s=120, extra=opts, **extra)
+    fields = dict(model=server.served_name, base_url=server.base_url, api_key_env=TEST_KEY_ENV,
+                  concurrency=8, timeout_s=120)
+    fields.update(extra)
+    return BackendConfig(extra=opts, **fields)
+
+
+@pytest.fixture(scope="session")
+def openai_config():
+    """``openai_config(server, **BackendConfig fields)`` -> a config for the openai backend on it."""
+    return _openai_config
 
 
 @pytest.fixture(scope="session")
 def openai_backend(vllm_server):
     from katdata.backends import get_backend
 
-    return get_backend("openai", openai_config(vllm_server))
+    return get_backend("openai", _openai_config(vllm_server))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from katdata import export, sources
+from katdata import card, export, sources
 from katdata.errors import InputError
-from katdata.records import Attempt, Change, KatRecord, Vote
+from katdata.records import Attempt, Change, KatRecord, Query, Segment, Vote
 from katdata.runfiles import RowWriter
 from katdata.template import render
 
@@ -49,18 +49,38 @@ def make_records(n_gsm: int = 30, n_hop: int = 40, seed: int = 0) -> list[KatRec
                              answer=q.reference, response=render(mode, judge, q.reference, think if mode == "on" else None),
                              reference=q.reference, kind=q.kind, tags=tags, vote=_vote(q.id, mode, rng, q.reference),
                              provenance={"source": q.source, "models": MODELS, "stage": "vote"}))
-    for i, q in enumerate(sources.load("fanoutqa-hop", limit=n_hop, seed=seed)):
+    hops = [q for q in sources.load("fanoutqa-hop", limit=n_hop + 5, seed=seed) if q.reference.strip()][:n_hop]
+    for i, q in enumerate(hops):
         system = "Answer briefly." if i % 4 == 0 else None
         tags = {"domain": "knowledge", "task_type": "fact_recall", "difficulty": rng.randint(1, 2),
                 "needs_reasoning": False, "p_reasoning": 0.1, "verifiability": "reference", "language": "en",
                 "think_off_candidate": True}
         changes = [Change(field="answer", old="?", new=q.reference, annotator="ann1", at="2025-01-01T00:00:00")] \
             if i % 10 == 3 else []
+        vote, prov = _vote(q.id, "off", rng, q.reference), {"source": q.source, "models": MODELS}
+        if i % 10 == 7:  # what the assemble stage writes, and values that fit no typed column
+            prov |= {"content_source": "vote", "attempt_index": 0, "judge_tries": 1}
+            tags |= {"p_reasoning": "low", "extra": {"note": "ü"}}
+            vote |= {"tokens_off": None, "samples_saved": 2**40 if i == 17 else True}
         out.append(KatRecord(id=q.id, query=q.query, system=system, mode="off", judge=JUDGE_OFF, answer=q.reference,
                              response=render("off", JUDGE_OFF, q.reference), reference=q.reference, kind=q.kind,
-                             tags=tags, vote=_vote(q.id, "off", rng, q.reference),
-                             provenance={"source": q.source, "models": MODELS}, changes=changes))
+                             tags=tags, vote=vote, provenance=prov, changes=changes))
     return out
+
+
+def hf_row(rec: KatRecord) -> dict:
+    """The row-wise reference of the hf layout, built without arrow: what the columnar export must match."""
+    source, models, extra = export._provenance(rec.provenance)
+    return {
+        "id": rec.id, "query": rec.query, "system": rec.system, "messages": rec.messages(),
+        "response": rec.response, "mode": rec.mode, "judge": rec.judge, "think": rec.think,
+        "answer": rec.answer, "reference": rec.reference, "kind": rec.kind,
+        "tags": card.typed(rec.tags, card.TAG_TYPES), "vote": card.typed(rec.vote, card.VOTE_TYPES),
+        "provenance": {"source": source, "models": [{"role": r, "model": m} for r, m in models.items()],
+                       "changes": [{"field": c.field, "old": json.dumps(c.old, separators=(",", ":"), ensure_ascii=False),
+                                    "new": json.dumps(c.new, separators=(",", ":"), ensure_ascii=False), "annotator": c.annotator,
+                                    "at": c.at} for c in rec.changes], "extra": extra},
+    }
 
 
 def _strip(rec: KatRecord) -> dict:
@@ -80,8 +100,13 @@ def make_run(path: Path, records: list[KatRecord], extras: bool = True) -> Path:
     with RowWriter(path / "records.jsonl") as w:
         w.write_all(records)
     if extras:
-        (path / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "engines": {"default": {
-            "backend": "transformers", "model": "embedded", "api_key": "sk-secret"}}, "vote": {"n": 4, "delta": 0.1}}))
+        (path / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "engines": {
+            "default": {"backend": "transformers", "model": "embedded", "api_key": "sk-secret"},
+            "judge": {"backend": "openai", "model": "Qwen2.5-72B-Instruct"}},
+            "solve": {"solver_engine": "default", "critic_engine": "big"}, "judge": {"engine": "judge"},
+            "vote": {"n": 4, "delta": 0.1}}))
+        with RowWriter(path / "queries.jsonl") as w:
+            w.write_all(Query(id=r.id, query=r.query, source=r.provenance["source"]) for r in records)
         (path / "summary.json").write_text(json.dumps({"stages": {"vote": {"rows_in": 70, "rows_out": 70}}}))
         with RowWriter(path / "rejects.jsonl") as w:
             w.write({"id": "x1", "stage": "vote", "reason": "no_correct_sample", "raw": "..."})
@@ -91,7 +116,8 @@ def make_run(path: Path, records: list[KatRecord], extras: bool = True) -> Path:
                 for m in ("on", "off"):
                     w.write(Attempt(id=r.id, mode=m, text="...", ok=m == "on", correct=m == "on",
                                     finish_reason="length" if m == "off" else "stop",
-                                    errors=[] if m == "on" else ["truncated"]))
+                                    errors=[] if m == "on" else ["truncated"],
+                                    segments=[Segment(role="solver", model="SmolLM2-135M-Instruct")]))
     return path
 
 
@@ -104,11 +130,15 @@ def exported(tmp_path_factory, records):
 
 def test_rows_round_trip(records):
     for rec in records:
-        assert _strip(export.from_hf_row(export.hf_row(rec))) == _strip(rec)
-    # a value of an unexpected type survives in the struct's extra field
-    odd = records[0].model_copy(update={"tags": {"difficulty": "hard", "weird": [1, 2]}})
-    row = export.hf_row(odd)
-    assert row["tags"]["difficulty"] is None and export.from_hf_row(row).tags == odd.tags
+        assert _strip(export.from_hf_row(hf_row(rec))) == _strip(rec)
+    # values of unexpected types survive in the structs' extra fields; so does the assemble stage's provenance
+    odd = records[0].model_copy(update={"tags": {"difficulty": "hard", "weird": [1, 2], "extra": 1},
+                                        "provenance": {"source": None, "models": {}, "content_source": "vote",
+                                                       "attempt_index": 2, "review": False}})
+    row = hf_row(odd)
+    assert row["tags"]["difficulty"] is None and row["provenance"]["source"] is None
+    back = export.from_hf_row(row)
+    assert back.tags == odd.tags and back.provenance == odd.provenance
 
 
 def test_allocate_is_exact_and_stratified():
@@ -128,7 +158,7 @@ def test_export_loads_back_with_same_rows_and_features(exported, records):
     out = run / "export"
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "test"}
-    want = {r.id: export.hf_row(r) for r in records}
+    want = {r.id: hf_row(r) for r in records}
     got = [row for split in ds.values() for row in split]
     assert len(got) == len(records) == stats["rows_out"] and {r["id"] for r in got} == set(want)
     for split in ds.values():
@@ -156,9 +186,13 @@ def test_card_header_body_and_plot(exported, records):
     assert f"think-on {n_on} ({100 * n_on / len(records):.1f}%)" in text
     assert "### Mode ratio by domain" in text and "| knowledge | 40 | 0 | 40 | 0.0% |" in text
     assert "| samples.jsonl | off | 10 | 0.0% | 10 | 0.0% | 100.0% |" in text  # pass rate and truncation
-    assert "| vote | no_correct_sample | 1 |" in text and "| solver | SmolLM2-135M-Instruct |" in text
+    assert "| vote | no_correct_sample | 1 |" in text and "| solver | SmolLM2-135M-Instruct | 70 |" in text
+    assert "| judge | judge | openai | Qwen2.5-72B-Instruct |" in text
+    assert "| solve (critic) | big -> default | transformers | embedded" in text
+    assert "| solver | SmolLM2-135M-Instruct | 20 |" in text  # agent segments of the samples
+    assert "| gsm8k | 30 | MIT |" in text
     assert "sk-secret" not in text and "api_key: '***'" in text
-    assert '"rows_in": 70' in text and "## Human review" in text and "| fanoutqa-hop | CC-BY-SA-4.0 |" in text
+    assert '"rows_in": 70' in text and "## Human review" in text and "| fanoutqa-hop | 40 | CC-BY-SA-4.0 |" in text
     png = run / "export" / export.card.PLOT
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({export.card.PLOT})" in text
 

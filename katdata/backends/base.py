@@ -8,7 +8,7 @@ pre-fills the KAT judge; ``"<judge>\\n...</judge>\\n\\n<think_on>\\n<think>\\n"`
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 from katdata.chat_template import render_chat
 
@@ -80,7 +80,13 @@ class Backend:
         self.config = config
         self.model_id = config.model or "embedded"
 
-    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+    def render_prompt(self, request: Request) -> str:
+        """The exact prompt text the engine is fed (the request cache keys on it)."""
+        return request.prompt()
+
+    def generate(self, requests: list[Request], params: SamplingParams,
+                 on_done: Optional[Callable[[int, list[Completion]], None]] = None) -> list[list[Completion]]:
+        """``params.n`` completions per request; ``on_done(i, completions)`` as each request finishes."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -2,9 +2,13 @@
 
 - prompt: ``Request.prompt()`` (the KAT ChatML) for ``chat_template="kat"``, the tokenizer's own chat
   template plus the prefix for ``"model"``;
+- threads: ``config.extra["threads"]`` or ``KATDATA_THREADS``; on a 2-core CPU without
+  ``OMP_NUM_THREADS`` it uses 1 torch thread (2 threads thrash as soon as another process runs);
 - bf16 on CPU by default (2.5-3x faster than fp32 there), the model's own dtype on GPU;
 - requests are sorted by length and cut into batches of about ``config.batch_size`` sequences; ``n``
-  samples come from ``num_return_sequences`` (greedy ``n>1`` decodes once and copies);
+  samples come from ``num_return_sequences`` (greedy ``n>1`` decodes once and copies); each batch is
+  seeded from ``params.seed`` and its own token ids, so a resumed run that re-issues the same batch
+  draws the same samples (the stages keep their call boundaries fixed for this);
 - stop strings stop a row (transformers' ``stop_strings``), the text is cut before the first one
   and ``finish_reason`` is "stop"; the EOS token also gives "stop", the token limit "length";
 - a prompt that leaves no room in the context gets ``finish_reason="error"``; the rest go on.
@@ -12,7 +16,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -59,6 +65,11 @@ class TransformersBackend(Backend):
             peft = require("peft", "train")
             self.model = peft.PeftModel.from_pretrained(self.model, config.lora_path)
         self.model.to(device).eval()
+        threads = config.extra.get("threads") or os.environ.get("KATDATA_THREADS")
+        if threads is None and device == "cpu" and (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
+            threads = 1  # on 2 shared cores, 2 torch threads thrash when anything else runs (16 tokens: 45 s vs 3 s)
+        if threads:
+            torch.set_num_threads(int(threads))
         self.device = device
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -111,9 +122,9 @@ class TransformersBackend(Backend):
         copies = 1 if params.temperature == 0 else params.n
         per_batch = max(1, self.config.batch_size // copies)
         stop_ids, stop_strings = self._special_stops(tuple(params.stop))
-        for b, start in enumerate(range(0, len(encoded), per_batch)):
+        for start in range(0, len(encoded), per_batch):
             chunk = encoded[start:start + per_batch]
-            outs = self._generate_batch([ids for _, ids in chunk], params, copies, stop_ids, stop_strings, b)
+            outs = self._generate_batch([ids for _, ids in chunk], params, copies, stop_ids, stop_strings)
             for (i, _), comps in zip(chunk, outs):
                 if copies < params.n:
                     comps = [Completion(**vars(comps[0])) for _ in range(params.n)]
@@ -123,7 +134,7 @@ class TransformersBackend(Backend):
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams, copies: int,
-                        stop_ids: set[int], stop_strings: list[str], batch_index: int) -> list[list[Completion]]:
+                        stop_ids: set[int], stop_strings: list[str]) -> list[list[Completion]]:
         torch = require("torch", "local")
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids in batch)
@@ -144,8 +155,9 @@ class TransformersBackend(Backend):
             kw.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         if params.logprobs:
             kw.update(output_logits=True, return_dict_in_generate=True)
-        if params.seed is not None:
-            torch.manual_seed(params.seed + batch_index)
+        if params.seed is not None:  # seeded by the batch's content, so a resumed run redraws the same batch alike
+            digest = hashlib.sha256(repr((params.seed, batch)).encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         seqs = out.sequences if params.logprobs else out

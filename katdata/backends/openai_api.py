@@ -3,7 +3,8 @@
 - async, a rolling window of at most ``config.concurrency`` requests in flight (a worker pool
   pulling from a queue, not batch-by-batch gather);
 - retries with exponential backoff and full jitter on 429, 5xx, timeouts and dropped connections;
-- ``n`` in one request (if a server returns fewer choices, the rest are asked for again);
+- ``n`` in one request (if a server returns fewer choices, the rest are asked for again); greedy
+  ``n>1`` asks once and copies (vLLM refuses greedy n>1);
 - the assistant prefix: with ``chat_template="kat"`` the prompt is rendered here and sent to the raw
   completions endpoint; with ``"model"`` it goes to the chat endpoint as a final assistant message
   with vLLM's ``continue_final_message``;
@@ -45,8 +46,10 @@ class OpenAIBackend(Backend):
     def __init__(self, config: BackendConfig):
         super().__init__(config)
         require("openai", "openai")
-        self.base_url = (config.base_url or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
-        if not self.base_url:
+        urls = config.base_url or os.environ.get("OPENAI_BASE_URL") or ""
+        self.base_urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
+        self.base_url = ",".join(self.base_urls)
+        if not self.base_urls:
             raise KatdataError("openai backend: no base URL (set base_url in the recipe or OPENAI_BASE_URL)")
         self._key = os.environ.get(config.api_key_env) or ""
         if not self._key:
@@ -101,14 +104,15 @@ class OpenAIBackend(Backend):
     async def agenerate(self, requests: list[Request], params: SamplingParams,
                         on_done: Optional[OnDone] = None) -> list[list[Completion]]:
         openai = require("openai", "openai")
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none", max_retries=0,
-                                    timeout=self.config.timeout_s)
+        # several servers: the workers of the rolling window are spread over them round-robin
+        clients = [openai.AsyncOpenAI(base_url=url, api_key=self._key or "none", max_retries=0,
+                                      timeout=self.config.timeout_s) for url in self.base_urls]
         results: list[Optional[list[Completion]]] = [None] * len(requests)
         queue: asyncio.Queue = asyncio.Queue()
         for i in range(len(requests)):
             queue.put_nowait(i)
 
-        async def worker():
+        async def worker(client):
             while True:
                 try:
                     i = queue.get_nowait()
@@ -118,7 +122,8 @@ class OpenAIBackend(Backend):
                 if on_done:
                     on_done(i, results[i])
 
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, min(self.config.concurrency, len(requests))))]
+        width = max(1, min(self.config.concurrency, len(requests)))
+        workers = [asyncio.create_task(worker(clients[k % len(clients)])) for k in range(width)]
         try:
             await asyncio.gather(*workers)
         except _Fatal as exc:
@@ -126,7 +131,8 @@ class OpenAIBackend(Backend):
         finally:
             for w in workers:
                 w.cancel()
-            await client.close()
+            for client in clients:
+                await client.close()
         return results  # type: ignore[return-value]
 
     # -- one request -----------------------------------------------------------------------------
@@ -134,8 +140,9 @@ class OpenAIBackend(Backend):
     async def _one(self, client, request: Request, params: SamplingParams) -> list[Completion]:
         comps: list[Completion] = []
         max_tokens, rounds = params.max_tokens, 0
-        while len(comps) < params.n:
-            want = params.n - len(comps)
+        total = 1 if params.temperature == 0 else params.n  # greedy: decode once, copy (vLLM refuses n>1)
+        while len(comps) < total:
+            want = total - len(comps)
             seed = None if params.seed is None else params.seed + len(comps)
             try:
                 got = await self._call(client, request, params, want, seed, max_tokens)
@@ -150,6 +157,8 @@ class OpenAIBackend(Backend):
             rounds += 1
             if rounds > params.n:
                 raise _Fatal(f"server {self.base_url} keeps returning no choices")
+        if total < params.n:
+            comps = [Completion(**vars(comps[0])) for _ in range(params.n)]
         return comps
 
     async def _call(self, client, request: Request, params: SamplingParams, n: int, seed, max_tokens: int):
@@ -246,5 +255,3 @@ class _ContextError(_BadRequest):
         super().__init__(f"prompt is longer than the context: {msg}")
         self.room, self.prompt_tokens = room, prompt_tokens
 
-
-__all__ = ["OpenAIBackend", "BackendConfig"]

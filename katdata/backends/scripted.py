@@ -23,10 +23,10 @@ class ScriptedBackend(Backend):
         self.script = script or (lambda req, i: "")
         self.calls: list[tuple[list[Request], SamplingParams]] = []
 
-    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, requests: list[Request], params: SamplingParams, on_done=None) -> list[list[Completion]]:
         self.calls.append((list(requests), params))
         out = []
-        for req in requests:
+        for k, req in enumerate(requests):
             row = []
             for i in range(params.n):
                 reply = self.script(req, i)
@@ -35,4 +35,6 @@ class ScriptedBackend(Backend):
                                        completion_tokens=len(reply.split()))
                 row.append(reply)
             out.append(row)
+            if on_done:
+                on_done(k, row)
         return out

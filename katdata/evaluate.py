@@ -1,0 +1,359 @@
+"""Stage `eval`: base vs adapted model on held-out queries (`katdata eval`).
+
+The held-out rows are those `katdata train` listed in ``train/split.json`` (the export's test split,
+or its own seeded hold-out). Each model answers each query in three settings:
+
+- ``auto``: the prompt pre-fills ``<judge>\\n`` and the model picks its mode;
+- ``on`` / ``off``: the prompt pre-fills a fixed judge and the mode prefix (forced mode).
+
+Every completion is kept in ``eval/generations.jsonl`` (with its parse errors; rerun skips what is
+there), and ``eval/eval.json`` holds the metrics: template validity, think-on rate (overall, by
+difficulty, by domain), agreement of the chosen mode with the vote label, accuracy in the chosen and
+forced modes, mean tokens against always-think, and whether the judge rationale argues for the mode it
+chose (a keyword heuristic, stated as such). Plots: think-on rate by difficulty, token histograms by
+mode, accuracy against tokens.
+
+The adapted model: ``adapted_engine`` (a recipe engine that loads the adapter), else the base engine's
+backend rebuilt with ``lora_path`` (transformers: peft; vLLM: a LoRARequest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from katdata.errors import KatdataError, require
+from katdata.runfiles import RowWriter, done_keys
+from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, parse
+
+log = logging.getLogger(__name__)
+
+# The fixed rationales pre-filled in forced modes (the judge is not what is measured there).
+FORCED_JUDGE = {"on": "Evaluation in forced think-on mode: reason step by step before answering.",
+                "off": "Evaluation in forced think-off mode: answer directly."}
+# Keyword cues of a rationale arguing for (on) or against (off) explicit reasoning.
+CUES = {"on": re.compile(r"step|several|multi|calculat|reason(ing)? (is|it)|careful|work(ing)? (it )?(through|out)|"
+                         r"deriv|prove|needs? (explicit )?reasoning", re.I),
+        "off": re.compile(r"no (complex |explicit )?reasoning|not need|directly|recall|simple|"
+                          r"single (well-known )?fact|lookup|would add nothing|straightforward|quick", re.I)}
+
+
+NEGATED = re.compile(r"\b(no|not|without)\b[^.;,]*", re.I)
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field("default", description="recipe engine of the base model (the one the adapter was trained on)")
+    adapted_engine: Optional[str] = Field(None, description="recipe engine that already loads the adapter; None = the "
+                                          "base engine's backend rebuilt with lora_path = the adapter")
+    adapter: Optional[str] = Field(None, description="adapter folder; default RUN_DIR/train/adapter")
+    output: str = Field("eval", description="output folder, relative to the run folder")
+    limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many held-out queries")
+    forced: bool = Field(True, description="also run the adapted model in forced think-on and think-off modes")
+    base_forced: bool = Field(False, description="also run the base model in the forced modes")
+    max_tokens: int = Field(256, ge=8, description="token limit of one response")
+    chunk: int = Field(16, ge=1, description="requests per generate call (rows are written after each)")
+    plots: bool = Field(True, description="write the PNG plots")
+    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
+                                       "default (1 avoids thread contention on a CPU shared with other jobs)")
+
+
+@dataclasses.dataclass
+class Item:
+    id: str
+    messages: list[dict]
+    label: Optional[str]
+    difficulty: Optional[int]
+    domain: str
+    kind: Optional[str]
+    reference: Optional[str]
+
+
+def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
+    """The held-out rows named in train/split.json, read from the same data as training."""
+    from katdata.train import load_examples
+
+    path = run_dir / "train" / "split.json"
+    if not path.is_file():
+        raise KatdataError(f"{path} not found: run `katdata train` first (it lists the held-out ids)")
+    split = json.loads(path.read_text())
+    rows, test = load_examples(split.get("data"), run_dir)
+    wanted = set(split["heldout"])
+    items = [Item(r["id"], r["messages"][:-1], r["vote"].get("label") or r["mode"], r["tags"].get("difficulty"),
+                  str(r["tags"].get("domain") or "unknown"), r["kind"], r["reference"])
+             for r in rows + (test or []) if r["id"] in wanted]
+    if not items:
+        raise KatdataError(f"{path}: none of the held-out ids is in {split.get('data')}")
+    if limit and limit < len(items):  # a prefix that keeps the labels mixed: interleave them
+        groups = [[it for it in items if str(it.label) == m] for m in sorted({str(it.label) for it in items})]
+        items = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)][:limit]
+    return items
+
+
+def prefix(setting: str) -> str:
+    if setting == "auto":
+        return GENERATION_PREFIX
+    return f"{GENERATION_PREFIX}{FORCED_JUDGE[setting]}\n</judge>\n\n{FORCE_PREFIX[setting]}"
+
+
+def stance(judge: Optional[str]) -> Optional[str]:
+    """'on' / 'off' when the rationale's cues point one way only, else None (unclear)."""
+    if not judge:
+        return None
+    hits = {"off"} if CUES["off"].search(judge) else set()
+    if CUES["on"].search(NEGATED.sub(" ", judge)):  # "no complex reasoning is needed" is not a cue for thinking
+        hits.add("on")
+    return hits.pop() if len(hits) == 1 else None
+
+
+def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConfig, writer: RowWriter,
+             done: set, verifier) -> None:
+    """Answer the items not yet done in this (model, setting); write one row per completion."""
+    from katdata.backends.base import Request, SamplingParams
+
+    todo = [it for it in items if f"{model}:{setting}:{it.id}" not in done]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS))
+    for start in range(0, len(todo), cfg.chunk):
+        chunk = todo[start:start + cfg.chunk]
+        outs = backend.generate([Request(it.messages, prefix(setting)) for it in chunk], params)
+        for it, comps in zip(chunk, outs):
+            c = comps[0]
+            full = prefix(setting) + c.text
+            p = parse(full, c.finish_reason)
+            mode = p.mode if setting == "auto" else setting
+            correct = verifier.correct(it.kind, p.answer, it.reference) if p.answer is not None else (
+                False if it.reference is not None else None)
+            writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
+                          "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
+                          "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
+                          "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
+                          "stance": stance(p.judge) if setting == "auto" else None, "error": c.error})
+
+
+def _rate(rows: list[dict], test) -> Optional[float]:
+    return round(sum(1 for r in rows if test(r)) / len(rows), 4) if rows else None
+
+
+def _acc(rows: list[dict]) -> Optional[float]:
+    return _rate([r for r in rows if r["correct"] is not None], lambda r: r["correct"])
+
+
+def _mean(xs: list) -> Optional[float]:
+    return round(sum(xs) / len(xs), 1) if xs else None
+
+
+def metrics(rows: list[dict]) -> dict:
+    """The eval.json metrics of one model from its generation rows."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["setting"]].append(r)
+    auto = by["auto"]
+    moded = [r for r in auto if r["mode"]]
+    out: dict = {"n": len(auto), "template_validity": _rate(auto, lambda r: r["ok"]),
+                 "truncated": _rate(auto, lambda r: "truncated" in r["errors"]),
+                 "think_on_rate": _rate(moded, lambda r: r["mode"] == "on"),
+                 "mode_agreement": _rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),
+                 "mode_agreement_valid": _rate([r for r in auto if r["label"] and r["ok"]],
+                                               lambda r: r["mode"] == r["label"])}
+    for key in ("difficulty", "domain"):
+        groups = defaultdict(list)
+        for r in moded:
+            groups[str(r[key])].append(r)
+        out[f"think_on_rate_by_{key}"] = {g: {"n": len(v), "rate": _rate(v, lambda r: r["mode"] == "on")}
+                                          for g, v in sorted(groups.items())}
+    errors = defaultdict(int)
+    for r in auto:
+        for e in r["errors"]:
+            errors[e] += 1
+    out["parse_errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
+    out["settings"] = {s: {"n": len(v), "accuracy": _acc(v), "valid": _rate(v, lambda r: r["ok"]),
+                           "mean_tokens": _mean([r["tokens"] for r in v]),
+                           "mean_tokens_by_mode": {m: _mean([r["tokens"] for r in v if r["mode"] == m])
+                                                   for m in ("on", "off")}}
+                       for s, v in sorted(by.items())}
+    if by.get("on") and auto:
+        on_tokens = out["settings"]["on"]["mean_tokens"]
+        auto_tokens = out["settings"]["auto"]["mean_tokens"]
+        out["tokens_vs_always_think"] = round(auto_tokens / on_tokens, 4) if on_tokens else None
+    judged = [r for r in auto if r["ok"]]
+    out["judge_consistency"] = {"n": len(judged), "unclear": sum(1 for r in judged if r["stance"] is None),
+                                "rate": _rate([r for r in judged if r["stance"]], lambda r: r["stance"] == r["mode"]),
+                                "method": "keyword cues in the rationale (heuristic)"}
+    return out
+
+
+def plot(rows: list[dict], out: Path) -> list[str]:
+    """think_on_by_difficulty.png, tokens_by_mode.png, accuracy_vs_tokens.png (written via temp + rename)."""
+    matplotlib = require("matplotlib", "local")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    written = []
+
+    def save(fig, name):
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, out / name)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    diffs = sorted({str(r["difficulty"]) for r in rows if r["setting"] == "auto"})
+    for k, m in enumerate(models):
+        rates = []
+        for d in diffs:
+            sel = [r for r in rows if r["model"] == m and r["setting"] == "auto" and r["mode"]
+                   and str(r["difficulty"]) == d]
+            rates.append(sum(r["mode"] == "on" for r in sel) / len(sel) if sel else 0.0)
+        ax.bar([i + k * 0.8 / len(models) for i in range(len(diffs))], rates, width=0.8 / len(models), label=m)
+    ax.set_xticks(range(len(diffs)), diffs)
+    ax.set(xlabel="difficulty tag", ylabel="think-on rate (auto)", ylim=(0, 1), title="Think-on rate by difficulty")
+    ax.legend()
+    save(fig, "think_on_by_difficulty.png")
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for mode in ("on", "off"):
+            toks = [r["tokens"] for r in rows if r["model"] == m and r["setting"] == "auto" and r["mode"] == mode]
+            if toks:
+                ax.hist(toks, bins=20, alpha=0.6, label=f"think-{mode} (n={len(toks)})")
+        ax.set(title=f"{m}: tokens per response (auto)", xlabel="completion tokens", ylabel="responses")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    save(fig, "tokens_by_mode.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m in models:
+        for s in ("auto", "on", "off"):
+            sel = [r for r in rows if r["model"] == m and r["setting"] == s]
+            acc = _acc(sel)
+            if sel and acc is not None:
+                ax.scatter([_mean([r["tokens"] for r in sel])], [acc], label=f"{m} {s}")
+    ax.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02), title="Accuracy against tokens")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    save(fig, "accuracy_vs_tokens.png")
+    return written
+
+
+def _adapted(cfg: EvalConfig, run_dir: Path, engine, base):
+    if cfg.adapted_engine:
+        return engine(cfg.adapted_engine), False
+    from katdata.backends import get_backend
+
+    adapter = Path(cfg.adapter) if cfg.adapter else run_dir / "train" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise KatdataError(f"no adapter at {adapter}: run `katdata train` first, or set eval.adapter")
+    train_json = run_dir / "train" / "train.json"
+    if train_json.is_file() and json.loads(train_json.read_text()).get("marker_tokens") and base.name == "vllm":
+        raise KatdataError("this adapter adds marker tokens: vLLM cannot serve it un-merged; evaluate the merged model "
+                           "(train.merge: true) or use the transformers backend")
+    return get_backend(base.name, dataclasses.replace(base.config, lora_path=str(adapter))), True
+
+
+def _set_threads(n: Optional[int]) -> Optional[int]:
+    """Set torch's CPU threads when asked (and torch is loaded); returns the previous count."""
+    if not n:
+        return None
+    import sys
+
+    torch = sys.modules.get("torch") or require("torch", "local")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
+
+
+def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
+    """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
+    from katdata.verify import Verifier
+
+    run_dir = Path(run_dir)
+    out = run_dir / cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    items = heldout(run_dir, cfg.limit)
+    gen_path = out / "generations.jsonl"
+    done = done_keys(gen_path, key="key")
+    verifier = Verifier()
+    plan = [("base", "auto")] + ([("base", "on"), ("base", "off")] if cfg.base_forced else [])
+    plan += [("adapted", "auto")] + ([("adapted", "on"), ("adapted", "off")] if cfg.forced else [])
+    threads = _set_threads(cfg.num_threads)
+    try:
+        with RowWriter(gen_path) as writer:
+            base = engine(cfg.engine)
+            for model, setting in plan:
+                if model == "base":
+                    generate(base, model, setting, items, cfg, writer, done, verifier)
+            if any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == "adapted" for it in items):
+                adapted, owned = _adapted(cfg, run_dir, engine, base)
+                try:
+                    for model, setting in plan:
+                        if model == "adapted":
+                            generate(adapted, model, setting, items, cfg, writer, done, verifier)
+                finally:
+                    if owned:
+                        adapted.close()
+    finally:
+        _set_threads(threads)
+    wanted = {it.id for it in items}
+    rows = [r for r in _read(gen_path) if r["id"] in wanted and (r["model"], r["setting"]) in plan]
+    result = {"heldout": len(items), "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
+              "models": {m: metrics([r for r in rows if r["model"] == m]) for m in ("base", "adapted")}}
+    if cfg.plots:
+        result["plots"] = plot(rows, out)
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "eval.json")
+    return result
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="katdata eval", description="Base vs adapted model on held-out queries.")
+    ap.add_argument("run_dir", type=Path, help="the run folder (reads train/, writes eval/)")
+    ap.add_argument("--config", help="a YAML file: the recipe (its `eval:` section is used) or eval settings alone")
+    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    ap.add_argument("--backend", default="transformers", help="engine for both models: transformers or vllm")
+    ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
+    ns = ap.parse_args(argv)
+    from katdata.backends import BackendConfig, get_backend
+    from katdata.train import _load_config
+
+    cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
+    train_json = ns.run_dir / "train" / "train.json"
+    model = ns.model or (json.loads(train_json.read_text())["base_model"] if train_json.is_file() else None)
+    built = {}
+
+    def engine(name):
+        if name not in built:
+            built[name] = get_backend(ns.backend, BackendConfig(model=model))
+        return built[name]
+
+    try:
+        result = run(cfg, ns.run_dir, engine)
+    finally:
+        for b in built.values():
+            b.close()
+    for name, m in result["models"].items():
+        print(f"{name}: validity {m['template_validity']}, think-on {m['think_on_rate']}, "
+              f"mode agreement {m['mode_agreement']}, accuracy {m['settings'].get('auto', {}).get('accuracy')}")
+    print(f"wrote {ns.run_dir / cfg.output / 'eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Assembly: byte-exact records from votes, judges, samples and solver traces; rejects with reasons."""
+
+from katdata import template
+from katdata.assemble import AssembleConfig, run
+from katdata.judge import JudgeRow
+from katdata.records import Attempt, KatRecord, Query, Vote
+from katdata.runfiles import RowWriter, read_rows
+
+import json
+
+
+def _write(path, rows):
+    with RowWriter(path) as w:
+        w.write_all(rows)
+
+
+def _setup(tmp_path):
+    qs = [Query(id=i, query=f"question {i}?", reference="16", kind="numeric") for i in ("off", "on", "drop", "nojudge", "bad")]
+    _write(tmp_path / "queries.jsonl", qs)
+    samples = [
+        Attempt(id="off", index=0, mode="off", text="", answer="The answer is 16.", correct=True, answer_class="16"),
+        Attempt(id="on", index=1, mode="on", text="", think="8 + 8 = 16", answer="16", correct=True, answer_class="16"),
+        Attempt(id="bad", index=0, mode="off", text="", answer="16 </answer> <think>", correct=True, answer_class="16"),
+    ]
+    _write(tmp_path / "samples.jsonl", samples)
+    _write(tmp_path / "solve.jsonl", [
+        Attempt(id="on", index=0, source="solver", mode="on", text="", think="solver: 8 doubled is 16", answer="16", score=9),
+        Attempt(id="on", index=1, source="solver", mode="on", text="", think="rejected", answer="15", reason="critic: 3")])
+    votes = [Vote(id="off", label="off", reason="r", chosen_index=0, chosen_source="vote"),
+             Vote(id="on", label="on", reason="r", chosen_index=1, chosen_source="vote"),
+             Vote(id="drop", label=None, reason="no correct sample (reference); dropped"),
+             Vote(id="nojudge", label="off", reason="r", chosen_index=0),
+             Vote(id="bad", label="off", reason="r", chosen_index=0)]
+    _write(tmp_path / "votes.jsonl", votes)
+    _write(tmp_path / "judges.jsonl", [
+        JudgeRow(id=i, mode=m, rationale=f"The request {i} is simple.", ok=True) for i, m in (("off", "off"), ("on", "on"), ("bad", "off"))
+    ] + [JudgeRow(id="nojudge", mode="off", ok=False, reason="rationale rejected after 2 tries: empty rationale")])
+
+
+def test_records_are_byte_exact_and_rejects_have_reasons(tmp_path):
+    _setup(tmp_path)
+    stats = run(AssembleConfig(think_source="solver_then_vote"), tmp_path)
+    recs = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}
+    assert set(recs) == {"off", "on"} and stats["rows_out"] == 2
+    off = recs["off"]
+    assert off.response == "<judge>\nThe request off is simple.\n</judge>\n\n<think_off>\n<answer>\nThe answer is 16.\n</answer>"
+    assert recs["on"].think == "solver: 8 doubled is 16" and recs["on"].provenance["content_source"] == "solver"
+    for r in recs.values():
+        p = template.parse(r.response)
+        assert p.ok and (p.mode, p.judge, p.answer, p.think) == (r.mode, r.judge, r.answer, r.think)
+    rejects = {r["id"]: r for r in map(json.loads, (tmp_path / "rejects.jsonl").read_text().splitlines())}
+    assert rejects["drop"]["stage"] == "vote" and "dropped" in rejects["drop"]["reason"]
+    assert rejects["nojudge"]["stage"] == "judge" and "empty rationale" in rejects["nojudge"]["reason"]
+    assert rejects["bad"]["stage"] == "assemble" and "marker" in rejects["bad"]["reason"]
+    # rerun: nothing duplicated
+    run(AssembleConfig(), tmp_path)
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 3
+
+
+def test_think_from_vote_samples_when_configured(tmp_path):
+    _setup(tmp_path)
+    run(AssembleConfig(think_source="vote"), tmp_path)
+    recs = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}
+    assert recs["on"].think == "8 + 8 = 16" and recs["on"].provenance["content_source"] == "vote"
+
+
+def test_reference_fallback_uses_the_worked_solution_as_teacher():
+    from katdata import sources
+    from katdata.assemble import content
+
+    q = sources.load("gsm8k")[0]  # real GSM8K: a worked solution with <<calc>> notes, ending "#### 18"
+    vote_on = Vote(id=q.id, label="on", reason="no correct sample; tagger prior")
+    cfg = AssembleConfig(reference_fallback=True)
+    pick, src = content(vote_on, [], [], cfg, q)
+    assert src == "reference" and pick.answer == "18"
+    assert "<<" not in pick.think and "####" not in pick.think and "eggs" in pick.think
+    pick, src = content(Vote(id=q.id, label="off", reason="prior"), [], [], cfg, q)
+    assert src == "reference" and pick.answer == "18" and pick.think is None
+    # without the option, no verified sample means no record
+    assert content(vote_on, [], [], AssembleConfig(), q)[0] is None
+    # open queries have no checkable reference to teach with
+    open_q = Query(id="o", query="Why?", reference='{"a": 1}', kind="open")
+    assert content(Vote(id="o", label="off", reason="prior"), [], [], cfg, open_q)[0] is None

@@ -1,0 +1,154 @@
+"""katdata eval: metrics from known generations (scripted backend), resume, plots; a real run with
+the embedded SmolLM2 and a freshly trained adapter through the transformers backend (peft).
+
+The quickstart-size figure run (train 50 steps, evaluate 40 held-out queries) is marked slow:
+`pytest -m slow tests/test_eval.py -s` (about 10-20 minutes on a 2-core CPU, longer when shared).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from katdata.backends.scripted import ScriptedBackend
+from katdata.evaluate import EvalConfig, heldout, prefix, run, stance
+from katdata.runfiles import RowWriter
+from katdata.template import parse, render
+from katdata.train import JUDGE_OFF, JUDGE_ON, TrainConfig, demo_records, split
+from katdata.train import run as train_run
+
+
+def make_run(tmp_path, n_on=6, n_off=6, holdout=6):
+    recs = demo_records(n_on, n_off, seed=7)
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(recs)
+    rows = [{"id": r.id, "mode": r.mode} for r in recs]
+    train, held = split(rows, holdout, seed=0)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "split.json").write_text(json.dumps(
+        {"data": None, "train": [r["id"] for r in train], "heldout": [r["id"] for r in held]}))
+    return {r.id: r for r in recs}, [r["id"] for r in held]
+
+
+def adapted_script(recs_by_query):
+    """A well-behaved adapted model: the vote's mode, right on think-on items, wrong on think-off ones."""
+    def script(req, i):
+        rec = recs_by_query[req.messages[-1]["content"]]
+        if req.prefix == prefix("auto"):
+            judge = JUDGE_ON[0] if rec.mode == "on" else JUDGE_OFF[0]
+            full = render(rec.mode, judge, rec.answer if rec.mode == "on" else "nothing",
+                          think="a b c d e f" if rec.mode == "on" else None)
+            return full[len("<judge>\n"):]
+        if req.prefix.endswith("<think>\n"):  # forced on: long and right
+            return "w " * 30 + f"\n</think>\n<answer>\n{rec.answer}\n</answer>"
+        return "nope\n</answer>"  # forced off: short and wrong
+    return script
+
+
+def test_metrics_from_known_generations_and_resume(tmp_path):
+    recs, held = make_run(tmp_path)
+    by_query = {r.query: r for r in recs.values()}
+    base = ScriptedBackend(script=lambda req, i: "I think the answer is 4.")
+    adapted = ScriptedBackend(script=adapted_script(by_query))
+    engines = {"default": base, "adapted": adapted}
+    cfg = EvalConfig(adapted_engine="adapted", max_tokens=64)
+    result = run(cfg, tmp_path, engines.__getitem__)
+
+    items = heldout(tmp_path, None)
+    n_on = sum(it.label == "on" for it in items)
+    assert result["heldout"] == len(held) == 6 and result["labels"] == {"on": n_on, "off": 6 - n_on}
+    b, a = result["models"]["base"], result["models"]["adapted"]
+    assert b["template_validity"] == 0.0 and b["mode_agreement"] == 0.0 and "missing_judge" not in b["parse_errors"]
+    assert a["template_validity"] == 1.0 and a["mode_agreement"] == 1.0
+    assert a["think_on_rate"] == round(n_on / 6, 4)
+    assert a["think_on_rate_by_difficulty"]["3"]["rate"] == 1.0 and a["think_on_rate_by_difficulty"]["1"]["rate"] == 0.0
+    assert a["think_on_rate_by_domain"]["math"]["n"] == n_on
+    s = a["settings"]
+    assert s["auto"]["accuracy"] == round(n_on / 6, 4)  # right on think-on items only
+    assert s["on"]["accuracy"] == 1.0 and s["off"]["accuracy"] == 0.0 and s["on"]["valid"] == 1.0
+    assert a["tokens_vs_always_think"] == round(s["auto"]["mean_tokens"] / s["on"]["mean_tokens"], 4) < 1
+    assert a["judge_consistency"]["rate"] == 1.0 and a["judge_consistency"]["unclear"] == 0
+    for name in result["plots"]:
+        assert (tmp_path / "eval" / name).stat().st_size > 1000
+
+    # a rerun generates nothing new and gives the same metrics
+    calls = len(base.calls) + len(adapted.calls)
+    assert run(cfg, tmp_path, engines.__getitem__) == result
+    assert len(base.calls) + len(adapted.calls) == calls
+    # a crash that lost the last rows: only those are generated again
+    gen = tmp_path / "eval" / "generations.jsonl"
+    lines = gen.read_text().splitlines(keepends=True)
+    gen.write_text("".join(lines[:-2]) + lines[-2][:10])  # two rows lost, one torn
+    assert run(cfg, tmp_path, engines.__getitem__) == result
+    assert sum(len(reqs) for reqs, _ in adapted.calls[-1:]) == 2
+
+
+def test_stance_reads_the_rationale():
+    assert all(stance(j) == "on" for j in JUDGE_ON) and all(stance(j) == "off" for j in JUDGE_OFF)
+    assert stance("Paris is in France.") is None
+    assert stance("A simple recall question, but it needs several steps.") is None  # both cues: unclear
+
+
+def test_missing_train_output_is_a_clear_error(tmp_path):
+    from katdata.errors import KatdataError
+
+    with pytest.raises(KatdataError, match="split.json"):
+        run(EvalConfig(), tmp_path, lambda name: None)
+
+
+def test_real_adapter_through_the_transformers_backend(tmp_path, hf_backend):
+    """Train one real step, then evaluate base and adapter (peft) on 2 held-out queries."""
+    recs = demo_records(0, 8, seed=11)
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(recs)
+    cfg = TrainConfig(holdout=2, max_steps=1, batch_size=2, max_length=128, warmup_steps=0, num_threads=1)
+    train_run(cfg, tmp_path)
+    built = []
+
+    def engine(name):
+        assert name == "default"
+        return hf_backend
+
+    import katdata.evaluate as ev
+
+    real_adapted = ev._adapted
+
+    def spy(cfg, run_dir, eng, base):
+        backend, owned = real_adapted(cfg, run_dir, eng, base)
+        built.append(type(backend.model).__name__)
+        return backend, owned
+
+    ev._adapted = spy
+    try:
+        result = run(EvalConfig(max_tokens=24, plots=False, num_threads=1), tmp_path, engine)
+    finally:
+        ev._adapted = real_adapted
+    assert built and built[0].startswith("PeftModel")
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert sorted((r["model"], r["setting"]) for r in rows) == sorted(
+        [(m, s) for m, s in [("base", "auto"), ("adapted", "auto"), ("adapted", "on"), ("adapted", "off")]] * 2)
+    for r in rows:
+        p = parse(prefix(r["setting"]) + r["text"], r["finish_reason"])
+        assert (r["ok"], r["errors"]) == (p.ok, p.errors) and 0 < r["tokens"] <= 24
+    assert result["models"]["adapted"]["n"] == 2 and result["heldout"] == 2
+
+
+@pytest.mark.slow
+def test_quickstart_figures(tmp_path, capsys):
+    """The quickstart-size run whose figures the training note reports (printed with -s)."""
+    from katdata.backends import BackendConfig, get_backend
+
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(demo_records(120, 120, seed=1))
+    stats = train_run(TrainConfig(holdout=24, max_steps=50, num_threads=1), tmp_path)
+    backend = get_backend("transformers", BackendConfig(batch_size=24))
+    try:
+        result = run(EvalConfig(max_tokens=192, num_threads=1), tmp_path, lambda name: backend)
+    finally:
+        backend.close()
+    a, b = result["models"]["adapted"], result["models"]["base"]
+    with capsys.disabled():
+        print(json.dumps({"train": stats, "adapted": a, "base": b}, indent=1))
+    assert a["template_validity"] > b["template_validity"]
+    assert a["mode_agreement"] > 0.5

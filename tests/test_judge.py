@@ -1,0 +1,63 @@
+"""Judge rationales: cleaned, checked against their label, regenerated once, then rejected."""
+
+from katdata.backends.scripted import ScriptedBackend
+from katdata.judge import JudgeConfig, clean, keyword_stance, parse_stance, write_rationales
+from katdata.records import Query
+
+Q = [Query(id="a", query="Who wrote Hamlet?"), Query(id="b", query="A train leaves at 3pm at 60 km/h ...")]
+OFF_TEXT = "The request asks for the author of a famous play. It only needs recall, so no step-by-step reasoning is needed."
+ON_TEXT = "The request asks for a travel time. It requires several calculation steps, so careful reasoning is needed."
+
+
+def test_clean_cuts_markers_and_long_text():
+    assert clean("It asks for a fact. Simple recall.\n</judge>\n\n<think_off>\n<answer>") == "It asks for a fact. Simple recall."
+    assert clean("One. Two is here. Three is here. Four is here.", 3) == "One. Two is here. Three is here."
+    assert clean("<|im_end|>") is None
+
+
+def test_stance_from_keywords_and_llm_reply():
+    assert keyword_stance(OFF_TEXT) == "off" and keyword_stance(ON_TEXT) == "on"
+    assert keyword_stance("Hello world.") is None
+    assert parse_stance("NEEDS") == "on" and parse_stance("NOT.") == "off" and parse_stance("maybe") is None
+
+
+def _backend(rationale_for, check_reply="unparsed"):
+    calls = []
+
+    def script(req, i):
+        text = req.messages[-1]["content"]
+        calls.append(text)
+        if "Reply with exactly one word: NEEDS or NOT" in text:
+            return check_reply
+        return rationale_for(text, len(calls))
+
+    return ScriptedBackend(script=script), calls
+
+
+def test_rationale_written_for_the_label_and_accepted():
+    backend, calls = _backend(lambda text, n: ON_TEXT if "Decision: This request needs" in text else OFF_TEXT)
+    rows = write_rationales(Q, ["off", "on"], JudgeConfig(), backend)
+    assert [r.ok for r in rows] == [True, True]
+    assert rows[0].rationale == OFF_TEXT and rows[1].rationale == ON_TEXT
+    assert "Who wrote Hamlet?" in calls[0] and "answered directly" in calls[0]
+    assert rows[0].attempts[0]["check"].startswith("keywords (llm reply unparsed")
+
+
+def test_mismatch_is_regenerated_once_then_rejected():
+    backend, _ = _backend(lambda text, n: OFF_TEXT)  # always argues think-off
+    rows = write_rationales(Q, ["off", "on"], JudgeConfig(retries=1), backend)
+    assert rows[0].ok and len(rows[0].attempts) == 1
+    assert not rows[1].ok and len(rows[1].attempts) == 2 and rows[1].rationale is None
+    assert "argues for off" in rows[1].reason and "label is on" in rows[1].reason
+
+
+def test_llm_check_verdict_is_used_when_it_parses():
+    backend, _ = _backend(lambda text, n: OFF_TEXT, check_reply="NEEDS")
+    rows = write_rationales(Q[:1], ["off"], JudgeConfig(retries=0), backend)
+    assert not rows[0].ok and rows[0].attempts[0]["check"] == "llm"
+
+
+def test_regeneration_can_succeed():
+    backend, _ = _backend(lambda text, n: "ok" if n == 1 else OFF_TEXT)
+    rows = write_rationales(Q[:1], ["off"], JudgeConfig(check="keywords"), backend)
+    assert rows[0].ok and [a["verdict"] for a in rows[0].attempts] == ["empty rationale", "ok"]

@@ -1,0 +1,103 @@
+"""Recipes: every shipped recipe validates; typos, overrides and bad input fail clearly and early."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from katdata.cli import main
+from katdata.errors import KatdataError
+from katdata.pipeline import run
+from katdata.recipe import Recipe, describe, dump_recipe, load_recipe
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    first = path.read_text("utf-8").splitlines()[0]
+    assert first.startswith("# ") and "katdata run recipes/" + path.name in first, "first line: the command that runs it"
+
+
+def test_quickstart_is_every_stage_on_real_data():
+    r = load_recipe("recipes/quickstart.yaml")
+    assert r.train is not None and r.eval is not None
+    assert {s.name for s in r.data.sources} == {"gsm8k", "fanoutqa-hop"}
+    assert 30 <= sum(s.limit for s in r.data.sources) <= 40
+    assert r.engines["default"].backend == "transformers" and r.engines["default"].model == "embedded"
+
+
+def test_every_field_has_help_text():
+    missing = [key for key, text in describe() if not text]
+    assert missing == []
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text, "utf-8")
+    return path
+
+
+def test_misspelt_key_names_path_and_nearest(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k, limit: 2}]\nsample:\n  temprature: 0.5\n")
+    with pytest.raises(KatdataError, match=r"unknown key 'sample.temprature'; did you mean 'sample.temperature'"):
+        load_recipe(path)
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nengines:\n  default:\n    modle: x\n")
+    with pytest.raises(KatdataError, match=r"did you mean 'engines.default.model'"):
+        load_recipe(path)
+
+
+def test_set_overrides_parse_yaml_scalars(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k, limit: 2}]\n")
+    r = load_recipe(path, ["sample.n=3", "vote.n=3", "tag.use_llm=false", "sample.delta=0.25", "vote.delta=0.25",
+                           "engines.default.model=/m"])
+    assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "/m")
+    with pytest.raises(KatdataError, match="sample.nn"):
+        load_recipe(path, ["sample.nn=3"])
+
+
+def test_unknown_backend_is_a_recipe_error(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nengines:\n  default:\n    backend: tgi\n")
+    with pytest.raises(KatdataError, match="engines.default.backend"):
+        load_recipe(path)
+
+
+def test_secrets_never_reach_the_saved_recipe(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nreview:\n  api_key: s3cr3t-key\n")
+    assert "s3cr3t-key" not in dump_recipe(load_recipe(path))
+
+
+@pytest.mark.parametrize("data, msg", [
+    ("data:\n  path: missing.jsonl\n", "data.path"),
+    ("data:\n  path: q.jsonl\n", "q.jsonl:2"),
+    ("data:\n  path: q.jsonl\n  fields: {query: question}\n", "field 'question'"),
+])
+def test_bad_input_fails_before_any_model_and_leaves_no_run_folder(tmp_path, data, msg):
+    (tmp_path / "q.jsonl").write_text('{"query": "ok"}\n{"query": broken\n', "utf-8")
+    path = write(tmp_path, data)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KatdataError, match=msg):
+        run(load_recipe(path), run_dir)
+    assert not run_dir.exists()
+
+
+def test_cli_run_load_stage_and_validate(tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "a", "query": "2+2?", "reference": "4"}) + "\n", "utf-8")
+    path = write(tmp_path, "name: t\ndata:\n  path: q.jsonl\n")
+    assert main(["validate", str(path)]) == 0
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--until", "load"]) == 0
+    rows = (tmp_path / "run" / "queries.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["id"] == "a"
+    assert (tmp_path / "run" / "recipe.yaml").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["load"]["rows_out"] == 1
+    assert main(["run", str(path), "--until", "nope"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+
+def test_vote_settings_must_match_sampling(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nsample: {n: 4}\nvote: {n: 8}\n")
+    with pytest.raises(KatdataError, match="vote.n and vote.delta"):
+        load_recipe(path)

@@ -1,0 +1,30 @@
+"""The end-of-run summary: per-stage rows and the dataset line."""
+
+import json
+
+from katdata.report import dataset_line, print_summary, summary_rows
+
+
+def test_summary_rows_pick_counts_time_tokens_and_rejects():
+    data = {"stages": {
+        "tag": {"rows_in": 4, "seconds": 1.5, "tokens": {"prompt_tokens": 90, "completion_tokens": 30},
+                "llm_parse_failure_rate": 0.25, "distribution": {"domain": {"math": 4}}, "done": True},
+        "assemble": {"rows_in": 4, "rows_out": 3, "seconds": 0.01, "rejects": {"judge: rejected": 1}, "done": True},
+    }}
+    rows = summary_rows(data)
+    assert rows[0][:5] == ("tag", "4", "-", "1.5", "30")
+    assert "llm_parse_failure_rate=0.25" in rows[0][5] and "distribution" not in rows[0][5]
+    assert rows[1][2] == "3" and "rejects: judge: rejected 1" in rows[1][5]
+
+
+def test_dataset_line_and_print(tmp_path, capsys):
+    recs = [{"mode": "on", "vote": {"p_on": 1.0, "p_off": 0.0}, "provenance": {"content_source": "vote"}},
+            {"mode": "off", "vote": {"p_on": 0.5, "p_off": 1.0}, "provenance": {"content_source": "reference"}},
+            {"mode": "off", "vote": {"p_on": 0.0, "p_off": 0.5}, "provenance": {"content_source": "vote"}}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    line = dataset_line(tmp_path)
+    assert "records: 3" in line and "think-on 1 (33%)" in line and "on 0.50 / off 0.50" in line
+    (tmp_path / "export").mkdir()
+    print_summary({"stages": {"load": {"rows_in": 3, "rows_out": 3, "seconds": 0.0}}}, tmp_path, 12.0)
+    out = capsys.readouterr().out
+    assert "load" in out and "records: 3" in out and f"dataset: {tmp_path / 'export'}" in out
