@@ -37,6 +37,10 @@ def summary_rows(data: dict) -> list[tuple[str, ...]]:
     for stage, st in data.get("stages", {}).items():
         notes = [f"{k}={_fmt(v)}" for k, v in st.items()
                  if k not in skip and isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) < 40]
+        for model, m in (st.get("models") or {}).items():  # the eval stage: headline figures per model
+            if isinstance(m, dict):
+                notes.append(f"{model}: valid={_fmt(m.get('template_validity'))} agree={_fmt(m.get('mode_agreement'))} "
+                             f"think_on={_fmt(m.get('think_on_rate'))}")
         rejects = st.get("rejects")
         if isinstance(rejects, dict) and rejects:
             notes.append("rejects: " + ", ".join(f"{k} {v}" for k, v in rejects.items()))

@@ -10,11 +10,13 @@ def test_summary_rows_pick_counts_time_tokens_and_rejects():
         "tag": {"rows_in": 4, "seconds": 1.5, "tokens": {"prompt_tokens": 90, "completion_tokens": 30},
                 "llm_parse_failure_rate": 0.25, "distribution": {"domain": {"math": 4}}, "done": True},
         "assemble": {"rows_in": 4, "rows_out": 3, "seconds": 0.01, "rejects": {"judge: rejected": 1}, "done": True},
+        "eval": {"models": {"adapted": {"template_validity": 0.75, "mode_agreement": 1.0, "think_on_rate": 0.5}}},
     }}
     rows = summary_rows(data)
     assert rows[0][:5] == ("tag", "4", "-", "1.5", "30")
     assert "llm_parse_failure_rate=0.25" in rows[0][5] and "distribution" not in rows[0][5]
     assert rows[1][2] == "3" and "rejects: judge: rejected 1" in rows[1][5]
+    assert "adapted: valid=0.75 agree=1 think_on=0.5" in rows[2][5]
 
 
 def test_dataset_line_and_print(tmp_path, capsys):
