@@ -128,6 +128,18 @@ class Summary:
             self.data["stages"].pop(s, None)
 
 
+def _progress(recipe: Recipe, run_dir: Path, stage: str):
+    """The stage's progress bar: queries done (samples drawn, for the sampler), with rate and ETA."""
+    from katdata.report import FileProgress
+
+    n_queries = sum(1 for _ in open(run_dir / "queries.jsonl", "rb")) if (run_dir / "queries.jsonl").is_file() else None
+    files = [run_dir / f for f in STAGE_FILES[stage] if f.endswith(".jsonl")]
+    if stage == "sample":
+        total = n_queries * 2 * recipe.sample.n if n_queries else None
+        return FileProgress(files, total, stage, unit="sample")
+    return FileProgress(files, n_queries if files else None, stage, unit="query")
+
+
 def _selected(recipe: Recipe, start: Optional[str], until: Optional[str]) -> list[str]:
     for name, value in (("--from", start), ("--until", until)):
         if value and value not in STAGES:
@@ -169,7 +181,8 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
                 stats = _load(recipe, run_dir, queries)
             else:
                 module = importlib.import_module(STAGE_MODULES[stage])
-                stats = module.run(getattr(recipe, stage), run_dir, engines) or {}
+                with _progress(recipe, run_dir, stage):
+                    stats = module.run(getattr(recipe, stage), run_dir, engines) or {}
             summary.record(stage, stats, time.perf_counter() - t0)
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])

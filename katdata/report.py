@@ -88,3 +88,62 @@ def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
     for what, path in where.items():
         if path.exists():
             console.print(f"{what}: {path}")
+
+
+class FileProgress:
+    """A progress bar for a stage, fed by the rows it appends to its files (count, rate, ETA).
+
+    A background thread reads the new complete lines every ``interval`` seconds and counts either
+    distinct ids (``unit="query"``) or rows; nothing is shown when stderr is not a terminal.
+    """
+
+    def __init__(self, files: list[Path], total: Optional[int], desc: str, unit: str = "query",
+                 interval: float = 0.5, enabled: Optional[bool] = None, file=None):
+        import threading
+
+        self.files, self.unit, self.interval = [Path(f) for f in files], unit, interval
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._offsets = {f: 0 for f in self.files}  # rows already there (a resumed stage) count as done
+        self._ids: set = set()
+        self._rows = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=False, dynamic_ncols=True)
+
+    def count(self) -> int:
+        """Read what was appended since the last call; returns the count so far."""
+        for f in self.files:
+            if not f.is_file():
+                continue
+            with open(f, "rb") as fh:
+                fh.seek(self._offsets[f])
+                data = fh.read()
+            done = data[: data.rfind(b"\n") + 1]
+            self._offsets[f] += len(done)
+            for line in done.splitlines():
+                self._rows += 1
+                if self.unit == "query":
+                    try:
+                        self._ids.add(json.loads(line).get("id"))
+                    except ValueError:
+                        pass
+        return len(self._ids) if self.unit == "query" else self._rows
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.bar.n = self.count()
+            self.bar.refresh()
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self.bar.close()

@@ -30,3 +30,26 @@ def test_dataset_line_and_print(tmp_path, capsys):
     print_summary({"stages": {"load": {"rows_in": 3, "rows_out": 3, "seconds": 0.0}}}, tmp_path, 12.0)
     out = capsys.readouterr().out
     assert "load" in out and "records: 3" in out and f"dataset: {tmp_path / 'export'}" in out
+
+
+def test_file_progress_counts_queries_and_rows_as_they_are_appended(tmp_path):
+    import io
+    import time
+
+    from katdata.report import FileProgress
+
+    path = tmp_path / "tags.jsonl"
+    out = io.StringIO()
+    with FileProgress([path], total=4, desc="tag", enabled=True, interval=0.05, file=out) as bar:
+        with open(path, "w") as f:
+            f.write('{"id": "a"}\n{"id": "a"}\n{"id": "b"}\n{"id": "c"')  # a torn last line is not counted
+        deadline = time.time() + 5
+        while bar.bar.n < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert bar.bar.n == 2
+    assert "tag" in out.getvalue() and "2/4" in out.getvalue()
+    rows = FileProgress([path], total=None, desc="sample", unit="sample", enabled=False)
+    assert rows.count() == 3  # rows already written (a resumed stage) count; the torn line does not yet
+    with open(path, "a") as f:
+        f.write('}\n{"id": "d"}\n')
+    assert rows.count() == 5
