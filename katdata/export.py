@@ -26,6 +26,7 @@ from katdata import card
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.errors import InputError, KatdataError, require
 from katdata.records import Change, KatRecord
+from katdata.runfiles import invalid_row
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,7 @@ def _validate_one(path: Path, n: int, raw: bytes) -> KatRecord:
     try:
         return KatRecord.model_validate_json(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise InputError(path, err["msg"], line=n, field=field) from exc
+        raise invalid_row(path, n, exc) from exc
 
 
 def read_records(path: Path, chunk: int = 1000) -> Iterator[KatRecord]:

@@ -18,6 +18,12 @@ from katdata.errors import InputError
 T = TypeVar("T", bound=BaseModel)
 
 
+def invalid_row(path: Path, line: int, exc: ValidationError) -> InputError:
+    """The InputError for a row that failed validation: file, line and the first bad field."""
+    err = exc.errors()[0]
+    return InputError(path, err["msg"], line=line, field=".".join(str(p) for p in err["loc"]) or None)
+
+
 def read_rows(path: Path, model: Type[T]) -> Iterator[T]:
     """Validated rows of a stage file; a broken line raises InputError naming file, line and field."""
     path = Path(path)
@@ -36,9 +42,7 @@ def read_rows(path: Path, model: Type[T]) -> Iterator[T]:
             try:
                 yield model.model_validate(data)
             except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or None
-                raise InputError(path, err["msg"], line=n, field=field) from exc
+                raise invalid_row(path, n, exc) from exc
 
 
 def repair_tail(path: Path) -> None:
