@@ -37,9 +37,8 @@ from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, pars
 
 log = logging.getLogger(__name__)
 
-# The fixed rationales pre-filled in forced modes (the judge is not what is measured there).
-FORCED_JUDGE = {"on": "Evaluation in forced think-on mode: reason step by step before answering.",
-                "off": "Evaluation in forced think-off mode: answer directly."}
+# Forced modes pre-fill the rationale the tags writer gives the query for that mode
+# (prompts/judge_tags.yaml): the judge is not what is measured there.
 # Keyword cues of a rationale arguing for (on) or against (off) explicit reasoning.
 CUES = {"on": re.compile(r"step|several|multi|calculat|reason(ing)? (is|it)|careful|work(ing)? (it )?(through|out)|"
                          r"deriv|prove|needs? (explicit )?reasoning", re.I),
@@ -62,6 +61,8 @@ class EvalConfig(BaseModel):
     forced: bool = Field(True, description="also run the adapted model in forced think-on and think-off modes")
     base_forced: bool = Field(False, description="also run the base model in the forced modes")
     max_tokens: int = Field(256, ge=8, description="token limit of one response")
+    repetition_penalty: float = Field(1.0, ge=1.0, description="> 1 damps tokens already seen (greedy decoding of a "
+                                      "small model loops without it); 1 = plain greedy")
     chunk: int = Field(16, ge=1, description="requests per generate call (rows are written after each)")
     plots: bool = Field(True, description="write the PNG plots")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
@@ -75,6 +76,7 @@ class Item:
     label: Optional[str]
     difficulty: Optional[int]
     domain: str
+    task_type: str
     kind: Optional[str]
     reference: Optional[str]
 
@@ -90,7 +92,8 @@ def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
     rows, test = load_examples(split.get("data"), run_dir)
     wanted = set(split["heldout"])
     items = [Item(r["id"], r["messages"][:-1], r["vote"].get("label") or r["mode"], r["tags"].get("difficulty"),
-                  str(r["tags"].get("domain") or "unknown"), r["kind"], r["reference"])
+                  str(r["tags"].get("domain") or "unknown"), str(r["tags"].get("task_type") or "other"),
+                  r["kind"], r["reference"])
              for r in rows + (test or []) if r["id"] in wanted]
     if not items:
         raise KatdataError(f"{path}: none of the held-out ids is in {split.get('data')}")
@@ -100,10 +103,14 @@ def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
     return items
 
 
-def prefix(setting: str) -> str:
+def prefix(setting: str, item: Item) -> str:
+    """What the assistant turn is pre-filled with: ``<judge>\n``, or a whole judge and the mode prefix."""
+    from katdata.judge import tags_rationale
+
     if setting == "auto":
         return GENERATION_PREFIX
-    return f"{GENERATION_PREFIX}{FORCED_JUDGE[setting]}\n</judge>\n\n{FORCE_PREFIX[setting]}"
+    judge = tags_rationale(item.task_type, item.domain, setting)
+    return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
 
 
 def stance(judge: Optional[str]) -> Optional[str]:
@@ -122,19 +129,20 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
     from katdata.backends.base import Request, SamplingParams
 
     todo = [it for it in items if f"{model}:{setting}:{it.id}" not in done]
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS))
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS),
+                            repetition_penalty=cfg.repetition_penalty)
     for start in range(0, len(todo), cfg.chunk):
         chunk = todo[start:start + cfg.chunk]
-        outs = backend.generate([Request(it.messages, prefix(setting)) for it in chunk], params)
+        outs = backend.generate([Request(it.messages, prefix(setting, it)) for it in chunk], params)
         for it, comps in zip(chunk, outs):
             c = comps[0]
-            full = prefix(setting) + c.text
+            full = prefix(setting, it) + c.text
             p = parse(full, c.finish_reason)
             mode = p.mode if setting == "auto" else setting
             correct = verifier.correct(it.kind, p.answer, it.reference) if p.answer is not None else (
                 False if it.reference is not None else None)
             writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
-                          "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
+                          "prefix": prefix(setting, it), "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
                           "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
                           "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
                           "stance": stance(p.judge) if setting == "auto" else None, "error": c.error})
@@ -161,6 +169,8 @@ def metrics(rows: list[dict]) -> dict:
     moded = [r for r in auto if r["mode"]]
     out: dict = {"n": len(auto), "template_validity": _rate(auto, lambda r: r["ok"]),
                  "truncated": _rate(auto, lambda r: "truncated" in r["errors"]),
+                 # cut by the token limit is a state, not a template error: malformed = invalid and not cut there
+                 "malformed": _rate(auto, lambda r: not r["ok"] and r["finish_reason"] != "length"),
                  "think_on_rate": _rate(moded, lambda r: r["mode"] == "on"),
                  "mode_agreement": _rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),
                  "mode_agreement_valid": _rate([r for r in auto if r["label"] and r["ok"]],

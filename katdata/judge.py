@@ -3,8 +3,13 @@
 Written for the voted mode by the judge engine with an intent-aware prompt
 (``prompts/judge_rationale.txt``), then checked: does the rationale argue for its label? The check
 asks the judge engine (``prompts/judge_check.txt``, NEEDS / NOT); a reply that does not parse falls
-back to a keyword reading of the rationale. A failed rationale is regenerated once, then the
-query is rejected with the reason. Every reply is kept in judges.jsonl.
+back to a keyword reading of the rationale. A failed rationale is regenerated (``retries``), then the
+query is rejected with the reason, or (``fallback: tags``) given the tags-written rationale.
+
+``writer: tags`` writes every rationale from the query's tags instead (``prompts/judge_tags.yaml``:
+one sentence on what the request asks, by task type, one on why the mode fits): for judge engines
+too small to write a sound rationale, such as the embedded 135M model. No engine is loaded then.
+Every reply is kept in judges.jsonl.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import template
 from katdata.backends.base import Backend, Request, SamplingParams
-from katdata.records import Query, Vote
+from katdata.records import Query, Tags, Vote
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.verify import prompt
 
@@ -46,6 +51,11 @@ class JudgeConfig(BaseModel):
     max_sentences: int = Field(3, ge=1, description="a rationale is cut to this many sentences")
     retries: int = Field(1, ge=0, description="regenerations of a failed rationale before rejecting")
     seed: int = Field(0, description="sampling seed (moved per retry)")
+    writer: Literal["llm", "tags"] = Field("llm", description="who writes rationales: the judge engine, or a sentence "
+                                           "per task type and mode from the query's tags (prompts/judge_tags.yaml), "
+                                           "for engines too small to write one")
+    fallback: Literal["reject", "tags"] = Field("reject", description="a rationale still failing after the retries: "
+                                                "reject the query, or use the tags-written rationale")
 
 
 class JudgeRow(BaseModel):
@@ -103,6 +113,24 @@ def parse_stance(reply: str) -> Optional[str]:
     if not m:
         return None
     return "off" if m.group(1) == "not" else "on"
+
+
+def tags_rationale(task_type: str, domain: str, mode: str) -> str:
+    """The rationale for a mode written from a query's task type and domain tags (prompts/judge_tags.yaml)."""
+    import yaml
+
+    table = yaml.safe_load(prompt("judge_tags.yaml"))
+    asks = table["asks"].get(task_type, table["asks"]["other"])
+    why = table["why"][mode]
+    return f"{asks} {why.get(task_type, why['default'])}".format(domain=domain)
+
+
+def _tags_row(row: JudgeRow, tags: Tags, note: str) -> JudgeRow:
+    text = tags_rationale(tags.task_type, tags.domain, row.mode)
+    row.attempts.append({"raw": None, "rationale": text, "stance": keyword_stance(text), "check": "keywords",
+                         "verdict": "ok", "writer": "tags", "note": note})
+    row.rationale, row.ok, row.reason = text, True, None
+    return row
 
 
 def _chat(text: str) -> Request:
@@ -169,12 +197,20 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     votes = [v for v in read_rows(run_dir / "votes.jsonl", Vote) if v.label is not None]
     done = done_keys(run_dir / "judges.jsonl")
     todo = [v for v in votes if v.id not in done and v.id in queries]
-    backend = engine(cfg.engine)
+    tags = _tags(run_dir, [queries[v.id] for v in todo]) if "tags" in (cfg.writer, cfg.fallback) else {}
+    backend = engine(cfg.engine) if cfg.writer == "llm" and todo else None
     stats: Counter = Counter()
     with RowWriter(run_dir / "judges.jsonl") as out:
         for start in range(0, len(todo), 32):
             part = todo[start:start + 32]
-            for row in write_rationales([queries[v.id] for v in part], [v.label for v in part], cfg, backend):
+            if cfg.writer == "tags":
+                rows = [_tags_row(JudgeRow(id=v.id, mode=v.label), tags[v.id], "writer: tags") for v in part]
+            else:
+                rows = write_rationales([queries[v.id] for v in part], [v.label for v in part], cfg, backend)
+            for row in rows:
+                if not row.ok and cfg.fallback == "tags":
+                    _tags_row(row, tags[row.id], f"fallback after: {row.reason}")
+                    stats["fallback"] += 1
                 out.write(row)
                 stats["ok" if row.ok else "rejected"] += 1
                 stats["regenerated"] += len(row.attempts) > 1
@@ -183,13 +219,30 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     return {"rows_in": len(votes), "rows_out": len(todo), **stats}
 
 
+def _tags(run_dir: Path, queries: list[Query]) -> dict[str, Tags]:
+    """The tag rows of these queries; queries the tagger has not seen get the rule prior's tags."""
+    from katdata.tag import TagConfig, combine, rule_tags
+
+    path = run_dir / "tags.jsonl"
+    have = {t.id: t for t in read_rows(path, Tags)} if path.is_file() else {}
+    cfg = TagConfig()
+    for q in queries:
+        if q.id not in have:
+            have[q.id] = combine(q, rule_tags(q, cfg), None, None, cfg)
+    return have
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="katdata judge", description="Write and check judge rationales.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--backend", default="transformers", help="engine (transformers, vllm, openai)")
     p.add_argument("--model", default=None, help="judge model (default: the embedded SmolLM2)")
     p.add_argument("--check", default="llm", choices=["llm", "keywords", "none"], help="stance check")
+    p.add_argument("--writer", default="llm", choices=["llm", "tags"], help="who writes the rationales")
     args = p.parse_args(argv)
+    if args.writer == "tags":
+        print(run(JudgeConfig(writer="tags"), args.run_dir, lambda name: None))
+        return 0
     from katdata.backends import BackendConfig, get_backend
 
     with get_backend(args.backend, BackendConfig(model=args.model)) as backend:

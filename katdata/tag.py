@@ -99,7 +99,8 @@ class TagConfig(BaseModel):
     logprobs: int = Field(5, ge=0, description="top-k logprobs to ask for (0 = take p from the text only)")
     batch_size: int = Field(64, ge=1, description="queries per backend call (rows are written per call)")
     rule_weight: float = Field(0.5, ge=0.0, le=1.0,
-                               description="weight of the rule prior in the combined p_reasoning")
+                               description="weight of the rule prior in the combined p_reasoning and difficulty; "
+                               "above 0.5 the rule prior's domain and task type also win over the LLM's")
     text_confidence: float = Field(0.75, gt=0.5, le=1.0,
                                    description="p given to the LLM's yes/no answer when there are no logprobs")
     think_off_threshold: float = Field(0.7, ge=0.5, le=1.0,
@@ -298,7 +299,10 @@ def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optiona
     p = rule["p_reasoning"]
     if llm and llm.p_reasoning is not None:
         p = cfg.rule_weight * p + (1 - cfg.rule_weight) * llm.p_reasoning
-    difficulty = rule["difficulty"] if "difficulty" not in f else round((rule["difficulty"] + f["difficulty"]) / 2 + 1e-9)
+    w = cfg.rule_weight
+    difficulty = rule["difficulty"] if "difficulty" not in f else round(w * rule["difficulty"] + (1 - w) * f["difficulty"] + 1e-9)
+    if w > 0.5:  # the rule prior is trusted more: its labels win too
+        f = {k: v for k, v in f.items() if k not in ("domain", "task_type")}
     verif = rule["verifiability"] if q.reference is not None else f.get("verifiability", rule["verifiability"])
     used = bool(f) or (llm is not None and llm.p_reasoning is not None)
     needs = p >= 0.5

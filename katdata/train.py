@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
                          "when the data has no test split; never trained on")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch; 0 (peft's default) skips "
+                                "the op, which on the CPU made a step about 1.5x faster than 0.05")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="modules that get LoRA adapters")
@@ -67,6 +68,8 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     max_length: int = Field(512, ge=16, description="longest example in tokens; longer ones are skipped (counted), "
                             "never cut")
+    balance_modes: bool = Field(False, description="repeat the rarer mode's examples until both modes have as many "
+                                "(the mode choice is learned from both sides even when the labels are skewed)")
     packing: bool = Field(False, description="pack examples into max_length rows (TRL best-fit packing, padding-free)")
     bf16: Optional[bool] = Field(None, description="bf16 mixed precision; None = on where the hardware supports it")
     add_marker_tokens: bool = Field(False, description="add the KAT markers as new tokens and train their embedding "
@@ -163,6 +166,16 @@ def split(rows: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[d
     return [r for r in rows if r["id"] not in ids], held
 
 
+def balance(rows: list[dict], encs: list[dict]) -> tuple[list[dict], list[dict], int]:
+    """Both modes equally often: the rarer mode's examples repeated in turn (the trainer shuffles)."""
+    by_mode = {m: [i for i, r in enumerate(rows) if r["mode"] == m] for m in ("on", "off")}
+    if not all(by_mode.values()):
+        return rows, encs, 0
+    most = max(len(v) for v in by_mode.values())
+    extra = [idx[k % len(idx)] for idx in by_mode.values() for k in range(most - len(idx))]
+    return rows + [rows[i] for i in extra], encs + [encs[i] for i in extra], len(extra)
+
+
 # ---------------------------------------------------------------- tokens and spans
 def encode(tok, messages: list[dict], training_template: str) -> dict:
     """input_ids, labels (-100 off the completion) and the span type of each loss token."""
@@ -239,7 +252,11 @@ def prepare(cfg: TrainConfig, run_dir: Path, tok) -> tuple[list[dict], list[dict
         encs.append(enc)
     if not kept:
         raise KatdataError(f"no training example fits max_length={cfg.max_length}")
+    repeated = 0
+    if cfg.balance_modes:
+        kept, encs, repeated = balance(kept, encs)
     stats = {"rows_in": len(train) + len(held), "train": len(kept), "heldout": len(held), "skipped_too_long": too_long,
+             "repeated_for_balance": repeated,
              "mask_disagreements": sum(not e["mask_agrees"] for e in encs),
              "loss_tokens": sum(len(e["spans"]) for e in encs), "tokens": sum(len(e["input_ids"]) for e in encs)}
     return kept, encs, held, stats

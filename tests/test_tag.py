@@ -194,3 +194,17 @@ def test_real_tagging_on_vllm(tmp_path, vllm_backend):
     ps = [tag.yes_probability(o[0].logprobs) for o in outs]
     assert all(o[0].logprobs for o in outs)
     assert any(p is not None for p in ps) and all(p is None or 0 <= p <= 1 for p in ps)
+
+
+def test_rule_weight_above_half_keeps_the_rule_labels():
+    query = q("Who wrote Hamlet?", id="who")
+    cfg_llm, cfg_rule = tag.TagConfig(rule_weight=0.5), tag.TagConfig(rule_weight=0.8)
+    rule = tag.rule_tags(query, cfg_llm)
+    _, llm = tag.llm_tags(Completion(text=GOOD, finish_reason="stop"), cfg_llm)  # says math / calculation / 4
+    assert rule["domain"] == "factual" and llm.fields["domain"] == "math"
+    even = tag.combine(query, rule, llm, GOOD, cfg_llm)
+    trusted = tag.combine(query, rule, llm, GOOD, cfg_rule)
+    assert (even.domain, even.task_type) == ("math", "calculation")
+    assert (trusted.domain, trusted.task_type) == (rule["domain"], rule["task_type"])
+    assert trusted.difficulty < even.difficulty  # the weight moves the difficulty towards the rule's
+    assert trusted.p_reasoning < even.p_reasoning

@@ -15,7 +15,7 @@ from katdata.chat_template import template_text
 from katdata.errors import InputError
 from katdata.records import KatRecord
 from katdata.runfiles import RowWriter
-from katdata.train import SPANS, TrainConfig, audit, demo_records, encode, load_examples, main, prepare, run, split
+from katdata.train import SPANS, TrainConfig, audit, balance, demo_records, encode, load_examples, main, prepare, run, split
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,16 @@ def test_split_is_seeded_stratified_and_disjoint(records):
     assert {r["mode"] for r in held} == {"on", "off"} and len(held) == 4
     assert not {r["id"] for r in train} & {r["id"] for r in held}
     assert split(rows, 4, seed=1)[1] != held
+
+
+def test_balance_repeats_the_rarer_mode_until_even():
+    rows = [{"id": f"on{i}", "mode": "on"} for i in range(2)] + [{"id": f"off{i}", "mode": "off"} for i in range(5)]
+    encs = [{"n": r["id"]} for r in rows]
+    out, out_encs, added = balance(rows, encs)
+    assert added == 3 and [r["mode"] for r in out].count("on") == [r["mode"] for r in out].count("off") == 5
+    assert [e["n"] for e in out_encs] == [r["id"] for r in out]  # encodings stay paired with their rows
+    assert {r["id"] for r in out} == {r["id"] for r in rows}  # only repeats, nothing new
+    assert balance(rows[2:], encs[2:])[2] == 0  # one mode only: nothing to balance
 
 
 def test_bad_rows_are_named_by_file_line_and_field(tmp_path, records):

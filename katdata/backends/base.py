@@ -32,6 +32,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = 0
     logprobs: Optional[int] = None  # top-k logprobs per generated token, where the engine has them
+    repetition_penalty: float = 1.0  # > 1 damps tokens already in the prompt or the output (1 = off)
 
     def with_(self, **kw) -> "SamplingParams":
         return replace(self, **kw)

@@ -151,6 +151,8 @@ class TransformersBackend(Backend):
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None)
+        if params.repetition_penalty != 1.0:
+            kw.update(repetition_penalty=params.repetition_penalty)
         if stop_strings:
             kw.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         if params.logprobs:

@@ -203,6 +203,8 @@ class OpenAIBackend(Backend):
             kw["top_p"] = params.top_p
         if seed is not None:
             kw["seed"] = seed
+        if params.repetition_penalty != 1.0:  # not in the OpenAI API; vLLM and most local servers read it
+            extra["repetition_penalty"] = params.repetition_penalty
         if self.server == "vllm":
             extra["return_token_ids"] = True
         if self.endpoint == "chat":
