@@ -133,16 +133,17 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
                             repetition_penalty=cfg.repetition_penalty)
     for start in range(0, len(todo), cfg.chunk):
         chunk = todo[start:start + cfg.chunk]
-        outs = backend.generate([Request(it.messages, prefix(setting, it)) for it in chunk], params)
-        for it, comps in zip(chunk, outs):
+        prefixes = [prefix(setting, it) for it in chunk]
+        outs = backend.generate([Request(it.messages, pre) for it, pre in zip(chunk, prefixes)], params)
+        for it, pre, comps in zip(chunk, prefixes, outs):
             c = comps[0]
-            full = prefix(setting, it) + c.text
+            full = pre + c.text
             p = parse(full, c.finish_reason)
             mode = p.mode if setting == "auto" else setting
             correct = verifier.correct(it.kind, p.answer, it.reference) if p.answer is not None else (
                 False if it.reference is not None else None)
             writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
-                          "prefix": prefix(setting, it), "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
+                          "prefix": pre, "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
                           "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
                           "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
                           "stance": stance(p.judge) if setting == "auto" else None, "error": c.error})

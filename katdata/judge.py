@@ -15,6 +15,7 @@ Every reply is kept in judges.jsonl.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 from collections import Counter
@@ -115,11 +116,16 @@ def parse_stance(reply: str) -> Optional[str]:
     return "off" if m.group(1) == "not" else "on"
 
 
-def tags_rationale(task_type: str, domain: str, mode: str) -> str:
-    """The rationale for a mode written from a query's task type and domain tags (prompts/judge_tags.yaml)."""
+@functools.lru_cache(maxsize=1)
+def _tags_table() -> dict:
     import yaml
 
-    table = yaml.safe_load(prompt("judge_tags.yaml"))
+    return yaml.safe_load(prompt("judge_tags.yaml"))
+
+
+def tags_rationale(task_type: str, domain: str, mode: str) -> str:
+    """The rationale for a mode written from a query's task type and domain tags (prompts/judge_tags.yaml)."""
+    table = _tags_table()
     asks = table["asks"].get(task_type, table["asks"]["other"])
     why = table["why"][mode]
     return f"{asks} {why.get(task_type, why['default'])}".format(domain=domain)
