@@ -169,8 +169,8 @@ def metrics(rows: list[dict]) -> dict:
     auto = by["auto"]
     moded = [r for r in auto if r["mode"]]
     out: dict = {"n": len(auto), "template_validity": _rate(auto, lambda r: r["ok"]),
-                 "truncated": _rate(auto, lambda r: "truncated" in r["errors"]),
-                 # cut by the token limit is a state, not a template error: malformed = invalid and not cut there
+                 # cut by the token limit is a state, not a template error: valid + truncated + malformed = 1
+                 "truncated": _rate(auto, lambda r: r["finish_reason"] == "length"),
                  "malformed": _rate(auto, lambda r: not r["ok"] and r["finish_reason"] != "length"),
                  "think_on_rate": _rate(moded, lambda r: r["mode"] == "on"),
                  "mode_agreement": _rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),

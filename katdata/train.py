@@ -314,7 +314,9 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     split_doc = {"seed": cfg.seed, "data": str(_source(cfg.data, run_dir)), "holdout": cfg.holdout,
                  "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
-    (out / "split.json").write_text(json.dumps(split_doc, indent=1))
+    if _main_rank():  # under torchrun / accelerate launch every process gets here; one writes
+        (out / ".split.json.tmp").write_text(json.dumps(split_doc, indent=1))
+        os.replace(out / ".split.json.tmp", out / "split.json")
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else (
         torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
@@ -368,7 +370,8 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     stats |= {"base_model": base, "steps": trainer.state.global_step, "resumed_from": resume, "bf16": bool(bf16),
               "train_loss": result.training_loss, "seconds": round(seconds, 2), "input_tokens_seen": tokens,
               "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "marker_tokens": cfg.add_marker_tokens,
-              "adapter": str(out / "adapter"), "merged": str(out / "merged") if cfg.merge else None}
+              "adapter": str(out / "adapter"), "merged": str(out / "merged") if cfg.merge else None,
+              "processes": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
         (out / ".train.json.tmp").write_text(json.dumps(stats, indent=1))
         os.replace(out / ".train.json.tmp", out / "train.json")
@@ -447,8 +450,14 @@ def main(argv: list[str] | None = None) -> int:
               f"skipped (> max_length) {stats['skipped_too_long']}")
         return 0
     stats = run(cfg, ns.run_dir)
-    print(json.dumps(stats, indent=1))
+    if _main_rank():
+        print(json.dumps(stats, indent=1))
     return 0
+
+
+def _main_rank() -> bool:
+    """True outside distributed launches and on rank 0 of one (torchrun / accelerate set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR

@@ -168,3 +168,24 @@ def test_marker_tokens_are_added_and_trained(tmp_path, caplog):
     assert len(tok("<think_on>", add_special_tokens=False)["input_ids"]) == 1
     weights = load_file(tmp_path / "train" / "adapter" / "adapter_model.safetensors")
     assert any("embed_tokens" in k for k in weights)
+
+
+def test_data_parallel_launch_trains_once_and_writes_once(tmp_path):
+    """The multi-process path of `accelerate launch` / torchrun, run for real on the CPU (2 processes,
+    gloo): both ranks train on their share, only rank 0 writes the outputs."""
+    import subprocess
+    import sys
+
+    write_records(tmp_path / "records.jsonl", short_records(12))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "katdata.train",
+           str(tmp_path), "--set", "max_steps=2", "--set", "batch_size=2", "--set", "holdout=2",
+           "--set", "num_threads=1", "--set", "max_length=128"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count('"processes"') == 1  # one rank reports
+    stats = json.loads((tmp_path / "train" / "train.json").read_text())
+    assert stats["processes"] == 2 and stats["steps"] == 2 and stats["train"] == 10
+    log = [json.loads(x) for x in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    # 10 rows over 2 ranks x batch 2 = 3 steps per epoch (vs 5 in one process): 2 steps = 2/3 epoch
+    assert log[-1]["epoch"] == pytest.approx(2 / 3, abs=0.01)
+    assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()
