@@ -143,8 +143,8 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
             correct = verifier.correct(it.kind, p.answer, it.reference) if p.answer is not None else (
                 False if it.reference is not None else None)
             writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
-                          "prefix": pre, "text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens,
-                          "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
+                          "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
+                          "tokens": c.completion_tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
                           "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
                           "stance": stance(p.judge) if setting == "auto" else None, "error": c.error})
 

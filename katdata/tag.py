@@ -296,11 +296,12 @@ def llm_tags(completion: Completion, cfg: TagConfig) -> tuple[str, LLMTags]:
 def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optional[str], cfg: TagConfig) -> Tags:
     """Merge the rule prior with the LLM tagger; the rule prior fills every field the LLM missed."""
     f = llm.fields if llm else {}
-    p = rule["p_reasoning"]
+    w, p = cfg.rule_weight, rule["p_reasoning"]
     if llm and llm.p_reasoning is not None:
-        p = cfg.rule_weight * p + (1 - cfg.rule_weight) * llm.p_reasoning
-    w = cfg.rule_weight
-    difficulty = rule["difficulty"] if "difficulty" not in f else round(w * rule["difficulty"] + (1 - w) * f["difficulty"] + 1e-9)
+        p = w * p + (1 - w) * llm.p_reasoning
+    difficulty = rule["difficulty"]
+    if "difficulty" in f:
+        difficulty = round(w * difficulty + (1 - w) * f["difficulty"] + 1e-9)
     if w > 0.5:  # the rule prior is trusted more: its labels win too
         f = {k: v for k, v in f.items() if k not in ("domain", "task_type")}
     verif = rule["verifiability"] if q.reference is not None else f.get("verifiability", rule["verifiability"])

@@ -252,10 +252,10 @@ def prepare(cfg: TrainConfig, run_dir: Path, tok) -> tuple[list[dict], list[dict
         encs.append(enc)
     if not kept:
         raise KatdataError(f"no training example fits max_length={cfg.max_length}")
-    repeated = 0
+    distinct, repeated = len(kept), 0
     if cfg.balance_modes:
         kept, encs, repeated = balance(kept, encs)
-    stats = {"rows_in": len(train) + len(held), "train": len(kept), "heldout": len(held), "skipped_too_long": too_long,
+    stats = {"rows_in": len(train) + len(held), "train": distinct, "heldout": len(held), "skipped_too_long": too_long,
              "repeated_for_balance": repeated,
              "mask_disagreements": sum(not e["mask_agrees"] for e in encs),
              "loss_tokens": sum(len(e["spans"]) for e in encs), "tokens": sum(len(e["input_ids"]) for e in encs)}
