@@ -4,7 +4,8 @@ The held-out rows are those `katdata train` listed in ``train/split.json`` (the 
 or its own seeded hold-out). Each model answers each query in three settings:
 
 - ``auto``: the prompt pre-fills ``<judge>\\n`` and the model picks its mode;
-- ``on`` / ``off``: the prompt pre-fills a fixed judge and the mode prefix (forced mode).
+- ``on`` / ``off``: the prompt pre-fills the tags-written rationale for that mode (``judge.tags_rationale``)
+  and the mode prefix (forced mode).
 
 Every completion is kept in ``eval/generations.jsonl`` (with its parse errors; rerun skips what is
 there), and ``eval/eval.json`` holds the metrics: template validity, think-on rate (overall, by
