@@ -21,6 +21,7 @@ import yaml
 
 from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
+from katdata.redact import redact
 from katdata.runfiles import read_rows
 
 PLOT = "think_on_by_difficulty.png"
@@ -28,7 +29,6 @@ BY = ("domain", "difficulty", "task_type", "kind", "source")
 # Licences of the packaged sources (../shared/datasets.md), keyed by the source names katdata uses.
 SOURCE_LICENSES = {"gsm8k": "MIT", "aime2025": "MIT", "humaneval": "MIT", "fanoutqa-hop": "CC-BY-SA-4.0",
                    "fanoutqa-multihop": "CC-BY-SA-4.0"}
-SECRET = re.compile(r"key|token|secret|password", re.I)
 
 
 TAG_TYPES = {"domain": "string", "task_type": "string", "difficulty": "int32", "needs_reasoning": "bool",
@@ -236,14 +236,6 @@ def size_category(n: int) -> str:
     return "n>10M"
 
 
-def _redact(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: ("***" if SECRET.search(str(k)) and v else _redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redact(v) for v in obj]
-    return obj
-
-
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text("utf-8"))
@@ -435,12 +427,12 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
         out += ["## Human review", "", f"{stats.reviewed} records changed in review; changes per field: {fields}.", ""]
     out += ["## Recipe", ""]
     out += (["<details><summary>recipe.yaml (secrets redacted)</summary>", "", "```yaml",
-             yaml.safe_dump(_redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
+             yaml.safe_dump(redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
             if recipe is not None else ["No recipe.yaml in the run folder.", ""])
     if (run_dir / "summary.json").is_file():
         summary = read_json(run_dir / "summary.json")
         out += ["<details><summary>summary.json (stage statistics)</summary>", "", "```json",
-                json.dumps(_redact(summary), indent=2, ensure_ascii=False), "```", "", "</details>", ""]
+                json.dumps(redact(summary), indent=2, ensure_ascii=False), "```", "", "</details>", ""]
     return out
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from katdata.assemble import AssembleConfig
 from katdata.backends import BACKENDS, BackendConfig
 from katdata.errors import KatdataError
+from katdata.redact import redact
 from katdata.evaluate import EvalConfig
 from katdata.export import ExportConfig
 from katdata.inputs import FieldMap
@@ -178,19 +179,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-SECRET_KEYS = ("api_key", "token", "password", "secret")
-
-
-def _redact(node):
-    if isinstance(node, dict):
-        return {k: ("<redacted>" if v and any(s in k for s in SECRET_KEYS) and k != "api_key_env" else _redact(v))
-                for k, v in node.items()}
-    return [_redact(v) for v in node] if isinstance(node, list) else node
-
-
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, with any secret a recipe carried redacted."""
-    return yaml.safe_dump(_redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 def describe(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str]]:
