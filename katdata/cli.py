@@ -114,7 +114,7 @@ def _ls(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="katdata", description="Build KAT adaptive-thinking data and adapt a model to it.")
     p.add_argument("--version", action="version", version=f"katdata {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the INFO lines of other libraries")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe (resumes in an existing run folder)")
@@ -185,6 +185,23 @@ def _guard(fn) -> int:
         return 130
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes each log line through tqdm, which lifts the progress bars off the screen and redraws them
+    under the line: a log line never lands on a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own way of reporting a broken handler
+            self.handleError(record)
+
+
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """katdata's INFO lines (DEBUG with -v) and only the warnings of other libraries (their INFO with -v)."""
+    handler = _BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    floor = logging.INFO if verbose else logging.WARNING
+    handler.addFilter(lambda record: record.levelno >= floor or record.name.split(".")[0] == "katdata")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])

@@ -129,15 +129,39 @@ class Summary:
 
 
 def _progress(recipe: Recipe, run_dir: Path, stage: str):
-    """The stage's progress bar: queries done (samples drawn, for the sampler), with rate and ETA."""
+    """The stage's progress bar, counting the rows it appends out of what it will process: every query
+    (tag), the queries chosen for solving (solve), at most 2 x n samples per query (sample; fewer when a
+    vote settles early, and the bar then closes at the count drawn), the queries with samples (vote), the
+    labelled votes (judge), every vote (assemble). Stages that append no rows get no bar, and no stage
+    gets one when stderr is not a terminal."""
+    import sys
+    from contextlib import nullcontext
+
     from katdata.report import FileProgress
 
-    n_queries = sum(1 for _ in open(run_dir / "queries.jsonl", "rb")) if (run_dir / "queries.jsonl").is_file() else None
     files = [run_dir / f for f in STAGE_FILES[stage] if f.endswith(".jsonl")]
+    if not files or not sys.stderr.isatty():
+        return nullcontext()
+    queries = _ids(run_dir / "queries.jsonl")
+    off = _ids(run_dir / "tags.jsonl", lambda t: t.get("think_off_candidate")) & queries
     if stage == "sample":
-        total = n_queries * 2 * recipe.sample.n if n_queries else None
-        return FileProgress(files, total, stage, unit="sample")
-    return FileProgress(files, n_queries if files else None, stage, unit="query")
+        skipped = off if recipe.sample.skip_on_for_off_candidates else set()
+        return FileProgress(files, recipe.sample.n * (2 * len(queries) - len(skipped)), stage, unit="sample")
+    if stage == "solve" and recipe.solve.queries == "not_off_candidates":
+        queries -= off
+    elif stage == "vote":
+        queries = _ids(run_dir / "samples.jsonl", lambda a: a.get("source") == "vote")
+    elif stage in ("judge", "assemble"):
+        queries &= _ids(run_dir / "votes.jsonl", lambda v: stage == "assemble" or v.get("label") is not None)
+    return FileProgress(files, len(queries), stage, unit="query")
+
+
+def _ids(path: Path, keep: Callable[[dict], bool] = lambda row: True) -> set:
+    """The ids of a run file's complete rows that ``keep`` accepts; none when the file is missing."""
+    if not path.is_file():
+        return set()
+    with open(path, "rb") as f:
+        return {row["id"] for row in (json.loads(raw) for raw in f if raw.endswith(b"\n")) if keep(row)}
 
 
 def _selected(recipe: Recipe, start: Optional[str], until: Optional[str]) -> list[str]:

@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
+NOTES_MIN_WIDTH = 80  # narrower terminals get the table without its notes column
+
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "", unit: str = "row"):
     """A tqdm bar with count, rate and ETA; silent when stderr is not a terminal."""
@@ -70,31 +72,45 @@ def dataset_line(run_dir: Path) -> Optional[str]:
 
 
 def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
-    """The end-of-run table: counts, time and tokens per stage, then the dataset and where things are."""
+    """The end-of-run table: counts, time and tokens per stage, then the dataset and where things are.
+
+    The table fits the terminal: the notes wrap, and below ``NOTES_MIN_WIDTH`` columns they are left
+    out (summary.json has them all).
+    """
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
+    width = shutil.get_terminal_size((150, 24)).columns
+    console = Console(width=width)
+    notes = width >= NOTES_MIN_WIDTH
     table = Table(title=f"katdata run: {run_dir}  ({wall_s:.0f} s)")
-    for col in ("stage", "in", "out", "seconds", "tokens", "notes"):
-        table.add_column(col, overflow="fold")
+    for col in ("stage", "in", "out", "seconds", "tokens"):
+        table.add_column(col, no_wrap=True)
+    if notes:
+        table.add_column("notes", overflow="fold", ratio=1)
     for row in summary_rows(data):
-        table.add_row(*row)
-    console = Console(width=150)
+        table.add_row(*(row if notes else row[:5]))
     console.print(table)
+    if not notes:
+        console.print(f"notes per stage: {run_dir / 'summary.json'}", soft_wrap=True)
     line = dataset_line(run_dir)
     if line:
         console.print(line)
     where = {"dataset": run_dir / "export", "adapter": run_dir / "train" / "adapter", "report": run_dir / "eval" / "eval.json"}
     for what, path in where.items():
         if path.exists():
-            console.print(f"{what}: {path}")
+            console.print(f"{what}: {path}", soft_wrap=True)  # a path stays whole, to copy
 
 
 class FileProgress:
     """A progress bar for a stage, fed by the rows it appends to its files (count, rate, ETA).
 
     A background thread reads the new complete lines every ``interval`` seconds and counts either
-    distinct ids (``unit="query"``) or rows; nothing is shown when stderr is not a terminal.
+    distinct ids (``unit="query"``) or rows; nothing is shown when stderr is not a terminal. When the
+    stage ends the bar takes its final count and stays on screen; a stage that ends normally below
+    ``total`` (an upper bound, as for sampling) closes at ``n/n``, one that fails shows where it stopped.
     """
 
     def __init__(self, files: list[Path], total: Optional[int], desc: str, unit: str = "query",
@@ -111,7 +127,7 @@ class FileProgress:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=True, dynamic_ncols=True)
 
     def count(self) -> int:
         """Read what was appended since the last call; returns the count so far."""
@@ -142,8 +158,11 @@ class FileProgress:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.enabled:
             self._stop.set()
             self._thread.join()
+            self.bar.n = self.count()  # rows written since the last poll (a fast stage may write them all at once)
+            if exc_type is None and self.bar.n != self.bar.total:
+                self.bar.total = self.bar.n  # the stage did less than the most it could (sampling stopped early)
             self.bar.close()
