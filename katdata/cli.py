@@ -205,3 +205,4 @@ def _configure_logging(verbose: bool) -> None:
     floor = logging.INFO if verbose else logging.WARNING
     handler.addFilter(lambda record: record.levelno >= floor or record.name.split(".")[0] == "katdata")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.captureWarnings(True)  # Python warnings too go through the handler, off the bars' lines

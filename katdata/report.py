@@ -127,7 +127,8 @@ class FileProgress:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=True, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=True, dynamic_ncols=True,
+                            initial=self.count())  # from the rows already there; the rate counts only new ones
 
     def count(self) -> int:
         """Read what was appended since the last call; returns the count so far."""

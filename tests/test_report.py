@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from katdata.report import dataset_line, print_summary, summary_rows
 
 
@@ -53,3 +55,109 @@ def test_file_progress_counts_queries_and_rows_as_they_are_appended(tmp_path):
     with open(path, "a") as f:
         f.write('}\n{"id": "d"}\n')
     assert rows.count() == 5
+
+
+def _bar_text(out) -> str:
+    """The last state a tqdm bar drew on ``out`` (it redraws after each carriage return)."""
+    return out.getvalue().replace("\n", "\r").rstrip("\r").rsplit("\r", 1)[-1]
+
+
+def test_file_progress_ends_at_the_final_count_even_when_written_between_polls(tmp_path):
+    import io
+
+    from katdata.report import FileProgress
+
+    path = tmp_path / "tags.jsonl"
+    out = io.StringIO()
+    with FileProgress([path], total=3, desc="tag", enabled=True, interval=60, file=out):
+        path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n')  # all at once, long before the next poll
+    assert "3/3" in _bar_text(out) and "100%" in _bar_text(out)
+
+
+def test_file_progress_below_its_upper_bound_closes_at_n_of_n_but_a_failure_shows_where_it_stopped(tmp_path):
+    import io
+
+    from katdata.report import FileProgress
+
+    path = tmp_path / "samples.jsonl"
+    out = io.StringIO()
+    with FileProgress([path], total=16, desc="sample", unit="sample", enabled=True, interval=60, file=out):
+        path.write_text('{"id": "a"}\n' * 10)  # voting settled early: 10 of at most 16 samples drawn
+    assert "10/10" in _bar_text(out)
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with FileProgress([path], total=16, desc="sample", unit="sample", enabled=True, interval=60, file=out):
+            raise RuntimeError("engine died")
+    assert "10/16" in _bar_text(out)
+
+
+def _stats() -> dict:
+    notes = {f"stat_{i}": 0.123 * i for i in range(7)}
+    return {"stages": {s: {"rows_in": 120, "rows_out": 118, "seconds": 63.2, "tokens": 40960,
+                           "input": "/a/rather/long/path/to/the/run/folder/records.jsonl", **notes}
+                       for s in ("load", "tag", "solve", "sample", "assemble")}}
+
+
+def test_summary_table_fits_the_terminal_and_wraps_the_notes(tmp_path, capsys, monkeypatch):
+    from rich.cells import cell_len
+
+    monkeypatch.setenv("COLUMNS", "90")
+    print_summary(_stats(), tmp_path, 5.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(cell_len(line) for line in lines) <= 90
+    assert sum("stat_6=0.738" in line for line in lines) == 5  # every note is there, wrapped, none cut
+    assert any("notes" in line for line in lines[:4])
+
+
+def test_summary_table_drops_the_notes_in_a_narrow_terminal(tmp_path, capsys, monkeypatch):
+    from rich.cells import cell_len
+
+    monkeypatch.setenv("COLUMNS", "60")
+    print_summary(_stats(), tmp_path, 5.0)
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert len(table) == 9 and max(cell_len(line) for line in table) <= 60
+    assert not any("stat_" in line for line in lines)
+    assert f"notes per stage: {tmp_path / 'summary.json'}" in lines
+
+
+LOG_SCRIPT = """
+import logging, sys
+from katdata.cli import _configure_logging
+_configure_logging(sys.argv[1] == "-v")
+logging.getLogger("matplotlib.category").info("categorical units")
+logging.getLogger("httpx").debug("http debug")
+logging.getLogger("filelock").warning("lock is stale")
+logging.getLogger("katdata.tag").info("tagged 4/4")
+logging.getLogger("katdata.tag").debug("tag details")
+import warnings; warnings.warn("a library warns")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_other_libraries_info_only_with_verbose(verbose):
+    import os
+    import subprocess
+    import sys
+
+    err = subprocess.run([sys.executable, "-c", LOG_SCRIPT, "-v" if verbose else "-"], env=dict(os.environ),
+                         capture_output=True, text=True, check=True).stderr
+    assert "INFO katdata.tag: tagged 4/4" in err and "WARNING filelock: lock is stale" in err
+    assert ("categorical units" in err) == verbose and ("tag details" in err) == verbose
+    assert "http debug" not in err
+    assert "WARNING py.warnings:" in err and "UserWarning: a library warns" in err
+
+
+def test_file_progress_of_a_resumed_stage_starts_at_the_rows_already_written(tmp_path):
+    import io
+
+    from katdata.report import FileProgress
+
+    path = tmp_path / "tags.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n')
+    out = io.StringIO()
+    with FileProgress([path], total=4, desc="tag", enabled=True, interval=60, file=out) as bar:
+        assert bar.bar.n == 2 and "2/4" in _bar_text(out)
+        with open(path, "a") as f:
+            f.write('{"id": "c"}\n{"id": "d"}\n')
+    assert "4/4" in _bar_text(out)
