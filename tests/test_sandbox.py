@@ -203,7 +203,7 @@ ATTEMPTS = {
     "early_exit": "import os\nos._exit(0)",
 }
 
-DRIVER = """\
+DRIVER = r"""
 import json, os, socket, sys
 from katdata.sandbox import SandboxConfig, run_python
 attempts, port, secret = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -218,6 +218,24 @@ for name, code in attempts.items():
 unisolated = SandboxConfig(allow_unisolated=True, bwrap="/nonexistent/bwrap")  # the control: escapes there
 out["environ_unisolated"] = run_python(attempts["environ"].replace("PARENT_PID", str(os.getpid())), unisolated).stdout
 out["alive"] = True
+# the sample stage on a code query whose sampled answers are hostile programs, then the real solution
+from katdata import sources, template
+from katdata.backends.scripted import ScriptedBackend
+from katdata.runfiles import RowWriter
+from katdata.sample import SampleConfig, run as sample_run
+stage_dir = sys.argv[4]
+os.makedirs(stage_dir)
+q = sources.load("humaneval")[0]
+with RowWriter(os.path.join(stage_dir, "queries.jsonl")) as w:
+    w.write_all([q])
+answers = [attempts[k].replace("PARENT_PID", str(os.getpid())) for k in ("kill", "early_exit", "write", "environ")]
+answers.append(q.meta["prompt"] + q.meta["canonical_solution"])
+def script(req, i):
+    code = "```python\n" + answers[i] + "\n```\n</answer>"
+    return code if req.prefix.endswith(template.FORCE_PREFIX["off"]) else "x\n</think>\n<answer>\n" + code
+stats = sample_run(SampleConfig(n=5, rounds=[]), stage_dir, lambda name: ScriptedBackend(script=script))
+rows = [json.loads(line) for line in open(os.path.join(stage_dir, "samples.jsonl"))]
+out["stage"] = {"sandbox": stats.get("sandbox"), "correct": [r["correct"] for r in rows if r["mode"] == "off"]}
 print(json.dumps(out))
 """
 
@@ -282,7 +300,8 @@ def test_escape_attempts_as_an_unprivileged_user_are_contained():
                     for k, v in ATTEMPTS.items()}
         env = {"PATH": "/usr/bin:/bin", "KATDATA_TEST_TOKEN": secret,
                "PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
-        proc = subprocess.run(_unprivileged([str(driver), json.dumps(attempts), str(server.port), secret]),
+        argv = [str(driver), json.dumps(attempts), str(server.port), secret, str(run_dir / "stage")]
+        proc = subprocess.run(_unprivileged(argv),
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -311,6 +330,8 @@ def test_escape_attempts_as_an_unprivileged_user_are_contained():
     while len(_procs_of(nobody)) > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(_procs_of(nobody)) <= before  # nothing of the sandboxes outlived them
+    # the pipeline went on: hostile answers are wrong, the real solution right, all isolated
+    assert res["stage"] == {"sandbox": "bwrap", "correct": [False, False, False, False, True]}, res["stage"]
     shutil.rmtree(base, ignore_errors=True)
 
 
