@@ -168,7 +168,12 @@ def isolation_problem(cfg: Optional[SandboxConfig] = None) -> Optional[str]:
         return where
     if not sys.platform.startswith("linux"):
         return "bubblewrap needs Linux"
-    key = (bwrap, _interpreter(cfg)[0], os.geteuid())
+    python = _interpreter(cfg)[0]
+    for what, path in (("bwrap", bwrap), ("the interpreter", python)):
+        if _root() and not _reachable_by_others(path):
+            return (f"as root, katdata runs code as an unprivileged uid, which cannot reach {what} at {path}; "
+                    "install it where every user can run it (sandbox.bwrap, sandbox.python)")
+    key = (bwrap, python, os.geteuid())
     with _probe_lock:
         if key not in _probes:
             r = _run(cfg, "print('ok')", "", bwrap)
