@@ -344,6 +344,11 @@ def test_no_isolation_layer_refuses_with_a_fix():
         run_python("print(1)", cfg)
     msg = str(err.value)
     assert "sandbox.allow_unisolated" in msg and "bubblewrap" in msg and "user namespaces" in msg
+    # a bwrap that cannot make its namespaces (as in a container without user namespaces) fails its probe
+    broken = SandboxConfig(bwrap=shutil.which("false") or "/bin/false")
+    assert "the bwrap probe failed" in isolation_problem(broken)
+    with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
+        run_python("print(1)", broken)
 
 
 def test_unisolated_runs_only_when_allowed_and_says_so():
