@@ -367,6 +367,10 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
            "", f"Mode ratio overall: think-on {on} ({_pct(on, n)}), think-off {off} ({_pct(off, n)}). "
            f"Mean response length: think-on {stats.chars['on'] // max(on, 1)} chars, "
            f"think-off {stats.chars['off'] // max(off, 1)} chars.", ""]
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    if any(isinstance(st, dict) and st.get("sandbox") == "unisolated" for st in summary.get("stages", {}).values()):
+        out += ["> **Warning:** model-written code was verified WITHOUT isolation (`sandbox.allow_unisolated: true`): "
+                "it could reach the network and the files of the machine that built this data.", ""]
     for key in BY:
         groups = stats.by[key]
         if set(groups) == {"-"}:

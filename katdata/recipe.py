@@ -23,6 +23,7 @@ from katdata.inputs import FieldMap
 from katdata.judge import JudgeConfig
 from katdata.review import ReviewConfig
 from katdata.sample import SampleConfig
+from katdata.sandbox import SandboxConfig
 from katdata.solve import SolveConfig
 from katdata.sources import SOURCES
 from katdata.tag import TagConfig
@@ -95,6 +96,17 @@ class Recipe(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Hub dataset folder and card")
     train: Optional[TrainConfig] = Field(None, description="LoRA fine-tuning (optional stage)")
     eval: Optional[EvalConfig] = Field(None, description="adaptive-thinking evaluation (optional stage)")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="isolation and limits of model-written "
+                                   "code run by the code verifier (solve and sample stages)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sandbox_moved(cls, data):
+        for stage in ("solve", "sample"):
+            verify = data[stage].get("verify") if isinstance(data, dict) and isinstance(data.get(stage), dict) else None
+            if isinstance(verify, dict) and "sandbox" in verify:
+                raise ValueError(f"'{stage}.verify.sandbox' moved to the top-level 'sandbox:' section")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -103,6 +115,7 @@ class Recipe(Strict):
         if (self.sample.n, self.sample.delta) != (self.vote.n, self.vote.delta):
             raise ValueError(f"vote.n and vote.delta ({self.vote.n}, {self.vote.delta}) must equal sample.n and "
                              f"sample.delta ({self.sample.n}, {self.sample.delta})")
+        self.solve.verify._sandbox = self.sample.verify._sandbox = self.sandbox
         return self
 
 

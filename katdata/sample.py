@@ -181,6 +181,7 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
         repair_tail(out_path)
         for a in read_rows(out_path, Attempt):
             existing[a.id].append(a)
+    isolation = Verifier(cfg.verify).code_isolation(queries)  # refuses before any model loads if code can't be isolated
     judge = engine(cfg.judge_engine) if cfg.judge_engine else None
     verifier = Verifier(cfg.verify, judge=judge)
     backend = engine(cfg.engine)
@@ -200,7 +201,8 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
             skip_on = frozenset(think_off_candidates(run_dir))
         states = sample_queries(queries, cfg, backend, verifier, existing, write, skip_on)
     used = sum(len(st.rows["on"]) + len(st.rows["off"]) for st in states.values())
-    return {"rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
+    return {**({"sandbox": isolation} if isolation else {}),
+            "rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
             "samples_saved": 2 * cfg.n * len(states) - used, "tokens": stats["tokens"],
             "no_answer": stats["no_answer"], "skipped_think_on": len(skip_on), "closed_at_stop": stats["closed_at_stop"],
             "stopped_early": sum(not (len(st.rows["on"]) >= cfg.n and len(st.rows["off"]) >= cfg.n)

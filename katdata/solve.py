@@ -252,6 +252,7 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
         if out_path.is_file() else set()
     todo = [q for q in queries if q.id not in done]
     calls, usage = Counter(), Counter()
+    isolation = Verifier(cfg.verify).code_isolation(todo) if cfg.check_reference else None  # before any model loads
     verifier = Verifier(cfg.verify, judge=engine(cfg.judge_engine) if cfg.judge_engine and todo else None)
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
@@ -264,6 +265,8 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     stats.update(rows_in=len(queries) + skipped_off, skipped_off_candidates=skipped_off, queries_new=len(todo),
                  calls=dict(calls), tokens=dict(usage), seconds=round(secs, 3),
                  queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None)
+    if isolation:
+        stats = {"sandbox": isolation, **stats}
     return stats
 
 

@@ -21,9 +21,9 @@ import threading
 from importlib import resources
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from katdata.sandbox import SandboxConfig, humaneval_program, run_python
+from katdata.sandbox import SandboxConfig, humaneval_program, require_isolation, run_python
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,12 @@ class VerifyConfig(BaseModel):
     math_timeout_s: float = Field(5.0, description="wall-clock limit of one Math-Verify call (worker killed after)")
     math_workers: int = Field(2, description="worker processes of the Math-Verify pool")
     rel_tol: float = Field(1e-6, description="relative tolerance of numeric answers")
-    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="limits for code answers")
     exact_contains: bool = Field(True, description="kind=exact: also correct when the answer contains the "
                                  "(normalised, at most 5-word) reference as whole words")
     judge_prompt: str = Field("verify_judge.txt", description="prompt file (katdata/prompts) of the LLM judge")
     judge_max_tokens: int = Field(8, description="tokens the LLM judge may answer with")
+    # the recipe's top-level `sandbox:` section (set by recipe.py; not a key of this section)
+    _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
 
 
 def prompt(name: str) -> str:
@@ -196,8 +197,9 @@ def _strip_tags(text: str) -> str:
 class Verifier:
     """Checks answers of one kind; ``key`` gives a class key, ``same`` merges keys that differ."""
 
-    def __init__(self, cfg: Optional[VerifyConfig] = None, judge=None):
+    def __init__(self, cfg: Optional[VerifyConfig] = None, judge=None, sandbox: Optional[SandboxConfig] = None):
         self.cfg = cfg or VerifyConfig()
+        self.sandbox = sandbox or self.cfg._sandbox
         self.judge = judge  # a Backend, for kind="open"
 
     def key(self, kind: Optional[str], answer: Optional[str], query=None) -> Optional[str]:
@@ -253,7 +255,14 @@ class Verifier:
     def check_code(self, answer: str, test: str, query=None) -> bool:
         prompt_text = (getattr(query, "meta", None) or {}).get("prompt")
         program = humaneval_program(extract_code(answer), test, prompt_text)
-        return run_python(program, self.cfg.sandbox).ok
+        return run_python(program, self.sandbox).ok
+
+    def code_isolation(self, queries) -> Optional[str]:
+        """Before any sampling: the isolation code checks will run under ("bwrap", or "unisolated" when
+        the recipe allows that), None when no query needs one; raises when none works."""
+        if any(q.kind == "code" and q.reference is not None for q in queries):
+            return "bwrap" if require_isolation(self.sandbox) == "bwrap" else "unisolated"
+        return None
 
     def judge_open(self, query, answer: str, reference: str) -> Optional[bool]:
         """Ask the judge model; None when there is no judge or its reply does not parse."""
