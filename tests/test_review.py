@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from katdata import review, sources, template
+from katdata import review, review_routing, sources, template
+from katdata import vote as vote_stage
 from katdata.errors import KatdataError
 from katdata.records import Attempt, KatRecord, Vote
+from katdata.vote import VoteConfig
 from katdata.runfiles import RowWriter, read_rows
 
 _spec = importlib.util.spec_from_file_location("katdata_tests_argilla", Path(__file__).with_name("argilla_server.py"))
@@ -33,8 +35,19 @@ _spec.loader.exec_module(_fixtures)
 argilla_server = _fixtures.argilla_server  # the session fixture, bound here so pytest finds it
 
 
+VOTE = VoteConfig(n=4, delta=0.1, explore_share=0.0)
+
+
+def _samples(q, mode: str, k: int, think: str | None, answer: str) -> list[Attempt]:
+    """4 samples of one mode, the first ``k`` right (shorter), the rest wrong (each a different answer)."""
+    return [Attempt(id=q.id, index=j, mode=mode, text=f"sample {j}", think=think if mode == "on" else None,
+                    answer=answer if j < k else f"{answer} (wrong {j})", answer_class=answer if j < k else f"w{j}",
+                    ok=True, correct=j < k, completion_tokens=(150 if mode == "on" else 15) + j) for j in range(4)]
+
+
 def make_run(folder: Path, n_on: int = 24, n_off: int = 16, seed: int = 0) -> Path:
-    """A run folder: records.jsonl, votes.jsonl and samples.jsonl from real queries."""
+    """A run folder: records.jsonl, votes.jsonl and samples.jsonl from real queries; the vote rows are
+    computed by katdata.vote from the samples (signed margins, real decision boundary)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with RowWriter(folder / "records.jsonl") as recs, RowWriter(folder / "votes.jsonl") as votes, RowWriter(
@@ -47,23 +60,25 @@ def make_run(folder: Path, n_on: int = 24, n_off: int = 16, seed: int = 0) -> Pa
             judge = ("The question needs several arithmetic steps, so reasoning first helps." if mode == "on"
                      else "The question asks to recall one fact, so no reasoning is needed.")
             answer = q.reference or "unknown"
-            p_on, p_off = (round(rng.uniform(0.5, 1), 2), round(rng.uniform(0, 0.5), 2))
-            if mode == "off":
-                p_on, p_off = p_off, p_on
-            margin = abs(p_on - p_off)
-            votes.write(Vote(id=q.id, label=mode, reason="pass rates", p_on=p_on, p_off=p_off, margin=margin,
-                             n_on=4, n_off=4, tokens_on=180.0, tokens_off=20.0, chosen_index=0,
-                             chosen_source="vote", classes_on={answer: 3}, classes_off={answer: 2}))
-            samples.write(Attempt(id=q.id, index=0, mode=mode, text="x", think=think, answer=answer, ok=True,
-                                  correct=i % 7 != 3, completion_tokens=150 if mode == "on" else 15))
-            if mode == "off":  # a think-on sample, for a reviewer who switches the mode to on
-                samples.write(Attempt(id=q.id, index=1, mode="on", text="y", think=f"Recall what is asked: {q.query}",
-                                      answer=answer, ok=True, correct=True, completion_tokens=60))
+            if mode == "on":
+                k_on = rng.randint(2, 4)
+                k_off = rng.randint(0, k_on - 1)
+            elif (i - n_on) % 4 == 1:
+                k_on, k_off = 0, 4  # unanimous think-off: a clear case
+            else:  # at least one right think-on sample, for a reviewer who switches the mode to on
+                k_off = rng.randint(1, 4)
+                k_on = rng.randint(1, k_off)
+            attempts = _samples(q, "on", k_on, think or f"Recall what is asked: {q.query}", answer)
+            attempts += _samples(q, "off", k_off, None, answer)
+            vote = vote_stage.vote(q.id, attempts, VOTE)
+            assert vote.label == mode, (vote.p_on, vote.p_off)
+            votes.write(vote)
+            samples.write_all(attempts)
             recs.write(KatRecord(id=q.id, query=q.query, mode=mode, judge=judge, think=think, answer=answer,
                                  response=template.render(mode, judge, answer, think), reference=q.reference,
                                  kind=q.kind, tags={"domain": "math" if mode == "on" else "trivia",
                                                     "needs_reasoning": mode == "on" if i % 5 else mode != "on"},
-                                 vote={"margin": margin}))
+                                 vote=vote.model_dump(mode="json"), provenance={"correct": i % 7 != 3}))
     return folder
 
 
@@ -78,9 +93,12 @@ def test_routing_policy(tmp_path):
     reasons = {r.id: review.route(r, votes[r.id], verdicts[r.id], cfg) for r in records}
     for rec in records:
         vote, got = votes[rec.id], reasons[rec.id]
-        assert ("low_margin" in got) == (vote.margin < cfg.margin_below)
+        assert ("low_margin" in got) == (abs(vote.p_on - vote.p_off - vote.delta) < cfg.margin_below)
         assert ("tagger_disagrees" in got) == (rec.tags["needs_reasoning"] != (rec.mode == "on"))
-        assert ("verifier_conflict" in got) == (verdicts[rec.id]["correct"] is False)
+        one_mode_never_right = (vote.p_on == 0) != (vote.p_off == 0)  # the modes' top answers differ
+        assert ("verifier_conflict" in got) == (verdicts[rec.id]["correct"] is False or one_mode_never_right)
+    clear_off = [r for r in records if (votes[r.id].p_on, votes[r.id].p_off) == (0, 1)]
+    assert clear_off and not any("low_margin" in reasons[r.id] for r in clear_off)
     assert any(reasons.values()) and not all(reasons.values())
     # audit draws a stable share of the others; 'all' routes everything
     audit = review.ReviewConfig(audit_share=0.5, margin_below=0, disagreement=False, verifier_conflict=False)
@@ -89,6 +107,35 @@ def test_routing_policy(tmp_path):
     assert drawn == [r.id for r in records if review.route(r, votes[r.id], verdicts[r.id], audit) == ["audit"]]
     every = review.ReviewConfig(route="all")
     assert all(review.route(r, votes[r.id], verdicts[r.id], every) == ["all"] for r in records)
+
+
+def test_margin_is_distance_to_boundary():
+    """Signed margins of real vote rows: the distance to the vote's boundary routes, not p_on - p_off."""
+    q = sources.load("gsm8k", limit=1)[0]
+    cfg = review.ReviewConfig(audit_share=0.0, disagreement=False, verifier_conflict=False)
+    rows = {}
+    for k_on, k_off in ((0, 4), (4, 0), (4, 4), (3, 2), (2, 2), (3, 3)):
+        attempts = _samples(q, "on", k_on, "Add them up.", "42") + _samples(q, "off", k_off, None, "42")
+        v = rows[k_on, k_off] = vote_stage.vote(q.id, attempts, VOTE)
+        d = review_routing.boundary_distance(v.model_dump())
+        assert (d > 0) == (v.label == "on") and d == pytest.approx(v.p_on - v.p_off - v.delta)
+        rec = KatRecord(id=q.id, query=q.query, mode=v.label, judge="j", answer="42", response="r", vote=v.model_dump())
+        assert ("low_margin" in review.route(rec, v, {}, cfg)) == (abs(d) < cfg.margin_below)
+        conf = review_routing.mode_confidence(v.model_dump(), v.label)
+        assert 0.5 <= conf <= 1 and review_routing.mode_confidence(v.model_dump(), {"on": "off", "off": "on"}[v.label]) == pytest.approx(1 - conf)
+    clear_off, clear_on = rows[0, 4], rows[4, 0]
+    assert (clear_off.p_on, clear_off.p_off, clear_off.label, clear_off.margin) == (0, 1, "off", -1)
+    assert review.route(KatRecord(id=q.id, query=q.query, mode="off", judge="j", answer="42", response="r"),
+                        clear_off, {}, cfg) == []  # unanimous think-off: a clear case, not a low-margin one
+    assert review_routing.mode_confidence(clear_off.model_dump(), "off") == pytest.approx(1.0)
+    assert review_routing.mode_confidence(clear_on.model_dump(), "on") == pytest.approx(1.0)
+    assert review_routing.mode_confidence(rows[3, 2].model_dump(), "on") < review_routing.mode_confidence(clear_on.model_dump(), "on")
+    # one sample away from flipping: both modes always right, or think-on one better than think-off
+    assert review_routing.boundary_distance(rows[4, 4].model_dump()) == pytest.approx(-0.1)
+    assert review_routing.boundary_distance(rows[3, 2].model_dump()) == pytest.approx(0.15)
+    none = vote_stage.vote(q.id, _samples(q, "on", 0, "x", "42") + _samples(q, "off", 0, None, "42"),
+                           VOTE.model_copy(update={"none_correct": "review"}), None)
+    assert none.review and review_routing.mode_confidence(none.model_dump(), "off") is None  # no evidence
 
 
 def _resp(status, user="u1", at="2026-01-01T00:00:01", **values):
@@ -198,7 +245,13 @@ def test_round_trip(live, tmp_path, caplog):
     sugg = {names[s["question_id"]]: s for s in requests.get(
         f"{live.url}/api/v1/records/{on_server[rec0.id]['id']}/suggestions", headers=key, timeout=30).json()["items"]}
     vote0 = next(read_rows(run / "votes.jsonl", Vote))
-    assert sugg["mode"]["value"] == rec0.mode and sugg["mode"]["score"] == pytest.approx(vote0.margin)
+    assert sugg["mode"]["value"] == rec0.mode
+    assert sugg["mode"]["score"] == pytest.approx(review_routing.mode_confidence(vote0.model_dump(), rec0.mode))
+    votes = {v.id: v for v in read_rows(run / "votes.jsonl", Vote)}
+    clear = next(r for r in records if (votes[r.id].p_on, votes[r.id].p_off) == (0, 1))  # unanimous think-off
+    sugg = {names[s["question_id"]]: s for s in requests.get(
+        f"{live.url}/api/v1/records/{on_server[clear.id]['id']}/suggestions", headers=key, timeout=30).json()["items"]}
+    assert sugg["mode"]["value"] == "off" and sugg["mode"]["score"] == pytest.approx(1.0)
     assert sugg["answer_ok"]["value"] == "yes" and sugg["answer_ok"]["score"] == pytest.approx(vote0.p_on)
 
     # an annotator answers some records through the REST API, as the web UI does
