@@ -247,12 +247,12 @@ def test_round_trip(live, tmp_path, caplog):
     vote0 = next(read_rows(run / "votes.jsonl", Vote))
     assert sugg["mode"]["value"] == rec0.mode
     assert sugg["mode"]["score"] == pytest.approx(review_routing.mode_confidence(vote0.model_dump(), rec0.mode))
+    assert sugg["answer_ok"]["value"] == "yes" and sugg["answer_ok"]["score"] == pytest.approx(vote0.p_on)
     votes = {v.id: v for v in read_rows(run / "votes.jsonl", Vote)}
     clear = next(r for r in records if (votes[r.id].p_on, votes[r.id].p_off) == (0, 1))  # unanimous think-off
     sugg = {names[s["question_id"]]: s for s in requests.get(
         f"{live.url}/api/v1/records/{on_server[clear.id]['id']}/suggestions", headers=key, timeout=30).json()["items"]}
     assert sugg["mode"]["value"] == "off" and sugg["mode"]["score"] == pytest.approx(1.0)
-    assert sugg["answer_ok"]["value"] == "yes" and sugg["answer_ok"]["score"] == pytest.approx(vote0.p_on)
 
     # an annotator answers some records through the REST API, as the web UI does
     ann = live.annotator("ann1", "katdata")
@@ -368,3 +368,143 @@ def test_web_ui_shows_a_record(live, tmp_path):
     rec = shown[0]
     assert rec.judge in dom and rec.answer in dom and rec.think.splitlines()[0].strip() in dom
     assert "<judge>" in dom and "<think_on>" in dom  # the full response shows the template's tags verbatim
+
+
+# ---------------------------------------------------------------- hold-back: flagged records wait for a reviewer
+
+
+def make_flagged_run(folder: Path, n: int = 12, seed: int = 1) -> Path:
+    """A run through the real vote and assemble stages: GSM8K queries whose samples were all wrong
+    are flagged by the vote (none_correct: review) and assembled from the reference solution."""
+    from katdata import assemble
+    from katdata.judge import JudgeRow
+    from katdata.records import Tags
+
+    folder.mkdir(parents=True, exist_ok=True)
+    queries = sources.load("gsm8k", limit=n, seed=seed)
+    with RowWriter(folder / "queries.jsonl") as qs, RowWriter(folder / "tags.jsonl") as tags, RowWriter(
+        folder / "samples.jsonl"
+    ) as samples:
+        for i, q in enumerate(queries):
+            qs.write(q)
+            tags.write(Tags(id=q.id, domain="math", task_type="word_problem", difficulty=3, needs_reasoning=True,
+                            p_reasoning=0.9, verifiability="reference", language="en"))
+            think = re.sub(r"<<[^>]*>>", "", q.meta["solution"]).split("####")[0].strip()
+            k_on, k_off = (0, 0) if i % 3 == 0 else (4, i % 3)  # every third: no sample right
+            samples.write_all(_samples(q, "on", k_on, think, q.reference) + _samples(q, "off", k_off, None, q.reference))
+    vote_stage.run(VOTE.model_copy(update={"none_correct": "review"}), folder)
+    with RowWriter(folder / "judges.jsonl") as judges:
+        for v in read_rows(folder / "votes.jsonl", Vote):
+            judges.write(JudgeRow(id=v.id, mode=v.label, ok=True, rationale="Several dependent steps of arithmetic, "
+                                  "so working them out first avoids slips."))
+    assemble.run(assemble.AssembleConfig(think_source="vote", reference_fallback=True), folder)
+    return folder
+
+
+def _exported(folder: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    return {r["id"]: r for f in sorted((folder / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def test_holdback_until_answered(tmp_path, caplog):
+    from katdata import export, train
+
+    run = make_flagged_run(tmp_path / "run")
+    records = list(read_rows(run / "records.jsonl", KatRecord))
+    flagged = sorted(r.id for r in records if r.vote["review"])
+    assert 0 < len(flagged) < len(records) and all(r.provenance["content_source"] == "reference"
+                                                   for r in records if r.id in flagged)
+    caplog.set_level(logging.INFO)
+    stats = export.run(export.ExportConfig(plot=False), run)
+    assert stats["held_back"] == len(flagged) and stats["rows_out"] == len(records) - len(flagged)
+    assert set(_exported(run / "export")) == {r.id for r in records} - set(flagged)
+    assert f"{len(flagged)} records wait for review" in caplog.text
+    card = (run / "export" / "README.md").read_text()
+    assert f"Held back for review: {len(flagged)} records" in card
+    rows, _ = train.load_examples(str(run / "records.jsonl"), run)  # train without an export holds them back too
+    assert {r["id"] for r in rows} == {r.id for r in records} - set(flagged)
+
+    # require_review: false keeps the old behaviour, and the card says so
+    (run / "recipe.yaml").write_text("export:\n  require_review: false\n")
+    everything = export.run(export.ExportConfig(plot=False, require_review=False, out=tmp_path / "all"), run)
+    assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
+    assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
+    assert len(train.load_examples(str(run / "records.jsonl"), run)[0]) == len(records)
+    (run / "recipe.yaml").unlink()
+
+    # a reviewer switches one to think-off with a new rationale and answer (merged as `review pull` does)
+    _, _, attempts = review.load_run(run)
+    judge = "It is one subtraction, so the answer can be given directly."
+    answers = {flagged[0]: [_resp("submitted", mode="off", answer_ok="no", corrected_answer="41", corrected_judge=judge)],
+               flagged[1]: [_resp("draft", mode="off")]}  # a draft is no answer: it still waits
+    merged, _, _, mstats = review.merge(records, answers, {"u1": "ann"}, attempts, "ds")
+    assert mstats["answered"] == 1
+    with RowWriter(run / "review" / "merged.jsonl") as w:
+        w.write_all(merged)
+    stats = export.run(export.ExportConfig(plot=False), run)
+    assert stats["held_back"] == len(flagged) - 1
+    out = _exported(run / "export")
+    assert flagged[0] in out and not set(flagged[1:]) & set(out)
+    row = out[flagged[0]]
+    assert (row["mode"], row["judge"], row["answer"], row["think"]) == ("off", judge, "41", None)
+    assert row["response"] == template.render("off", judge, "41")  # re-rendered byte-exact
+    assert {c["field"] for c in row["provenance"]["changes"]} == {"mode", "judge", "think", "answer"}
+    assert {c["annotator"] for c in row["provenance"]["changes"]} == {"ann"}
+
+
+def test_blocking_rules_from_the_recipe(tmp_path):
+    from katdata import export
+    from katdata.errors import InputError
+
+    run = make_run(tmp_path / "run", n_on=8, n_off=8)
+    records = list(read_rows(run / "records.jsonl", KatRecord))
+    assert export.run(export.ExportConfig(plot=False), run)["held_back"] == 0  # nothing flagged by the vote
+    (run / "recipe.yaml").write_text("review:\n  blocking: [low_margin]\n")
+    near = {r.id for r in records if abs(review_routing.boundary_distance(r.vote)) < 0.2}
+    assert 0 < len(near) < len(records)
+    assert review_routing.waiting(run, run / "records.jsonl") == near
+    assert export.run(export.ExportConfig(plot=False), run)["held_back"] == len(near)
+    pushed_reasons = {r.id: review.route(r, None, {}, review.run_review_config(run)) for r in records}
+    assert all("low_margin" in pushed_reasons[i] for i in near)  # push routes every record export waits for
+    (run / "recipe.yaml").write_text("review:\n  explored: false\n  blocking: [explored]\n")
+    with pytest.raises(InputError, match=r"recipe.yaml field 'review'.*switched off"):
+        export.run(export.ExportConfig(plot=False), run)
+
+
+@pytest.mark.argilla
+def test_holdback_round_trip(live, tmp_path):
+    """run -> push -> export holds the flagged back -> a reviewer answers one through the Argilla SDK,
+    switching its mode -> pull -> export includes it with the reviewer's mode; the rest still wait."""
+    import argilla as rg
+
+    from katdata import export
+
+    run = make_flagged_run(tmp_path / "run-hold")
+    records = {r.id: r for r in read_rows(run / "records.jsonl", KatRecord)}
+    flagged = sorted(i for i, r in records.items() if r.vote["review"])
+    pushed = review.push(review.ReviewConfig(), run)  # the default policy
+    assert pushed["blocking"] == len(flagged) and pushed["routed"]["vote_flag"] == len(flagged)
+    first = export.run(export.ExportConfig(plot=False), run)
+    assert first["held_back"] == len(flagged) and not set(flagged) & set(_exported(run / "export"))
+
+    # the reviewer's own SDK client submits the answer (annotators cannot list records: the owner finds its id)
+    ds = live.owner().datasets(name=pushed["dataset"], workspace="katdata")
+    on_server = {r.id: r for r in ds.records(query=rg.Query(filter=rg.Filter(("metadata.route", "in", ["blocks_export"]))))}
+    assert set(on_server) == set(flagged)
+    reviewer = live.reviewer("rev1", "katdata")
+    judge = "A single recalled figure answers it, so no reasoning is needed."
+    values = {"mode": "off", "answer_ok": "no", "corrected_answer": "41", "corrected_judge": judge}
+    answer = rg.UserResponse([rg.Response(k, v, user_id=reviewer.me.id, status="submitted") for k, v in values.items()])
+    reviewer.api.records.create_record_response(on_server[flagged[0]]._server_id, answer._model)
+
+    pulled = review.pull(review.ReviewConfig(), run)
+    assert pulled["answered"] == 1 and pulled["changed"] == 1
+    again = export.run(export.ExportConfig(plot=False), run)
+    assert again["held_back"] == len(flagged) - 1 and again["rows_out"] == first["rows_out"] + 1
+    row = _exported(run / "export")[flagged[0]]
+    assert (row["mode"], row["judge"], row["answer"], row["think"]) == ("off", judge, "41", None)
+    assert row["response"] == template.render("off", judge, "41")
+    assert [c["annotator"] for c in row["provenance"]["changes"]] == ["rev1"] * 4
+    assert not set(flagged[1:]) & set(_exported(run / "export"))  # still unanswered: still held back
+    assert f"Held back for review: {len(flagged) - 1} records" in (run / "export" / "README.md").read_text()
