@@ -375,9 +375,11 @@ def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
     _write_atomic(out / "changes.jsonl", changes)
     _write_atomic(out / "excluded.jsonl", excluded)
     _write_atomic(out / "merged.jsonl", [r.model_dump(mode="json") for r in merged])
-    stats |= {"dataset": name, "records": len(records), "merged": len(merged)}
+    waits = waiting(run_dir, out / "merged.jsonl")  # the run's own policy, as export applies it
+    stats |= {"dataset": name, "records": len(records), "merged": len(merged), "waiting": len(waits)}
     _write_atomic(out / "pull.json", stats)
-    log.info("merged %d records (%d changed, %d excluded)", len(merged), stats["changed"], len(excluded))
+    log.info("merged %d records (%d changed, %d excluded); %d still wait for review", len(merged),
+             stats["changed"], len(excluded), len(waits))
     return stats
 
 

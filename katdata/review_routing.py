@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
@@ -201,6 +202,45 @@ class _Routed(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
+class _Flagged(BaseModel):
+    """The vote's review flag and the merged answer of a record, parsed straight from its JSON line."""
+
+    class _Vote(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        review: Any = False
+
+    class _Prov(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        review: Any = None
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    vote: _Vote = Field(default_factory=_Vote)
+    provenance: _Prov = Field(default_factory=_Prov)
+
+
+_FLAG = re.compile(rb'"review"\s*:\s*true')
+
+
+def _flagged(src: Path) -> set[str]:
+    """Ids the vote flagged and no reviewer answered; lines that do not parse are left to the readers
+    that name them (export, train)."""
+    out = set()
+    if not Path(src).is_file():
+        return out
+    with open(src, "rb") as f:
+        for raw in f:
+            if not _FLAG.search(raw):  # most records: no review flag set anywhere, nothing to parse
+                continue
+            try:
+                r = _Flagged.model_validate_json(raw)
+            except ValidationError:
+                continue
+            if r.vote.review is True and not isinstance(r.provenance.review, dict):
+                out.add(r.id)
+    return out
+
+
 def _rows(path: Path, model) -> Iterable:
     from katdata.runfiles import read_rows
 
@@ -211,6 +251,8 @@ def waiting(run_dir: Path, src: Path, cfg: Optional[ReviewConfig] = None) -> set
     """Ids of the records in ``src`` that a blocking reason routed and no reviewer answered yet."""
     run_dir = Path(run_dir)
     cfg = (cfg or run_review_config(run_dir)).model_copy(update={"route": "policy"})
+    if not cfg.blocking:  # the vote's flag alone: one light pass over the records (assemble copied the vote in)
+        return _flagged(src)
     votes = {v.id: v for v in _rows(run_dir / "votes.jsonl", Vote)}
     attempts: dict[str, list[Attempt]] = {}
     if {"verifier_conflict", "audit"} & set(cfg.blocking):  # only these read the attempts

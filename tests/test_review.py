@@ -499,7 +499,7 @@ def test_holdback_round_trip(live, tmp_path):
     reviewer.api.records.create_record_response(on_server[flagged[0]]._server_id, answer._model)
 
     pulled = review.pull(review.ReviewConfig(), run)
-    assert pulled["answered"] == 1 and pulled["changed"] == 1
+    assert pulled["answered"] == 1 and pulled["changed"] == 1 and pulled["waiting"] == len(flagged) - 1
     again = export.run(export.ExportConfig(plot=False), run)
     assert again["held_back"] == len(flagged) - 1 and again["rows_out"] == first["rows_out"] + 1
     row = _exported(run / "export")[flagged[0]]
