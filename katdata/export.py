@@ -375,13 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hub dataset repo (token: HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--include-unreviewed", action="store_true",
-                   help="include records that wait for review (export.require_review: false)")
+                   help="include records that wait for review (as export.require_review: false in the run's "
+                        "recipe.yaml does)")
     a = p.parse_args(argv)
     if a.private and not a.push_to_hub:
         p.error("--private needs --push-to-hub REPO")
     try:
         cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
-                           push_to_hub=a.push_to_hub, private=a.private, require_review=not a.include_unreviewed)
+                           push_to_hub=a.push_to_hub, private=a.private,
+                           require_review=not a.include_unreviewed and review_routing.run_requires_review(a.run_dir))
         stats = run(cfg, a.run_dir, None)
     except (ValidationError, KatdataError) as exc:
         print(f"katdata export: error: {exc}", file=sys.stderr)

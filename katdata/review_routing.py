@@ -95,7 +95,7 @@ def mode_confidence(vote: dict, mode: str) -> Optional[float]:
     if d is None or (vote.get("p_on") == 0 and vote.get("p_off") == 0):
         return None
     delta = vote.get("delta") if isinstance(vote.get("delta"), (int, float)) else 0.0
-    reach = (1 - delta) if d > 0 else (1 + delta)  # the largest distance possible on this side
+    reach = (1 - delta) if d > 1e-12 else (1 + delta)  # the largest distance possible on this side (ties: off)
     conf_on = min(1.0, max(0.0, 0.5 + 0.5 * d / max(reach, 1e-9)))
     return conf_on if mode == "on" else 1.0 - conf_on
 

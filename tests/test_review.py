@@ -407,7 +407,7 @@ def _exported(folder: Path) -> dict[str, dict]:
     return {r["id"]: r for f in sorted((folder / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
 
 
-def test_holdback_until_answered(tmp_path, caplog):
+def test_holdback_until_answered(tmp_path, caplog, capsys):
     from katdata import export, train
 
     run = make_flagged_run(tmp_path / "run")
@@ -431,7 +431,13 @@ def test_holdback_until_answered(tmp_path, caplog):
     assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
     assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
     assert len(train.load_examples(str(run / "records.jsonl"), run)[0]) == len(records)
+    assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0  # the CLI reads the run's recipe.yaml
+    assert json.loads(capsys.readouterr().out)["unreviewed_included"] == len(flagged)
     (run / "recipe.yaml").unlink()
+    assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out)["held_back"] == len(flagged)
+    assert export.main([str(run), "--out", str(tmp_path / "cli"), "--include-unreviewed"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_out"] == len(records)
 
     # a reviewer switches one to think-off with a new rationale and answer (merged as `review pull` does)
     _, _, attempts = review.load_run(run)
