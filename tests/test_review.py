@@ -413,8 +413,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     run = make_flagged_run(tmp_path / "run")
     records = list(read_rows(run / "records.jsonl", KatRecord))
     flagged = sorted(r.id for r in records if r.vote["review"])
-    assert 0 < len(flagged) < len(records) and all(r.provenance["content_source"] == "reference"
-                                                   for r in records if r.id in flagged)
+    assert 0 < len(flagged) < len(records)
     caplog.set_level(logging.INFO)
     stats = export.run(export.ExportConfig(plot=False), run)
     assert stats["held_back"] == len(flagged) and stats["rows_out"] == len(records) - len(flagged)
