@@ -162,6 +162,7 @@ class CardStats:
         self.chars = {"on": 0, "off": 0}
         self.languages: Counter = Counter()
         self.plotted = False
+        self.review_note: str | None = None  # set by export: records held back for review
 
     def add_table(self, t, test) -> None:
         """Count one batch: ``t`` in the hf layout (a pyarrow Table), ``test`` its test-split mask."""
@@ -426,9 +427,11 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
                 _table(["role", "model", "records"], [[r, m, c] for (r, m), c in sorted(stats.models.items())]), ""]
     if not (roles or seg_models or stats.models):
         out += ["No model information (no recipe.yaml, agent segments or provenance.models).", ""]
+    out += ["## Human review", ""] if stats.reviewed or stats.review_note else []
     if stats.reviewed:
         fields = ", ".join(f"{f} ({c})" for f, c in stats.changed_fields.most_common())
-        out += ["## Human review", "", f"{stats.reviewed} records changed in review; changes per field: {fields}.", ""]
+        out += [f"{stats.reviewed} records changed in review; changes per field: {fields}.", ""]
+    out += [stats.review_note, ""] if stats.review_note else []  # held back for review, or included unreviewed
     out += ["## Recipe", ""]
     out += (["<details><summary>recipe.yaml (secrets redacted)</summary>", "", "```yaml",
              yaml.safe_dump(redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]

@@ -22,10 +22,11 @@ from typing import Any, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from katdata import card
+from katdata import card, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
+from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
 from katdata.errors import InputError, KatdataError, require
-from katdata.records import Change, KatRecord
+from katdata.records import KatRecord
 from katdata.runfiles import invalid_row
 
 log = logging.getLogger(__name__)
@@ -53,126 +54,9 @@ class ExportConfig(BaseModel):
     push_to_hub: Optional[str] = Field(None, description="Hub dataset repo (user/name) to upload to; "
                                                          "the token comes from HF_TOKEN")
     private: bool = Field(False, description="create the Hub repo as private")
-
-
-def _provenance(prov: dict) -> tuple[Optional[str], dict, Optional[str]]:
-    """(source, models {role: model}, extra JSON) of a provenance dict; anything else goes to extra."""
-    source, models = prov.get("source"), prov.get("models")
-    src_ok = type(source) is str
-    mod_ok = type(models) is dict and bool(models) and all(type(k) is str and type(v) is str for k, v in models.items())
-    typed = (source if src_ok else None), (models if mod_ok else {})
-    if len(prov) == src_ok + mod_ok:
-        return (*typed, None)
-    rest = {k: v for k, v in prov.items() if not (k == "source" and src_ok or k == "models" and mod_ok)}
-    return (*typed, card.dumps(rest))
-
-
-def _change(c: Change) -> tuple:
-    return c.field, card.dumps(c.old), card.dumps(c.new), c.annotator, c.at
-
-
-def _plan(d: dict, types: dict[str, str], cache: dict) -> tuple[bool, tuple]:
-    """(every typed value fits its column, the untyped keys), cached by the dict's key/type signature."""
-    sig = (tuple(d), tuple(map(type, d.values())))
-    plan = cache.get(sig)
-    if plan is None:
-        if len(cache) > 4096:
-            cache.clear()
-        ok = all(t is type(None) or t in card.COLUMN_TYPES[types[k]] for k, t in zip(*sig) if k in types)
-        plan = cache[sig] = (ok, tuple(k for k in sig[0] if k not in types))
-    return plan
-
-
-def _struct_array(dicts: list[dict], types: dict[str, str], typ, cache: dict):
-    """A struct column from dicts: arrow reads the typed keys itself (it ignores others); dicts with a
-    value of an unexpected type go through `card.typed`."""
-    import pyarrow as pa
-
-    vals = []
-    for d in dicts:
-        ok, extra = _plan(d, types, cache)
-        if not ok:
-            d = card.typed(d, types)
-        elif extra:
-            d = d | {"extra": card.dumps({k: d[k] for k in extra})}
-        vals.append(d)
-    try:
-        return pa.array(vals, type=typ)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # an int out of int32 range: the careful path
-        return pa.array([card.typed(d, types) for d in dicts], type=typ)
-
-
-def _list_array(offsets: list[int], fields: dict[str, list], typ):
-    import pyarrow as pa
-
-    st = typ.value_type
-    values = pa.StructArray.from_arrays([pa.array(fields[f.name], type=f.type) for f in st], fields=list(st))
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=typ)
-
-
-class Batch:
-    """One row group in the hf layout: records appended column by column, arrays built at once.
-
-    Several times faster than a dict per row through ``pa.Table.from_pylist``.
-    """
-
-    FLAT = ("id", "query", "system", "response", "mode", "judge", "think", "answer", "reference", "kind")
-    _cache: dict = {}
-
-    def __init__(self) -> None:
-        self.n, self.test = 0, []
-        self.flat = {k: [] for k in self.FLAT}
-        self.msg_offsets, self.msgs = [0], {"role": [], "content": []}
-        self.tags: list[dict] = []
-        self.vote: list[dict] = []
-        self.source, self.extra = [], []
-        self.model_offsets, self.models = [0], {"role": [], "model": []}
-        self.change_offsets, self.changes = [0], {k: [] for k in ("field", "old", "new", "annotator", "at")}
-
-    def add(self, rec: KatRecord, test: bool) -> None:
-        self.n += 1
-        self.test.append(test)
-        d = rec.__dict__
-        for k, col in self.flat.items():
-            col.append(d[k])
-        roles, contents = self.msgs["role"], self.msgs["content"]
-        if rec.system:
-            roles.append("system")
-            contents.append(rec.system)
-        roles += ("user", "assistant")
-        contents += (rec.query, rec.response)
-        self.msg_offsets.append(len(roles))
-        self.tags.append(rec.tags)
-        self.vote.append(rec.vote)
-        source, models, extra = _provenance(rec.provenance)
-        self.source.append(source)
-        self.extra.append(extra)
-        self.models["role"] += models.keys()
-        self.models["model"] += models.values()
-        self.model_offsets.append(len(self.models["role"]))
-        for c in rec.changes:
-            for col, v in zip(self.changes.values(), _change(c)):
-                col.append(v)
-        self.change_offsets.append(len(self.changes["field"]))
-
-    def table(self, schema):
-        import pyarrow as pa
-
-        cols = []
-        for f in schema:
-            if f.name in self.flat:
-                cols.append(pa.array(self.flat[f.name], type=f.type))
-            elif f.name == "messages":
-                cols.append(_list_array(self.msg_offsets, self.msgs, f.type))
-            elif f.name in ("tags", "vote"):
-                types = card.TAG_TYPES if f.name == "tags" else card.VOTE_TYPES
-                cols.append(_struct_array(getattr(self, f.name), types, f.type, self._cache.setdefault(f.name, {})))
-            else:
-                kids = {"models": _list_array(self.model_offsets, self.models, f.type.field("models").type),
-                        "changes": _list_array(self.change_offsets, self.changes, f.type.field("changes").type),
-                        "source": pa.array(self.source, pa.string()), "extra": pa.array(self.extra, pa.string())}
-                cols.append(pa.StructArray.from_arrays([kids[x.name] for x in f.type], fields=list(f.type)))
-        return pa.Table.from_arrays(cols, schema=schema)
+    require_review: bool = Field(True, description="leave out records routed to review (the vote's review flag or a "
+                                 "rule in review.blocking) until a reviewer answered them; false includes them "
+                                 "unreviewed (the card says how many)")
 
 
 # ---------------------------------------------------------------- reading and splitting
@@ -206,17 +90,19 @@ class _Key(BaseModel):
     """Just what pass 1 needs; pydantic's JSON parser skips the rest without building it."""
 
     model_config = ConfigDict(extra="ignore")
+    id: Any = None
     mode: Any = None
     tags: Optional[_Domain] = None
 
 
-def count_strata(path: Path) -> dict[str, int]:
-    """Pass 1: rows per (mode, domain) stratum; broken JSON raises InputError with the line."""
+def count_strata(path: Path, skip: frozenset | set = frozenset()) -> dict[str, int]:
+    """Pass 1: rows per (mode, domain) stratum, ids in ``skip`` left out; broken JSON raises
+    InputError with the line."""
     counts: dict[str, int] = {}
     for n, raw in _lines(path):
         try:
             k = _Key.model_validate_json(raw)
-            key = _stratum(k.mode, {"domain": k.tags.domain} if k.tags else None)
+            rid, key = k.id, _stratum(k.mode, {"domain": k.tags.domain} if k.tags else None)
         except ValidationError:
             try:
                 d = json.loads(raw)
@@ -224,7 +110,9 @@ def count_strata(path: Path) -> dict[str, int]:
                 raise InputError(path, f"broken JSON ({exc})", line=n) from exc
             if not isinstance(d, dict):
                 raise InputError(path, "not a JSON object", line=n)
-            key = _stratum(d.get("mode"), d.get("tags"))  # tags of the wrong type: pass 2 names the field
+            rid, key = d.get("id"), _stratum(d.get("mode"), d.get("tags"))  # bad tags: pass 2 names the field
+        if skip and isinstance(rid, str) and rid in skip:
+            continue
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -277,14 +165,17 @@ def _validate_chunk(path: Path, many, nums: list[int], raws: list[bytes]) -> lis
     return [_validate_one(path, n, raw) for n, raw in zip(nums, raws)]
 
 
-def split_records(path: Path, test_size: float, seed: int,
-                  counts: dict[str, int] | None = None) -> Iterator[tuple[str, KatRecord]]:
-    """(split, record) pairs: an exact stratified split by selection sampling, seeded, in file order."""
-    counts = count_strata(path) if counts is None else counts
+def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int] | None = None,
+                  skip: frozenset | set = frozenset()) -> Iterator[tuple[str, KatRecord]]:
+    """(split, record) pairs: an exact stratified split by selection sampling, seeded, in file order;
+    the ids in ``skip`` are left out."""
+    counts = count_strata(path, skip) if counts is None else counts
     alloc = allocate(counts, test_size)
     left = {s: [counts[s], alloc[s]] for s in counts}  # rows left, test rows left
     rng = random.Random(seed)
     for rec in read_records(path):
+        if skip and rec.id in skip:
+            continue
         state = left.get(_stratum(rec.mode, rec.tags))
         if state is None or state[0] <= 0:
             raise InputError(path, f"record {rec.id} not seen in the first pass: the file changed during export")
@@ -355,14 +246,16 @@ class SplitWriter:
             self.writer = None
 
 
-def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig) -> dict:
+def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str]) -> dict:
     import pyarrow as pa
 
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
-    counts = count_strata(src)
+    skip = waits if cfg.require_review else frozenset()
+    counts = count_strata(src, skip)
     total = sum(counts.values())
     if total == 0:
-        raise InputError(src, "no records to export")
+        why = f"all {len(skip)} records wait for review ({review_routing.WAIT_HINT})" if skip else "no records to export"
+        raise InputError(src, why)
     n_test = sum(allocate(counts, cfg.test_size).values())
     sizes = {"train": total - n_test, "test": n_test}
     writers = {s: SplitWriter(tmp, cfg.format, s, sizes[s], schema, cfg.shard_rows, cfg.batch_rows)
@@ -379,7 +272,7 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig) -> di
                 writers[split].add(table.filter(mask))
 
     batch = Batch()
-    for split, rec in split_records(src, cfg.test_size, cfg.seed, counts):
+    for split, rec in split_records(src, cfg.test_size, cfg.seed, counts, skip):
         batch.add(rec, split == "test")
         if batch.n >= cfg.batch_rows:
             flush(batch)
@@ -392,9 +285,19 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig) -> di
               for s, w in writers.items()}
     if cfg.format == "llamafactory":
         card.llamafactory_info(tmp, splits)
+    stats.review_note = _review_note(len(waits), cfg.require_review)
     card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg)
-    return {"rows_in": total, "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
+    return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
             "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
+
+
+def _review_note(waits: int, required: bool) -> str:
+    """The card's line on records that wait for a reviewer."""
+    if required:
+        return (f"Held back for review: {waits} records routed to review (the vote's review flag or a blocking "
+                "rule) have no reviewer's answer yet and are not in this dataset.")
+    return (f"export.require_review is false: {waits} records routed to review without a reviewer's answer "
+            "are included unreviewed.")
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -439,15 +342,22 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None) -> dict:
     src = input_file(run_dir)
     out = Path(cfg.out) if cfg.out else run_dir / "export"
     out.parent.mkdir(parents=True, exist_ok=True)
+    waits = review_routing.waiting(run_dir, src)  # bad input (recipe.yaml, a row) fails here, before writing
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        stats = _write_dataset(tmp, src, run_dir, cfg)
+        stats = _write_dataset(tmp, src, run_dir, cfg, waits)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    stats |= {"input": str(src), "out": str(out)}
+    key = "held_back" if cfg.require_review else "unreviewed_included"
+    stats |= {"input": str(src), "out": str(out), key: len(waits)}
     log.info("exported %d rows from %s to %s", stats["rows_out"], src, out)
+    if waits and cfg.require_review:
+        log.warning("%d records wait for review and were left out (%s; export.require_review: false includes "
+                    "them)", len(waits), review_routing.WAIT_HINT)
+    elif waits:
+        log.warning("%d records routed to review were included unreviewed (export.require_review: false)", len(waits))
     if cfg.push_to_hub:
         stats["pushed"] = push(out, cfg.push_to_hub, cfg.private)
     return stats
@@ -464,12 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--license", default="other", help="licence id for the card header")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hub dataset repo (token: HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--include-unreviewed", action="store_true",
+                   help="include records that wait for review (as export.require_review: false in the run's "
+                        "recipe.yaml does)")
     a = p.parse_args(argv)
     if a.private and not a.push_to_hub:
         p.error("--private needs --push-to-hub REPO")
     try:
         cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
-                           push_to_hub=a.push_to_hub, private=a.private)
+                           push_to_hub=a.push_to_hub, private=a.private,
+                           require_review=not a.include_unreviewed and review_routing.run_requires_review(a.run_dir))
         stats = run(cfg, a.run_dir, None)
     except (ValidationError, KatdataError) as exc:
         print(f"katdata export: error: {exc}", file=sys.stderr)

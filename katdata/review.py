@@ -7,6 +7,8 @@ The dataset layout (fields, questions, metadata) lives in ``annotation/dataset.y
 reviewer guidelines in ``annotation/guidelines.md``. Records are logged under their own id, so a
 second push updates them in place. A pull rebuilds ``review/`` from ``records.jsonl`` and the
 submitted answers every time, so pulling again with no new answers writes the same bytes.
+Routing and the hold-back of records that must be answered before export live in
+``katdata/review_routing.py``.
 Credentials come from ARGILLA_API_URL / ARGILLA_API_KEY (they win) or the recipe's ``review:``
 section; they are never logged and never written to the run folder.
 """
@@ -14,50 +16,26 @@ section; they are never logged and never written to the run folder.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from katdata import template
 from katdata.errors import KatdataError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
+from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
+    ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
+)
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_DIR = Path(__file__).resolve().parent.parent / "annotation"
-
-
-class ReviewConfig(BaseModel):
-    """The recipe's ``review:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    api_url: Optional[str] = Field(None, description="Argilla API URL; ARGILLA_API_URL overrides it")
-    api_key: Optional[SecretStr] = Field(
-        None, description="Argilla API key; ARGILLA_API_KEY overrides it (prefer the variable: recipes get copied)"
-    )
-    workspace: str = Field("katdata", description="Argilla workspace, created when missing")
-    dataset: Optional[str] = Field(None, description="dataset name; default katdata-<run folder>-v<settings version>")
-    settings: Path = Field(ANNOTATION_DIR / "dataset.yaml", description="the dataset layout file")
-    route: Literal["policy", "all"] = Field("policy", description="'all' pushes every record, 'policy' only those below")
-    margin_below: float = Field(0.2, ge=0, le=1, description="route records whose vote margin is below this")
-    disagreement: bool = Field(True, description="route records where the tagger and the vote disagree on the mode")
-    verifier_conflict: bool = Field(
-        True, description="route records whose answer the verifier did not confirm, or whose modes' answers differ"
-    )
-    explored: bool = Field(True, description="route records whose mode was drawn at random (exploration)")
-    audit_share: float = Field(0.05, ge=0, le=1, description="share of the other records routed at random for audit")
-    seed: int = Field(0, description="seed of the audit draw (stable per record id)")
-    timeout_s: int = Field(30, ge=1, description="HTTP timeout per request, seconds")
-
+BLOCKS = "blocks_export"  # the route term of records that export and train hold back until answered
 
 # ---------------------------------------------------------------- connection
 
@@ -189,52 +167,6 @@ def _write_atomic(path: Path, rows: list[dict] | dict) -> None:
 # ---------------------------------------------------------------- routing and merging (pure logic)
 
 
-def verdict_index(records: list[KatRecord], votes: dict[str, Vote], attempts: dict[str, list[Attempt]]) -> dict:
-    """Per record id: the verifier's verdict on the chosen response and its token count, when known."""
-    out = {}
-    for rec in records:
-        info = {"correct": rec.provenance.get("correct"), "tokens": rec.provenance.get("completion_tokens")}
-        vote = votes.get(rec.id)
-        if vote is not None and vote.chosen_index is not None:
-            for a in attempts.get(rec.id, []):
-                if (a.index, a.mode, a.source) == (vote.chosen_index, rec.mode, vote.chosen_source or a.source):
-                    info["correct"] = a.correct if info["correct"] is None else info["correct"]
-                    info["tokens"] = info["tokens"] or a.completion_tokens or None
-                    break
-        out[rec.id] = info
-    return out
-
-
-def _audit(rec_id: str, cfg: ReviewConfig) -> bool:
-    digest = hashlib.sha256(f"{cfg.seed}:{rec_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.audit_share
-
-
-def route(rec: KatRecord, vote: Optional[Vote], verdict: dict, cfg: ReviewConfig) -> list[str]:
-    """Why this record needs a human (empty: it does not). Deterministic, so pushes repeat."""
-    if cfg.route == "all":
-        return ["all"]
-    v = vote.model_dump() if vote else dict(rec.vote)
-    reasons = []
-    if v.get("review"):
-        reasons.append("vote_flag")
-    margin = v.get("margin")
-    if isinstance(margin, (int, float)) and margin < cfg.margin_below:
-        reasons.append("low_margin")
-    needs = rec.tags.get("needs_reasoning")
-    if cfg.disagreement and isinstance(needs, bool) and needs != (rec.mode == "on"):
-        reasons.append("tagger_disagrees")
-    if cfg.verifier_conflict:
-        top_on, top_off = (max(c, key=c.get) if c else None for c in (v.get("classes_on"), v.get("classes_off")))
-        if verdict.get("correct") is False or (top_on and top_off and top_on != top_off):
-            reasons.append("verifier_conflict")
-    if cfg.explored and v.get("explored"):
-        reasons.append("explored")
-    if not reasons and _audit(rec.id, cfg):
-        reasons.append("audit")
-    return reasons
-
-
 def _decisive(responses: list[dict]) -> Optional[dict]:
     """The last submitted or discarded response (drafts do not count); the latest one wins."""
     final = [r for r in responses if r.get("status") in ("submitted", "discarded")]
@@ -279,9 +211,10 @@ def merge_one(rec: KatRecord, resp: dict, who: str, attempts: list[Attempt], dat
         if getattr(rec, f) != new
     ]
     review = {"dataset": dataset, "annotator": who, "at": at, "answer_ok": values.get("answer_ok"), "comment": text["comment"]}
+    human = {"label_source": "human"} if "label_source" in KatRecord.model_fields else {}  # the reviewer set the mode
     new = rec.model_copy(update={
         "mode": mode, "judge": judge, "think": think, "answer": answer, "response": response,
-        "changes": list(rec.changes) + changes, "provenance": {**rec.provenance, "review": review},
+        "changes": list(rec.changes) + changes, "provenance": {**rec.provenance, "review": review}, **human,
     })
     return KatRecord.model_validate(new.model_dump()), changes
 
@@ -340,7 +273,7 @@ def to_argilla(rec: KatRecord, vote: Optional[Vote], verdict: dict, reasons: lis
     if verdict.get("tokens"):
         meta["tokens"] = int(verdict["tokens"])
     meta = {k: val for k, val in meta.items() if k in layout["metadata"] and val not in (None, [])}
-    suggestions = [rg.Suggestion("mode", rec.mode, score=min(1.0, max(0.0, float(v.get("margin") or 0.0))), agent="katdata-vote")]
+    suggestions = [rg.Suggestion("mode", rec.mode, score=mode_confidence(v, rec.mode), agent="katdata-vote")]
     if verdict.get("correct") is not None:
         p = v.get("p_on" if rec.mode == "on" else "p_off")
         score = min(1.0, max(0.0, float(p))) if isinstance(p, (int, float)) else None
@@ -353,9 +286,13 @@ def push(cfg: ReviewConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     records, votes, attempts = load_run(run_dir)
     verdicts = verdict_index(records, votes, attempts)
+    policy = cfg.model_copy(update={"route": "policy"})
     routed = []
     for rec in records:
-        reasons = route(rec, votes.get(rec.id), verdicts.get(rec.id, {}), cfg)
+        vote, verdict = votes.get(rec.id), verdicts.get(rec.id, {})
+        reasons = route(rec, vote, verdict, cfg)
+        if reasons and blocks(route(rec, vote, verdict, policy), policy):
+            reasons.append(BLOCKS)  # the export waits for this one: reviewers can filter on it
         if reasons:
             routed.append((rec, reasons))
     layout = load_layout(cfg.settings)
@@ -380,7 +317,7 @@ def push(cfg: ReviewConfig, run_dir: Path) -> dict:
     stats = {
         "dataset": name, "workspace": cfg.workspace, "dataset_id": str(ds.id), "created": created,
         "records": len(records), "pushed": len(rows), "routed": dict(sorted(by_reason.items())),
-        "route": cfg.route,
+        "route": cfg.route, "blocking": by_reason.get(BLOCKS, 0),
     }
     _write_atomic(run_dir / "review" / "push.json", stats)
     log.info("pushed %d of %d records to %s/%s", len(rows), len(records), cfg.workspace, name)
@@ -438,9 +375,11 @@ def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
     _write_atomic(out / "changes.jsonl", changes)
     _write_atomic(out / "excluded.jsonl", excluded)
     _write_atomic(out / "merged.jsonl", [r.model_dump(mode="json") for r in merged])
-    stats |= {"dataset": name, "records": len(records), "merged": len(merged)}
+    waits = waiting(run_dir, out / "merged.jsonl")  # the run's own policy, as export applies it
+    stats |= {"dataset": name, "records": len(records), "merged": len(merged), "waiting": len(waits)}
     _write_atomic(out / "pull.json", stats)
-    log.info("merged %d records (%d changed, %d excluded)", len(merged), stats["changed"], len(excluded))
+    log.info("merged %d records (%d changed, %d excluded); %d still wait for review", len(merged),
+             stats["changed"], len(excluded), len(waits))
     return stats
 
 
@@ -450,7 +389,7 @@ def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
 def _config(recipe: Optional[str], run_dir: Path) -> ReviewConfig:
     path = Path(recipe) if recipe else None
     if path is None:
-        return ReviewConfig()
+        return run_review_config(run_dir)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -467,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     for action, text in (("push", "push the records that need a human"), ("pull", "merge the submitted answers")):
         p = sub.add_parser(action, help=text)
         p.add_argument("run_dir", type=Path, help="the run folder (holds records.jsonl)")
-        p.add_argument("--recipe", help="recipe YAML whose 'review:' section configures this")
+        p.add_argument("--recipe", help="recipe YAML whose 'review:' section configures this "
+                       "(default: the run folder's recipe.yaml)")
         p.add_argument("--dataset", help="Argilla dataset name (default katdata-<run>-v<version>)")
         p.add_argument("--workspace", help="Argilla workspace (default katdata)")
         if action == "push":

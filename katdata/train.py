@@ -107,8 +107,13 @@ def load_examples(data: Optional[str], run_dir: Path) -> tuple[list[dict], Optio
         from katdata.records import KatRecord
         from katdata.runfiles import read_rows
 
+        from katdata.review_routing import WAIT_HINT, run_requires_review, waiting
+
+        held = waiting(run_dir, src) if run_requires_review(run_dir) else set()  # records that wait for review
+        if held:
+            log.warning("%d records wait for review and are not trained on (%s)", len(held), WAIT_HINT)
         rows = [_check({**r.model_dump(), "messages": r.messages()}, src, n)
-                for n, r in enumerate(read_rows(src, KatRecord), 1)]
+                for n, r in enumerate(read_rows(src, KatRecord), 1) if r.id not in held]
         if not rows:
             raise InputError(src, "no training rows")
         return rows, None

@@ -59,6 +59,15 @@ class ArgillaServer:
             self._tokens[username] = r.json()["access_token"]
         return {"Authorization": f"Bearer {self._tokens[username]}"}
 
+    def reviewer(self, username: str, workspace: str):
+        """An ``argilla.Argilla`` SDK client logged in as annotator ``username`` (created on first use)."""
+        import argilla as rg
+        import requests
+
+        me = requests.get(f"{self.url}/api/v1/me", headers=self.annotator(username, workspace), timeout=30)
+        me.raise_for_status()
+        return rg.Argilla(api_url=self.url, api_key=me.json()["api_key"], retries=1)
+
 
 def _run(action: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout)

@@ -191,7 +191,7 @@ def test_card_header_body_and_plot(exported, records):
     assert "| solve (critic) | big -> default | transformers | embedded" in text
     assert "| solver | SmolLM2-135M-Instruct | 20 |" in text  # agent segments of the samples
     assert "| gsm8k | 30 | MIT |" in text
-    assert "sk-secret" not in text and "api_key: '***'" in text
+    assert "sk-secret" not in text and "api_key: <redacted>" in text
     assert '"rows_in": 70' in text and "## Human review" in text and "| fanoutqa-hop | 40 | CC-BY-SA-4.0 |" in text
     png = run / "export" / export.card.PLOT
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({export.card.PLOT})" in text

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from katdata import review, sources, template
+from katdata import review, review_routing, sources, template
+from katdata import vote as vote_stage
 from katdata.errors import KatdataError
 from katdata.records import Attempt, KatRecord, Vote
+from katdata.vote import VoteConfig
 from katdata.runfiles import RowWriter, read_rows
 
 _spec = importlib.util.spec_from_file_location("katdata_tests_argilla", Path(__file__).with_name("argilla_server.py"))
@@ -33,8 +35,19 @@ _spec.loader.exec_module(_fixtures)
 argilla_server = _fixtures.argilla_server  # the session fixture, bound here so pytest finds it
 
 
+VOTE = VoteConfig(n=4, delta=0.1, explore_share=0.0)
+
+
+def _samples(q, mode: str, k: int, think: str | None, answer: str) -> list[Attempt]:
+    """4 samples of one mode, the first ``k`` right (shorter), the rest wrong (each a different answer)."""
+    return [Attempt(id=q.id, index=j, mode=mode, text=f"sample {j}", think=think if mode == "on" else None,
+                    answer=answer if j < k else f"{answer} (wrong {j})", answer_class=answer if j < k else f"w{j}",
+                    ok=True, correct=j < k, completion_tokens=(150 if mode == "on" else 15) + j) for j in range(4)]
+
+
 def make_run(folder: Path, n_on: int = 24, n_off: int = 16, seed: int = 0) -> Path:
-    """A run folder: records.jsonl, votes.jsonl and samples.jsonl from real queries."""
+    """A run folder: records.jsonl, votes.jsonl and samples.jsonl from real queries; the vote rows are
+    computed by katdata.vote from the samples (signed margins, real decision boundary)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with RowWriter(folder / "records.jsonl") as recs, RowWriter(folder / "votes.jsonl") as votes, RowWriter(
@@ -47,23 +60,25 @@ def make_run(folder: Path, n_on: int = 24, n_off: int = 16, seed: int = 0) -> Pa
             judge = ("The question needs several arithmetic steps, so reasoning first helps." if mode == "on"
                      else "The question asks to recall one fact, so no reasoning is needed.")
             answer = q.reference or "unknown"
-            p_on, p_off = (round(rng.uniform(0.5, 1), 2), round(rng.uniform(0, 0.5), 2))
-            if mode == "off":
-                p_on, p_off = p_off, p_on
-            margin = abs(p_on - p_off)
-            votes.write(Vote(id=q.id, label=mode, reason="pass rates", p_on=p_on, p_off=p_off, margin=margin,
-                             n_on=4, n_off=4, tokens_on=180.0, tokens_off=20.0, chosen_index=0,
-                             chosen_source="vote", classes_on={answer: 3}, classes_off={answer: 2}))
-            samples.write(Attempt(id=q.id, index=0, mode=mode, text="x", think=think, answer=answer, ok=True,
-                                  correct=i % 7 != 3, completion_tokens=150 if mode == "on" else 15))
-            if mode == "off":  # a think-on sample, for a reviewer who switches the mode to on
-                samples.write(Attempt(id=q.id, index=1, mode="on", text="y", think=f"Recall what is asked: {q.query}",
-                                      answer=answer, ok=True, correct=True, completion_tokens=60))
+            if mode == "on":
+                k_on = rng.randint(2, 4)
+                k_off = rng.randint(0, k_on - 1)
+            elif (i - n_on) % 4 == 1:
+                k_on, k_off = 0, 4  # unanimous think-off: a clear case
+            else:  # at least one right think-on sample, for a reviewer who switches the mode to on
+                k_off = rng.randint(1, 4)
+                k_on = rng.randint(1, k_off)
+            attempts = _samples(q, "on", k_on, think or f"Recall what is asked: {q.query}", answer)
+            attempts += _samples(q, "off", k_off, None, answer)
+            vote = vote_stage.vote(q.id, attempts, VOTE)
+            assert vote.label == mode, (vote.p_on, vote.p_off)
+            votes.write(vote)
+            samples.write_all(attempts)
             recs.write(KatRecord(id=q.id, query=q.query, mode=mode, judge=judge, think=think, answer=answer,
                                  response=template.render(mode, judge, answer, think), reference=q.reference,
                                  kind=q.kind, tags={"domain": "math" if mode == "on" else "trivia",
                                                     "needs_reasoning": mode == "on" if i % 5 else mode != "on"},
-                                 vote={"margin": margin}))
+                                 vote=vote.model_dump(mode="json"), provenance={"correct": i % 7 != 3}))
     return folder
 
 
@@ -78,9 +93,12 @@ def test_routing_policy(tmp_path):
     reasons = {r.id: review.route(r, votes[r.id], verdicts[r.id], cfg) for r in records}
     for rec in records:
         vote, got = votes[rec.id], reasons[rec.id]
-        assert ("low_margin" in got) == (vote.margin < cfg.margin_below)
+        assert ("low_margin" in got) == (abs(vote.p_on - vote.p_off - vote.delta) < cfg.margin_below)
         assert ("tagger_disagrees" in got) == (rec.tags["needs_reasoning"] != (rec.mode == "on"))
-        assert ("verifier_conflict" in got) == (verdicts[rec.id]["correct"] is False)
+        one_mode_never_right = (vote.p_on == 0) != (vote.p_off == 0)  # the modes' top answers differ
+        assert ("verifier_conflict" in got) == (verdicts[rec.id]["correct"] is False or one_mode_never_right)
+    clear_off = [r for r in records if (votes[r.id].p_on, votes[r.id].p_off) == (0, 1)]
+    assert clear_off and not any("low_margin" in reasons[r.id] for r in clear_off)
     assert any(reasons.values()) and not all(reasons.values())
     # audit draws a stable share of the others; 'all' routes everything
     audit = review.ReviewConfig(audit_share=0.5, margin_below=0, disagreement=False, verifier_conflict=False)
@@ -89,6 +107,35 @@ def test_routing_policy(tmp_path):
     assert drawn == [r.id for r in records if review.route(r, votes[r.id], verdicts[r.id], audit) == ["audit"]]
     every = review.ReviewConfig(route="all")
     assert all(review.route(r, votes[r.id], verdicts[r.id], every) == ["all"] for r in records)
+
+
+def test_margin_is_distance_to_boundary():
+    """Signed margins of real vote rows: the distance to the vote's boundary routes, not p_on - p_off."""
+    q = sources.load("gsm8k", limit=1)[0]
+    cfg = review.ReviewConfig(audit_share=0.0, disagreement=False, verifier_conflict=False)
+    rows = {}
+    for k_on, k_off in ((0, 4), (4, 0), (4, 4), (3, 2), (2, 2), (3, 3)):
+        attempts = _samples(q, "on", k_on, "Add them up.", "42") + _samples(q, "off", k_off, None, "42")
+        v = rows[k_on, k_off] = vote_stage.vote(q.id, attempts, VOTE)
+        d = review_routing.boundary_distance(v.model_dump())
+        assert (d > 0) == (v.label == "on") and d == pytest.approx(v.p_on - v.p_off - v.delta)
+        rec = KatRecord(id=q.id, query=q.query, mode=v.label, judge="j", answer="42", response="r", vote=v.model_dump())
+        assert ("low_margin" in review.route(rec, v, {}, cfg)) == (abs(d) < cfg.margin_below)
+        conf = review_routing.mode_confidence(v.model_dump(), v.label)
+        assert 0.5 <= conf <= 1 and review_routing.mode_confidence(v.model_dump(), {"on": "off", "off": "on"}[v.label]) == pytest.approx(1 - conf)
+    clear_off, clear_on = rows[0, 4], rows[4, 0]
+    assert (clear_off.p_on, clear_off.p_off, clear_off.label, clear_off.margin) == (0, 1, "off", -1)
+    assert review.route(KatRecord(id=q.id, query=q.query, mode="off", judge="j", answer="42", response="r"),
+                        clear_off, {}, cfg) == []  # unanimous think-off: a clear case, not a low-margin one
+    assert review_routing.mode_confidence(clear_off.model_dump(), "off") == pytest.approx(1.0)
+    assert review_routing.mode_confidence(clear_on.model_dump(), "on") == pytest.approx(1.0)
+    assert review_routing.mode_confidence(rows[3, 2].model_dump(), "on") < review_routing.mode_confidence(clear_on.model_dump(), "on")
+    # one sample away from flipping: both modes always right, or think-on one better than think-off
+    assert review_routing.boundary_distance(rows[4, 4].model_dump()) == pytest.approx(-0.1)
+    assert review_routing.boundary_distance(rows[3, 2].model_dump()) == pytest.approx(0.15)
+    none = vote_stage.vote(q.id, _samples(q, "on", 0, "x", "42") + _samples(q, "off", 0, None, "42"),
+                           VOTE.model_copy(update={"none_correct": "review"}), None)
+    assert none.review and review_routing.mode_confidence(none.model_dump(), "off") is None  # no evidence
 
 
 def _resp(status, user="u1", at="2026-01-01T00:00:01", **values):
@@ -198,8 +245,14 @@ def test_round_trip(live, tmp_path, caplog):
     sugg = {names[s["question_id"]]: s for s in requests.get(
         f"{live.url}/api/v1/records/{on_server[rec0.id]['id']}/suggestions", headers=key, timeout=30).json()["items"]}
     vote0 = next(read_rows(run / "votes.jsonl", Vote))
-    assert sugg["mode"]["value"] == rec0.mode and sugg["mode"]["score"] == pytest.approx(vote0.margin)
+    assert sugg["mode"]["value"] == rec0.mode
+    assert sugg["mode"]["score"] == pytest.approx(review_routing.mode_confidence(vote0.model_dump(), rec0.mode))
     assert sugg["answer_ok"]["value"] == "yes" and sugg["answer_ok"]["score"] == pytest.approx(vote0.p_on)
+    votes = {v.id: v for v in read_rows(run / "votes.jsonl", Vote)}
+    clear = next(r for r in records if (votes[r.id].p_on, votes[r.id].p_off) == (0, 1))  # unanimous think-off
+    sugg = {names[s["question_id"]]: s for s in requests.get(
+        f"{live.url}/api/v1/records/{on_server[clear.id]['id']}/suggestions", headers=key, timeout=30).json()["items"]}
+    assert sugg["mode"]["value"] == "off" and sugg["mode"]["score"] == pytest.approx(1.0)
 
     # an annotator answers some records through the REST API, as the web UI does
     ann = live.annotator("ann1", "katdata")
@@ -315,3 +368,148 @@ def test_web_ui_shows_a_record(live, tmp_path):
     rec = shown[0]
     assert rec.judge in dom and rec.answer in dom and rec.think.splitlines()[0].strip() in dom
     assert "<judge>" in dom and "<think_on>" in dom  # the full response shows the template's tags verbatim
+
+
+# ---------------------------------------------------------------- hold-back: flagged records wait for a reviewer
+
+
+def make_flagged_run(folder: Path, n: int = 12, seed: int = 1) -> Path:
+    """A run through the real vote and assemble stages: GSM8K queries whose samples were all wrong
+    are flagged by the vote (none_correct: review) and assembled from the reference solution."""
+    from katdata import assemble
+    from katdata.judge import JudgeRow
+    from katdata.records import Tags
+
+    folder.mkdir(parents=True, exist_ok=True)
+    queries = sources.load("gsm8k", limit=n, seed=seed)
+    with RowWriter(folder / "queries.jsonl") as qs, RowWriter(folder / "tags.jsonl") as tags, RowWriter(
+        folder / "samples.jsonl"
+    ) as samples:
+        for i, q in enumerate(queries):
+            qs.write(q)
+            tags.write(Tags(id=q.id, domain="math", task_type="word_problem", difficulty=3, needs_reasoning=True,
+                            p_reasoning=0.9, verifiability="reference", language="en"))
+            think = re.sub(r"<<[^>]*>>", "", q.meta["solution"]).split("####")[0].strip()
+            k_on, k_off = (0, 0) if i % 3 == 0 else (4, i % 3)  # every third: no sample right
+            samples.write_all(_samples(q, "on", k_on, think, q.reference) + _samples(q, "off", k_off, None, q.reference))
+    vote_stage.run(VOTE.model_copy(update={"none_correct": "review"}), folder)
+    with RowWriter(folder / "judges.jsonl") as judges:
+        for v in read_rows(folder / "votes.jsonl", Vote):
+            judges.write(JudgeRow(id=v.id, mode=v.label, ok=True, rationale="Several dependent steps of arithmetic, "
+                                  "so working them out first avoids slips."))
+    assemble.run(assemble.AssembleConfig(think_source="vote", reference_fallback=True), folder)
+    return folder
+
+
+def _exported(folder: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    return {r["id"]: r for f in sorted((folder / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def test_holdback_until_answered(tmp_path, caplog, capsys):
+    from katdata import export, train
+
+    run = make_flagged_run(tmp_path / "run")
+    records = list(read_rows(run / "records.jsonl", KatRecord))
+    flagged = sorted(r.id for r in records if r.vote["review"])
+    assert 0 < len(flagged) < len(records)
+    caplog.set_level(logging.INFO)
+    stats = export.run(export.ExportConfig(plot=False), run)
+    assert stats["held_back"] == len(flagged) and stats["rows_out"] == len(records) - len(flagged)
+    assert set(_exported(run / "export")) == {r.id for r in records} - set(flagged)
+    assert f"{len(flagged)} records wait for review" in caplog.text
+    card = (run / "export" / "README.md").read_text()
+    assert f"Held back for review: {len(flagged)} records" in card
+    rows, _ = train.load_examples(str(run / "records.jsonl"), run)  # train without an export holds them back too
+    assert {r["id"] for r in rows} == {r.id for r in records} - set(flagged)
+
+    # require_review: false keeps the old behaviour, and the card says so
+    (run / "recipe.yaml").write_text("export:\n  require_review: false\n")
+    everything = export.run(export.ExportConfig(plot=False, require_review=False, out=tmp_path / "all"), run)
+    assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
+    assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
+    assert len(train.load_examples(str(run / "records.jsonl"), run)[0]) == len(records)
+    assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0  # the CLI reads the run's recipe.yaml
+    assert json.loads(capsys.readouterr().out)["unreviewed_included"] == len(flagged)
+    (run / "recipe.yaml").unlink()
+    assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out)["held_back"] == len(flagged)
+    assert export.main([str(run), "--out", str(tmp_path / "cli"), "--include-unreviewed"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_out"] == len(records)
+
+    # a reviewer switches one to think-off with a new rationale and answer (merged as `review pull` does)
+    _, _, attempts = review.load_run(run)
+    judge = "It is one subtraction, so the answer can be given directly."
+    answers = {flagged[0]: [_resp("submitted", mode="off", answer_ok="no", corrected_answer="41", corrected_judge=judge)],
+               flagged[1]: [_resp("draft", mode="off")]}  # a draft is no answer: it still waits
+    merged, _, _, mstats = review.merge(records, answers, {"u1": "ann"}, attempts, "ds")
+    assert mstats["answered"] == 1
+    with RowWriter(run / "review" / "merged.jsonl") as w:
+        w.write_all(merged)
+    stats = export.run(export.ExportConfig(plot=False), run)
+    assert stats["held_back"] == len(flagged) - 1
+    out = _exported(run / "export")
+    assert flagged[0] in out and not set(flagged[1:]) & set(out)
+    row = out[flagged[0]]
+    assert (row["mode"], row["judge"], row["answer"], row["think"]) == ("off", judge, "41", None)
+    assert row["response"] == template.render("off", judge, "41")  # re-rendered byte-exact
+    assert {c["field"] for c in row["provenance"]["changes"]} == {"mode", "judge", "think", "answer"}
+    assert {c["annotator"] for c in row["provenance"]["changes"]} == {"ann"}
+
+
+def test_blocking_rules_from_the_recipe(tmp_path):
+    from katdata import export
+    from katdata.errors import InputError
+
+    run = make_run(tmp_path / "run", n_on=8, n_off=8)
+    records = list(read_rows(run / "records.jsonl", KatRecord))
+    assert export.run(export.ExportConfig(plot=False), run)["held_back"] == 0  # nothing flagged by the vote
+    (run / "recipe.yaml").write_text("review:\n  blocking: [low_margin]\n")
+    near = {r.id for r in records if abs(review_routing.boundary_distance(r.vote)) < 0.2}
+    assert 0 < len(near) < len(records)
+    assert review_routing.waiting(run, run / "records.jsonl") == near
+    assert export.run(export.ExportConfig(plot=False), run)["held_back"] == len(near)
+    pushed_reasons = {r.id: review.route(r, None, {}, review.run_review_config(run)) for r in records}
+    assert all("low_margin" in pushed_reasons[i] for i in near)  # push routes every record export waits for
+    (run / "recipe.yaml").write_text("review:\n  explored: false\n  blocking: [explored]\n")
+    with pytest.raises(InputError, match=r"recipe.yaml field 'review'.*switched off"):
+        export.run(export.ExportConfig(plot=False), run)
+
+
+@pytest.mark.argilla
+def test_holdback_round_trip(live, tmp_path):
+    """run -> push -> export holds the flagged back -> a reviewer answers one through the Argilla SDK,
+    switching its mode -> pull -> export includes it with the reviewer's mode; the rest still wait."""
+    import argilla as rg
+
+    from katdata import export
+
+    run = make_flagged_run(tmp_path / "run-hold")
+    records = {r.id: r for r in read_rows(run / "records.jsonl", KatRecord)}
+    flagged = sorted(i for i, r in records.items() if r.vote["review"])
+    pushed = review.push(review.ReviewConfig(), run)  # the default policy
+    assert pushed["blocking"] == len(flagged) and pushed["routed"]["vote_flag"] == len(flagged)
+    first = export.run(export.ExportConfig(plot=False), run)
+    assert first["held_back"] == len(flagged) and not set(flagged) & set(_exported(run / "export"))
+
+    # the reviewer's own SDK client submits the answer (annotators cannot list records: the owner finds its id)
+    ds = live.owner().datasets(name=pushed["dataset"], workspace="katdata")
+    on_server = {r.id: r for r in ds.records(query=rg.Query(filter=rg.Filter(("metadata.route", "in", ["blocks_export"]))))}
+    assert set(on_server) == set(flagged)
+    reviewer = live.reviewer("rev1", "katdata")
+    judge = "A single recalled figure answers it, so no reasoning is needed."
+    values = {"mode": "off", "answer_ok": "no", "corrected_answer": "41", "corrected_judge": judge}
+    answer = rg.UserResponse([rg.Response(k, v, user_id=reviewer.me.id, status="submitted") for k, v in values.items()])
+    reviewer.api.records.create_record_response(on_server[flagged[0]]._server_id, answer._model)
+
+    pulled = review.pull(review.ReviewConfig(), run)
+    assert pulled["answered"] == 1 and pulled["changed"] == 1 and pulled["waiting"] == len(flagged) - 1
+    again = export.run(export.ExportConfig(plot=False), run)
+    assert again["held_back"] == len(flagged) - 1 and again["rows_out"] == first["rows_out"] + 1
+    row = _exported(run / "export")[flagged[0]]
+    assert (row["mode"], row["judge"], row["answer"], row["think"]) == ("off", judge, "41", None)
+    assert row["response"] == template.render("off", judge, "41")
+    assert [c["annotator"] for c in row["provenance"]["changes"]] == ["rev1"] * 4
+    assert not set(flagged[1:]) & set(_exported(run / "export"))  # still unanswered: still held back
+    assert f"Held back for review: {len(flagged) - 1} records" in (run / "export" / "README.md").read_text()
