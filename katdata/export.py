@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from katdata import card
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
-from katdata.errors import InputError, KatdataError, require
+from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.records import Change, KatRecord
 from katdata.runfiles import invalid_row
 
@@ -428,7 +428,7 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
         info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="dataset",
                                  commit_message="katdata export")
     except _network_errors(hub) as exc:
-        raise KatdataError(f"upload to the Hub at {endpoint} failed ({type(exc).__name__}: {exc}); {keep}: "
+        raise EngineError(f"upload to the Hub at {endpoint} failed ({type(exc).__name__}: {exc}); {keep}: "
                            f"rerun with --push-to-hub {repo} when the Hub is reachable") from exc
     return getattr(info, "commit_url", None) or f"{endpoint}/datasets/{repo}"
 
@@ -467,12 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.private and not a.push_to_hub:
         p.error("--private needs --push-to-hub REPO")
+    from katdata.errors import report
+    from katdata.preflight import run_folder
+    from katdata.recipe import explain
+
     try:
-        cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
-                           push_to_hub=a.push_to_hub, private=a.private)
+        try:
+            cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
+                               push_to_hub=a.push_to_hub, private=a.private)
+        except ValidationError as exc:
+            raise explain(exc, None, ExportConfig, style="option") from None
+        run_folder(a.run_dir, "export")
         stats = run(cfg, a.run_dir, None)
-    except (ValidationError, KatdataError) as exc:
-        print(f"katdata export: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValidationError) else 1
+    except KatdataError as exc:
+        return report(exc, "katdata export")
     print(json.dumps(stats, indent=2))
     return 0

@@ -55,9 +55,9 @@ class SandboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    timeout_s: float = Field(10.0, description="wall-clock limit; the whole process group is killed after it")
-    cpu_s: int = Field(10, description="RLIMIT_CPU: CPU seconds before the kernel kills the process")
-    memory_mb: int = Field(1024, description="RLIMIT_AS: address-space limit in MiB")
+    timeout_s: float = Field(10.0, gt=0, description="wall-clock limit; the whole process group is killed after it")
+    cpu_s: int = Field(10, ge=1, description="RLIMIT_CPU: CPU seconds before the kernel kills the process")
+    memory_mb: int = Field(1024, ge=1, description="RLIMIT_AS: address-space limit in MiB")
     max_procs: int = Field(32, description="RLIMIT_NPROC: processes the sandbox user may own")
     file_size_mb: int = Field(16, description="RLIMIT_FSIZE: largest file it may write, MiB")
     max_files: int = Field(64, description="RLIMIT_NOFILE: open file descriptors")
