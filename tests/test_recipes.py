@@ -52,8 +52,8 @@ def test_misspelt_key_names_path_and_nearest(tmp_path):
 def test_set_overrides_parse_yaml_scalars(tmp_path):
     path = write(tmp_path, "data:\n  sources: [{name: gsm8k, limit: 2}]\n")
     r = load_recipe(path, ["sample.n=3", "vote.n=3", "tag.use_llm=false", "sample.delta=0.25", "vote.delta=0.25",
-                           "engines.default.model=/m"])
-    assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "/m")
+                           "engines.default.model=org/m"])
+    assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "org/m")
     with pytest.raises(KatdataError, match="sample.nn"):
         load_recipe(path, ["sample.nn=3"])
 
