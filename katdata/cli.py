@@ -111,9 +111,12 @@ def _model(args) -> int:
 
 def _run(args) -> int:
     from katdata import pipeline
+    from katdata.recipe import load_recipe
 
-    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
-        raise RunFolderError(f"--run-dir {args.run_dir}: exists and is not a folder")
+    recipe = load_recipe(args.recipe, args.set)  # every recipe problem, before any folder or model
+    run_dir = Path(args.run_dir or recipe.run_dir.format(name=recipe.name))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{'--run-dir' if args.run_dir else 'run_dir'} {run_dir}: exists and is not a folder")
     return pipeline.main_run(args)
 
 
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tpl = sub.add_parser("template", help="render, parse and validate KAT responses; print the chat template")
     tsub = tpl.add_subparsers(dest="action", required=True)
-    tp = tsub.add_parser("parse", help="parse a response (FILE or - for stdin); prints JSON")
+    tp = tsub.add_parser("parse", help="parse a response (FILE or - for stdin); prints JSON; exit 1 if it is invalid")
     tp.add_argument("file", nargs="?", default="-")
     tr = tsub.add_parser("render", help="render a response byte-exact")
     tr.add_argument("--mode", choices=["on", "off"], required=True)

@@ -123,7 +123,8 @@ def _hf_dataset(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # broken dataset_info.json, missing arrow files, ...: many exception types
-        raise InputError(path, f"not a readable saved dataset ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        why = " ".join(str(exc).split())[:300]
+        raise InputError(path, f"not a readable saved dataset ({type(exc).__name__}: {why})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     for n, row in enumerate(ds, 1):
@@ -180,7 +181,8 @@ def read_queries(path: str | Path, fields: FieldMap | None = None) -> list[Query
         seen[qid] = line
         system = row.get(fields.system) if fields.system else None
         if system is not None and not isinstance(system, str):
-            raise InputError(path, f"must be text, got {type(system).__name__} {str(system)[:60]}", line=line, field=fields.system)
+            raise InputError(path, f"must be text, got {type(system).__name__} {str(system)[:60]}", line=line,
+                             field=fields.system)
         used = {fields.id, fields.query, fields.reference, fields.kind, fields.system}
         meta = {k: v for k, v in row.items() if k not in used}
         try:

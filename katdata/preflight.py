@@ -48,14 +48,11 @@ def recipe_problems(recipe) -> list[tuple[str, str]]:
     """(recipe key, problem) for everything checkable without loading a model or reading the data."""
     out: list[tuple[str, str]] = []
     try:
-        folder = Path(recipe.run_dir.format(name=recipe.name))
+        recipe.run_dir.format(name=recipe.name)
     except KeyError as exc:
         out.append(("run_dir", f"unknown placeholder {{{exc.args[0]}}} in {recipe.run_dir!r}; the only one is {{name}}"))
     except (IndexError, ValueError) as exc:
         out.append(("run_dir", f"bad template {recipe.run_dir!r} ({exc}); the only placeholder is {{name}}"))
-    else:
-        if folder.exists() and not folder.is_dir():
-            out.append(("run_dir", f"{folder} exists and is not a folder"))
     engines = list(recipe.engines)
     for section in type(recipe).model_fields:
         cfg = getattr(recipe, section)

@@ -183,7 +183,7 @@ class Blame:
 
 
 def explain(exc: ValidationError, blame, model: Any = None, style: str = "key") -> KatdataError:
-    """A pydantic error as one line per problem: where (``blame(loc)``), which key, what is allowed.
+    """A pydantic error as one line: per problem where (``blame(loc)``, a fixed text or None), which key, what is allowed.
 
     ``style="option"`` names keys as command-line options (``test_size`` -> ``--test-size``).
     """
@@ -195,18 +195,19 @@ def explain(exc: ValidationError, blame, model: Any = None, style: str = "key") 
         if style == "option":
             name = "--" + name.replace("_", "-")
         where = blame(loc) if callable(blame) else blame
+        where = f"{where}: " if where else ""
         if err["type"] == "extra_forbidden":
             section = _section(model, loc[:-1])
             valid = list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (near[0],))}'?" if near else ""
-            lines.append(f"{where}: unknown key '{name}'{hint}")
+            lines.append(f"{where}unknown key '{name}'{hint}")
         elif err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and loc:
-            lines.append(f"{where}: {name}: {err['input']!r} is out of range (allowed: {_bounds(model, loc) or err['msg']})")
+            lines.append(f"{where}{name}: {err['input']!r} is out of range (allowed: {_bounds(model, loc) or err['msg']})")
         else:
             got = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
-            lines.append(f"{where}: {name}: {err['msg']}{got}")
-    return KatdataError("; ".join(line.removeprefix("None: ") for line in lines))
+            lines.append(f"{where}{name}: {err['msg']}{got}")
+    return KatdataError("; ".join(lines))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
