@@ -67,13 +67,9 @@ def recipe_problems(recipe) -> list[tuple[str, str]]:
         for field in ("model", "lora_path"):
             if missing_path(getattr(engine, field)):
                 out.append((f"engines.{name}.{field}", f"no such file or folder: {getattr(engine, field)}"))
-    if recipe.train is not None:
-        for field in ("model", "data"):
-            value = getattr(recipe.train, field)
-            if value and (missing_path(value) if field == "model" else not Path(value).exists()):
-                out.append((f"train.{field}", f"no such file or folder: {value}"))
-    if recipe.eval is not None and recipe.eval.adapter and not Path(recipe.eval.adapter).exists():
-        out.append(("eval.adapter", f"no such folder: {recipe.eval.adapter}"))
+    # (train.data and eval.adapter are not checked: the run itself may write them before they are read)
+    if recipe.train is not None and missing_path(recipe.train.model):
+        out.append(("train.model", f"no such file or folder: {recipe.train.model}"))
     if recipe.data is not None and recipe.data.path and not Path(recipe.data.path).exists():
         out.append(("data.path", f"input not found: {recipe.data.path}"))
     return out
