@@ -210,7 +210,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv or os.environ.get("KATDATA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    if argv and argv[0] in DELEGATED:
+    first = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), len(argv))
+    if first < len(argv) and argv[first] in DELEGATED:  # `katdata [-v] train ...`
+        argv = argv[first:] + argv[:first]
         target = DELEGATED[argv[0]][0]
         _configure_logging("-v" in argv or "--verbose" in argv)
         rest = [a for a in argv[1:] if a not in ("-v", "--verbose")]

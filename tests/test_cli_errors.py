@@ -65,6 +65,7 @@ CASES = [
     ("eval-on-a-file", {"afile": "x"}, ["eval", "afile"], 3, ["afile", "not a folder"]),
     ("review-on-a-file", {"afile": "x"}, ["review", "push", "afile"], 3, ["afile", "not a folder"]),
     ("missing-recipe", {}, ["run", "missing.yaml"], 2, ["missing.yaml", "recipe not found"]),
+    ("verbose-before-eval", {}, ["-v", "eval", "nothing"], 3, ["nothing: no such run folder"]),
     ("recipe-is-a-folder", {"d/x": ""}, ["validate", "d"], 2, ["d: a folder"]),
     # 3. everything checkable is checked before a model loads
     ("sample-engine-validate", recipe("sample:\n  engine: nosuch\n"), ["validate", "r.yaml"], 2,
