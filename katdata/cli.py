@@ -9,12 +9,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from katdata import __version__
-from katdata.errors import KatdataError
+from katdata.errors import EXIT_CHECK_FAILED, EXIT_CODES_HELP, InputError, KatdataError, RunFolderError, report
 
 # commands whose module has its own `main(argv) -> int`
 DELEGATED = {
@@ -32,15 +33,38 @@ DELEGATED = {
 }
 
 
+def _read_text(path: Optional[str]) -> tuple[str, str]:
+    """(name, text) of FILE or stdin ('-'): UTF-8 text only; folders, missing files and binary data are errors."""
+    if path in (None, "-"):
+        name, data = "<stdin>", sys.stdin.buffer.read()
+    else:
+        name = path
+        if Path(path).is_dir():
+            raise InputError(path, "a folder, not a file")
+        if not Path(path).is_file():
+            raise InputError(path, "file not found")
+        data = Path(path).read_bytes()
+    if b"\0" in data:
+        raise InputError(name, "binary data (it holds NUL bytes), not text", line=data[: data.index(b"\0")].count(b"\n") + 1)
+    try:
+        return name, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(name, f"not UTF-8 text (byte 0x{data[exc.start]:02x})", line=line) from None
+
+
 def _template(args) -> int:
     from katdata import template
 
     if args.action == "parse":
-        text = sys.stdin.read() if args.file in (None, "-") else Path(args.file).read_text("utf-8")
-        print(json.dumps(template.parse(text).model_dump(), ensure_ascii=False))
-        return 0
+        parsed = template.parse(_read_text(args.file)[1])
+        print(json.dumps(parsed.model_dump(), ensure_ascii=False))
+        return 0 if parsed.ok else EXIT_CHECK_FAILED
     if args.action == "render":
-        print(template.render(args.mode, args.judge, args.answer, args.think), end="")
+        try:
+            print(template.render(args.mode, args.judge, args.answer, args.think), end="")
+        except template.TemplateError as exc:
+            raise KatdataError(f"template render: {exc}") from None
         return 0
     if args.action == "chat-template":
         from katdata.chat_template import template_text
@@ -54,27 +78,28 @@ def _validate_file(path: Optional[str], field: str) -> int:
     from collections import Counter
 
     from katdata import template
-    from katdata.errors import InputError
 
     if not path:
         raise KatdataError("template validate needs a FILE.jsonl")
+    name, text = _read_text(path)
     counts, bad, total = Counter(), 0, 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"broken JSON ({exc.msg})", line=n) from exc
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise InputError(path, "missing or non-text field", line=n, field=field)
-            total += 1
-            p = template.parse(row[field], row.get("finish_reason"))
-            bad += not p.ok
-            counts.update(p.errors)
+    for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends: split on \n only
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(name, f"broken JSON ({exc.msg})", line=n) from exc
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise InputError(name, "missing or non-text field", line=n, field=field)
+        total += 1
+        p = template.parse(row[field], row.get("finish_reason"))
+        bad += not p.ok
+        counts.update(p.errors)
+    if not total:
+        raise InputError(name, "found no records (the file is empty)")
     print(json.dumps({"records": total, "valid": total - bad, "invalid": bad, "errors": dict(counts)}))
-    return 1 if bad else 0
+    return EXIT_CHECK_FAILED if bad else 0
 
 
 def _model(args) -> int:
@@ -86,7 +111,12 @@ def _model(args) -> int:
 
 def _run(args) -> int:
     from katdata import pipeline
+    from katdata.recipe import load_recipe
 
+    recipe = load_recipe(args.recipe, args.set)  # every recipe problem, before any folder or model
+    run_dir = Path(args.run_dir or recipe.run_dir.format(name=recipe.name))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{'--run-dir' if args.run_dir else 'run_dir'} {run_dir}: exists and is not a folder")
     return pipeline.main_run(args)
 
 
@@ -94,7 +124,7 @@ def _validate(args) -> int:
     from katdata.recipe import load_recipe
 
     for path in args.recipes:
-        load_recipe(path)
+        load_recipe(path)  # schema, engine names, local paths, run_dir template: no model, no data read
         print(f"ok  {path}")
     return 0
 
@@ -103,18 +133,34 @@ def _ls(args) -> int:
     from katdata.pipeline import STAGES
 
     root = Path(args.dir)
+    if not root.is_dir():
+        if root.is_symlink():
+            try:
+                root.resolve(strict=True)
+            except RuntimeError:
+                raise InputError(root, "a symlink loop") from None
+            except OSError:
+                raise InputError(root, "a broken symlink") from None
+        raise InputError(root, "not a folder" if root.exists() else "no such folder")
     print("recipes:")
     for path in sorted(root.glob("*.yaml")):
-        first = path.read_text("utf-8").splitlines()[:1]
+        try:
+            first = path.read_text("utf-8").splitlines()[:1]
+        except OSError as exc:
+            first = [f"(unreadable: {'a symlink loop' if exc.errno == 40 else exc.strerror})"]
+        except UnicodeDecodeError:
+            first = ["(not UTF-8 text)"]
         print(f"  {path}  {first[0].lstrip('# ') if first else ''}")
     print("stages: " + " -> ".join(STAGES))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="katdata", description="Build KAT adaptive-thinking data and adapt a model to it.")
+    p = argparse.ArgumentParser(prog="katdata", description="Build KAT adaptive-thinking data and adapt a model to it.",
+                                epilog=EXIT_CODES_HELP)
     p.add_argument("--version", action="version", version=f"katdata {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the INFO lines of other libraries")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also KATDATA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe (resumes in an existing run folder)")
@@ -135,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tpl = sub.add_parser("template", help="render, parse and validate KAT responses; print the chat template")
     tsub = tpl.add_subparsers(dest="action", required=True)
-    tp = tsub.add_parser("parse", help="parse a response (FILE or - for stdin); prints JSON")
+    tp = tsub.add_parser("parse", help="parse a response (FILE or - for stdin); prints JSON; exit 1 if it is invalid")
     tp.add_argument("file", nargs="?", default="-")
     tr = tsub.add_parser("render", help="render a response byte-exact")
     tr.add_argument("--mode", choices=["on", "off"], required=True)
@@ -161,28 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("KATDATA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    if argv and argv[0] in DELEGATED:
+    first = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), len(argv))
+    if first < len(argv) and argv[first] in DELEGATED:  # `katdata [-v] train ...`
+        argv = argv[first:] + argv[:first]
         target = DELEGATED[argv[0]][0]
         _configure_logging("-v" in argv or "--verbose" in argv)
-        return _guard(lambda: importlib.import_module(target).main([a for a in argv[1:] if a not in ("-v", "--verbose")]))
+        rest = [a for a in argv[1:] if a not in ("-v", "--verbose")]
+        return _guard(lambda: importlib.import_module(target).main(rest), debug)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     _configure_logging(args.verbose)
-    return _guard(lambda: args.func(args))
+    return _guard(lambda: args.func(args), debug)
 
 
-def _guard(fn) -> int:
+def _guard(fn, debug: bool = False) -> int:
+    """Run a command; any error becomes one line on stderr and its class's exit code (katdata.errors)."""
     try:
         return int(fn() or 0)
-    except KatdataError as exc:
-        print(f"katdata: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("katdata: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        return report(exc)
 
 
 class _BarSafeHandler(logging.StreamHandler):

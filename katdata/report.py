@@ -57,7 +57,7 @@ def dataset_line(run_dir: Path) -> Optional[str]:
     if not path.is_file():
         return None
     modes, p_on, p_off, sources = Counter(), [], [], Counter()
-    for line in path.read_text("utf-8").splitlines():
+    for line in path.read_bytes().splitlines():  # bytes split on \n only: texts may hold U+2028
         rec = json.loads(line)
         modes[rec["mode"]] += 1
         sources[rec.get("provenance", {}).get("content_source", "?")] += 1

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from katdata import template
-from katdata.errors import KatdataError, require
+from katdata.errors import EngineError, KatdataError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
     ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
@@ -62,7 +62,7 @@ def connect(cfg: ReviewConfig):
             client = rg.Argilla(api_url=url, api_key=key, timeout=cfg.timeout_s, retries=1)
             client.http_client.get("/api/v1/me").raise_for_status()
     except Exception as exc:  # the SDK raises many kinds; all mean "cannot use this server"
-        raise KatdataError(
+        raise EngineError(
             f"Argilla server at {url} cannot be used ({type(exc).__name__}: {_scrub(str(exc), key)[:300]}); "
             "is it running? (annotation/server.sh start) Nothing in the run folder was changed."
         ) from None
@@ -79,7 +79,7 @@ def _call(what: str, fn, *args, **kwargs):
         raise
     except Exception as exc:
         key = os.environ.get("ARGILLA_API_KEY", "")
-        raise KatdataError(
+        raise EngineError(
             f"Argilla failed while {what} ({type(exc).__name__}: {_scrub(str(exc), key)[:300]}); "
             "nothing in the run folder was changed"
         ) from None
@@ -141,7 +141,7 @@ def load_run(run_dir: Path) -> tuple[list[KatRecord], dict[str, Vote], dict[str,
     run_dir = Path(run_dir)
     records = _read(run_dir / "records.jsonl", KatRecord)
     if not (run_dir / "records.jsonl").is_file():
-        raise KatdataError(f"{run_dir / 'records.jsonl'}: file not found (run the records stage first)")
+        raise KatdataError(f"{run_dir / 'records.jsonl'}: file not found (run the assemble stage first)")
     votes = {v.id: v for v in _read(run_dir / "votes.jsonl", Vote)}
     attempts: dict[str, list[Attempt]] = {}
     for name in ("samples.jsonl", "solve.jsonl"):
@@ -413,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         if action == "push":
             p.add_argument("--all", action="store_true", help="push every record, not only the routed ones")
     args = parser.parse_args(argv)
+    from katdata.errors import report
+    from katdata.preflight import run_folder
+
     try:
+        run_folder(args.run_dir, "review")
         cfg = _config(args.recipe, args.run_dir)
         updates = {k: v for k, v in (("dataset", args.dataset), ("workspace", args.workspace)) if v}
         if getattr(args, "all", False):
@@ -421,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.model_copy(update=updates)
         stats = push(cfg, args.run_dir) if args.action == "push" else pull(cfg, args.run_dir)
     except KatdataError as exc:
-        print(f"katdata review {args.action}: {exc}")
-        return 1
+        return report(exc, f"katdata review {args.action}")
     print(json.dumps(stats, indent=1, sort_keys=True))
     return 0

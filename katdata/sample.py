@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from katdata import template
 from katdata.backends.base import Backend, Completion, Request, SamplingParams
@@ -40,7 +40,7 @@ class SampleConfig(BaseModel):
     n: int = Field(8, ge=1, description="samples per mode per query (N)")
     rounds: list[int] = Field([2, 4, 8], description="cumulative samples per mode after each round; [] = all N at once")
     confidence: float = Field(0.95, gt=0.0, le=1.0, description="stop a query once its label is settled at this confidence (1 = worst case)")
-    delta: float = Field(0.1, description="the vote's delta (keep equal to vote.delta)")
+    delta: float = Field(0.1, ge=0, le=1, description="the vote's delta (keep equal to vote.delta)")
     temperature: float = Field(0.8, ge=0.0, description="sampling temperature")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling")
     max_tokens_on: int = Field(384, ge=8, description="token limit of a think-on sample")
@@ -51,6 +51,13 @@ class SampleConfig(BaseModel):
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked")
     skip_on_for_off_candidates: bool = Field(
         False, description="budget: queries the tagger marks as think-off candidates get no think-on samples")
+
+    @field_validator("rounds")
+    @classmethod
+    def _increasing(cls, rounds: list[int]) -> list[int]:
+        if any(r < 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:])):
+            raise ValueError(f"rounds must be positive and increasing (cumulative counts), got {rounds}")
+        return rounds
 
 
 def schedule(cfg: SampleConfig) -> list[int]:

@@ -52,6 +52,7 @@ ERRORS = {
     "unclosed_answer": "<answer> opened and never closed",
     "empty_answer": "the answer is blank",
     "text_after_answer": "text stands after </answer>",
+    "nested_marker": "a judge, think or answer text holds a template marker (render refuses such text)",
     "truncated": "the response was cut off (finish_reason=length, or it ends inside an open block)",
 }
 
@@ -205,6 +206,8 @@ def parse(text: str, finish_reason: Optional[str] = None) -> Parsed:
 
 
 def _finish(out: dict, errors: list[str], finish_reason: Optional[str], open_at_end: bool) -> Parsed:
+    if any(m in (out.get(k) or "") for k in ("judge", "think", "answer") for m in MARKERS):
+        errors.append("nested_marker")
     truncated = finish_reason == "length" or open_at_end
     if truncated:
         errors.append("truncated")

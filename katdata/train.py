@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
                                  "on small models, lower it for larger ones")
     warmup_steps: int = Field(5, ge=0, description="linear warm-up steps")
     epochs: float = Field(1.0, gt=0, description="passes over the data (used when max_steps is -1)")
-    max_steps: int = Field(50, description="optimizer steps; -1 = run `epochs` passes")
+    max_steps: int = Field(50, ge=-1, description="optimizer steps; -1 = run `epochs` passes")
     batch_size: int = Field(4, ge=1, description="examples per device per step")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     max_length: int = Field(512, ge=16, description="longest example in tokens; longer ones are skipped (counted), "
@@ -418,21 +418,26 @@ def demo_records(n_on: int, n_off: int, seed: int = 0) -> list:
 
 def _load_config(path: Optional[str], sets: list[str], model=TrainConfig, section: str = "train"):
     """A stage config from a YAML file (a recipe's section, or the settings alone) plus KEY=VALUE overrides."""
-    import yaml
+    from pydantic import ValidationError
+
+    from katdata.recipe import Blame, explain, parse_override, read_yaml, set_key
 
     data: dict = {}
+    in_recipe = False
     if path:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(doc, dict):
-            raise KatdataError(f"{path}: expected a mapping of settings")
-        recipe = section in doc or "engines" in doc or "data" in doc
-        data = dict(doc.get(section) or {}) if recipe else doc
+        doc = read_yaml(path, "config")
+        in_recipe = section in doc or "engines" in doc or "data" in doc
+        data = dict(doc.get(section) or {}) if in_recipe else doc
+    origin = {}
     for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise KatdataError(f"--set expects key=value, got {item!r}")
-        data[key.strip()] = yaml.safe_load(value)
-    return model.model_validate(data)
+        key, value = parse_override(item)
+        set_key(data, key, value, item)
+        origin[key] = item
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        blame = Blame(Path(path) if path else None, origin, (section,) if in_recipe else ())
+        raise explain(exc, blame, model) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                     "loss-token counts, then exit without training")
     ns = ap.parse_args(argv)
     cfg = _load_config(ns.config, ns.set)
+    from katdata.preflight import run_folder
+
+    run_folder(ns.run_dir, "train", data=cfg.data, model=cfg.model)  # before torch is imported
     if ns.audit is not None:
         transformers = require("transformers", "local")
         from katdata.model import resolve

@@ -35,13 +35,13 @@ class VerifyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    math_timeout_s: float = Field(5.0, description="wall-clock limit of one Math-Verify call (worker killed after)")
-    math_workers: int = Field(2, description="worker processes of the Math-Verify pool")
-    rel_tol: float = Field(1e-6, description="relative tolerance of numeric answers")
+    math_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one Math-Verify call (worker killed after)")
+    math_workers: int = Field(2, ge=1, description="worker processes of the Math-Verify pool")
+    rel_tol: float = Field(1e-6, ge=0, description="relative tolerance of numeric answers")
     exact_contains: bool = Field(True, description="kind=exact: also correct when the answer contains the "
                                  "(normalised, at most 5-word) reference as whole words")
     judge_prompt: str = Field("verify_judge.txt", description="prompt file (katdata/prompts) of the LLM judge")
-    judge_max_tokens: int = Field(8, description="tokens the LLM judge may answer with")
+    judge_max_tokens: int = Field(8, ge=1, description="tokens the LLM judge may answer with")
     # the recipe's top-level `sandbox:` section (set by recipe.py; not a key of this section)
     _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
 

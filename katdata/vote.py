@@ -32,8 +32,8 @@ class VoteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(8, description="samples per mode the sampler aimed for (to count samples saved)")
-    delta: float = Field(0.1, description="think-off wins when p_off >= p_on - delta (prefer the cheaper mode)")
+    n: int = Field(8, ge=1, description="samples per mode the sampler aimed for (to count samples saved)")
+    delta: float = Field(0.1, ge=0, le=1, description="think-off wins when p_off >= p_on - delta (prefer the cheaper mode)")
     none_correct: Literal["drop", "prior", "review"] = Field(
         "drop", description="when no sample is correct: drop the query, use the tagger's prior, or send to review")
     explore_share: float = Field(0.01, ge=0.0, le=1.0, description="share of queries given a random mode")

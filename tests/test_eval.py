@@ -35,7 +35,8 @@ def test_forced_prefix_prefills_a_rationale_for_that_mode():
     item = Item("q", [], "on", 2, "math", "calculation", "numeric", "4")
     assert prefix("auto", item) == GENERATION_PREFIX
     for mode in ("on", "off"):
-        p = parse(prefix(mode, item) + ("x\n</think>\n" if mode == "on" else "") + "<answer>\n4\n</answer>")
+        # the think-off prefix already opens <answer>: a second one would be a nested marker
+        p = parse(prefix(mode, item) + ("x\n</think>\n<answer>\n" if mode == "on" else "") + "4\n</answer>")
         assert p.ok and p.mode == mode and stance(p.judge) == mode and "math problem" in p.judge
 
 

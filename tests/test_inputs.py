@@ -87,3 +87,78 @@ def test_packaged_real_data():
     assert [h.id for h in hops] == [h.id for h in sources.load("fanoutqa-hop", limit=5, seed=1)]
     he = sources.load("humaneval")
     assert len(he) == 164 and "check(" in he[0].reference
+
+
+def test_csv_with_bom_keeps_ids_and_tsv_uses_tabs(tmp_path):
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffid,query,reference\nq1,Two plus two?,4\n".encode("utf-8"))
+    assert [(q.id, q.reference) for q in read_queries(bom)] == [("q1", "4")]
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text("id\tquery\nt1\tHello, world?\n", "utf-8")
+    assert [(q.id, q.query) for q in read_queries(tsv)] == [("t1", "Hello, world?")]
+
+
+@pytest.mark.parametrize("content, msg", [
+    ('id,query\na,"open quote\nb,fine\n', "not valid CSV"),
+    ("id,query\n", "only a header line (id, query), no rows (delimiter ',')"),
+    ("id;query\na;hi\n", "header (id;query) has no column 'query' (delimiter ','); the header looks delimited by ';'"),
+    ("", "empty file"),
+])
+def test_bad_csv_says_what_it_found(tmp_path, content, msg):
+    path = tmp_path / "bad.csv"
+    path.write_text(content, "utf-8")
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    assert msg in str(info.value)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"id": True, "query": "q"}, "id"), ({"id": [1], "query": "q"}, "id"), ({"id": {"a": 1}, "query": "q"}, "id"),
+    ({"query": "q", "reference": False}, "reference"), ({"query": "q", "reference": ["4"]}, "reference"),
+    ({"query": "q", "reference": float("nan")}, "reference"), ({"query": "q", "system": 5}, "system"),
+    ({"query": "q", "kind": ["math"]}, "kind"),
+])
+def test_ids_and_references_are_strings_or_numbers(tmp_path, row, field):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(row) + "\n", "utf-8")
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    assert (info.value.line, info.value.field) == (1, field)
+
+
+def test_numbers_are_fine_as_ids_and_references(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"id": 3, "query": "q", "reference": 2.5}])
+    assert [(q.id, q.reference) for q in read_queries(path)] == [("3", "2.5")]
+
+
+def test_line_separators_inside_json_strings(tmp_path):
+    text = "one\u2028two\u2029three\u0085four"
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "a", "query": text}, ensure_ascii=False) + "\n"
+                    + json.dumps({"id": "b", "query": "next"}) + "\n", "utf-8")
+    assert [q.query for q in read_queries(path)] == [text, "next"]
+
+
+def test_json_array_and_json_lines_in_a_json_file(tmp_path):
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps([{"id": "x", "query": "one"}, {"id": "y", "query": "two"}], indent=2), "utf-8")
+    assert [q.id for q in read_queries(arr)] == ["x", "y"]
+    lines = write_jsonl(tmp_path / "l.json", ROWS)
+    assert len(read_queries(lines)) == 2
+    bad = tmp_path / "b.json"
+    bad.write_text('[\n  {"query": "a"},\n  {"query": 5}\n]\n', "utf-8")
+    with pytest.raises(InputError, match=r"b.json:3 field 'query'"):
+        read_queries(bad)
+    pretty = tmp_path / "p.json"
+    pretty.write_text('{\n  "query": "a"\n}\n', "utf-8")
+    with pytest.raises(InputError, match="JSON Lines"):
+        read_queries(pretty)
+
+
+def test_broken_saved_dataset_is_an_input_error(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{broken", "utf-8")
+    with pytest.raises(InputError, match="not a readable saved dataset"):
+        read_queries(folder)

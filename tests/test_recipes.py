@@ -52,8 +52,8 @@ def test_misspelt_key_names_path_and_nearest(tmp_path):
 def test_set_overrides_parse_yaml_scalars(tmp_path):
     path = write(tmp_path, "data:\n  sources: [{name: gsm8k, limit: 2}]\n")
     r = load_recipe(path, ["sample.n=3", "vote.n=3", "tag.use_llm=false", "sample.delta=0.25", "vote.delta=0.25",
-                           "engines.default.model=/m"])
-    assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "/m")
+                           "engines.default.model=org/m"])
+    assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "org/m")
     with pytest.raises(KatdataError, match="sample.nn"):
         load_recipe(path, ["sample.nn=3"])
 
@@ -101,3 +101,38 @@ def test_vote_settings_must_match_sampling(tmp_path):
     path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nsample: {n: 4}\nvote: {n: 8}\n")
     with pytest.raises(KatdataError, match="vote.n and vote.delta"):
         load_recipe(path)
+
+
+def test_duplicate_keys_empty_and_non_utf8_recipes(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nsample:\n  n: 2\n  n: 4\n")
+    with pytest.raises(KatdataError, match=r"r.yaml:5: not valid YAML: duplicate key 'n' \(first on line 4\)"):
+        load_recipe(path)
+    for text in ("", "# only a comment\n"):
+        path = write(tmp_path, text)
+        with pytest.raises(KatdataError, match="r.yaml: the recipe is empty"):
+            load_recipe(path)
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(KatdataError, match=r"r.yaml:1: not UTF-8"):
+        load_recipe(path)
+
+
+def test_errors_name_the_line_or_the_set_argument(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nsample:\n  top_p: 2\n")
+    with pytest.raises(KatdataError, match=r"r.yaml:4: sample.top_p: 2 is out of range \(allowed: > 0.0 and <= 1.0\)"):
+        load_recipe(path)
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\n")
+    with pytest.raises(KatdataError) as info:
+        load_recipe(path, ["sample.top_p=2"])
+    assert str(info.value).startswith("--set 'sample.top_p=2': sample.top_p") and "r.yaml" not in str(info.value)
+    with pytest.raises(KatdataError, match=r"--set 'sample.engine=big': sample.engine: no engine named 'big'"):
+        load_recipe(path, ["sample.engine=big"])
+
+
+def test_preflight_finds_every_engine_reference():
+    from katdata.preflight import recipe_problems
+
+    r = Recipe.model_validate({"data": {"sources": [{"name": "gsm8k"}]}, "tag": {"engine": "t"},
+                               "solve": {"solver_engine": "s", "thinker_engine": "default"},
+                               "judge": {"engine": "j"}, "eval": {"engine": "e", "adapted_engine": "a"}})
+    keys = {key for key, _ in recipe_problems(r)}
+    assert keys == {"tag.engine", "solve.solver_engine", "judge.engine", "eval.engine", "eval.adapted_engine"}

@@ -340,8 +340,8 @@ def test_main_cli_and_server_down(live, tmp_path, capsys, monkeypatch):
     # the server is down (nothing listens there): a clear error, and nothing local changes
     monkeypatch.setenv("ARGILLA_API_URL", f"http://127.0.0.1:{_fixtures.free_port()}")
     for action in ("push", "pull"):
-        assert review.main([action, str(run)]) == 1
-        msg = capsys.readouterr().out
+        assert review.main([action, str(run)]) == 4  # a server problem (katdata.errors exit codes)
+        msg = capsys.readouterr().err
         assert "cannot be used" in msg and "Nothing in the run folder was changed" in msg
         assert live.api_key not in msg
     assert (run / "review" / "merged.jsonl").read_bytes() == merged

@@ -57,6 +57,7 @@ CASES = {
     "unclosed_answer": OFF.replace("\n</answer>", ""),
     "empty_answer": OFF.replace("Paris", ""),
     "text_after_answer": OFF + "\nAnything else?",
+    "nested_marker": OFF.replace("Paris", "Paris <judge>"),  # render refuses this text, so parse does too
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
-from katdata.errors import KatdataError
+from katdata.errors import EngineError, KatdataError
 
 BACKENDS = {
     "transformers": ("katdata.backends.hf:TransformersBackend", "local"),
@@ -26,5 +26,5 @@ def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise KatdataError(f"backend '{name}' needs {exc.name or exc}: install the '{extra}' extra") from exc
+        raise EngineError(f"backend '{name}' needs {exc.name or exc}: install the '{extra}' extra") from exc
     return getattr(mod, cls)(config or BackendConfig())

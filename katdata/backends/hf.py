@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
-from katdata.errors import KatdataError, require
+from katdata.errors import EngineError, require
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def check_model_path(model: str) -> None:
     """Fail early, naming the path, when a model given as a local path does not exist."""
     looks_local = model.startswith(("/", "./", "../", "~")) or Path(model).suffix in (".gguf", ".safetensors")
     if looks_local and not Path(model).expanduser().exists():
-        raise KatdataError(f"model '{model}' not found: no such folder")
+        raise EngineError(f"model '{model}' not found: no such folder")
 
 
 class TransformersBackend(Backend):
@@ -60,7 +60,7 @@ class TransformersBackend(Backend):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **kw)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kw)
         except (OSError, ValueError) as exc:
-            raise KatdataError(f"cannot load model '{self.path}': {exc}") from exc
+            raise EngineError(f"cannot load model '{self.path}': {exc}") from exc
         if config.lora_path:
             peft = require("peft", "train")
             self.model = peft.PeftModel.from_pretrained(self.model, config.lora_path)

@@ -26,7 +26,7 @@ import threading
 from typing import Callable, Optional
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
-from katdata.errors import KatdataError, require
+from katdata.errors import EngineError, KatdataError, require
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class OpenAIBackend(Backend):
         try:
             await asyncio.gather(*workers)
         except _Fatal as exc:
-            raise KatdataError(self.scrub(str(exc))) from None
+            raise EngineError(self.scrub(str(exc))) from None
         finally:
             for w in workers:
                 w.cancel()

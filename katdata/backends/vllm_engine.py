@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
 from katdata.backends.hf import check_model_path
-from katdata.errors import KatdataError, require
+from katdata.errors import EngineError, require
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class VLLMBackend(Backend):
         try:
             self.llm = vllm.LLM(**kw)
         except (OSError, ValueError) as exc:
-            raise KatdataError(f"vLLM cannot load model '{self.path}': {exc}") from exc
+            raise EngineError(f"vLLM cannot load model '{self.path}': {exc}") from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.lora = None
