@@ -4,7 +4,10 @@ For each labelled vote with an accepted judge rationale: think-off takes the ans
 chosen (shortest correct) sample; think-on takes its think text and answer from the solver's
 accepted attempts (solve.jsonl) or from the vote samples, as ``think_source`` says. The response is
 ``template.render``-ed, then ``template.parse``-d back: any difference rejects the record. Every
-query that yields no record lands in rejects.jsonl with its stage and reason.
+query that yields no record lands in rejects.jsonl with its stage and reason. Each record says who
+chose its label (``label_source``) and where its text came from (``content_source``), and its
+``provenance`` names the engines, models and prompts behind it (katdata/provenance.py). The stage ends
+with the mode-collapse check (katdata/balance.py), before anything is exported.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--think-source", default="solver_then_vote",
                    choices=["solver", "vote", "solver_then_vote", "vote_then_solver"], help="think-on content source")
+    p.add_argument("--accept-imbalance", action="store_true", help="keep going when a mode collapsed")
     args = p.parse_args(argv)
-    print(run(AssembleConfig(think_source=args.think_source), args.run_dir))
+    print(run(AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance), args.run_dir))
     return 0

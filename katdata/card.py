@@ -39,7 +39,7 @@ VOTE_TYPES = {"label": "string", "reason": "string", "explored": "bool", "n_on":
               "p_on": "float64", "p_off": "float64", "margin": "float64", "delta": "float64",
               "entropy_on": "float64", "entropy_off": "float64", "tokens_on": "float64", "tokens_off": "float64",
               "samples_used": "int32", "samples_saved": "int32", "chosen_index": "int32",
-              "chosen_source": "string", "review": "bool"}
+              "chosen_source": "string", "review": "bool", "label_source": "string"}
 COLUMN_TYPES = {"string": (str,), "bool": (bool,), "int32": (int,), "float64": (int, float)}
 
 

@@ -38,8 +38,9 @@ def folder_fingerprint(folder: Path) -> Optional[str]:
 
 
 @lru_cache(maxsize=64)
-def model_identity(model: Optional[str], backend: str = "transformers") -> str:
-    """The model as a record names it: "name@hash" for a local folder, the id itself otherwise."""
+def model_identity(model: Optional[str], backend: str = "transformers", revision: Optional[str] = None) -> str:
+    """The model as a record names it: "name@hash" for a local folder, the id itself otherwise (with
+    "@revision" for a hub id pinned to one)."""
     from katdata.model import EMBEDDED, EMBEDDED_NAME, embedded_path
 
     if model in (None, "", EMBEDDED):
@@ -48,7 +49,7 @@ def model_identity(model: Optional[str], backend: str = "transformers") -> str:
     if backend != "openai" and Path(model).is_dir():
         fp = folder_fingerprint(Path(model))
         return f"{Path(model).resolve().name}@{fp}" if fp else model
-    return model  # a hub id, or the model id a server serves
+    return f"{model}@{revision}" if revision else model  # a hub id, or the model id a server serves
 
 
 @lru_cache(maxsize=64)
@@ -94,7 +95,7 @@ class RunInfo:
         name = self.role_engine.get(role, "default")
         e = self.engines.get(name) if isinstance(self.engines.get(name), dict) else {}
         backend = e.get("backend", "transformers")
-        return name, backend, model_identity(e.get("model"), backend)
+        return name, backend, model_identity(e.get("model"), backend, e.get("revision"))
 
     def record(self, label_source: str, content_source: str, agents: list[str], tags_source: Optional[str]) -> dict:
         """models {role: model}, engines {role: "name (backend)"}, agents and prompts {file: hash} of one record."""

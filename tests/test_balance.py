@@ -144,3 +144,50 @@ def test_a_mode_the_vote_kept_small_is_stopped_by_min_share_not_by_loss():
     assert problems(c, max_loss=0.5, min_share=0.05) == {}
     # a mode the vote never chose is no collapse
     assert problems({"labels": {"on": 0, "off": 5}, "records_by_mode": {"on": 0, "off": 5}, "lost": {}}, 0.5, 0.1) == {}
+
+
+COLLAPSE_RECIPE = """\
+name: collapse
+seed: 0
+data:
+  sources:
+    - {name: aime2025, limit: 3}       # answers only: no worked solution to fall back on
+    - {name: fanoutqa-hop, limit: 3}
+engines:
+  default: {backend: transformers, model: embedded, batch_size: 12}
+tag: {use_llm: false}
+solve: {rounds: 0, max_tokens: 32, critic_max_tokens: 8}
+sample: {n: 2, rounds: [2], max_tokens_on: 32, max_tokens_off: 16, top_p: 1.0}
+vote: {n: 2, none_correct: prior}
+judge: {writer: tags}
+assemble: {reference_fallback: true}
+export: {plot: false}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_real_run_with_the_embedded_model_stops_before_export(tmp_path):
+    """AIME 2025 problems and FanOutQA facts through the embedded 135M model: the prior labels the AIME
+    problems think-on, nothing can write their think-on content, so the run stops before export (exit 2)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe, run_dir = tmp_path / "collapse.yaml", tmp_path / "run"
+    recipe.write_text(COLLAPSE_RECIPE, "utf-8")
+    cmd = [sys.executable, "-m", "katdata", "run", str(recipe), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=1700)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "mode collapse" in proc.stderr and "queries think-on, assembly kept 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run_dir / "export").exists()
+    votes = [json.loads(line) for line in (run_dir / "votes.jsonl").read_text().splitlines()]
+    aime = [v for v in votes if v["id"].startswith("aime")]
+    assert all(v["label_source"] in ("prior", "vote", "exploration") for v in votes)
+    assert any(v["label"] == "on" for v in aime)
+    # accepting the imbalance lets it through, and the card says so
+    proc = subprocess.run(cmd + ["--set", "assemble.accept_imbalance=true"], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=1700)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "imbalance accepted" in " ".join(proc.stdout.split())
+    assert "**Imbalance accepted**" in (run_dir / "export" / "README.md").read_text("utf-8")
