@@ -4,7 +4,10 @@ For each labelled vote with an accepted judge rationale: think-off takes the ans
 chosen (shortest correct) sample; think-on takes its think text and answer from the solver's
 accepted attempts (solve.jsonl) or from the vote samples, as ``think_source`` says. The response is
 ``template.render``-ed, then ``template.parse``-d back: any difference rejects the record. Every
-query that yields no record lands in rejects.jsonl with its stage and reason.
+query that yields no record lands in rejects.jsonl with its stage and reason. Each record says who
+chose its label (``label_source``) and where its text came from (``content_source``), and its
+``provenance`` names the engines, models and prompts behind it (katdata/provenance.py). The stage ends
+with the mode-collapse check (katdata/balance.py), before anything is exported.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import template
+from katdata.balance import check_balance
 from katdata.judge import JudgeRow
+from katdata.provenance import RunInfo
 from katdata.records import Attempt, KatRecord, Query, Tags, Vote
 from katdata.runfiles import RowWriter, done_keys, read_rows
 
@@ -39,6 +44,14 @@ class AssembleConfig(BaseModel):
         False, description="when no verified sample of the chosen mode exists, use the query's reference as the "
         "teacher: its worked solution (meta.solution, e.g. GSM8K's) as the think text and the reference answer; "
         "marked content_source=reference")
+    max_mode_loss: float = Field(
+        0.5, ge=0.0, le=1.0, description="stop before export when assembly lost more than this share of a mode's "
+        "labelled queries (no content, rejected renders, judge rejects)")
+    min_mode_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="stop before export when a mode the vote labelled makes up less than this "
+        "share of the records")
+    accept_imbalance: bool = Field(
+        False, description="export even when a mode collapsed (max_mode_loss / min_mode_share); the card records it")
 
 
 CALC_NOTE = re.compile(r"<<[^<>]*>>")
@@ -72,7 +85,8 @@ def solver_pick(attempts: list[Attempt]) -> Optional[Attempt]:
 
 def content(vote: Vote, samples: list[Attempt], solver: list[Attempt], cfg: AssembleConfig,
             q: Optional[Query] = None) -> tuple[Optional[Attempt], str]:
-    """The attempt whose think/answer the record uses, and where it came from (or why none)."""
+    """The attempt whose think/answer the record uses, and where it came from ("sample", "solver",
+    "reference"), or None and why there is none."""
     pick, source = _sampled_content(vote, samples, solver, cfg)
     if pick is None and cfg.reference_fallback and q is not None:
         ref = reference_pick(q, vote.label)
@@ -87,18 +101,32 @@ def _sampled_content(vote: Vote, samples: list[Attempt], solver: list[Attempt],
     if chosen is not None and cfg.require_clean_parse and not chosen.ok:
         chosen = None
     if vote.label == "off":
-        return (chosen, "vote") if chosen else (None, "no correct think-off sample")
+        return (chosen, "sample") if chosen else (None, "no correct think-off sample")
     order = {"solver": ["solver"], "vote": ["vote"], "solver_then_vote": ["solver", "vote"],
              "vote_then_solver": ["vote", "solver"]}[cfg.think_source]
     for src in order:
         pick = solver_pick(solver) if src == "solver" else (chosen if chosen and chosen.think else None)
         if pick is not None:
-            return pick, src
+            return pick, "sample" if src == "vote" else src
     return None, f"no think-on content ({cfg.think_source})"
 
 
+def label_source(vote: Vote) -> str:
+    """Who chose the vote's label (votes written before katdata recorded it: read from the row)."""
+    if vote.label_source:
+        return vote.label_source
+    return "exploration" if vote.explored else "prior" if vote.reason.startswith("no correct sample") else "vote"
+
+
+def agents(pick: Attempt, source: str) -> list[str]:
+    """The roles that wrote the think/answer text: the solver team's segments, the sampler, or none."""
+    if source == "solver":
+        return list(dict.fromkeys(s.role for s in pick.segments)) or ["solver"]
+    return ["sampler"] if source == "sample" else []
+
+
 def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
-          tags: Optional[Tags]) -> KatRecord:
+          tags: Optional[Tags], info: Optional[RunInfo] = None) -> KatRecord:
     """Render and re-check one record; raises template.TemplateError with the reason."""
     answer = pick.answer.strip("\n")
     think = pick.think.strip("\n") if vote.label == "on" and pick.think else None
@@ -107,11 +135,14 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
     same = back.ok and (back.mode, back.judge, back.answer, back.think) == (vote.label, judge.rationale, answer, think)
     if not same or template.render(back.mode, back.judge, back.answer, back.think) != response:
         raise template.TemplateError(f"render check failed: {back.errors or 'fields differ after parsing'}")
+    labelled_by = label_source(vote)
+    roles = (info or RunInfo(None)).record(labelled_by, source, agents(pick, source), tags.source if tags else None)
     return KatRecord(id=q.id, query=q.query, system=q.system, mode=vote.label, judge=judge.rationale, think=think,
                      answer=answer, response=response, reference=q.reference, kind=q.kind,
+                     label_source=labelled_by, content_source=source,
                      tags=tags.model_dump(mode="json") if tags else {},
                      vote=vote.model_dump(mode="json"),
-                     provenance={"source": q.source, "content_source": source, "attempt_index": pick.index,
+                     provenance={"source": q.source, **roles, "attempt_index": pick.index,
                                  "attempt_mode": pick.mode, "correct": pick.correct,
                                  "completion_tokens": pick.completion_tokens,
                                  "judge_tries": len(judge.attempts), "explored": vote.explored,
@@ -132,6 +163,7 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
         if a.source == "solver":
             solver[a.id].append(a)
     done = done_keys(run_dir / "records.jsonl") | done_keys(run_dir / "rejects.jsonl")
+    info = RunInfo.from_run(run_dir)
     stats: Counter = Counter()
     rejects: Counter = Counter()
     with RowWriter(run_dir / "records.jsonl") as rec_out, RowWriter(run_dir / "rejects.jsonl") as rej_out:
@@ -156,15 +188,14 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
                 reject(q.id, "assemble", source, vote.model_dump(mode="json"))
                 continue
             try:
-                rec = build(q, vote, judge, pick, source, tags.get(q.id))
+                rec = build(q, vote, judge, pick, source, tags.get(q.id), info)
             except template.TemplateError as exc:
                 reject(q.id, "assemble", f"render: {exc}", {"think": pick.think, "answer": pick.answer})
                 continue
             rec_out.write(rec)
             stats["rows_out"] += 1
-            stats[f"mode_{rec.mode}"] += 1
-            stats[f"source_{source}"] += 1
-    return {"rows_in": len(votes), **stats, "rejects": dict(rejects)}
+    # the whole files, not this call's rows (a resumed run): raises KatdataError when a mode collapsed
+    return {"rows_in": len(votes), **stats, "rejects": dict(rejects), **check_balance(cfg, run_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--think-source", default="solver_then_vote",
                    choices=["solver", "vote", "solver_then_vote", "vote_then_solver"], help="think-on content source")
+    p.add_argument("--accept-imbalance", action="store_true", help="keep going when a mode collapsed")
     args = p.parse_args(argv)
-    print(run(AssembleConfig(think_source=args.think_source), args.run_dir))
+    print(run(AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance), args.run_dir))
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 import pydantic_core
 import yaml
 
+from katdata import balance
 from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
 from katdata.redact import redact
@@ -38,7 +39,7 @@ VOTE_TYPES = {"label": "string", "reason": "string", "explored": "bool", "n_on":
               "p_on": "float64", "p_off": "float64", "margin": "float64", "delta": "float64",
               "entropy_on": "float64", "entropy_off": "float64", "tokens_on": "float64", "tokens_off": "float64",
               "samples_used": "int32", "samples_saved": "int32", "chosen_index": "int32",
-              "chosen_source": "string", "review": "bool"}
+              "chosen_source": "string", "review": "bool", "label_source": "string"}
 COLUMN_TYPES = {"string": (str,), "bool": (bool,), "int32": (int,), "float64": (int, float)}
 
 
@@ -56,6 +57,7 @@ def features(fmt: str = "hf"):
         "id": V("string"), "query": V("string"), "system": V("string"), "messages": msg,
         "response": V("string"), "mode": V("string"), "judge": V("string"), "think": V("string"),
         "answer": V("string"), "reference": V("string"), "kind": V("string"),
+        "label_source": V("string"), "content_source": V("string"),
         "tags": {**{k: V(t) for k, t in TAG_TYPES.items()}, "extra": V("string")},
         "vote": {**{k: V(t) for k, t in VOTE_TYPES.items()}, "extra": V("string")},
         "provenance": {"source": V("string"), "models": L({"role": V("string"), "model": V("string")}),
@@ -108,7 +110,8 @@ def from_hf_row(row: dict) -> KatRecord:
         prov["models"] = {m["role"]: m["model"] for m in p["models"]}
     changes = [Change(field=c["field"], old=json.loads(c["old"]), new=json.loads(c["new"]),
                       annotator=c["annotator"], at=c["at"]) for c in p["changes"]]
-    keep = ("id", "query", "system", "mode", "judge", "think", "answer", "response", "reference", "kind")
+    keep = ("id", "query", "system", "mode", "judge", "think", "answer", "response", "reference", "kind",
+            "label_source", "content_source")
     return KatRecord(**{k: row[k] for k in keep}, tags=untyped(row["tags"]), vote=untyped(row["vote"]),
                      provenance=prov, changes=changes)
 
@@ -152,6 +155,8 @@ class CardStats:
         self.n = 0
         self.splits: Counter = Counter()
         self.modes: Counter = Counter()
+        self.label_sources: Counter = Counter()
+        self.content_sources: Counter = Counter()
         self.by: dict[str, dict[str, Counter]] = {k: defaultdict(Counter) for k in BY}
         self.margins: Counter = Counter()  # margin rounded to 0.1
         self.margin_sum, self.voted = 0.0, 0
@@ -194,6 +199,9 @@ class CardStats:
                           ("kind", "kind"), ("source", "provenance.source")):
             for v, m, c in group(col(path), mode):
                 self.by[key][str(v) if v is not None else "-"][m] += c
+        for key, counter in (("label_source", self.label_sources), ("content_source", self.content_sources)):
+            for v, c in group(col(key)):
+                counter[v or "-"] += c
         for lang, c in group(col("tags.language")):
             if lang is not None:
                 self.languages[lang] += c
@@ -364,7 +372,8 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
            f"`{run_dir.name}`; layout `{cfg.format}`; split seed {cfg.seed}, test share {cfg.test_size} "
            "stratified by mode and domain.", "",
            f"```python\nfrom datasets import load_dataset\nds = load_dataset(\"{cfg.push_to_hub or 'path/to/export'}\")\n```", "",
-           "## Counts", "", _table(["split", "rows", "files"], [[s, v["rows"], v["files"]] for s, v in splits.items()]),
+           "## Counts", "", *balance.card_lines(run_dir, stats.modes, stats.label_sources, stats.content_sources),
+           _table(["split", "rows", "files"], [[s, v["rows"], v["files"]] for s, v in splits.items()]),
            "", f"Mode ratio overall: think-on {on} ({_pct(on, n)}), think-off {off} ({_pct(off, n)}). "
            f"Mean response length: think-on {stats.chars['on'] // max(on, 1)} chars, "
            f"think-off {stats.chars['off'] // max(off, 1)} chars.", ""]

@@ -70,7 +70,8 @@ class Batch:
     Several times faster than a dict per row through ``pa.Table.from_pylist``.
     """
 
-    FLAT = ("id", "query", "system", "response", "mode", "judge", "think", "answer", "reference", "kind")
+    FLAT = ("id", "query", "system", "response", "mode", "judge", "think", "answer", "reference", "kind",
+            "label_source", "content_source")
     _cache: dict = {}
 
     def __init__(self) -> None:

@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["on", "off"]
 Kind = Literal["math", "numeric", "choice", "exact", "code", "open"]
+# who chose a record's mode: the vote over verified samples, the tagger's prior (no sample was correct),
+# the exploration draw (a random mode), or a human reviewer
+LabelSource = Literal["vote", "prior", "exploration", "human"]
+# where a record's think/answer text came from: a vote sample of the model, the solver team's accepted
+# attempt, or the query's reference (its worked solution and answer)
+ContentSource = Literal["sample", "solver", "reference"]
 
 
 class Row(BaseModel):
@@ -84,6 +90,7 @@ class Vote(Row):
     id: str
     label: Optional[Mode] = Field(None, description="the chosen mode, None when dropped")
     reason: str = Field(description="why this label (pass rates, exploration, prior, dropped)")
+    label_source: Optional[LabelSource] = Field(None, description="who chose the label; None when dropped")
     explored: bool = False
     n_on: int = 0
     n_off: int = 0
@@ -123,6 +130,8 @@ class KatRecord(Row):
     response: str = Field(description="the byte-exact KAT response")
     reference: Optional[str] = None
     kind: Optional[Kind] = None
+    label_source: Optional[LabelSource] = Field(None, description="who chose the mode (None: not recorded)")
+    content_source: Optional[ContentSource] = Field(None, description="where think/answer came from (None: not recorded)")
     tags: dict[str, Any] = Field(default_factory=dict)
     vote: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)

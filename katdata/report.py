@@ -37,7 +37,7 @@ def summary_rows(data: dict) -> list[tuple[str, ...]]:
     rows = []
     skip = {"rows_in", "rows_out", "seconds", "done", "tokens"}
     for stage, st in data.get("stages", {}).items():
-        notes = [f"{k}={_fmt(v)}" for k, v in st.items()
+        notes = balance_notes(st) + [f"{k}={_fmt(v)}" for k, v in st.items()
                  if k not in skip and isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) < 40]
         for model, m in (st.get("models") or {}).items():  # the eval stage: headline figures per model
             if isinstance(m, dict):
@@ -51,16 +51,47 @@ def summary_rows(data: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def balance_notes(st: dict) -> list[str]:
+    """The assemble stage's label shares next to its records' shares, and who labelled / wrote them."""
+    from katdata.balance import CONTENT_NAMES, LABEL_NAMES, mode_line, share_line
+
+    notes = []
+    if isinstance(st.get("labels"), dict) and isinstance(st.get("records_by_mode"), dict):
+        notes.append(mode_line(st["labels"], st["records_by_mode"]).replace("exported", "records"))
+    if isinstance(st.get("label_sources"), dict):
+        notes.append("labels: " + share_line(st["label_sources"], LABEL_NAMES))
+    if isinstance(st.get("content_sources"), dict):
+        notes.append("content: " + share_line(st["content_sources"], CONTENT_NAMES))
+    if st.get("imbalance_accepted"):
+        notes.append("IMBALANCE ACCEPTED (assemble.accept_imbalance)")
+    return notes
+
+
+def shares_line(data: dict) -> Optional[str]:
+    """The vote's label shares next to the exported mode shares (assemble and export stages)."""
+    from katdata.balance import mode_line
+
+    stages = data.get("stages", {})
+    labels, export = stages.get("assemble", {}).get("labels"), stages.get("export", {})
+    if not isinstance(labels, dict) or "on" not in export:
+        return None
+    line = "modes: " + mode_line(labels, {"on": export.get("on", 0), "off": export.get("off", 0)})
+    return line + ("  (imbalance accepted)" if stages["assemble"].get("imbalance_accepted") else "")
+
+
 def dataset_line(run_dir: Path) -> Optional[str]:
     """Mode ratio and vote pass rates of the final records."""
+    from katdata.balance import CONTENT_NAMES, LABEL_NAMES, share_line
+
     path = run_dir / "records.jsonl"
     if not path.is_file():
         return None
-    modes, p_on, p_off, sources = Counter(), [], [], Counter()
+    modes, p_on, p_off, sources, labelled = Counter(), [], [], Counter(), Counter()
     for line in path.read_bytes().splitlines():  # bytes split on \n only: texts may hold U+2028
         rec = json.loads(line)
         modes[rec["mode"]] += 1
-        sources[rec.get("provenance", {}).get("content_source", "?")] += 1
+        sources[rec.get("content_source") or rec.get("provenance", {}).get("content_source") or "-"] += 1
+        labelled[rec.get("label_source") or "-"] += 1
         p_on.append(rec.get("vote", {}).get("p_on", 0.0))
         p_off.append(rec.get("vote", {}).get("p_off", 0.0))
     n = sum(modes.values())
@@ -68,7 +99,7 @@ def dataset_line(run_dir: Path) -> Optional[str]:
         return "records: 0"
     return (f"records: {n}  think-on {modes['on']} ({modes['on'] / n:.0%}) / think-off {modes['off']}  "
             f"mean pass rate on {sum(p_on) / n:.2f} / off {sum(p_off) / n:.2f}  "
-            f"content from: {', '.join(f'{k} {v}' for k, v in sources.items())}")
+            f"labels: {share_line(labelled, LABEL_NAMES)}  content: {share_line(sources, CONTENT_NAMES)}")
 
 
 def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
@@ -96,6 +127,9 @@ def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
     if not notes:
         console.print(f"notes per stage: {run_dir / 'summary.json'}", soft_wrap=True)
     line = dataset_line(run_dir)
+    if line:
+        console.print(line)
+    line = shares_line(data)
     if line:
         console.print(line)
     where = {"dataset": run_dir / "export", "adapter": run_dir / "train" / "adapter", "report": run_dir / "eval" / "eval.json"}

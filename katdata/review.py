@@ -185,6 +185,7 @@ def merge_one(rec: KatRecord, resp: dict, who: str, attempts: list[Attempt], dat
     text = {k: (values.get(k) or "").strip() or None for k in ("corrected_answer", "corrected_judge", "comment")}
     mode = values.get("mode") or rec.mode
     judge, answer, think = text["corrected_judge"] or rec.judge, text["corrected_answer"], rec.think
+    content = rec.content_source
     if mode == "off":
         think = None
     elif rec.mode == "off":
@@ -192,6 +193,7 @@ def merge_one(rec: KatRecord, resp: dict, who: str, attempts: list[Attempt], dat
         if donor is None:
             return None, "no_think_for_mode_on"
         think, answer = donor.think, answer or donor.answer
+        content = "solver" if donor.source == "solver" else "sample"
     answer = answer or rec.answer
     if mode != rec.mode and not text["corrected_judge"]:
         return None, "stale_judge"
@@ -211,10 +213,11 @@ def merge_one(rec: KatRecord, resp: dict, who: str, attempts: list[Attempt], dat
         if getattr(rec, f) != new
     ]
     review = {"dataset": dataset, "annotator": who, "at": at, "answer_ok": values.get("answer_ok"), "comment": text["comment"]}
-    human = {"label_source": "human"} if "label_source" in KatRecord.model_fields else {}  # the reviewer set the mode
     new = rec.model_copy(update={
         "mode": mode, "judge": judge, "think": think, "answer": answer, "response": response,
-        "changes": list(rec.changes) + changes, "provenance": {**rec.provenance, "review": review}, **human,
+        "changes": list(rec.changes) + changes, "provenance": {**rec.provenance, "review": review},
+        "label_source": "human" if values.get("mode") else rec.label_source,
+        "content_source": content,
     })
     return KatRecord.model_validate(new.model_dump()), changes
 

@@ -126,9 +126,10 @@ def vote(qid: str, attempts: list[Attempt], cfg: VoteConfig, tags: Optional[Tags
     if s_on.correct + s_off.correct == 0:
         prior = prior_mode(tags)
         if cfg.none_correct == "review":
-            return Vote(label=prior, reason=f"no correct sample ({basis}); sent to review", review=True, **row)
+            return Vote(label=prior, reason=f"no correct sample ({basis}); sent to review", review=True,
+                        label_source="prior" if prior else None, **row)
         if cfg.none_correct == "prior" and prior is not None:
-            return Vote(label=prior, reason=f"no correct sample ({basis}); tagger prior", **row)
+            return Vote(label=prior, reason=f"no correct sample ({basis}); tagger prior", label_source="prior", **row)
         return Vote(label=None, reason=f"no correct sample ({basis}); dropped", **row)
     label = decide(s_on.pass_rate, s_off.pass_rate, cfg.delta)
     reason = f"p_on={s_on.pass_rate:.3f} p_off={s_off.pass_rate:.3f} delta={cfg.delta} vs {basis}"
@@ -137,6 +138,7 @@ def vote(qid: str, attempts: list[Attempt], cfg: VoteConfig, tags: Optional[Tags
         label, reason = explored, f"exploration (random mode); vote said {label}: {reason}"
     pick = shortest_correct(on, ok_on) if label == "on" else shortest_correct(off, ok_off)
     return Vote(label=label, reason=reason, explored=explored is not None,
+                label_source="exploration" if explored is not None else "vote",
                 chosen_index=pick.index if pick else None, chosen_source="vote" if pick else None, **row)
 
 
@@ -193,6 +195,8 @@ def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
             out.write(v)
             stats["rows_out"] += 1
             stats[f"label_{v.label}"] += 1
+            if v.label is not None:
+                stats[f"label_source_{v.label_source}"] += 1
             stats["explored"] += v.explored
             stats["review"] += v.review
             stats["samples_used"] += v.samples_used

@@ -39,12 +39,15 @@ def _setup(tmp_path):
 
 def test_records_are_byte_exact_and_rejects_have_reasons(tmp_path):
     _setup(tmp_path)
-    stats = run(AssembleConfig(think_source="solver_then_vote"), tmp_path)
+    stats = run(AssembleConfig(think_source="solver_then_vote", accept_imbalance=True), tmp_path)
     recs = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}
     assert set(recs) == {"off", "on"} and stats["rows_out"] == 2
+    # think-off lost 2 of its 3 labels (judge, render): accepted here, and said so in the stats
+    assert "think-off" in stats["imbalance_accepted"] and stats["records_by_mode"] == {"on": 1, "off": 1}
     off = recs["off"]
     assert off.response == "<judge>\nThe request off is simple.\n</judge>\n\n<think_off>\n<answer>\nThe answer is 16.\n</answer>"
-    assert recs["on"].think == "solver: 8 doubled is 16" and recs["on"].provenance["content_source"] == "solver"
+    assert recs["on"].think == "solver: 8 doubled is 16" and recs["on"].content_source == "solver"
+    assert recs["off"].content_source == "sample" and {r.label_source for r in recs.values()} == {"vote"}
     for r in recs.values():
         p = template.parse(r.response)
         assert p.ok and (p.mode, p.judge, p.answer, p.think) == (r.mode, r.judge, r.answer, r.think)
@@ -53,16 +56,17 @@ def test_records_are_byte_exact_and_rejects_have_reasons(tmp_path):
     assert rejects["nojudge"]["stage"] == "judge" and "empty rationale" in rejects["nojudge"]["reason"]
     assert rejects["bad"]["stage"] == "assemble" and "marker" in rejects["bad"]["reason"]
     # rerun: nothing duplicated
-    run(AssembleConfig(), tmp_path)
+    run(AssembleConfig(accept_imbalance=True), tmp_path)
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 3
 
 
 def test_think_from_vote_samples_when_configured(tmp_path):
     _setup(tmp_path)
-    run(AssembleConfig(think_source="vote"), tmp_path)
+    run(AssembleConfig(think_source="vote", accept_imbalance=True), tmp_path)
     recs = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}
-    assert recs["on"].think == "8 + 8 = 16" and recs["on"].provenance["content_source"] == "vote"
+    assert recs["on"].think == "8 + 8 = 16" and recs["on"].content_source == "sample"
+    assert recs["on"].provenance["agents"] == ["sampler"]
 
 
 def test_reference_fallback_uses_the_worked_solution_as_teacher():
@@ -82,3 +86,36 @@ def test_reference_fallback_uses_the_worked_solution_as_teacher():
     # open queries have no checkable reference to teach with
     open_q = Query(id="o", query="Why?", reference='{"a": 1}', kind="open")
     assert content(Vote(id="o", label="off", reason="prior"), [], [], cfg, open_q)[0] is None
+
+
+# ---------------------------------------------------------------- provenance and mode collapse
+
+def test_solver_content_names_the_agent_roles_and_their_models(tmp_path):
+    from katdata.records import Segment
+
+    _setup(tmp_path)
+    (tmp_path / "solve.jsonl").unlink()
+    _write(tmp_path / "solve.jsonl", [
+        Attempt(id="on", index=0, source="solver", mode="on", text="", think="8 doubled is 16", answer="16", score=9,
+                segments=[Segment(role=r, model="embedded", text="t") for r in ("solver", "thinker", "critic")])])
+    (tmp_path / "recipe.yaml").write_text("engines:\n  default: {backend: transformers}\n  big: {backend: openai, "
+                                          "model: Qwen/Qwen3-32B}\nsolve: {thinker_engine: big}\n", "utf-8")
+    run(AssembleConfig(accept_imbalance=True), tmp_path)
+    on = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}["on"]
+    assert on.content_source == "solver" and on.provenance["agents"] == ["solver", "thinker", "critic"]
+    assert on.provenance["models"]["thinker"] == "Qwen/Qwen3-32B"  # a server's model id, as served
+    assert on.provenance["engines"]["thinker"] == "big (openai)"
+    assert {"solver.txt", "thinker.txt", "critic.txt", "judge_rationale.txt", "judge_check.txt"} <= set(on.provenance["prompts"])
+
+
+def test_model_fingerprint_follows_config_and_weight_files(tmp_path):
+    from katdata.provenance import folder_fingerprint, model_identity
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    first = folder_fingerprint(tmp_path)
+    assert len(first) == 12 and model_identity(str(tmp_path)) == f"{tmp_path.name}@{first}"
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 11)
+    assert folder_fingerprint(tmp_path) != first
+    (tmp_path / "config.json").unlink()
+    assert folder_fingerprint(tmp_path) is None

@@ -75,6 +75,7 @@ def hf_row(rec: KatRecord) -> dict:
         "id": rec.id, "query": rec.query, "system": rec.system, "messages": rec.messages(),
         "response": rec.response, "mode": rec.mode, "judge": rec.judge, "think": rec.think,
         "answer": rec.answer, "reference": rec.reference, "kind": rec.kind,
+        "label_source": rec.label_source, "content_source": rec.content_source,
         "tags": card.typed(rec.tags, card.TAG_TYPES), "vote": card.typed(rec.vote, card.VOTE_TYPES),
         "provenance": {"source": source, "models": [{"role": r, "model": m} for r, m in models.items()],
                        "changes": [{"field": c.field, "old": json.dumps(c.old, separators=(",", ":"), ensure_ascii=False),

@@ -161,3 +161,23 @@ def test_file_progress_of_a_resumed_stage_starts_at_the_rows_already_written(tmp
         with open(path, "a") as f:
             f.write('{"id": "c"}\n{"id": "d"}\n')
     assert "4/4" in _bar_text(out)
+def test_label_and_content_sources_and_label_vs_exported_shares(tmp_path, capsys):
+    """A weak-model run: the table says who labelled, where content came from, and labels vs exported."""
+    recs = [{"mode": "off", "label_source": "vote", "content_source": "sample", "vote": {"p_on": 0.0, "p_off": 1.0}},
+            {"mode": "off", "label_source": "prior", "content_source": "reference", "vote": {}},
+            {"mode": "on", "label_source": "prior", "content_source": "reference", "vote": {}}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    line = dataset_line(tmp_path)
+    assert "labels: 2 tagger prior, 1 vote" in line and "content: 2 reference, 1 model sample" in line
+    data = {"stages": {
+        "assemble": {"rows_in": 12, "rows_out": 3, "labels": {"on": 9, "off": 3}, "records_by_mode": {"on": 1, "off": 2},
+                     "label_sources": {"prior": 2, "vote": 1}, "content_sources": {"reference": 2, "sample": 1},
+                     "imbalance_accepted": "assemble: mode collapse: ...", "rejects": {"assemble: no think-on content": 8}},
+        "export": {"rows_in": 3, "rows_out": 3, "on": 1, "off": 2}}}
+    notes = summary_rows(data)[0][5]
+    assert "think-on 9 labelled (75%) -> 1 records (33%)" in notes and "think-off 3 labelled (25%) -> 2 records" in notes
+    assert "labels: 2 tagger prior, 1 vote" in notes and "content: 2 reference, 1 model sample" in notes
+    assert "IMBALANCE ACCEPTED" in notes and "rejects: assemble: no think-on content 8" in notes
+    print_summary(data, tmp_path, 1.0)
+    out = capsys.readouterr().out
+    assert "modes: think-on 9 labelled (75%) -> 1 exported (33%)" in " ".join(out.split()) and "imbalance accepted" in out

@@ -24,6 +24,7 @@ solve: {rounds: 1, max_tokens: 48, critic_max_tokens: 16, chunk_size: 3}
 sample: {n: 2, rounds: [1, 2], max_tokens_on: 48, max_tokens_off: 16, chunk: 2}
 vote: {n: 2, none_correct: prior}
 judge: {engine: default, max_tokens: 32}
+assemble: {accept_imbalance: true}  # a 135M model writes no think-on content: the on mode collapses
 export: {test_size: 0.3, plot: false}
 """
 

@@ -168,6 +168,7 @@ def test_merge_rules(tmp_path):
     flipped = by_id[off[0].id]
     assert flipped.mode == "on" and flipped.think.startswith("Recall what is asked")
     assert flipped.judge == "It needs two hops."
+    assert flipped.label_source == "human" and flipped.content_source in ("sample", "solver")  # a reviewer chose it
     assert reasons[off[1].id] == "answer_wrong_uncorrected"
     assert by_id[off[2].id].answer == "Paris" and by_id[off[2].id].changes[-1].annotator == "bob"
     assert by_id[off[3].id] == off[3]  # unanswered: unchanged

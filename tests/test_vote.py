@@ -1,6 +1,7 @@
 """Two-mode vote: exact cases of the pure logic."""
 
 from katdata.records import Attempt, Tags, Vote
+from katdata.runfiles import read_rows
 from katdata.verify import INVALID
 from katdata.vote import (VoteConfig, consensus, decide, entropy, explore_mode, rate_bounds, run, settled,
                           shortest_correct, verdicts, vote)
@@ -163,3 +164,36 @@ def test_real_end_to_end_vote_on_the_embedded_model(tmp_path, hf_backend):
     for r in records:
         p = template.parse(r.response)
         assert p.ok and p.mode == r.mode == votes[r.id].label
+
+
+def test_label_source_says_who_chose_the_label():
+    tags = Tags(id="q", domain="math", task_type="x", difficulty=3, needs_reasoning=True, p_reasoning=0.9,
+                verifiability="reference", language="en")
+    voted = vote("q", rows([("16", True), ("3", False)], [("16", True), ("4", False)]), NOEXP)
+    assert (voted.label, voted.label_source) == ("off", "vote")
+    wrong = rows([("3", False)], [("4", False)])
+    prior = vote("q", wrong, NOEXP.model_copy(update={"none_correct": "prior"}), tags)
+    assert (prior.label, prior.label_source) == ("on", "prior")
+    review = vote("q", wrong, NOEXP.model_copy(update={"none_correct": "review"}), tags)
+    assert (review.label, review.label_source, review.review) == ("on", "prior", True)
+    dropped = vote("q", wrong, NOEXP)
+    assert (dropped.label, dropped.label_source) == (None, None)
+    explored = vote("q", rows([("16", True)], [("16", True)]), NOEXP.model_copy(update={"explore_share": 1.0}))
+    assert explored.explored and explored.label_source == "exploration"
+
+
+def test_vote_stage_counts_label_sources(tmp_path):
+    from katdata.runfiles import RowWriter
+
+    tags = [Tags(id=q, domain="math", task_type="x", difficulty=3, needs_reasoning=q == "hard", p_reasoning=0.5 * (q == "hard"),
+                 verifiability="reference", language="en") for q in ("hard", "easy", "known")]
+    samples = [a.model_copy(update={"id": q}) for q, on, off in (
+        ("hard", [("3", False)], [("4", False)]), ("easy", [("5", False)], [("6", False)]),
+        ("known", [("16", True)], [("16", True)])) for a in rows(on, off)]
+    with RowWriter(tmp_path / "samples.jsonl") as w:
+        w.write_all(samples)
+    with RowWriter(tmp_path / "tags.jsonl") as w:
+        w.write_all(tags)
+    stats = run(NOEXP.model_copy(update={"none_correct": "prior"}), tmp_path)
+    assert (stats["label_source_prior"], stats["label_source_vote"]) == (2, 1)
+    assert [v.label_source for v in read_rows(tmp_path / "votes.jsonl", Vote)] == ["prior", "prior", "vote"]
