@@ -193,14 +193,14 @@ class MathPool:
             job = pool.apply_async(fn, args)
             return job.get(timeout=self.timeout_s)
         except multiprocessing.TimeoutError:
-            short = tuple(a[:80] for a in args)
+            short = tuple(repr(a)[:80] for a in args)
             log.warning("Math-Verify took over %.3g s on %r (or its worker crashed); restarting its workers",
                         self.timeout_s, short)
             self.timeouts += 1
             self.close()
             raise VerifyError(f"verify timeout: Math-Verify gave no result within {self.timeout_s:g} s") from None
         except Exception as exc:
-            log.warning("Math-Verify failed on %r: %s: %s", tuple(a[:80] for a in args), type(exc).__name__, exc)
+            log.warning("Math-Verify failed on %r: %s: %s", tuple(repr(a)[:80] for a in args), type(exc).__name__, exc)
             self.errors += 1
             raise VerifyError(f"verify error: Math-Verify failed ({type(exc).__name__}: {str(exc)[:120]})") from None
 
