@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from katdata import template
 from katdata.errors import KatdataError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
+from katdata.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _credentials(cfg: ReviewConfig) -> tuple[str, str]:
 
 
 def _scrub(text: str, key: str) -> str:
-    return text.replace(key, "***") if key else text
+    return scrub(text, [key])
 
 
 def connect(cfg: ReviewConfig):
