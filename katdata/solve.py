@@ -187,14 +187,14 @@ def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str],
                     verify_error = str(exc)
             found.append({"think": think, "answer": answer, "errors": errors, "correct": correct,
                           "verify_error": verify_error})
-        judged = [i for i, f in enumerate(found) if not f["errors"]]
+        critiqued = [i for i, f in enumerate(found) if not f["errors"]]
         critiques: dict[int, Completion] = {}
-        if judged:
+        if critiqued:
             cparams = SamplingParams(max_tokens=cfg.critic_max_tokens, temperature=0.0, seed=cfg.seed + rnd,
                                      stop=tuple(STOP_STRINGS))
             reqs = [_user(p["critic"].format(query=active[i].q.query, reasoning=found[i]["think"],
-                                             answer=found[i]["answer"]), prefix=CRITIC_PREFIX) for i in judged]
-            critiques = dict(zip(judged, call("critic", reqs, cparams)))
+                                             answer=found[i]["answer"]), prefix=CRITIC_PREFIX) for i in critiqued]
+            critiques = dict(zip(critiqued, call("critic", reqs, cparams)))
 
         rows, still = [], []
         for i, (w, d, t, f) in enumerate(zip(active, drafts, traces, found)):

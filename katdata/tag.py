@@ -39,7 +39,7 @@ from katdata.template import STOP_STRINGS
 log = logging.getLogger(__name__)
 
 LLM_PREFIX = '{"needs_reasoning": "'
-VERIFIABILITY = ("reference", "tests", "judge", "none")
+VERIFIABILITY = ("reference", "tests", "grader", "none")
 FIELDS = ("needs_reasoning", "domain", "task_type", "difficulty", "verifiability", "language")
 
 # Keyword hints of the default taxonomy; a recipe may replace them (keys must be taxonomy labels).
@@ -181,7 +181,7 @@ def rule_tags(q: Query, cfg: TagConfig) -> dict[str, Any]:
     if q.reference is not None:
         verif = "tests" if q.kind == "code" else "reference"
     else:
-        verif = "judge" if p >= 0.5 or domain in ("math", "code", "science", "factual") else "none"
+        verif = "grader" if p >= 0.5 or domain in ("math", "code", "science", "factual") else "none"
     return {"domain": domain, "task_type": task, "difficulty": int(min(difficulty, 5)), "p_reasoning": p,
             "needs_reasoning": p >= 0.5, "verifiability": verif, "language": language_of(text), "features": feats}
 
