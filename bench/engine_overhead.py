@@ -60,7 +60,7 @@ def bare_openai(backend, reqs, params):
     import openai
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=backend.base_url, api_key=backend._key or "none", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=backend.base_urls[0], api_key=backend._key or "none", max_retries=0)
         sem = asyncio.Semaphore(backend.config.concurrency)
 
         async def one(r):

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from katdata.runfiles import RowWriter
-from katdata.train import TrainConfig, demo_records, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test data helpers
+
+from demo_data import demo_records  # noqa: E402
+from katdata.runfiles import RowWriter  # noqa: E402
+from katdata.train import TrainConfig, run  # noqa: E402
 
 
 def plain_trl(records, cfg: TrainConfig, out: Path) -> dict:

@@ -20,14 +20,15 @@ from collections import Counter
 
 from katdata import sources
 from katdata.backends import BackendConfig, SamplingParams, get_backend
+from katdata.prompt_files import read_prompt
 from katdata.sample import SampleConfig, request_for, sample_queries
 from katdata.template import STOP_STRINGS
-from katdata.verify import Verifier, prompt
+from katdata.verify import Verifier
 from katdata.vote import VoteConfig, settled, verdicts, vote
 
 
 def timing(backend, queries, n: int, max_tokens: int, repeats: int = 2) -> dict:
-    neutral = prompt("judge_neutral.txt")
+    neutral = read_prompt("judge_neutral.txt")
     params = SamplingParams(n=n, temperature=0.8, top_p=0.95, max_tokens=max_tokens, stop=tuple(STOP_STRINGS), seed=1)
     one = params.with_(n=1)
     reqs = [request_for(q, mode, neutral) for q in queries for mode in ("on", "off")]

@@ -4,7 +4,9 @@ A completion is keyed by the backend, the model id, revision and adapter, the re
 sampling params (all but ``n``) and the sample index. So sample i is never served for sample j, a
 rerun after kill -9 reuses every completion that was written, and changing a parser or a later
 stage regenerates nothing. Failed requests (``finish_reason="error"``) are not cached: a rerun
-tries them again.
+tries them again. Nothing secret reaches the file: keys are hashes of the identity above (no URL,
+no key), rows hold completions only, and error completions (whose text may quote a server) are
+never written.
 
 When some samples of a request are cached and the rest are not, only the missing ones are
 generated, with the seed moved by the index of the first missing sample (vLLM seeds sample i of a
@@ -68,6 +70,9 @@ class CachedBackend(Backend):
         self._load()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+
+    def __repr__(self) -> str:
+        return f"CachedBackend({self.backend!r}, path={str(self.path)!r})"
 
     def _load(self) -> None:
         if not self.path.is_file():

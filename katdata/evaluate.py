@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -33,6 +32,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import KatdataError, require
+from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, parse
 
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 
 # Forced modes pre-fill the rationale the tags writer gives the query for that mode
 # (prompts/judge_tags.yaml): the judge is not what is measured there.
-# Keyword cues of a rationale arguing for (on) or against (off) explicit reasoning.
-CUES = {"on": re.compile(r"step|several|multi|calculat|reason(ing)? (is|it)|careful|work(ing)? (it )?(through|out)|"
-                         r"deriv|prove|needs? (explicit )?reasoning", re.I),
-        "off": re.compile(r"no (complex |explicit )?reasoning|not need|directly|recall|simple|"
-                          r"single (well-known )?fact|lookup|would add nothing|straightforward|quick", re.I)}
-
-
-NEGATED = re.compile(r"\b(no|not|without)\b[^.;,]*", re.I)
 
 
 class EvalConfig(BaseModel):
@@ -114,16 +106,6 @@ def prefix(setting: str, item: Item) -> str:
     return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
 
 
-def stance(judge: Optional[str]) -> Optional[str]:
-    """'on' / 'off' when the rationale's cues point one way only, else None (unclear)."""
-    if not judge:
-        return None
-    hits = {"off"} if CUES["off"].search(judge) else set()
-    if CUES["on"].search(NEGATED.sub(" ", judge)):  # "no complex reasoning is needed" is not a cue for thinking
-        hits.add("on")
-    return hits.pop() if len(hits) == 1 else None
-
-
 def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConfig, writer: RowWriter,
              done: set, verifier) -> None:
     """Answer the items not yet done in this (model, setting); write one row per completion."""
@@ -147,7 +129,7 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
                           "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
                           "tokens": c.completion_tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
                           "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
-                          "stance": stance(p.judge) if setting == "auto" else None, "error": c.error})
+                          "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": c.error})
 
 
 def _rate(rows: list[dict], test) -> Optional[float]:

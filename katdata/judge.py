@@ -1,9 +1,9 @@
 """Judge rationales: 1-3 sentences on what the query asks and why it does or does not need reasoning.
 
 Written for the voted mode by the judge engine with an intent-aware prompt
-(``prompts/judge_rationale.txt``), then checked: does the rationale argue for its label? The check
-asks the judge engine (``prompts/judge_check.txt``, NEEDS / NOT); a reply that does not parse falls
-back to a keyword reading of the rationale. A failed rationale is regenerated (``retries``), then the
+(``prompts/judge_rationale.txt``), then the rationale check: does the rationale argue for its label?
+It asks the same engine (``prompts/rationale_check.txt``, NEEDS / NOT); a reply that does not parse
+falls back to the keyword reading of the rationale (``keyword_stance``, which eval uses too). A failed rationale is regenerated (``retries``), then the
 query is rejected with the reason, or (``fallback: tags``) given the tags-written rationale.
 
 ``writer: tags`` writes every rationale from the query's tags instead (``prompts/judge_tags.yaml``:
@@ -28,7 +28,7 @@ from katdata import template
 from katdata.backends.base import Backend, Request, SamplingParams
 from katdata.records import Query, Tags, Vote
 from katdata.runfiles import RowWriter, done_keys, read_rows
-from katdata.verify import prompt
+from katdata.prompt_files import read_prompt
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ class JudgeConfig(BaseModel):
 
     engine: str = Field("default", description="engine that writes and checks rationales (e.g. a stronger 'judge' engine)")
     prompt: str = Field("judge_rationale.txt", description="prompt file of the rationale")
-    check_prompt: str = Field("judge_check.txt", description="prompt file of the stance check")
-    check: Literal["llm", "keywords", "none"] = Field("llm", description="how a rationale's stance is checked")
+    rationale_check_prompt: str = Field("rationale_check.txt", description="prompt file of the rationale check "
+                                        "(does the rationale argue for its label?)")
+    rationale_check: Literal["llm", "keywords", "none"] = Field(
+        "llm", description="how the rationale check reads which mode a rationale argues for: ask the engine "
+        "(keywords when its reply does not parse), keywords only, or no check")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature of the rationale")
     max_tokens: int = Field(96, ge=8, description="token limit of a rationale")
     max_sentences: int = Field(3, ge=1, description="a rationale is cut to this many sentences")
@@ -75,11 +78,13 @@ class JudgeRow(BaseModel):
 _CUT = (template.JUDGE_CLOSE, template.THINK_ON, template.THINK_OFF, template.THINK_OPEN,
         template.ANSWER_OPEN) + template.END_TOKENS
 _SENT = re.compile(r"(?<=[.!?])\s+")
-_NEG = r"\b(no|not|without|never|little|doesn't|does not|don't|do not|needn't|isn't|is not)\b[^.;]{0,40}"
-_TOPIC = r"(reason|step|think|deliberat|work(ing)? out|calculat|derivation)"
-_OFF = re.compile(_NEG + _TOPIC + r"|\b(directly|straightforward|simple|recall|well-known|look-?up|memori[sz]ed?)\b", re.I)
-_ON = re.compile(r"\b(requires?|needs?|involves?|multi-step|multiple steps|several steps|step-by-step|careful|"
-                 r"calculat\w*|comput\w*|deriv\w*|reasoning is needed|work(ing)? through)\b", re.I)
+# Keyword cues of a rationale arguing for (on) or against (off) explicit reasoning; on-cues are read
+# with negated phrases removed ("no complex reasoning is needed" is not a cue for thinking).
+_CUES = {"on": re.compile(r"step|several|multi|calculat|reason(ing)? (is|it)|careful|work(ing)? (it )?(through|out)|"
+                          r"deriv|prove|needs? (explicit )?reasoning", re.I),
+         "off": re.compile(r"no (complex |explicit )?reasoning|not need|directly|recall|simple|"
+                           r"single (well-known )?fact|lookup|would add nothing|straightforward|quick", re.I)}
+_NEGATED = re.compile(r"\b(no|not|without)\b[^.;,]*", re.I)
 
 
 def clean(text: str, max_sentences: int = 3) -> Optional[str]:
@@ -95,17 +100,15 @@ def clean(text: str, max_sentences: int = 3) -> Optional[str]:
     return out if len(out) >= 12 else None
 
 
-def keyword_stance(text: str) -> Optional[str]:
-    """Which mode a rationale argues for, from its wording; None when it is unclear."""
-    off = on = 0
-    for sentence in _SENT.split(text):
-        if _OFF.search(sentence):
-            off += 1
-        elif _ON.search(sentence):
-            on += 1
-    if off == on:
+def keyword_stance(text: Optional[str]) -> Optional[str]:
+    """Which mode a rationale argues for, from its wording (a keyword heuristic): 'on' / 'off' when its
+    cues point one way only, else None (unclear). The rationale check's fallback and eval's measure."""
+    if not text:
         return None
-    return "off" if off > on else "on"
+    hits = {"off"} if _CUES["off"].search(text) else set()
+    if _CUES["on"].search(_NEGATED.sub(" ", text)):
+        hits.add("on")
+    return hits.pop() if len(hits) == 1 else None
 
 
 def parse_stance(reply: str) -> Optional[str]:
@@ -120,7 +123,7 @@ def parse_stance(reply: str) -> Optional[str]:
 def _tags_table() -> dict:
     import yaml
 
-    return yaml.safe_load(prompt("judge_tags.yaml"))
+    return yaml.safe_load(read_prompt("judge_tags.yaml"))
 
 
 def tags_rationale(task_type: str, domain: str, mode: str) -> str:
@@ -147,7 +150,7 @@ def write_rationales(queries: list[Query], modes: list[str], cfg: JudgeConfig, b
     """Rationale rows for (query, mode) pairs: write, check, regenerate once, else reject."""
     rows = [JudgeRow(id=q.id, mode=m) for q, m in zip(queries, modes)]
     todo = list(range(len(rows)))
-    tmpl, check_tmpl = prompt(cfg.prompt), prompt(cfg.check_prompt)
+    tmpl = read_prompt(cfg.prompt)
     for attempt in range(cfg.retries + 1):
         if not todo:
             break
@@ -163,7 +166,7 @@ def write_rationales(queries: list[Query], modes: list[str], cfg: JudgeConfig, b
             text, (stance, how) = texts[i], stances.get(i, (None, "empty"))
             if text is None:
                 verdict = "empty rationale"
-            elif cfg.check != "none" and stance != modes[i]:
+            elif cfg.rationale_check != "none" and stance != modes[i]:
                 verdict = f"argues for {stance or 'neither mode'} ({how}), label is {modes[i]}"
             else:
                 verdict = "ok"
@@ -182,9 +185,9 @@ def _stances(queries, texts: dict[int, Optional[str]], cfg: JudgeConfig, backend
     """(stance, how it was decided) per index."""
     have = [i for i, t in texts.items() if t]
     out = {i: (keyword_stance(texts[i]), "keywords") for i in have}
-    if cfg.check != "llm" or not have:
+    if cfg.rationale_check != "llm" or not have:
         return out
-    tmpl = prompt(cfg.check_prompt)
+    tmpl = read_prompt(cfg.rationale_check_prompt)
     reqs = [_chat(tmpl.format(query=queries[i].query, rationale=texts[i])) for i in have]
     replies = backend.generate(reqs, SamplingParams(temperature=0.0, max_tokens=4, stop=tuple(template.STOP_STRINGS)))
     for i, comps in zip(have, replies):
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--backend", default="transformers", help="engine (transformers, vllm, openai)")
     p.add_argument("--model", default=None, help="judge model (default: the embedded SmolLM2)")
-    p.add_argument("--check", default="llm", choices=["llm", "keywords", "none"], help="stance check")
+    p.add_argument("--rationale-check", default="llm", choices=["llm", "keywords", "none"],
+                   help="how the rationale check reads a rationale's stance")
     p.add_argument("--writer", default="llm", choices=["llm", "tags"], help="who writes the rationales")
     args = p.parse_args(argv)
     if args.writer == "tags":
@@ -252,5 +256,5 @@ def main(argv: list[str] | None = None) -> int:
     from katdata.backends import BackendConfig, get_backend
 
     with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
-        print(run(JudgeConfig(check=args.check), args.run_dir, lambda name: backend))
+        print(run(JudgeConfig(rationale_check=args.rationale_check), args.run_dir, lambda name: backend))
     return 0

@@ -49,7 +49,7 @@ class Tags(Row):
     difficulty: int = Field(ge=1, le=5)
     needs_reasoning: bool
     p_reasoning: float = Field(ge=0.0, le=1.0, description="probability that the query needs reasoning")
-    verifiability: Literal["reference", "tests", "judge", "none"]
+    verifiability: Literal["reference", "tests", "grader", "none"]
     language: str
     think_off_candidate: bool = Field(False, description="tagged as needing no reasoning, confidently")
     source: Literal["rule", "llm", "combined"] = "rule"

@@ -29,6 +29,7 @@ import yaml
 from katdata import template
 from katdata.errors import EngineError, KatdataError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
+from katdata.redact import scrub
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
     ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
 )
@@ -49,7 +50,7 @@ def _credentials(cfg: ReviewConfig) -> tuple[str, str]:
 
 
 def _scrub(text: str, key: str) -> str:
-    return text.replace(key, "***") if key else text
+    return scrub(text, [key])
 
 
 def connect(cfg: ReviewConfig):

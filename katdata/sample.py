@@ -24,7 +24,9 @@ from katdata import template
 from katdata.backends.base import Backend, Completion, Request, SamplingParams
 from katdata.records import Attempt, Query
 from katdata.runfiles import RowWriter, read_rows
-from katdata.verify import INVALID, Verifier, VerifyConfig, assign_class, prompt
+from katdata.prompt_files import read_prompt
+from katdata.verify import (INVALID, Verifier, VerifyConfig, VerifyError, assign_class, check_error_share,
+                            is_verify_error)
 from katdata.vote import settled, verdicts
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: str = Field("default", description="engine that samples the responses")
-    judge_engine: Optional[str] = Field(None, description="engine of the LLM judge for open-ended queries")
+    grader_engine: Optional[str] = Field(None, description="engine of the LLM grader of open-ended answers (kind=open)")
     n: int = Field(8, ge=1, description="samples per mode per query (N)")
     rounds: list[int] = Field([2, 4, 8], description="cumulative samples per mode after each round; [] = all N at once")
     confidence: float = Field(0.95, gt=0.0, le=1.0, description="stop a query once its label is settled at this confidence (1 = worst case)")
@@ -118,13 +120,18 @@ class QueryState:
         return n_on > 0 and n_off > 0 and settled(s_on, n_on, s_off, n_off, cfg.n, cfg.delta, cfg.confidence)
 
 
-def judge_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
-    """Fill ``answer_class`` and ``correct`` for one attempt."""
+def check_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
+    """Fill ``answer_class`` and ``correct`` for one attempt. When the verifier fails (a Math-Verify
+    worker crashed or timed out) the attempt gets no verdict (``correct`` None, class invalid) and
+    the failure as its ``reason``: an error, not a wrong answer."""
     q = st.q
-    key = verifier.key(q.kind, a.answer, q) if a.answer is not None else None
-    a.answer_class = assign_class(q.kind, key, st.seen, verifier)
-    if verifier.can_check(q.kind, q.reference):
-        a.correct = verifier.correct(q.kind, a.answer, q.reference, q) if a.answer is not None else False
+    try:
+        key = verifier.key(q.kind, a.answer, q) if a.answer is not None else None
+        a.answer_class = assign_class(q.kind, key, st.seen, verifier)
+        if verifier.can_check(q.kind, q.reference):
+            a.correct = verifier.check(q.kind, a.answer, q.reference, q) if a.answer is not None else False
+    except VerifyError as exc:
+        a.answer_class, a.correct, a.reason = INVALID, None, str(exc)
     return a
 
 
@@ -136,7 +143,7 @@ def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, ve
 
     Queries in ``skip_on`` (think-off candidates, under the budget option) get no think-on samples.
     """
-    neutral = prompt(cfg.neutral_judge)
+    neutral = read_prompt(cfg.neutral_judge)
     states = {q.id: QueryState(q) for q in queries}
     for qid, rows in (existing or {}).items():
         if qid in states:
@@ -168,7 +175,7 @@ def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, ve
                     for st, req, comps in zip(part, reqs, outs):
                         for comp in comps:
                             a = to_attempt(st.q, mode, len(st.rows[mode]), req.prefix, comp)
-                            st.rows[mode].append(judge_attempt(a, st, verifier))
+                            st.rows[mode].append(check_attempt(a, st, verifier))
                             new.append(st.rows[mode][-1])
         log.info("sample round %d (target %d): %d queries active, %d samples", r + 1, target, len(active), len(new))
         if on_rows:
@@ -189,12 +196,17 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
         for a in read_rows(out_path, Attempt):
             existing[a.id].append(a)
     isolation = Verifier(cfg.verify).code_isolation(queries)  # refuses before any model loads if code can't be isolated
-    judge = engine(cfg.judge_engine) if cfg.judge_engine else None
-    verifier = Verifier(cfg.verify, judge=judge)
+    grader = engine(cfg.grader_engine) if cfg.grader_engine else None
+    verifier = Verifier(cfg.verify, grader=grader)
     backend = engine(cfg.engine)
     stats: Counter = Counter()
     with RowWriter(out_path) as out:
         def write(rows: list[Attempt]) -> None:
+            # a round whose verifications failed too often stops the run before its rows are written
+            checked = stats["verified"] + sum(a.answer is not None for a in rows)
+            errors = stats["verify_errors"] + sum(is_verify_error(a.reason) for a in rows)
+            check_error_share(errors, checked, cfg.verify, "sample")
+            stats["verified"], stats["verify_errors"] = checked, errors
             out.write_all(rows)
             stats["samples"] += len(rows)
             stats["tokens"] += sum(a.completion_tokens for a in rows)
@@ -211,7 +223,7 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
     return {**({"sandbox": isolation} if isolation else {}),
             "rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
             "samples_saved": 2 * cfg.n * len(states) - used, "tokens": stats["tokens"],
-            "no_answer": stats["no_answer"], "skipped_think_on": len(skip_on), "closed_at_stop": stats["closed_at_stop"],
+            "no_answer": stats["no_answer"], "verify_errors": stats["verify_errors"], "skipped_think_on": len(skip_on), "closed_at_stop": stats["closed_at_stop"],
             "stopped_early": sum(not (len(st.rows["on"]) >= cfg.n and len(st.rows["off"]) >= cfg.n)
                                  for st in states.values())}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from katdata.errors import KatdataError
+from katdata.redact import is_secret_key, redact, scrub
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
+@dataclass(repr=False)
 class Server:
-    """A running server: ``base_url`` is what the openai backend takes."""
+    """A running server: ``base_url`` is what the openai backend takes. Its repr, its errors and the
+    log tails it quotes never show the API key it was started with (held in ``env``)."""
 
     model: str
     port: int
@@ -47,6 +49,15 @@ class Server:
     served_name: str
     args: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.scrub(f"Server(model={self.model!r}, served_name={self.served_name!r}, port={self.port}, "
+                          f"pid={self.pid}, log_path={str(self.log_path)!r}, args={self.args!r}, "
+                          f"env={redact(self.env)!r})")
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the values of the secret environment entries (the API key) masked."""
+        return scrub(text, [v for k, v in self.env.items() if is_secret_key(k) and isinstance(v, str)])
 
     @property
     def pid(self) -> int:
@@ -61,7 +72,7 @@ class Server:
 
     def log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.scrub("\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]))
         except OSError:
             return ""
 

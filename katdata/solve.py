@@ -9,7 +9,8 @@ Three roles, each with its own prompt file and engine (by default all the same):
 
 Rounds are batched across queries: one backend call per role per round for a whole chunk of
 queries. A trace is accepted when its reasoning is complete, it has an answer, its answer passes
-the reference check (where the query has a checkable reference) and its critic score reaches the
+the reference check (where the query has a checkable reference; a failed verifier is a
+``verify_error``, not a mismatch), the critic's verdict is not "reject" and its score reaches the
 threshold; otherwise the attempt is written with a ``reason`` and the query is regenerated with
 the critic's feedback, up to ``rounds`` times. Every attempt row keeps its segments (role, round,
 model, raw text) as provenance.
@@ -32,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from katdata.backends.base import Backend, Completion, Request, SamplingParams
 from katdata.records import Attempt, Query, Segment, Tags
 from katdata.runfiles import RowWriter, read_rows, repair_tail
-from katdata.tag import engine_factory, load_prompt
-from katdata.verify import Verifier, VerifyConfig
+from katdata.prompt_files import read_prompt
+from katdata.tag import engine_factory
+from katdata.verify import Verifier, VerifyConfig, VerifyError, check_error_share
 from katdata.template import END_TOKENS, MARKERS, STOP_STRINGS
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,8 @@ class SolveConfig(BaseModel):
     chunk_size: int = Field(64, ge=1, description="queries solved together: one backend call per role per round")
     check_reference: bool = Field(True, description="reject a trace whose answer fails the reference check")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked (katdata.verify)")
-    judge_engine: Optional[str] = Field(None, description="engine of the LLM judge for kind=open references "
-                                                          "(None: open answers stay unverified)")
+    grader_engine: Optional[str] = Field(None, description="engine of the LLM grader for kind=open references "
+                                                           "(None: open answers stay unverified)")
 
 
 @dataclass
@@ -107,10 +109,11 @@ def parse_critic(raw: str) -> tuple[Optional[float], Optional[str], str]:
 
 
 def check_answer(answer: Optional[str], q: Query, verifier: Verifier) -> Optional[bool]:
-    """The project's verifier on the trace's answer; None when the query has no checkable reference."""
+    """The project's verifier on the trace's answer; None when the query has no checkable reference.
+    Raises VerifyError when the verifier itself failed (a Math-Verify worker crashed or timed out)."""
     if q.reference is None:
         return None
-    return verifier.correct(q.kind, answer, q.reference, query=q)
+    return verifier.check(q.kind, answer, q.reference, query=q)
 
 
 def answer_of(think: str, q: Query) -> Optional[str]:
@@ -122,9 +125,9 @@ def answer_of(think: str, q: Query) -> Optional[str]:
 
 
 def _prompts() -> dict[str, str]:
-    solver, feedback = load_prompt("solver").split("=== feedback ===")
+    solver, feedback = read_prompt("solver.txt").split("=== feedback ===")
     return {"solver": solver.strip() + "\n", "feedback": feedback.strip("\n"),
-            "thinker": load_prompt("thinker"), "critic": load_prompt("critic")}
+            "thinker": read_prompt("thinker.txt"), "critic": read_prompt("critic.txt")}
 
 
 def _clean(text: str) -> str:
@@ -176,22 +179,28 @@ def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str],
                 ("truncated", t.finish_reason == "length"), ("no_reasoning", not think),
                 ("no_answer", not answer),
                 ("marker_in_text", any(m in think or m in (answer or "") for m in MARKERS))) if bad]
-            found.append({"think": think, "answer": answer, "errors": errors,
-                          "correct": check_answer(answer, w.q, verifier) if cfg.check_reference and not errors else None})
-        judged = [i for i, f in enumerate(found) if not f["errors"]]
+            correct, verify_error = None, None
+            if cfg.check_reference and not errors:
+                try:
+                    correct = check_answer(answer, w.q, verifier)
+                except VerifyError as exc:
+                    verify_error = str(exc)
+            found.append({"think": think, "answer": answer, "errors": errors, "correct": correct,
+                          "verify_error": verify_error})
+        critiqued = [i for i, f in enumerate(found) if not f["errors"]]
         critiques: dict[int, Completion] = {}
-        if judged:
+        if critiqued:
             cparams = SamplingParams(max_tokens=cfg.critic_max_tokens, temperature=0.0, seed=cfg.seed + rnd,
                                      stop=tuple(STOP_STRINGS))
             reqs = [_user(p["critic"].format(query=active[i].q.query, reasoning=found[i]["think"],
-                                             answer=found[i]["answer"]), prefix=CRITIC_PREFIX) for i in judged]
-            critiques = dict(zip(judged, call("critic", reqs, cparams)))
+                                             answer=found[i]["answer"]), prefix=CRITIC_PREFIX) for i in critiqued]
+            critiques = dict(zip(critiqued, call("critic", reqs, cparams)))
 
         rows, still = [], []
         for i, (w, d, t, f) in enumerate(zip(active, drafts, traces, found)):
             segs = [Segment(role="solver", round=rnd, model=backends["solver"].model_id, text=d.text),
                     Segment(role="thinker", round=rnd, model=backends["thinker"].model_id, text=t.text)]
-            score, critique, errors = None, "", list(f["errors"])
+            score, verdict, critique, errors = None, None, "", list(f["errors"])
             if i in critiques:
                 c = critiques[i]
                 raw = CRITIC_PREFIX + c.text
@@ -202,8 +211,12 @@ def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str],
             if errors:
                 reason = f"{errors[0]}: " + (f"no score in {raw[:120]!r}" if errors[0] == "critic_unparsed"
                                              else STRUCTURAL[errors[0]])
+            elif f["verify_error"]:
+                reason = f"verify_error: {f['verify_error']} (not counted as wrong)"
             elif f["correct"] is False:
                 reason = f"reference_mismatch: answer {f['answer']!r} fails the reference check (critic score {score:g})"
+            elif verdict == "reject":  # the critic's verdict stands whatever score it gave
+                reason = f"critic_reject: the critic rejected it (score {score:g}): {critique}"
             elif score < cfg.threshold:
                 reason = f"below_threshold: critic score {score:g} < {cfg.threshold:g}: {critique}"
             else:
@@ -233,7 +246,8 @@ def solve_stats(rows: list[Attempt], cfg: SolveConfig) -> dict[str, Any]:
             "rejects": dict(Counter(_reject_code(a.reason) for a in rows if a.reason is not None)),
             "accepted_by_round": dict(Counter(a.index for a in accepted)),
             "mean_score": round(sum(scores) / len(scores), 3) if scores else None,
-            "reference_checked": sum(a.correct is not None for a in rows)}
+            "reference_checked": sum(a.correct is not None for a in rows),
+            "verify_errors": sum(_reject_code(a.reason) == "verify_error" for a in rows)}
 
 
 def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict[str, Any]:
@@ -253,11 +267,16 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     todo = [q for q in queries if q.id not in done]
     calls, usage = Counter(), Counter()
     isolation = Verifier(cfg.verify).code_isolation(todo) if cfg.check_reference else None  # before any model loads
-    verifier = Verifier(cfg.verify, judge=engine(cfg.judge_engine) if cfg.judge_engine and todo else None)
+    verifier = Verifier(cfg.verify, grader=engine(cfg.grader_engine) if cfg.grader_engine and todo else None)
     t0 = time.perf_counter()
+    checked = failed = 0
     with RowWriter(out_path) as w:
         for i in range(0, len(todo), cfg.chunk_size):
             for rows in solve_rounds(todo[i:i + cfg.chunk_size], cfg, engine, calls, usage, verifier):
+                # a round whose verifications failed too often stops the run before its rows are written
+                errs = sum(_reject_code(a.reason) == "verify_error" for a in rows)
+                checked, failed = checked + errs + sum(a.correct is not None for a in rows), failed + errs
+                check_error_share(failed, checked, cfg.verify, "solve")
                 w.write_all(a for a in rows if (a.id, a.index) not in existing)
             log.info("solved %d/%d", min(i + cfg.chunk_size, len(todo)), len(todo))
     secs = time.perf_counter() - t0

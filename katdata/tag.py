@@ -25,13 +25,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.prompt_files import read_prompt
 from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.template import STOP_STRINGS
@@ -39,7 +39,7 @@ from katdata.template import STOP_STRINGS
 log = logging.getLogger(__name__)
 
 LLM_PREFIX = '{"needs_reasoning": "'
-VERIFIABILITY = ("reference", "tests", "judge", "none")
+VERIFIABILITY = ("reference", "tests", "grader", "none")
 FIELDS = ("needs_reasoning", "domain", "task_type", "difficulty", "verifiability", "language")
 
 # Keyword hints of the default taxonomy; a recipe may replace them (keys must be taxonomy labels).
@@ -181,7 +181,7 @@ def rule_tags(q: Query, cfg: TagConfig) -> dict[str, Any]:
     if q.reference is not None:
         verif = "tests" if q.kind == "code" else "reference"
     else:
-        verif = "judge" if p >= 0.5 or domain in ("math", "code", "science", "factual") else "none"
+        verif = "grader" if p >= 0.5 or domain in ("math", "code", "science", "factual") else "none"
     return {"domain": domain, "task_type": task, "difficulty": int(min(difficulty, 5)), "p_reasoning": p,
             "needs_reasoning": p >= 0.5, "verifiability": verif, "language": language_of(text), "features": feats}
 
@@ -315,16 +315,12 @@ def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optiona
 
 
 def tag_requests(queries: list[Query], cfg: TagConfig, prompt: Optional[str] = None) -> list[Request]:
-    template = prompt or load_prompt("tag")
+    template = prompt or read_prompt("tag.txt")
     kw = {"domains": ", ".join(f'"{d}"' for d in cfg.domains), "task_types": ", ".join(f'"{t}"' for t in cfg.task_types),
           "first_domain": cfg.domains[0], "first_task": cfg.task_types[0],
           "last_domain": cfg.domains[-1], "last_task": cfg.task_types[-1]}
     return [Request(messages=[{"role": "user", "content": template.format(query=q.query, **kw)}], prefix=LLM_PREFIX)
             for q in queries]
-
-
-def load_prompt(name: str) -> str:
-    return resources.files("katdata").joinpath(f"prompts/{name}.txt").read_text("utf-8")
 
 
 def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend]) -> tuple[list[Tags], dict]:

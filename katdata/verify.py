@@ -5,8 +5,12 @@
 - ``numeric``: GSM8K ``#### N`` references, ``\\boxed{}`` or the last number of an answer;
 - ``choice`` / ``exact``: normalised strings (case, whitespace, punctuation, "016" equals "16");
 - ``code``: HumanEval program run in :mod:`katdata.sandbox`;
-- ``open``: an LLM judge (prompt in ``prompts/verify_judge.txt``);
+- ``open``: an LLM grader (prompt in ``prompts/grade_open.txt``);
 - no reference: self-consistency, the majority class is the pseudo-reference (see vote.py).
+
+A Math-Verify worker that crashes or times out gives no verdict: :class:`VerifyError`, which the
+stages count as ``verify_errors`` (apart from wrong answers) and which stops a run once more than
+``verify.max_error_share`` of its verifications failed (:func:`check_error_share`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import multiprocessing
 import re
 import string
 import threading
-from importlib import resources
 from typing import Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from katdata.errors import KatdataError
+from katdata.prompt_files import read_prompt
 from katdata.sandbox import SandboxConfig, humaneval_program, require_isolation, run_python
 
 log = logging.getLogger(__name__)
@@ -40,15 +45,32 @@ class VerifyConfig(BaseModel):
     rel_tol: float = Field(1e-6, ge=0, description="relative tolerance of numeric answers")
     exact_contains: bool = Field(True, description="kind=exact: also correct when the answer contains the "
                                  "(normalised, at most 5-word) reference as whole words")
-    judge_prompt: str = Field("verify_judge.txt", description="prompt file (katdata/prompts) of the LLM judge")
-    judge_max_tokens: int = Field(8, ge=1, description="tokens the LLM judge may answer with")
+    grader_prompt: str = Field("grade_open.txt", description="prompt file (katdata/prompts) of the LLM grader of "
+                               "open answers")
+    grader_max_tokens: int = Field(8, ge=1, description="tokens the LLM grader may answer with")
+    max_error_share: float = Field(0.2, ge=0.0, le=1.0, description="stop the run when more than this share of a "
+                                   "stage's verifications failed (Math-Verify worker crashed or timed out)")
     # the recipe's top-level `sandbox:` section (set by recipe.py; not a key of this section)
     _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
 
 
-def prompt(name: str) -> str:
-    """A prompt file under katdata/prompts."""
-    return resources.files("katdata").joinpath("prompts", name).read_text("utf-8")
+class VerifyError(Exception):
+    """No verdict: a Math-Verify worker crashed or timed out (not the same as a wrong answer)."""
+
+
+def is_verify_error(reason: Optional[str]) -> bool:
+    """Whether a row's ``reason`` records a failed verification."""
+    return bool(reason) and reason.startswith(("verify timeout", "verify error"))
+
+
+def check_error_share(errors: int, checked: int, cfg: VerifyConfig, stage: str) -> None:
+    """Stop the run (KatdataError) when more than ``cfg.max_error_share`` of ``checked`` verifications failed."""
+    if checked and errors / checked > cfg.max_error_share:
+        raise KatdataError(
+            f"{stage}: {errors} of {checked} answer verifications failed (Math-Verify worker crashed or took over "
+            f"verify.math_timeout_s = {cfg.math_timeout_s:g} s), more than verify.max_error_share = "
+            f"{cfg.max_error_share:g}; raise verify.math_timeout_s or verify.math_workers and rerun (the rows of "
+            f"this batch were not written)")
 
 
 # ---------------------------------------------------------------- normalisation
@@ -98,11 +120,21 @@ def normalize(text: Optional[str]) -> Optional[str]:
     return re.sub(r"\b0+(\d)", r"\1", t)
 
 
+_OPTION = r"\(?[a-z]\)?"
+_OPTION_LIST = re.compile(rf"^{_OPTION}(?:\s*(?:,|;|/|&|\band\b|\bor\b)\s*{_OPTION})+(?=[\s.,;:)!]|$)")
+
+
 def normalize_choice(text: Optional[str]) -> Optional[str]:
-    """A multiple-choice letter: 'B', '(b)', 'B) foo', 'answer: B' -> 'b'."""
+    """A multiple-choice letter: 'B', '(b)', 'B) foo', 'answer: B' -> 'b'. An answer that lists several
+    options ('A and C', 'A, B', 'B or D') -> the sorted letters 'a,c', which matches only a reference
+    that lists the same options."""
     if not text:
         return None
-    m = re.search(r"(?:^|answer\s*(?:is)?\s*:?\s*)\(?([a-z])\)?(?:[\s.):]|$)", text.strip().lower())
+    t = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*:?\s*", "", text.strip().lower())
+    several = _OPTION_LIST.match(t)
+    if several:
+        return ",".join(sorted(set(re.findall(r"\b[a-z]\b", several.group(0)))))
+    m = re.search(r"(?:^|answer\s*(?:is)?\s*:?\s*)\(?([a-z])\)?(?:[\s.):,;]|$)", text.strip().lower())
     return m.group(1) if m else normalize(text)
 
 
@@ -140,6 +172,7 @@ class MathPool:
         self._pool = None
         self._lock = threading.Lock()
         self.timeouts = 0
+        self.errors = 0
 
     def _get(self):
         if self._pool is None:
@@ -150,19 +183,27 @@ class MathPool:
         return self._pool
 
     def call(self, fn: Callable, *args):
-        with self._lock:
-            pool = self._get()
-        job = pool.apply_async(fn, args)
+        """``fn(*args)`` in a worker; VerifyError when the worker fails, crashes or times out.
+
+        Math-Verify itself returns "no parse" / "not equal" for odd input (``raise_on_error=False``),
+        so an exception here is a failure of the verifier, never a verdict on the answer.
+        """
         try:
+            with self._lock:
+                pool = self._get()
+            job = pool.apply_async(fn, args)
             return job.get(timeout=self.timeout_s)
         except multiprocessing.TimeoutError:
-            log.warning("Math-Verify took over %.1fs on %r; restarting its workers", self.timeout_s, args)
+            short = tuple(repr(a)[:80] for a in args)
+            log.warning("Math-Verify took over %.3g s on %r (or its worker crashed); restarting its workers",
+                        self.timeout_s, short)
             self.timeouts += 1
             self.close()
-            return None
-        except Exception as exc:  # Math-Verify failing on odd input is a verdict of "not parseable"
-            log.debug("Math-Verify failed on %r: %s", args, exc)
-            return None
+            raise VerifyError(f"verify timeout: Math-Verify gave no result within {self.timeout_s:g} s") from None
+        except Exception as exc:
+            log.warning("Math-Verify failed on %r: %s: %s", tuple(repr(a)[:80] for a in args), type(exc).__name__, exc)
+            self.errors += 1
+            raise VerifyError(f"verify error: Math-Verify failed ({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -195,12 +236,16 @@ def _strip_tags(text: str) -> str:
 # ---------------------------------------------------------------- the verifier
 
 class Verifier:
-    """Checks answers of one kind; ``key`` gives a class key, ``same`` merges keys that differ."""
+    """Checks answers of one kind; ``key`` gives a class key, ``same`` merges keys that differ.
 
-    def __init__(self, cfg: Optional[VerifyConfig] = None, judge=None, sandbox: Optional[SandboxConfig] = None):
+    ``key``, ``same`` and ``check`` raise :class:`VerifyError` when Math-Verify fails (kind math);
+    ``correct`` turns that into None (no verdict).
+    """
+
+    def __init__(self, cfg: Optional[VerifyConfig] = None, grader=None, sandbox: Optional[SandboxConfig] = None):
         self.cfg = cfg or VerifyConfig()
         self.sandbox = sandbox or self.cfg._sandbox
-        self.judge = judge  # a Backend, for kind="open"
+        self.grader = grader  # a Backend that grades open answers (kind="open")
 
     def key(self, kind: Optional[str], answer: Optional[str], query=None) -> Optional[str]:
         """The class key of an answer, or None when there is no usable answer."""
@@ -229,11 +274,19 @@ class Verifier:
         return False
 
     def can_check(self, kind: Optional[str], reference: Optional[str]) -> bool:
-        """Whether verdicts exist for this query (a reference, and a judge engine for open answers)."""
-        return reference is not None and (kind != "open" or self.judge is not None)
+        """Whether verdicts exist for this query (a reference, and a grader engine for open answers)."""
+        return reference is not None and (kind != "open" or self.grader is not None)
 
     def correct(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
         """True/False against the reference; None when there is no reference or no verdict."""
+        try:
+            return self.check(kind, answer, reference, query)
+        except VerifyError as exc:
+            log.debug("no verdict: %s", exc)
+            return None
+
+    def check(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
+        """Like ``correct``, but a failed Math-Verify worker raises VerifyError instead of giving None."""
         if not self.can_check(kind, reference):
             return None
         if answer is None or not answer.strip():
@@ -241,7 +294,7 @@ class Verifier:
         if kind == "code":
             return self.check_code(answer, reference, query)
         if kind == "open":
-            return self.judge_open(query, answer, reference)
+            return self.grade_open(query, answer, reference)
         ref_key = extract_number(reference) if kind == "numeric" else self.key(kind, reference)
         got = self.key(kind, answer)
         if got is None or ref_key is None:
@@ -264,25 +317,37 @@ class Verifier:
             return "bwrap" if require_isolation(self.sandbox) == "bwrap" else "unisolated"
         return None
 
-    def judge_open(self, query, answer: str, reference: str) -> Optional[bool]:
-        """Ask the judge model; None when there is no judge or its reply does not parse."""
-        if self.judge is None:
+    def grade_open(self, query, answer: str, reference: str) -> Optional[bool]:
+        """Ask the grader model; None when there is no grader or its reply does not parse."""
+        if self.grader is None:
             return None
         from katdata.backends.base import Request, SamplingParams
 
-        text = prompt(self.cfg.judge_prompt).format(query=getattr(query, "query", query or ""),
-                                                    reference=reference, answer=answer)
-        out = self.judge.generate([Request([{"role": "user", "content": text}])],
-                                  SamplingParams(max_tokens=self.cfg.judge_max_tokens))
+        text = grader_prompt(self.cfg).format(query=getattr(query, "query", query or ""),
+                                              reference=reference, answer=answer)
+        out = self.grader.generate([Request([{"role": "user", "content": text}])],
+                                   SamplingParams(max_tokens=self.cfg.grader_max_tokens))
         return parse_verdict(out[0][0].text)
 
 
+def grader_prompt(cfg: VerifyConfig) -> str:
+    """The prompt template of the LLM grader of open answers ({query}, {reference}, {answer})."""
+    return read_prompt(cfg.grader_prompt)
+
+
+_VERDICT = re.compile(r"\b(not\s+)?(incorrect|correct|wrong|right|yes|no)\b")
+
+
 def parse_verdict(text: str) -> Optional[bool]:
-    """'CORRECT' / 'INCORRECT' (first such word wins); None when neither appears."""
-    m = re.search(r"\b(incorrect|correct|wrong|right|yes|no)\b", text.lower())
+    """The grader's reply: 'correct' / 'yes' / 'right' -> True; 'incorrect' / 'wrong' / 'no' and any
+    'not ...' ('Not correct.') -> False; the first such word decides; None when none appears."""
+    m = _VERDICT.search(text.lower())
     if not m:
         return None
-    return m.group(1) in ("correct", "right", "yes")
+    negated, word = m.group(1) is not None, m.group(2)
+    if word in ("correct", "right", "yes"):
+        return not negated
+    return False if not negated else None  # "not wrong" says nothing clear
 
 
 def _close(a: str, b: str, rel_tol: float) -> bool:

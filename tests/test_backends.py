@@ -135,3 +135,58 @@ def test_wrong_model_path_is_named(tmp_path):
     for name in ("transformers", "vllm"):
         with pytest.raises(KatdataError, match="no-such-model"):
             get_backend(name, BackendConfig(model=missing))
+
+
+def test_scripted_backend_is_not_a_recipe_engine(tmp_path):
+    from katdata.backends import BACKENDS
+    from katdata.backends.scripted import ScriptedBackend
+    from katdata.recipe import load_recipe
+
+    assert "scripted" not in BACKENDS
+    with pytest.raises(KatdataError, match="unknown backend 'scripted' .*unit tests only"):
+        get_backend("scripted")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("engines:\n  default:\n    backend: scripted\n")
+    with pytest.raises(KatdataError, match="engines.default.backend: Input should be 'transformers'"):
+        load_recipe(recipe)
+    assert ScriptedBackend(script=lambda req, i: "ok").generate([chat("hi")], SamplingParams())[0][0].text == "ok"
+
+
+def test_no_key_in_reprs_logs_errors_or_the_cache(tmp_path, caplog, monkeypatch):
+    """A server started with a key, an openai backend (key from env, password in its URL) behind the
+    request cache: reprs, errors, log records and the cache file never hold either secret."""
+    import logging
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    from katdata import servers
+    from katdata.cache import CachedBackend
+
+    caplog.set_level(logging.DEBUG)
+    key, password = "sk-unit-" + secrets.token_hex(8), "pw-" + secrets.token_hex(6)
+    monkeypatch.setenv("KATDATA_UNIT_KEY", key)
+    # a server process that prints its key to its log and exits before it is ready
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-c", "import os; print('my key is', os.environ['VLLM_API_KEY'])"],
+                                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_API_KEY": key})
+    server = servers.Server("m", servers.free_port(), proc, log_path, "m", ["--dtype", "float32"], {"VLLM_API_KEY": key})
+    with pytest.raises(KatdataError, match="exited") as died:
+        servers.wait_ready(server, timeout=120)
+    assert key in log_path.read_text() and "my key is <redacted>" in str(died.value)
+    texts = [str(died.value), repr(server)]
+
+    cfg = BackendConfig(model="m", base_url=f"http://user:{password}@127.0.0.1:{servers.free_port()}/v1",
+                        api_key_env="KATDATA_UNIT_KEY", max_retries=1, timeout_s=10,
+                        extra={"retry_base_s": 0.01, "retry_cap_s": 0.05, "api_key": key})
+    backend = CachedBackend(get_backend("openai", cfg), tmp_path / "cache.jsonl")
+    with pytest.raises(KatdataError, match="unreachable after 2 tries") as unreachable:
+        backend.generate([chat("hi")], SamplingParams(max_tokens=2))
+    backend.close()
+    assert "retry 1" in caplog.text  # the retry was logged, with the server named
+    texts += [str(unreachable.value), repr(backend), repr(backend.backend), repr(cfg), caplog.text,
+              (tmp_path / "cache.jsonl").read_text()]
+    for text in texts:
+        assert key not in text and password not in text, text

@@ -12,10 +12,13 @@ import json
 import pytest
 
 from katdata.backends.scripted import ScriptedBackend
-from katdata.evaluate import EvalConfig, Item, heldout, prefix, run, stance
+from katdata.evaluate import EvalConfig, Item, heldout, prefix, run
+from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter
 from katdata.template import GENERATION_PREFIX, parse, render
-from katdata.train import JUDGE_OFF, JUDGE_ON, TrainConfig, demo_records, split
+from katdata.train import TrainConfig, split
+
+from demo_data import JUDGE_OFF, JUDGE_ON, demo_records
 from katdata.train import run as train_run
 
 
@@ -37,7 +40,7 @@ def test_forced_prefix_prefills_a_rationale_for_that_mode():
     for mode in ("on", "off"):
         # the think-off prefix already opens <answer>: a second one would be a nested marker
         p = parse(prefix(mode, item) + ("x\n</think>\n<answer>\n" if mode == "on" else "") + "4\n</answer>")
-        assert p.ok and p.mode == mode and stance(p.judge) == mode and "math problem" in p.judge
+        assert p.ok and p.mode == mode and keyword_stance(p.judge) == mode and "math problem" in p.judge
 
 
 def adapted_script(recs_by_query):
@@ -95,9 +98,9 @@ def test_metrics_from_known_generations_and_resume(tmp_path):
 
 
 def test_stance_reads_the_rationale():
-    assert all(stance(j) == "on" for j in JUDGE_ON) and all(stance(j) == "off" for j in JUDGE_OFF)
-    assert stance("Paris is in France.") is None
-    assert stance("A simple recall question, but it needs several steps.") is None  # both cues: unclear
+    assert all(keyword_stance(j) == "on" for j in JUDGE_ON) and all(keyword_stance(j) == "off" for j in JUDGE_OFF)
+    assert keyword_stance("Paris is in France.") is None
+    assert keyword_stance("A simple recall question, but it needs several steps.") is None  # both cues: unclear
 
 
 def test_missing_train_output_is_a_clear_error(tmp_path):

@@ -59,7 +59,7 @@ def test_llm_check_verdict_is_used_when_it_parses():
 
 def test_regeneration_can_succeed():
     backend, _ = _backend(lambda text, n: "ok" if n == 1 else OFF_TEXT)
-    rows = write_rationales(Q[:1], ["off"], JudgeConfig(check="keywords"), backend)
+    rows = write_rationales(Q[:1], ["off"], JudgeConfig(rationale_check="keywords"), backend)
     assert rows[0].ok and [a["verdict"] for a in rows[0].attempts] == ["empty rationale", "ok"]
 
 
@@ -73,14 +73,13 @@ def _run_dir(tmp_path, labels):
 
 
 def test_tags_rationale_argues_for_its_mode_for_every_task_type():
-    from katdata import evaluate, tag
+    from katdata import tag
     from katdata.judge import tags_rationale
 
     for task_type in tag.TagConfig().task_types + ["unknown"]:
         for mode in ("on", "off"):
             text = tags_rationale(task_type, "math", mode)
             assert keyword_stance(text) == mode, (task_type, mode, text)
-            assert evaluate.stance(text) == mode, (task_type, mode, text)
             assert "{" not in text and 1 < text.count(".") <= 3
 
 
@@ -107,7 +106,7 @@ def test_rejected_rationale_falls_back_to_tags_when_asked(tmp_path):
 
     run_dir = _run_dir(tmp_path, ["off", "on"])
     backend, _ = _backend(lambda text, n: OFF_TEXT)  # argues think-off for both
-    stats = run(JudgeConfig(check="keywords", retries=0, fallback="tags"), run_dir, lambda name: backend)
+    stats = run(JudgeConfig(rationale_check="keywords", retries=0, fallback="tags"), run_dir, lambda name: backend)
     rows = {r.id: r for r in read_rows(run_dir / "judges.jsonl", JudgeRow)}
     assert rows["a"].rationale == OFF_TEXT and len(rows["a"].attempts) == 1
     assert rows["b"].ok and keyword_stance(rows["b"].rationale) == "on" and stats["fallback"] == 1

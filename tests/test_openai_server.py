@@ -219,6 +219,7 @@ def test_api_key_never_leaks(vllm_server, openai_config, api_key, tmp_path, capl
         assert secret not in (tmp_path / "cache.jsonl").read_text()
         assert secret not in vllm_server.log_path.read_text(errors="replace")
         assert secret not in " ".join(vllm_server.process.args)
+        assert secret not in repr(vllm_server) and secret not in repr(good) and secret not in repr(good.backend.config)
     assert os.environ["KATDATA_TEST_KEY"] == api_key
 
 

@@ -172,6 +172,15 @@ def test_extract_answer(text, want):
     assert solve.extract_answer(text) == want
 
 
+def test_critic_reject_verdict_rejects_whatever_its_score(tmp_path):
+    setup(tmp_path, ["a"])
+    agents = Agents({"a": [10]}, critic_text=" 10\nVerdict: reject\nReason: the units are wrong")
+    stats = solve.run(config(rounds=0), tmp_path, agents.engine)
+    [row] = rows(tmp_path)
+    assert row.score == 10 and row.reason.startswith("critic_reject: the critic rejected it (score 10)")
+    assert stats["accepted"] == 0 and stats["rejects"] == {"critic_reject": 1}
+
+
 @pytest.mark.parametrize("raw, score, verdict", [
     ("Score: 8\nVerdict: accept\nReason: ok", 8.0, "accept"), ("Score: 3/10 Verdict: FAIL", 3.0, "reject"),
     ("Score: **9**", 9.0, None), ("Score: 11", None, None), ("Score: good", None, None)])

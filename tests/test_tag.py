@@ -50,7 +50,7 @@ def test_rule_prior_code_notation_multipart_language_verifiability():
     latex = tag.rule_tags(q(r"Compute $\frac{3}{4} + x^2$ when x = 2, and then explain (a) why and (b) how."), CFG)
     assert latex["features"]["math_notation"] and latex["features"]["multi_part"]
     assert tag.rule_tags(q("北京是哪个国家的首都？"), CFG)["language"] == "zh"
-    assert tag.rule_tags(q("What is the capital of France?"), CFG)["verifiability"] == "judge"
+    assert tag.rule_tags(q("What is the capital of France?"), CFG)["verifiability"] == "grader"
     assert tag.rule_tags(q("Capital of France?", reference="Paris"), CFG)["verifiability"] == "reference"
 
 
@@ -69,13 +69,13 @@ def test_rule_prior_follows_a_recipe_taxonomy():
 
 @pytest.mark.parametrize("raw, want", [
     ('{"needs_reasoning": "no", "domain": "factual", "task_type": "lookup", "difficulty": 1, '
-     '"verifiability": "judge", "language": "en"}', {"needs_reasoning": False, "domain": "factual", "difficulty": 1}),
+     '"verifiability": "grader", "language": "en"}', {"needs_reasoning": False, "domain": "factual", "difficulty": 1}),
     ("{'needs_reasoning': 'yes', domain: 'Math', \"difficulty\": \"3/5\",}", {"needs_reasoning": True, "domain": "math",
                                                                               "difficulty": 3}),
     ('Sure! {"needs_reasoning": "yes", "domain": "code", "task_type": "coding", "language": "English"',
      {"domain": "code", "task_type": "coding", "language": "en"}),
     ('needs_reasoning: no\ndomain: science\ndifficulty: 2', {"needs_reasoning": False, "domain": "science"}),
-    ('{"needs_reasoning": "no", "difficulty": "trivial", "verifiability": "Judge"}', {"difficulty": 1, "verifiability": "judge"}),
+    ('{"needs_reasoning": "no", "difficulty": "trivial", "verifiability": "Grader"}', {"difficulty": 1, "verifiability": "grader"}),
 ])
 def test_parse_llm_is_tolerant(raw, want):
     got = tag.parse_llm(raw, CFG)

@@ -15,7 +15,9 @@ from katdata.chat_template import template_text
 from katdata.errors import InputError
 from katdata.records import KatRecord
 from katdata.runfiles import RowWriter
-from katdata.train import SPANS, TrainConfig, audit, balance, demo_records, encode, load_examples, main, prepare, run, split
+from katdata.train import SPANS, TrainConfig, audit, balance, encode, load_examples, main, prepare, run, split
+
+from demo_data import demo_records
 
 
 @pytest.fixture(scope="module")

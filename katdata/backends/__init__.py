@@ -1,4 +1,8 @@
-"""Engines behind one interface, imported only when chosen (lm-eval style table)."""
+"""Engines behind one interface, imported only when chosen (lm-eval style table).
+
+``BACKENDS`` is what recipes may name. The scripted backend (``backends/scripted.py``) is not in it:
+it is for unit tests of pure logic, which construct ``ScriptedBackend`` directly.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ BACKENDS = {
     "transformers": ("katdata.backends.hf:TransformersBackend", "local"),
     "vllm": ("katdata.backends.vllm_engine:VLLMBackend", "vllm' (GPU) or 'cpu"),
     "openai": ("katdata.backends.openai_api:OpenAIBackend", "openai"),
-    "scripted": ("katdata.backends.scripted:ScriptedBackend", "dev"),
 }
 
 __all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Request", "SamplingParams", "get_backend"]
@@ -20,7 +23,8 @@ __all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Request", "Sam
 def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
     """Build the backend called ``name``; a missing engine names the extra that installs it."""
     if name not in BACKENDS:
-        raise KatdataError(f"unknown backend '{name}'; known: {', '.join(sorted(BACKENDS))}")
+        hint = " (the scripted backend is for unit tests only)" if name == "scripted" else ""
+        raise KatdataError(f"unknown backend '{name}'{hint}; known: {', '.join(sorted(BACKENDS))}")
     target, extra = BACKENDS[name]
     module, cls = target.split(":")
     try:

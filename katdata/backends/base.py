@@ -71,6 +71,22 @@ class BackendConfig:
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """Secret-named entries (``extra``'s included) and a password in ``base_url`` are masked."""
+        from dataclasses import fields
+        from urllib.parse import urlsplit
+
+        from katdata.redact import redact, scrub
+
+        shown = redact({f.name: getattr(self, f.name) for f in fields(self)})
+        text = "BackendConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        for url in (self.base_url or "").split(","):
+            try:
+                text = scrub(text, [urlsplit(url.strip()).password or ""])
+            except ValueError:
+                pass
+        return text
+
 
 class Backend:
     """Base class: subclasses implement ``generate`` and set ``name`` and ``model_id``."""

@@ -9,7 +9,8 @@
   completions endpoint; with ``"model"`` it goes to the chat endpoint as a final assistant message
   with vLLM's ``continue_final_message``;
 - base URL from the config or ``OPENAI_BASE_URL``; the key from the env var ``config.api_key_env``.
-  The key never appears in logs, errors or files: every message raised is scrubbed of it.
+  The key (and a password inside a base URL) never appears in logs, errors, reprs or files: every
+  message is scrubbed of them with :func:`katdata.redact.scrub`.
 
 ``config.extra``: ``server`` ("vllm" sends vLLM's extra fields: per-choice token ids, stop token
 ids, continue_final_message), ``endpoint`` ("completions" | "chat"), ``retry_base_s``, ``retry_cap_s``.
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
 from katdata.errors import EngineError, KatdataError, require
+from katdata.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,11 @@ class OpenAIBackend(Backend):
         require("openai", "openai")
         urls = config.base_url or os.environ.get("OPENAI_BASE_URL") or ""
         self.base_urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
-        self.base_url = ",".join(self.base_urls)
         if not self.base_urls:
             raise KatdataError("openai backend: no base URL (set base_url in the recipe or OPENAI_BASE_URL)")
         self._key = os.environ.get(config.api_key_env) or ""
+        self._secrets = [self._key] + [_url_password(u) for u in self.base_urls]
+        self.base_url = self.scrub(",".join(self.base_urls))  # for messages: no password a URL may carry
         if not self._key:
             log.info("openai backend: env var %s is empty; sending no key", config.api_key_env)
         self.model_id = config.model or "embedded"
@@ -65,8 +68,8 @@ class OpenAIBackend(Backend):
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model_id!r}, key_env={self.config.api_key_env!r})"
 
     def scrub(self, text: str) -> str:
-        """``text`` with the API key masked."""
-        return text.replace(self._key, "***") if self._key else text
+        """``text`` with the API key (and any base-URL password) masked."""
+        return scrub(text, self._secrets)
 
     def render_prompt(self, request: Request) -> str:
         """The prompt text sent (completions endpoint), or a stable rendering of the chat (chat)."""
@@ -246,6 +249,15 @@ class OpenAIBackend(Backend):
             n_tokens = round((usage.completion_tokens if usage else 0) / max(1, n_choices))
         return Completion(text=text, finish_reason=finish, prompt_tokens=usage.prompt_tokens if usage else 0,
                           completion_tokens=n_tokens, logprobs=logprobs)
+
+
+def _url_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
 
 
 class _BadRequest(Exception):
