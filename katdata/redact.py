@@ -15,6 +15,9 @@ _SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:api_?key|apikey|token|access_token|pas
                          re.IGNORECASE)
 
 
+_URL_PASSWORD = re.compile(r"(\w+://[^/\s:@]*:)[^/\s@]+@")  # the password of https://user:PASSWORD@host
+
+
 def is_secret_key(key: Any) -> bool:
     """True for keys that hold a credential (``api_key``, ``hf_token``), not for ``max_tokens``."""
     return isinstance(key, str) and bool(_SECRET_KEY.search(key))
@@ -26,6 +29,8 @@ def redact(obj: Any) -> Any:
         return {k: (MASK if v not in (None, "") and is_secret_key(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str) and "@" in obj:
+        return _URL_PASSWORD.sub(r"\1" + MASK + "@", obj)
     return obj
 
 

@@ -69,6 +69,15 @@ def test_secrets_never_reach_the_saved_recipe(tmp_path):
     assert "s3cr3t-key" not in dump_recipe(load_recipe(path))
 
 
+def test_saved_recipe_masks_credentials_only(tmp_path):
+    path = write(tmp_path, "data:\n  sources: [{name: gsm8k}]\nengines:\n  default:\n    backend: openai\n"
+                 "    base_url: http://me:pa55word@127.0.0.1:8000/v1\n    api_key_env: MY_KEY\n"
+                 "sample:\n  max_tokens_on: 77\n")
+    saved = dump_recipe(load_recipe(path))
+    assert "pa55word" not in saved and "http://me:<redacted>@127.0.0.1:8000/v1" in saved
+    assert "max_tokens_on: 77" in saved and "api_key_env: MY_KEY" in saved
+
+
 @pytest.mark.parametrize("data, msg", [
     ("data:\n  path: missing.jsonl\n", "data.path"),
     ("data:\n  path: q.jsonl\n", "q.jsonl:2"),
