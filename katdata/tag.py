@@ -137,7 +137,7 @@ class TagConfig(BaseModel):
             try:
                 load_fit(path)
             except KatdataError as exc:
-                raise ValueError(str(exc)) from None
+                raise ValueError(str(exc).removeprefix("tag.calibration: ")) from None
         return path
 
 
