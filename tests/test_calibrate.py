@@ -172,3 +172,25 @@ def test_export_card_shows_the_fit_and_its_plot(tmp_path):
     section = card[card.index("## Tagger calibration"):]
     assert "| raw tagger |" in section and f"({calibrate.PLOT_FILE})" in section
     assert (tmp_path / "export" / calibrate.PLOT_FILE).stat().st_size > 5000
+
+
+def test_vote_stage_of_the_pipeline_fits_the_tagger(tmp_path):
+    """The vote stage votes real-query samples (verdicts from the law) and ends with the fit."""
+    pytest.importorskip("sklearn")
+    from katdata import pipeline
+    from katdata.recipe import load_recipe
+    from katdata.records import Attempt
+
+    rows = make_run(tmp_path, seed=4)
+    (tmp_path / "votes.jsonl").unlink()
+    with RowWriter(tmp_path / "samples.jsonl") as w:  # think-off is right only where the law says off
+        w.write_all([Attempt(id=t.id, index=i, mode=m, text="x", answer="1", answer_class="1", ok=True,
+                             correct=(m == "on" or not law(t)))
+                     for t in rows for m in ("on", "off") for i in range(2)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nsample: {n: 2}\nvote: {n: 2, explore_share: 0.0}\n")
+    summary = pipeline.run(load_recipe(recipe), tmp_path, start="vote", until="vote")
+    got = summary["stages"]["vote"]["calibration"]
+    assert got["fitted"] and got["n"] == len(rows) and got["labels"]["on"] == sum(map(law, rows))
+    assert got["cv_agreement"][got["method"]] > got["cv_agreement"]["raw"]
+    assert calibrate.load_fit(tmp_path).data["n"] == len(rows)
