@@ -12,7 +12,9 @@ Two taggers, combined per query:
 
 A reply that does not parse keeps its raw text (``Tags.llm_raw``), gets a reason (``llm_error``), is
 counted, and the rule prior fills in. Think-off candidates are queries tagged as needing no
-reasoning with a confidence ``1 - p_reasoning`` at or above ``think_off_threshold``.
+reasoning with a confidence ``1 - p_reasoning`` at or above ``think_off_threshold``. With
+``calibration`` (a fit of an earlier run's vote outcomes, ``katdata.calibrate``) the calibrated p
+decides both, and the tagger's own p is kept as ``p_uncalibrated``.
 """
 
 from __future__ import annotations
