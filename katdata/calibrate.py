@@ -175,7 +175,8 @@ def fit_run(run_dir: Path, folds: int = 5, seed: int = 0, think_off_threshold: f
     data: dict[str, Any] = {"fitted": False, "n": len(ids), "labels": counts, "excluded": skipped,
                             "outcome": "the vote's delta rule on queries with both modes sampled and a correct sample"}
     if min(counts.values()) < MIN_PER_CLASS:
-        data["note"] = (f"too few vote-decided labels to fit and cross-validate: {counts['on']} on, {counts['off']} off "
+        data["note"] = (f"too few vote-decided labels to fit and cross-validate: {counts['on']} on, "
+                        f"{counts['off']} off "
                         f"(need {MIN_PER_CLASS} of each)")
         _write_json(run_dir / FIT_FILE, data)
         return data
@@ -322,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="fit used by `tag.calibration` (auto: lower cross-validated Brier score)")
     ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (fewer when a mode has fewer rows)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threshold", type=float, default=0.7, help="think-off candidate threshold (tag.think_off_threshold)")
+    ap.add_argument("--threshold", type=float, default=0.7,
+                    help="think-off candidate threshold (tag.think_off_threshold)")
     args = ap.parse_args(argv)
     if args.folds < 2:
         raise KatdataError("--folds: at least 2")

@@ -42,7 +42,8 @@ STAGES = list(STAGE_MODULES)
 # what each stage writes in the run folder
 STAGE_FILES = {
     "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
-    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"], "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
+    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
+    "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
     "review": ["review"], "export": ["export"], "train": ["train"], "eval": ["eval"],
 }
 OPTIONAL = {"review", "train", "eval"}

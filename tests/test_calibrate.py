@@ -48,7 +48,8 @@ def make_run(run_dir, seed: int, n: int = 40, extra_votes=()):
 def test_outcomes_count_only_labels_the_vote_evidence_decided(tmp_path):
     votes = [vote_row("a", 1), vote_row("b", 0),
              Vote(id="c", label="on", reason="no correct sample (reference); tagger prior", n_on=2, n_off=2),
-             Vote(id="d", label="on", reason="no correct sample (reference); sent to review", review=True, n_on=2, n_off=2),
+             Vote(id="d", label="on", reason="no correct sample (reference); sent to review", review=True,
+                  n_on=2, n_off=2),
              # exploration gave a random mode; the evidence said off: the outcome is off
              Vote(id="e", label="on", reason="exploration (random mode); vote said off: ...", explored=True,
                   n_on=2, n_off=2, p_on=0.5, p_off=0.5, delta=0.1),

@@ -118,7 +118,8 @@ def code_run(tmp_path, wrap: str = "", queries_file: bool = False):
         with RowWriter(tmp_path / "queries.jsonl") as w:
             w.write_all([q.model_copy(update={"query": wrap + q.query}) for q in tasks])
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "split.json").write_text(json.dumps({"data": None, "train": [], "heldout": [q.id for q in tasks]}))
+    split = {"data": None, "train": [], "heldout": [q.id for q in tasks]}
+    (tmp_path / "train" / "split.json").write_text(json.dumps(split))
     return {r.query: r for r in recs}
 
 
