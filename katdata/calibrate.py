@@ -166,6 +166,7 @@ def fit_run(run_dir: Path, folds: int = 5, seed: int = 0, think_off_threshold: f
 
     run_dir = Path(run_dir)
     labels, skipped = outcomes(run_dir)
+    (run_dir / PLOT_FILE).unlink(missing_ok=True)  # an earlier fit's plot would describe another fit
     tags_path = run_dir / "tags.jsonl"
     tags = {t.id: t for t in read_rows(tags_path, Tags)} if tags_path.is_file() else {}
     skipped["no tags row"] = sum(1 for q in labels if q not in tags)
@@ -176,8 +177,7 @@ def fit_run(run_dir: Path, folds: int = 5, seed: int = 0, think_off_threshold: f
                             "outcome": "the vote's delta rule on queries with both modes sampled and a correct sample"}
     if min(counts.values()) < MIN_PER_CLASS:
         data["note"] = (f"too few vote-decided labels to fit and cross-validate: {counts['on']} on, "
-                        f"{counts['off']} off "
-                        f"(need {MIN_PER_CLASS} of each)")
+                        f"{counts['off']} off (need {MIN_PER_CLASS} of each)")
         _write_json(run_dir / FIT_FILE, data)
         return data
 
