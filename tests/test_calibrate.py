@@ -10,6 +10,7 @@ on the queries of a later run. The figures of a real embedded-model run are in t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -113,8 +114,11 @@ def test_tag_reads_a_fit_from_an_earlier_run(tmp_path):
 
 
 def test_too_few_labels_say_so_and_no_fit_is_used(tmp_path):
-    make_run(tmp_path, seed=1, n=4)
-    with RowWriter(tmp_path / "votes.jsonl") as w:  # rewrite: everything off
+    make_run(tmp_path, seed=1, n=10)
+    if importlib.util.find_spec("sklearn"):
+        assert calibrate.fit_run(tmp_path)["fitted"] and (tmp_path / calibrate.PLOT_FILE).is_file()
+    (tmp_path / "votes.jsonl").unlink()
+    with RowWriter(tmp_path / "votes.jsonl") as w:  # the votes again, all off: a refit has no fit and no plot
         w.write_all([vote_row(t.id, 0) for t in read_rows(tmp_path / "tags.jsonl", Tags)])
     data = calibrate.fit_run(tmp_path)
     assert not data["fitted"] and "too few vote-decided labels" in data["note"] and "0 on" in data["note"]
