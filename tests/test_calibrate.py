@@ -199,3 +199,36 @@ def test_vote_stage_of_the_pipeline_fits_the_tagger(tmp_path):
     assert got["fitted"] and got["n"] == len(rows) and got["labels"]["on"] == sum(map(law, rows))
     assert got["cv_agreement"][got["method"]] > got["cv_agreement"]["raw"]
     assert calibrate.load_fit(tmp_path).data["n"] == len(rows)
+
+
+@pytest.mark.slow
+def test_real_run_reports_its_vote_decided_labels(tmp_path):
+    """The embedded model from tag to vote on real queries: the vote stage ends with calibration.json,
+    whose counts add up to the votes; a 135M model gets few samples right, so it usually says 'too few'."""
+    from katdata import pipeline
+    from katdata.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""\
+name: real
+seed: 1
+data:
+  sources:
+    - {name: gsm8k, limit: 4}
+    - {name: fanoutqa-hop, limit: 4}
+engines:
+  default: {backend: transformers, model: embedded, batch_size: 16}
+tag: {max_tokens: 32, rule_weight: 0.8}
+solve: {queries: not_off_candidates, rounds: 0, max_tokens: 32, critic_max_tokens: 8}
+sample: {n: 2, rounds: [2], max_tokens_on: 48, max_tokens_off: 24, top_p: 1.0}
+vote: {n: 2, none_correct: prior}
+""")
+    summary = pipeline.run(load_recipe(recipe), tmp_path / "run", until="vote")
+    got = summary["stages"]["vote"]["calibration"]
+    data = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    votes = list(read_rows(tmp_path / "run" / "votes.jsonl", Vote))
+    assert data["n"] + sum(data["excluded"].values()) == len(votes) == 8
+    assert got["n"] == data["n"] == sum(not v.reason.startswith("no correct sample") for v in votes)
+    assert got["fitted"] == data["fitted"] and (data["fitted"] or "too few" in data["note"])
+    tags = list(read_rows(tmp_path / "run" / "tags.jsonl", Tags))
+    assert all(t.p_llm is not None for t in tags if t.llm_error is None)  # the LLM's own p is kept for a fit
