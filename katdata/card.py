@@ -400,6 +400,8 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
                 _table(["margin", "records"], [[f"{m:+.1f}", c] for m, c in sorted(stats.margins.items())]), ""]
     else:
         out += ["No record carries a vote margin.", ""]
+    from katdata.calibrate import card_lines  # the tagger fitted to the vote (calibration.json), when there is one
+    out += card_lines(run_dir)
     out += _run_files(run_dir, stats)
     out += _sources(run_dir, stats, cfg)
     return "\n".join(out).rstrip() + "\n"
@@ -471,6 +473,8 @@ def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits:
     if cfg.pretty_name is None:
         cfg = cfg.model_copy(update={"pretty_name": f"katdata {Path(run_dir).resolve().name}"})
     stats.plotted = cfg.plot and plot(stats, folder / PLOT)
+    from katdata.calibrate import copy_plot
+    copy_plot(run_dir, folder)  # the tagger's reliability plot, which card_lines shows
     head = yaml.safe_dump(header(stats, splits, feats, cfg), sort_keys=False, allow_unicode=True)
     text = f"---\n{head}---\n\n{body(Path(run_dir), src, stats, splits, cfg)}"
     path = folder / "README.md"

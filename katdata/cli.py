@@ -23,6 +23,7 @@ DELEGATED = {
     "solve": ("katdata.solve", "think-on traces from the solver / thinker / critic agents"),
     "sample": ("katdata.sample", "sample N responses per mode per query (mode forced by the prefix)"),
     "vote": ("katdata.vote", "majority vote over verified samples: the mode labels"),
+    "calibrate": ("katdata.calibrate", "fit the tagger's p(needs reasoning) to a run's vote outcomes"),
     "judge": ("katdata.judge", "write and check the judge rationales"),
     "assemble": ("katdata.assemble", "render the final KAT records"),
     "export": ("katdata.export", "write the Hub dataset folder (and card) of a run"),

@@ -72,6 +72,25 @@ class Item:
     task_type: str
     kind: Optional[str]
     reference: Optional[str]
+    query: str = ""  # the user's query text (the open-answer verifier reads it)
+    meta: dict = dataclasses.field(default_factory=dict)  # "prompt": what a code answer completes (HumanEval)
+
+
+def query_meta(run_dir: Path, rows: list[dict]) -> dict[str, dict]:
+    """Per held-out id, the verifier's view of the query: the run's queries.jsonl meta ("prompt": a
+    HumanEval signature); a code query missing from it keeps its own text, which is that prompt."""
+    from katdata.records import Query
+    from katdata.runfiles import read_rows
+
+    path = run_dir / "queries.jsonl"
+    known = {q.id: q.meta for q in read_rows(path, Query)} if path.is_file() else {}
+    out = {}
+    for r in rows:
+        meta = dict(known.get(r["id"]) or {})
+        if r["kind"] == "code" and not meta.get("prompt"):
+            meta["prompt"] = r["query"]
+        out[r["id"]] = meta
+    return out
 
 
 def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
@@ -84,10 +103,12 @@ def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
     split = json.loads(path.read_text())
     rows, test = load_examples(split.get("data"), run_dir)
     wanted = set(split["heldout"])
+    rows = [r for r in rows + (test or []) if r["id"] in wanted]
+    metas = query_meta(run_dir, rows)
     items = [Item(r["id"], r["messages"][:-1], r["vote"].get("label") or r["mode"], r["tags"].get("difficulty"),
                   str(r["tags"].get("domain") or "unknown"), str(r["tags"].get("task_type") or "other"),
-                  r["kind"], r["reference"])
-             for r in rows + (test or []) if r["id"] in wanted]
+                  r["kind"], r["reference"], r["query"], metas[r["id"]])
+             for r in rows]
     if not items:
         raise KatdataError(f"{path}: none of the held-out ids is in {split.get('data')}")
     if limit and limit < len(items):  # a prefix that keeps the labels mixed: interleave them
@@ -123,7 +144,7 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
             full = pre + c.text
             p = parse(full, c.finish_reason)
             mode = p.mode if setting == "auto" else setting
-            correct = verifier.correct(it.kind, p.answer, it.reference) if p.answer is not None else (
+            correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
                 False if it.reference is not None else None)
             writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
                           "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
@@ -170,15 +191,20 @@ def metrics(rows: list[dict]) -> dict:
         for e in r["errors"]:
             errors[e] += 1
     out["parse_errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
+    # per setting (auto, forced on, forced off): accuracy, template validity ("valid"), mean tokens
     out["settings"] = {s: {"n": len(v), "accuracy": _acc(v), "valid": _rate(v, lambda r: r["ok"]),
                            "mean_tokens": _mean([r["tokens"] for r in v]),
                            "mean_tokens_by_mode": {m: _mean([r["tokens"] for r in v if r["mode"] == m])
                                                    for m in ("on", "off")}}
                        for s, v in sorted(by.items())}
     if by.get("on") and auto:
-        on_tokens = out["settings"]["on"]["mean_tokens"]
-        auto_tokens = out["settings"]["auto"]["mean_tokens"]
-        out["tokens_vs_always_think"] = round(auto_tokens / on_tokens, 4) if on_tokens else None
+        on, am = out["settings"]["on"], out["settings"]["auto"]
+        out["tokens_vs_always_think"] = round(am["mean_tokens"] / on["mean_tokens"], 4) if on["mean_tokens"] else None
+        # the tokens auto saves against always-think, read next to what it costs in accuracy
+        out["token_saving"] = {"saving": round(1 - out["tokens_vs_always_think"], 4)
+                               if out["tokens_vs_always_think"] is not None else None,
+                               "mean_tokens_auto": am["mean_tokens"], "mean_tokens_always_think": on["mean_tokens"],
+                               "accuracy_auto": am["accuracy"], "accuracy_always_think": on["accuracy"]}
     judged = [r for r in auto if r["ok"]]
     out["judge_consistency"] = {"n": len(judged), "unclear": sum(1 for r in judged if r["stance"] is None),
                                 "rate": _rate([r for r in judged if r["stance"]], lambda r: r["stance"] == r["mode"]),
@@ -347,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in result["models"].items():
         print(f"{name}: validity {m['template_validity']}, think-on {m['think_on_rate']}, "
               f"mode agreement {m['mode_agreement']}, accuracy {m['settings'].get('auto', {}).get('accuracy')}")
+        for setting, v in m["settings"].items():
+            print(f"  {setting:>4}: accuracy {v['accuracy']}, validity {v['valid']}, mean tokens {v['mean_tokens']}")
+        if m.get("token_saving"):
+            t = m["token_saving"]
+            print(f"  auto saves {t['saving']} of always-think's tokens (accuracy {t['accuracy_auto']} against "
+                  f"{t['accuracy_always_think']})")
     print(f"wrote {ns.run_dir / cfg.output / 'eval.json'}")
     return 0
 

@@ -42,7 +42,8 @@ STAGES = list(STAGE_MODULES)
 # what each stage writes in the run folder
 STAGE_FILES = {
     "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
-    "vote": ["votes.jsonl"], "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
+    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
+    "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
     "review": ["review"], "export": ["export"], "train": ["train"], "eval": ["eval"],
 }
 OPTIONAL = {"review", "train", "eval"}
@@ -207,6 +208,9 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
                 module = importlib.import_module(STAGE_MODULES[stage])
                 with _progress(recipe, run_dir, stage):
                     stats = module.run(getattr(recipe, stage), run_dir, engines) or {}
+                if stage == "vote":  # the tagger fitted to the vote's outcomes (calibration.json)
+                    from katdata.calibrate import after_vote
+                    stats["calibration"] = after_vote(run_dir, recipe.tag.think_off_threshold)
             summary.record(stage, stats, time.perf_counter() - t0)
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])

@@ -49,6 +49,9 @@ class Tags(Row):
     difficulty: int = Field(ge=1, le=5)
     needs_reasoning: bool
     p_reasoning: float = Field(ge=0.0, le=1.0, description="probability that the query needs reasoning")
+    p_llm: Optional[float] = Field(None, ge=0.0, le=1.0, description="the LLM tagger's own p, before combining")
+    p_uncalibrated: Optional[float] = Field(None, ge=0.0, le=1.0,
+                                            description="the tagger's p before a calibration fit replaced it")
     verifiability: Literal["reference", "tests", "grader", "none"]
     language: str
     think_off_candidate: bool = Field(False, description="tagged as needing no reasoning, confidently")

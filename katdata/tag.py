@@ -12,7 +12,9 @@ Two taggers, combined per query:
 
 A reply that does not parse keeps its raw text (``Tags.llm_raw``), gets a reason (``llm_error``), is
 counted, and the rule prior fills in. Think-off candidates are queries tagged as needing no
-reasoning with a confidence ``1 - p_reasoning`` at or above ``think_off_threshold``.
+reasoning with a confidence ``1 - p_reasoning`` at or above ``think_off_threshold``. With
+``calibration`` (a fit of an earlier run's vote outcomes, ``katdata.calibrate``) the calibrated p
+decides both, and the tagger's own p is kept as ``p_uncalibrated``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from katdata.backends.base import Backend, Completion, Request, SamplingParams
 from katdata.prompt_files import read_prompt
+from katdata.errors import KatdataError
 from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.template import STOP_STRINGS
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 
 LLM_PREFIX = '{"needs_reasoning": "'
 VERIFIABILITY = ("reference", "tests", "grader", "none")
+# labels the prompt's examples carry (prompts/tag.txt: {math_domain}, {lookup_task}, ...)
+EXAMPLE_DOMAINS = ("math", "factual", "code", "writing")
+EXAMPLE_TASKS = ("calculation", "lookup", "coding", "creative")
 FIELDS = ("needs_reasoning", "domain", "task_type", "difficulty", "verifiability", "language")
 
 # Keyword hints of the default taxonomy; a recipe may replace them (keys must be taxonomy labels).
@@ -105,6 +111,10 @@ class TagConfig(BaseModel):
                                    description="p given to the LLM's yes/no answer when there are no logprobs")
     think_off_threshold: float = Field(0.7, ge=0.5, le=1.0,
                                        description="think-off candidate: 1 - p_reasoning at least this")
+    calibration: Optional[str] = Field(
+        None, description="a fit of p_reasoning to vote outcomes (calibration.json, or the folder of an earlier run "
+        "that has one; `katdata calibrate RUN_DIR` writes it): its calibrated p sets needs_reasoning and "
+        "think_off_candidate, the tagger's own p is kept as p_uncalibrated")
 
     @model_validator(mode="after")
     def _check(self):
@@ -119,6 +129,18 @@ class TagConfig(BaseModel):
             except re.error as exc:
                 raise ValueError(f"hint for '{label}' is not a regex: {exc}") from exc
         return self
+
+    @field_validator("calibration")
+    @classmethod
+    def _fit_readable(cls, path: Optional[str]) -> Optional[str]:
+        if path:  # a missing or broken fit fails with the recipe, before any model loads
+            from katdata.calibrate import load_fit
+
+            try:
+                load_fit(path)
+            except KatdataError as exc:
+                raise ValueError(str(exc).removeprefix("tag.calibration: ")) from None
+        return path
 
 
 @dataclass
@@ -309,6 +331,7 @@ def combine(q: Query, rule: dict[str, Any], llm: Optional[LLMTags], raw: Optiona
     needs = p >= 0.5
     return Tags(id=q.id, domain=f.get("domain", rule["domain"]), task_type=f.get("task_type", rule["task_type"]),
                 difficulty=int(difficulty), needs_reasoning=needs, p_reasoning=round(min(max(p, 0.0), 1.0), 4),
+                p_llm=round(llm.p_reasoning, 4) if llm and llm.p_reasoning is not None else None,
                 verifiability=verif, language=f.get("language", rule["language"]),
                 think_off_candidate=(not needs) and (1 - p) >= cfg.think_off_threshold,
                 source="combined" if used else "rule", rule=rule, llm_raw=raw, llm_error=llm.error if llm else None)
@@ -319,16 +342,21 @@ def tag_requests(queries: list[Query], cfg: TagConfig, prompt: Optional[str] = N
     kw = {"domains": ", ".join(f'"{d}"' for d in cfg.domains), "task_types": ", ".join(f'"{t}"' for t in cfg.task_types),
           "first_domain": cfg.domains[0], "first_task": cfg.task_types[0],
           "last_domain": cfg.domains[-1], "last_task": cfg.task_types[-1]}
+    # the examples' labels by name; a taxonomy without that label gets its fallback (last) label
+    kw |= {f"{name}_domain": _label(name, cfg.domains) or cfg.domains[-1] for name in EXAMPLE_DOMAINS}
+    kw |= {f"{name}_task": _label(name, cfg.task_types) or cfg.task_types[-1] for name in EXAMPLE_TASKS}
     return [Request(messages=[{"role": "user", "content": template.format(query=q.query, **kw)}], prefix=LLM_PREFIX)
             for q in queries]
 
 
-def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend]) -> tuple[list[Tags], dict]:
-    """Tag a batch: one backend call for all of it (none when the LLM tagger is off)."""
+def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend], fit=None) -> tuple[list[Tags], dict]:
+    """Tag a batch: one backend call for all of it (none when the LLM tagger is off); ``fit`` (a
+    ``calibrate.Fit``) replaces p_reasoning by its calibrated value."""
     rules = [rule_tags(q, cfg) for q in queries]
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     if not (cfg.use_llm and backend):
-        return [combine(q, r, None, None, cfg) for q, r in zip(queries, rules)], usage
+        rows = [combine(q, r, None, None, cfg) for q, r in zip(queries, rules)]
+        return [fit.apply(t, cfg.think_off_threshold) for t in rows] if fit else rows, usage
     params = SamplingParams(max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS), logprobs=cfg.logprobs or None)
     outs = backend.generate(tag_requests(queries, cfg), params)
     rows = []
@@ -338,7 +366,7 @@ def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend]) 
         usage["completion_tokens"] += c.completion_tokens
         raw, got = llm_tags(c, cfg)
         rows.append(combine(q, r, got, raw, cfg))
-    return rows, usage
+    return [fit.apply(t, cfg.think_off_threshold) for t in rows] if fit else rows, usage
 
 
 def tag_stats(rows: list[Tags], cfg: TagConfig) -> dict[str, Any]:
@@ -376,12 +404,17 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     queries = list(read_rows(run_dir / "queries.jsonl", Query))
     done = done_keys(out_path)
     todo = [q for q in queries if q.id not in done]
+    fit = None
+    if cfg.calibration:
+        from katdata.calibrate import load_fit
+
+        fit = load_fit(cfg.calibration)
     backend = engine(cfg.engine) if cfg.use_llm and todo else None
     usage = Counter()
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
         for i in range(0, len(todo), cfg.batch_size):
-            rows, u = tag_batch(todo[i:i + cfg.batch_size], cfg, backend)
+            rows, u = tag_batch(todo[i:i + cfg.batch_size], cfg, backend, fit)
             w.write_all(rows)
             usage.update(u)
             log.info("tagged %d/%d", min(i + cfg.batch_size, len(todo)), len(todo))
@@ -391,6 +424,8 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     stats.update(rows_in=len(queries), rows_new=len(todo), rows_skipped=len(queries) - len(todo), seconds=round(secs, 3),
                  queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None, tokens=dict(usage),
                  model=getattr(backend, "model_id", None))
+    if fit:
+        stats["calibration"] = fit.summary(rows)
     return stats
 
 
@@ -415,8 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llm", action="store_true", help="rule prior only")
     ap.add_argument("--threshold", type=float, default=0.7, help="think-off candidate confidence threshold")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--calibration", help="calibration.json (or a run folder with one) from `katdata calibrate`")
     args = ap.parse_args(argv)
-    cfg = TagConfig(use_llm=not args.no_llm, think_off_threshold=args.threshold, batch_size=args.batch_size)
+    from pydantic import ValidationError
+
+    try:
+        cfg = TagConfig(use_llm=not args.no_llm, think_off_threshold=args.threshold, batch_size=args.batch_size,
+                        calibration=args.calibration)
+    except ValidationError as exc:
+        raise KatdataError("; ".join(e["msg"] for e in exc.errors())) from None
     stats = run(cfg, args.run_dir, engine_factory(args.backend, args.model))
     print(json.dumps(stats, indent=2))
     return 0

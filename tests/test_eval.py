@@ -81,6 +81,12 @@ def test_metrics_from_known_generations_and_resume(tmp_path):
     assert s["auto"]["accuracy"] == round(n_on / 6, 4)  # right on think-on items only
     assert s["on"]["accuracy"] == 1.0 and s["off"]["accuracy"] == 0.0 and s["on"]["valid"] == 1.0
     assert a["tokens_vs_always_think"] == round(s["auto"]["mean_tokens"] / s["on"]["mean_tokens"], 4) < 1
+    saving = a["token_saving"]  # what auto saves against always-think, next to both accuracies
+    assert saving["saving"] == round(1 - a["tokens_vs_always_think"], 4) > 0
+    assert saving["accuracy_auto"] == s["auto"]["accuracy"] and saving["accuracy_always_think"] == 1.0
+    assert saving["mean_tokens_always_think"] == s["on"]["mean_tokens"] > saving["mean_tokens_auto"]
+    for setting in ("auto", "on", "off"):
+        assert set(s[setting]) >= {"accuracy", "valid", "mean_tokens"} and s[setting]["n"] == 6
     assert a["judge_consistency"]["rate"] == 1.0 and a["judge_consistency"]["unclear"] == 0
     for name in result["plots"]:
         assert (tmp_path / "eval" / name).stat().st_size > 1000
@@ -95,6 +101,46 @@ def test_metrics_from_known_generations_and_resume(tmp_path):
     gen.write_text("".join(lines[:-2]) + lines[-2][:10])  # two rows lost, one torn
     assert run(cfg, tmp_path, engines.__getitem__) == result
     assert sum(len(reqs) for reqs, _ in adapted.calls[-1:]) == 2
+
+
+def code_run(tmp_path, wrap: str = "", queries_file: bool = False):
+    """Two real HumanEval tasks held out, their query optionally wrapped in an instruction; with
+    ``queries_file`` the run's queries.jsonl carries the HumanEval prompt in meta as the load stage writes it."""
+    from katdata import sources
+    from katdata.records import KatRecord
+
+    tasks = [q for q in sources.load("humaneval") if q.id in ("HumanEval-0", "HumanEval-2")]
+    recs = []
+    for q in tasks:
+        answer = "```python\n" + q.meta["canonical_solution"] + "```"  # the body only, as a completion gives it
+        recs.append(KatRecord(id=q.id, query=wrap + q.query, mode="off", judge=JUDGE_OFF[0], answer=answer,
+                              response=render("off", JUDGE_OFF[0], answer), kind="code", reference=q.reference,
+                              tags={"difficulty": 2, "domain": "code", "task_type": "coding"}, vote={"label": "off"}))
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(recs)
+    if queries_file:
+        with RowWriter(tmp_path / "queries.jsonl") as w:
+            w.write_all([q.model_copy(update={"query": wrap + q.query}) for q in tasks])
+    (tmp_path / "train").mkdir()
+    split = {"data": None, "train": [], "heldout": [q.id for q in tasks]}
+    (tmp_path / "train" / "split.json").write_text(json.dumps(split))
+    return {r.query: r for r in recs}
+
+
+@pytest.mark.parametrize("wrap, queries_file", [("", False), ("Complete this function.\n\n", True)])
+def test_code_queries_keep_their_prompt_when_verified(tmp_path, wrap, queries_file):
+    by_query = code_run(tmp_path, wrap, queries_file)
+    adapted = ScriptedBackend(script=lambda req, i: by_query[req.messages[-1]["content"]].response[len("<judge>\n"):])
+    base = ScriptedBackend(script=lambda req, i: "I think the answer is 4.")
+    cfg = EvalConfig(adapted_engine="adapted", forced=False, plots=False, max_tokens=512)
+    items = heldout(tmp_path, None)
+    assert all(it.meta["prompt"].startswith("from typing import List") or it.meta["prompt"].startswith("\n\ndef")
+               for it in items)
+    assert all(not it.meta["prompt"].startswith("Complete") for it in items)  # the signature, not the instruction
+    result = run(cfg, tmp_path, {"default": base, "adapted": adapted}.__getitem__)
+    # the answers are function bodies: they pass HumanEval's tests only when the prompt is put before them
+    assert result["models"]["adapted"]["settings"]["auto"]["accuracy"] == 1.0
+    assert result["models"]["base"]["settings"]["auto"]["accuracy"] == 0.0
 
 
 def test_stance_reads_the_rationale():

@@ -136,6 +136,7 @@ def test_think_off_candidates_need_confidence_above_threshold(tmp_path):
     row = next(read_rows(tmp_path / "tags.jsonl", Tags))
     want = 0.5 * row.rule["p_reasoning"] + 0.5 * 0.1
     assert row.p_reasoning == pytest.approx(want, abs=1e-4) and row.think_off_candidate
+    assert row.p_llm == pytest.approx(0.1) and row.p_uncalibrated is None  # the LLM's own p is kept
     assert tag.think_off_candidates(tmp_path) == {"who"}
     strict = tmp_path / "strict"
     strict.mkdir()
@@ -164,6 +165,30 @@ def test_bad_queries_file_names_line_and_field(tmp_path):
     (tmp_path / "queries.jsonl").write_text('{"id": "a", "query": "x"}\n{"id": "b"}\n')
     with pytest.raises(InputError, match=r"queries.jsonl:2 field 'query'"):
         tag.run(tag.TagConfig(use_llm=False), tmp_path, lambda n: None)
+
+
+def prompt_examples(cfg):
+    """(query, labels) of every example in the rendered tagging prompt."""
+    text = tag.tag_requests([q("x")], cfg)[0].messages[0]["content"]
+    lines = [ln for ln in text.splitlines() if ln.startswith('"') and " -> {" in ln]
+    return [(ln.split(" -> ")[0].strip('"'), json.loads(ln.split(" -> ", 1)[1])) for ln in lines]
+
+
+def test_prompt_examples_carry_the_right_labels():
+    examples = dict(prompt_examples(CFG))
+    assert len(examples) == 4
+    painter = examples["Who painted the Mona Lisa?"]  # a lookup of a fact, needing no reasoning
+    assert (painter["domain"], painter["task_type"], painter["needs_reasoning"]) == ("factual", "lookup", "no")
+    for text, labels in examples.items():
+        assert labels["domain"] in CFG.domains and labels["task_type"] in CFG.task_types
+        rule = tag.rule_tags(q(text), CFG)  # the rule prior reads every example the same way
+        assert (labels["domain"], labels["task_type"]) == (rule["domain"], rule["task_type"]), text
+    # a recipe taxonomy without an example's label gives that example its fallback label, never a foreign one
+    cfg = tag.TagConfig(domains=["factual", "other"], task_types=["lookup", "misc"])
+    for text, labels in prompt_examples(cfg):
+        assert labels["domain"] in cfg.domains and labels["task_type"] in cfg.task_types
+    assert dict(prompt_examples(cfg))["Who painted the Mona Lisa?"]["domain"] == "factual"
+    assert dict(prompt_examples(cfg))["Write a two-line poem about rain."]["task_type"] == "misc"
 
 
 def test_main_rule_only(tmp_path, capsys):
