@@ -296,15 +296,17 @@ def _set_threads(n: Optional[int]) -> Optional[int]:
 
 def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
+    from katdata.sandbox import run_sandbox
     from katdata.verify import Verifier
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
-    out.mkdir(parents=True, exist_ok=True)
     items = heldout(run_dir, cfg.limit)
+    verifier = Verifier(sandbox=run_sandbox(run_dir))  # the run's own `sandbox:` section
+    isolation = verifier.code_isolation(items)  # refuses before any model loads if code can't be isolated
+    out.mkdir(parents=True, exist_ok=True)
     gen_path = out / "generations.jsonl"
     done = done_keys(gen_path, key="key")
-    verifier = Verifier()
     plan = [("base", "auto")] + ([("base", "on"), ("base", "off")] if cfg.base_forced else [])
     plan += [("adapted", "auto")] + ([("adapted", "on"), ("adapted", "off")] if cfg.forced else [])
     threads = _set_threads(cfg.num_threads)
@@ -327,7 +329,8 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
         _set_threads(threads)
     wanted = {it.id for it in items}
     rows = [r for r in _read(gen_path) if r["id"] in wanted and (r["model"], r["setting"]) in plan]
-    result = {"heldout": len(items), "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
+    result = {**({"sandbox": isolation} if isolation else {}), "heldout": len(items),
+              "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
               "models": {m: metrics([r for r in rows if r["model"] == m]) for m in ("base", "adapted")}}
     if cfg.plots:
         result["plots"] = plot(rows, out)

@@ -143,6 +143,29 @@ def test_code_queries_keep_their_prompt_when_verified(tmp_path, wrap, queries_fi
     assert result["models"]["base"]["settings"]["auto"]["accuracy"] == 0.0
 
 
+def test_eval_honours_the_runs_sandbox_section(tmp_path):
+    """Code answers in eval run under the run's own `sandbox:` section: without an isolation layer
+    eval refuses before any engine is built and writes nothing; with allow_unisolated it says so."""
+    from katdata.sandbox import SandboxUnavailable
+
+    by_query = code_run(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("sandbox:\n  bwrap: /nonexistent/bwrap\n")
+    cfg = EvalConfig(adapted_engine="adapted", forced=False, base_forced=False, plots=False, max_tokens=512)
+
+    def no_engine(name):
+        raise AssertionError("an engine was built before the isolation check")
+
+    with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
+        run(cfg, tmp_path, no_engine)
+    assert not (tmp_path / "eval").exists()
+    (tmp_path / "recipe.yaml").write_text("sandbox:\n  bwrap: /nonexistent/bwrap\n  allow_unisolated: true\n")
+    adapted = ScriptedBackend(script=lambda req, i: by_query[req.messages[-1]["content"]].response[len("<judge>\n"):])
+    base = ScriptedBackend(script=lambda req, i: "no")
+    result = run(cfg, tmp_path, {"default": base, "adapted": adapted}.__getitem__)
+    assert result["sandbox"] == "unisolated"
+    assert result["models"]["adapted"]["settings"]["auto"]["accuracy"] == 1.0
+
+
 def test_stance_reads_the_rationale():
     assert all(keyword_stance(j) == "on" for j in JUDGE_ON) and all(keyword_stance(j) == "off" for j in JUDGE_OFF)
     assert keyword_stance("Paris is in France.") is None
