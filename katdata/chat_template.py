@@ -11,6 +11,10 @@ fixed neutral judge (``prompts/judge_neutral.txt``, the text the sampler forces 
 mode tag, so the model answers in that mode. A vLLM client sends it per request as
 ``extra_body={"chat_template_kwargs": {"think_mode": "off"}}``; transformers takes
 ``tokenizer.apply_chat_template(messages, think_mode="off", ...)``.
+
+Tools follow section 1b: JSON through transformers' ``tojson`` (``", "`` and ``": "``, keys in
+order, non-ASCII kept); tool-call arguments given as a JSON string are inserted as they are (vLLM
+parses OpenAI's argument strings into objects before it renders).
 """
 
 from __future__ import annotations
