@@ -1,9 +1,15 @@
-"""The KAT chat template: exact strings, through jinja and through a real tokenizer."""
+"""The KAT chat template: exact strings, through jinja and through a real tokenizer.
+
+Expected strings are written by hand from /work/shared/kat-format.md sections 1, 1b, 2 and 3.
+"""
 
 import pytest
 
-from katdata.chat_template import render_chat, template_text
-from katdata.template import render
+from katdata.chat_template import (GENERATION_PROMPT, NEUTRAL_JUDGE_PROMPT, chat_template_kwargs, render_chat,
+                                   template_text)
+from katdata.prompt_files import read_prompt
+from katdata.sample import SampleConfig, mode_prefix
+from katdata.template import history_answer, parse, render
 
 ON = render("on", "Needs steps.", "4", think="2+2=4")
 OFF = render("off", "Recall only.", "Paris")
@@ -85,3 +91,243 @@ def test_training_mask_covers_the_completion_after_the_prefill(tokenizer):
     unmasked_prefix = tokenizer.decode(ids[: mask.index(1)])
     assert unmasked_prefix.endswith("<|im_start|>assistant\n<judge>\n")
     assert masked == ON[len("<judge>\n"):] + "<|im_end|>"
+
+
+# --- request-level mode control (think_mode) ------------------------------------------------------
+
+NEUTRAL = "The response mode for this query is fixed in advance."
+FORCED = {
+    "on": "<|im_start|>assistant\n<judge>\n" + NEUTRAL + "\n</judge>\n\n<think_on>\n<think>\n",
+    "off": "<|im_start|>assistant\n<judge>\n" + NEUTRAL + "\n</judge>\n\n<think_off>\n<answer>\n",
+}
+ASK = [{"role": "user", "content": "Capital of France?"}]
+ASK_TEXT = SYS + "<|im_start|>user\nCapital of France?<|im_end|>\n"
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_think_mode_prefills_the_neutral_judge_and_the_mode_tag(mode):
+    text = render_chat(ASK, add_generation_prompt=True, think_mode=mode)
+    assert text == ASK_TEXT + FORCED[mode]
+    # what the model then writes completes a well-formed response of that mode
+    completion = "Paris\n</answer>" if mode == "off" else "Recall.\n</think>\n<answer>\nParis\n</answer>"
+    parsed = parse(text.split("<|im_start|>assistant\n")[-1] + completion)
+    assert parsed.ok and parsed.mode == mode and parsed.answer == "Paris"
+
+
+def test_think_mode_auto_is_the_default_render():
+    assert render_chat(ASK, add_generation_prompt=True, think_mode="auto") == ASK_TEXT + GENERATION_PROMPT
+    assert render_chat(ASK, add_generation_prompt=True) == ASK_TEXT + GENERATION_PROMPT
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_think_mode_prefix_is_the_samplers_forced_prefix(mode):
+    neutral = read_prompt(SampleConfig().neutral_judge)
+    assert neutral.strip() == NEUTRAL == read_prompt(NEUTRAL_JUDGE_PROMPT).strip()
+    text = render_chat(ASK, add_generation_prompt=True, think_mode=mode)
+    assert text == ASK_TEXT + "<|im_start|>assistant\n" + mode_prefix(mode, neutral)
+
+
+def test_think_mode_leaves_a_rendered_conversation_alone():
+    messages = CHATS["training sample"][0]
+    for mode in ("on", "off"):
+        assert render_chat(messages, think_mode=mode) == CHATS["training sample"][2]
+
+
+def test_think_mode_errors():
+    with pytest.raises(ValueError, match="think_mode"):
+        render_chat(ASK, add_generation_prompt=True, think_mode="fast")
+    with pytest.raises(ValueError, match="prefill_judge"):
+        render_chat(ASK, add_generation_prompt=True, prefill_judge=False, think_mode="off")
+    with pytest.raises(ValueError, match="think_mode"):
+        chat_template_kwargs("yes")
+
+
+def test_chat_template_kwargs_is_what_a_client_sends():
+    assert chat_template_kwargs("off") == {"think_mode": "off"}
+    assert chat_template_kwargs() == {"think_mode": "auto"}
+
+
+def test_vllm_keeps_think_mode_among_the_request_kwargs():
+    """vLLM drops request chat_template_kwargs the template does not read (jinja2.meta undeclared names)."""
+    from jinja2 import meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    names = meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(template_text()))
+    assert {"think_mode", "tools", "messages", "add_generation_prompt"} <= names
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+@pytest.mark.parametrize("training", [False, True])
+def test_tokenizer_takes_think_mode(tokenizer, mode, training):
+    text = tokenizer.apply_chat_template(ASK, chat_template=template_text(training), tokenize=False,
+                                         add_generation_prompt=True, think_mode=mode)
+    assert text == ASK_TEXT + FORCED.get(mode, GENERATION_PROMPT)
+    assert text == render_chat(ASK, add_generation_prompt=True, think_mode=mode)
+
+
+def test_tokenizer_refuses_an_unknown_think_mode(tokenizer):
+    import jinja2
+
+    with pytest.raises(jinja2.exceptions.TemplateError, match="think_mode"):
+        tokenizer.apply_chat_template(ASK, chat_template=template_text(), tokenize=False,
+                                      add_generation_prompt=True, think_mode="fast")
+
+
+# --- tools (kat-format.md section 1b), expected bytes written from the spec -----------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Météo d'une ville <nom> & date, en °C",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "day": {"type": "integer"}},
+                   "required": ["city"]}}}
+WEATHER_JSON = ('{"type": "function", "function": {"name": "get_weather", "description": '
+                '"Météo d\'une ville <nom> & date, en °C", "parameters": {"type": "object", "properties": '
+                '{"city": {"type": "string"}, "day": {"type": "integer"}}, "required": ["city"]}}}')
+ADD = {"name": "add", "description": "Add two numbers.",
+       "parameters": {"type": "object", "properties": {"b": {"type": "number"}, "a": {"type": "number"}}}}
+ADD_JSON = ('{"name": "add", "description": "Add two numbers.", "parameters": {"type": "object", '
+            '"properties": {"b": {"type": "number"}, "a": {"type": "number"}}}}')
+TOOLS_INTRO = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+               "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+               '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
+TOOLS_SYS = "<|im_start|>system\n" + TOOLS_INTRO + "\n" + WEATHER_JSON + "\n" + ADD_JSON + TOOLS_OUTRO
+CALL_PARIS = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "day": 2}}}
+CALL_PARIS_TEXT = '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", "day": 2}}\n</tool_call>'
+CALL_ADD = {"name": "add", "arguments": '{"a":1,"b":2}'}  # bare call, arguments already a JSON string: kept
+CALL_ADD_TEXT = '\n<tool_call>\n{"name": "add", "arguments": {"a":1,"b":2}}\n</tool_call>'
+U = [{"role": "user", "content": "Weather in Zürich?"}]
+U_TEXT = "<|im_start|>user\nWeather in Zürich?<|im_end|>\n"
+FINAL = render("off", "A tool result to pass on.", "Sunny, 21 °C.")
+
+TOOL_CHATS = {
+    "tools without a system message: empty system text, several tools in order, non-ASCII kept": (
+        U, [WEATHER, ADD], True,
+        TOOLS_SYS + U_TEXT + "<|im_start|>assistant\n<judge>\n",
+    ),
+    "tools with a system message": (
+        [{"role": "system", "content": "Be brief."}] + U, [WEATHER], True,
+        "<|im_start|>system\nBe brief." + TOOLS_INTRO + "\n" + WEATHER_JSON + TOOLS_OUTRO + U_TEXT
+        + "<|im_start|>assistant\n<judge>\n",
+    ),
+    "assistant with content and calls, no content, consecutive tool messages merged": (
+        U + [{"role": "assistant", "content": "Checking.", "tool_calls": [CALL_PARIS]},
+             {"role": "tool", "content": '{"sky": "sunny"}'},
+             {"role": "assistant", "content": None, "tool_calls": [CALL_PARIS, CALL_ADD]},
+             {"role": "tool", "content": "21"}, {"role": "tool", "content": "3"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL_ADD]},
+             {"role": "tool", "content": "3"},
+             {"role": "user", "content": "Thanks"}], [WEATHER, ADD], True,
+        TOOLS_SYS + U_TEXT
+        + "<|im_start|>assistant\nChecking." + CALL_PARIS_TEXT + "<|im_end|>\n"
+        + '<|im_start|>user\n<tool_response>\n{"sky": "sunny"}\n</tool_response><|im_end|>\n'
+        + "<|im_start|>assistant" + CALL_PARIS_TEXT + CALL_ADD_TEXT + "<|im_end|>\n"
+        + "<|im_start|>user\n<tool_response>\n21\n</tool_response>\n<tool_response>\n3\n</tool_response><|im_end|>\n"
+        + "<|im_start|>assistant" + CALL_ADD_TEXT + "<|im_end|>\n"
+        + "<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n"
+        + "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n<judge>\n",
+    ),
+    "earlier KAT response with a call is reduced to its answer; final turn in full": (
+        U + [{"role": "assistant", "content": render("off", "Needs live data.", "Let me look it up."),
+              "tool_calls": [CALL_PARIS]},
+             {"role": "tool", "content": "sunny, 21"},
+             {"role": "assistant", "content": FINAL}], [WEATHER], False,
+        "<|im_start|>system\n" + TOOLS_INTRO + "\n" + WEATHER_JSON + TOOLS_OUTRO + U_TEXT
+        + "<|im_start|>assistant\nLet me look it up." + CALL_PARIS_TEXT + "<|im_end|>\n"
+        + "<|im_start|>user\n<tool_response>\nsunny, 21\n</tool_response><|im_end|>\n"
+        + "<|im_start|>assistant\n" + FINAL + "<|im_end|>\n",
+    ),
+    "a final assistant turn that calls a tool is rendered in full": (
+        U + [{"role": "assistant", "content": render("off", "Needs live data.", "Looking."),
+              "tool_calls": [CALL_PARIS]}], [WEATHER], False,
+        "<|im_start|>system\n" + TOOLS_INTRO + "\n" + WEATHER_JSON + TOOLS_OUTRO + U_TEXT
+        + "<|im_start|>assistant\n" + render("off", "Needs live data.", "Looking.") + CALL_PARIS_TEXT
+        + "<|im_end|>\n",
+    ),
+    "empty tool list renders as no tools": (
+        U, [], True, SYS + U_TEXT + "<|im_start|>assistant\n<judge>\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_CHATS))
+def test_render_chat_tools_exact(name):
+    messages, tools, gen, expected = TOOL_CHATS[name]
+    assert render_chat(messages, add_generation_prompt=gen, tools=tools) == expected
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_CHATS))
+@pytest.mark.parametrize("training", [False, True])
+def test_tokenizer_renders_tools_the_same(tokenizer, name, training):
+    messages, tools, gen, expected = TOOL_CHATS[name]
+    text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template_text(training),
+                                         tokenize=False, add_generation_prompt=gen)
+    assert text == expected
+
+
+def test_tools_and_think_mode_together(tokenizer):
+    expected = TOOLS_SYS + U_TEXT + FORCED["off"]
+    assert render_chat(U, add_generation_prompt=True, tools=[WEATHER, ADD], think_mode="off") == expected
+    assert tokenizer.apply_chat_template(U, tools=[WEATHER, ADD], chat_template=template_text(), tokenize=False,
+                                         add_generation_prompt=True, think_mode="off") == expected
+
+
+def test_training_mask_of_a_final_tool_call_turn(tokenizer):
+    messages, tools, _, _ = TOOL_CHATS["a final assistant turn that calls a tool is rendered in full"]
+    out = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template_text(training=True),
+                                        tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    masked = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert tokenizer.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant\n<judge>\n")
+    assert masked == render("off", "Needs live data.", "Looking.")[len("<judge>\n"):] + CALL_PARIS_TEXT + "<|im_end|>"
+
+
+@pytest.mark.parametrize("messages, tools, match", [
+    ([{"role": "assistant", "content": None}], None, "string content"),
+    ([{"role": "tool", "content": {"x": 1}}], None, "string content"),
+    ([{"role": "function", "content": "x"}], None, "role"),
+    ([{"role": "assistant", "content": "x", "tool_calls": [{"name": "f"}]}], None, "tool call 0"),
+    ([{"role": "assistant", "content": "x", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]}], None,
+     "tool call 0"),
+    ([{"role": "assistant", "content": "x", "tool_calls": {"name": "f"}}], None, "must be a list"),
+    ([{"role": "user", "content": "x"}], {"name": "f"}, "tools must be a list"),
+])
+def test_bad_messages_and_tools_are_refused(messages, tools, match):
+    with pytest.raises(ValueError, match=match):
+        render_chat(messages, tools=tools)
+
+
+# --- history reduction and leading whitespace (kat-format.md section 3) ---------------------------
+
+PAST = [
+    "\nSure, here it is.",            # no markers: kept as written, leading newline included
+    "\n\nTwo blank lines first.\n",
+    "  indented",
+    "",
+    "<think_off>\n\n\nAfter the mode tag",  # after <think_off>: leading newlines stripped
+    "<think>\nsteps\n</think>\n\n\nAfter think",  # after </think>: leading newlines stripped
+    "<judge>\nj\n</judge>\n\n<think_off>\n<answer>\n\nAnswer starting with a newline\n</answer>",
+    "\n<answer>\nfirst\n</answer> and <answer>\nsecond\n</answer>",
+    "<answer>\nnever closed",
+    "<think_off>\n  spaces stay",
+]
+
+
+@pytest.mark.parametrize("content", PAST)
+def test_past_turn_is_reduced_alike_by_python_and_the_template(tokenizer, content):
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": content},
+                {"role": "user", "content": "b"}]
+    expected = (SYS + "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n" + history_answer(content)
+                + "<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n<judge>\n")
+    assert render_chat(messages, add_generation_prompt=True) == expected
+    assert tokenizer.apply_chat_template(messages, chat_template=template_text(), tokenize=False,
+                                         add_generation_prompt=True) == expected
+
+
+def test_past_turn_without_markers_keeps_its_leading_newline():
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\nSure."},
+                {"role": "user", "content": "b"}]
+    assert history_answer("\nSure.") == "\nSure."
+    assert history_answer("<think_off>\n\nSure.") == "Sure."
+    assert ("<|im_start|>assistant\n\nSure.<|im_end|>\n<|im_start|>user\nb"
+            in render_chat(messages, add_generation_prompt=True))
