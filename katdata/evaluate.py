@@ -288,12 +288,21 @@ def _set_threads(n: Optional[int]) -> Optional[int]:
 
 def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
+    from katdata import fingerprint
     from katdata.verify import Verifier
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    settings = fingerprint.section_settings("eval", cfg)
+    described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
+    for name in fingerprint.engine_names(cfg) if described else []:
+        settings |= fingerprint.flatten({"engines": {name: described(name)}})
+    current = {"settings": settings, "inputs": fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)}
+    fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
+                             "eval); to keep it, write to a new folder (--set output=NAME) or use another run folder")
+    items = heldout(run_dir, cfg.limit)  # checked before the folder is made
     out.mkdir(parents=True, exist_ok=True)
-    items = heldout(run_dir, cfg.limit)
+    fingerprint.write_folder(out, current)
     gen_path = out / "generations.jsonl"
     done = done_keys(gen_path, key="key")
     verifier = Verifier()
@@ -343,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
     ns = ap.parse_args(argv)
     from katdata.backends import BackendConfig, get_backend
+    from katdata.fingerprint import engine_settings
+    from katdata.recipe import EngineConfig
     from katdata.train import _load_config
 
+    if not ns.run_dir.is_dir():
+        raise KatdataError(f"{ns.run_dir}: run folder not found")
     cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
     train_json = ns.run_dir / "train" / "train.json"
     model = ns.model or (json.loads(train_json.read_text())["base_model"] if train_json.is_file() else None)
@@ -354,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in built:
             built[name] = get_backend(ns.backend, BackendConfig(model=model))
         return built[name]
+
+    engine.settings = lambda name: engine_settings(EngineConfig(backend=ns.backend, model=model))
 
     try:
         result = run(cfg, ns.run_dir, engine)

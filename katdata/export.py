@@ -468,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.private and not a.push_to_hub:
         p.error("--private needs --push-to-hub REPO")
     try:
+        if not a.run_dir.is_dir():
+            raise KatdataError(f"{a.run_dir}: run folder not found")
+        if not input_file(a.run_dir).is_file():
+            raise KatdataError(f"{input_file(a.run_dir)}: file not found (run the earlier stages first)")
         cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
                            push_to_hub=a.push_to_hub, private=a.private)
         stats = run(cfg, a.run_dir, None)
