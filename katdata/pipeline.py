@@ -282,7 +282,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     redo = STAGES[STAGES.index(start):] if start else []
     _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
     recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
-    fresh = not run_dir.exists()
+    fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create
     engines = Engines(recipe, run_dir)
     try:
         for stage in stages:
@@ -303,9 +303,9 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])
     except BaseException:
-        if fresh and not engines.used and run_dir.is_dir():
-            shutil.rmtree(run_dir, ignore_errors=True)
-            log.info("removed %s: the run stopped before any model output", run_dir)
+        if fresh is not None and not engines.used and fresh.is_dir():
+            shutil.rmtree(fresh, ignore_errors=True)
+            log.info("removed %s: the run stopped before any model output", fresh)
         raise
     finally:
         engines.close()
