@@ -227,8 +227,11 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
 
 
 def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list[str]) -> str:
-    """recipe.yaml, or recipe.STAGE.yaml when earlier outputs in the folder came from other settings (--from)."""
-    kept = [s for s in summary.data["fingerprints"] if s not in stages and s not in redo]
+    """recipe.yaml, or recipe.STAGE.yaml when earlier outputs in the folder came from other settings (--from).
+
+    Only stages before the first selected one can survive a run: a stage that starts moves the later ones aside.
+    """
+    kept = [s for s in summary.data["fingerprints"] if STAGES.index(s) < STAGES.index(stages[0]) and s not in redo]
     mixed = [s for s in kept if summary.data["fingerprints"][s].get("settings") != fingerprint.stage_settings(recipe, s)]
     if mixed:
         log.info("the outputs of %s were made with other settings: this recipe is saved as recipe.%s.yaml",
