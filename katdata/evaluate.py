@@ -297,7 +297,8 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
     for name in fingerprint.engine_names(cfg) if described else []:
         settings |= fingerprint.flatten({"engines": {name: described(name)}})
-    current = {"settings": settings, "inputs": fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)}
+    inputs = fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)
+    current = {"settings": settings, "inputs": inputs}
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
                              "eval); to keep it, write to a new folder (--set output=NAME) or use another run folder")
     items = heldout(run_dir, cfg.limit)  # checked before the folder is made

@@ -232,7 +232,8 @@ def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list
     Only stages before the first selected one can survive a run: a stage that starts moves the later ones aside.
     """
     kept = [s for s in summary.data["fingerprints"] if STAGES.index(s) < STAGES.index(stages[0]) and s not in redo]
-    mixed = [s for s in kept if summary.data["fingerprints"][s].get("settings") != fingerprint.stage_settings(recipe, s)]
+    recorded = summary.data["fingerprints"]
+    mixed = [s for s in kept if recorded[s].get("settings") != fingerprint.stage_settings(recipe, s)]
     if mixed:
         log.info("the outputs of %s were made with other settings: this recipe is saved as recipe.%s.yaml",
                  ", ".join(mixed), stages[0])
@@ -261,7 +262,8 @@ def _begin(recipe: Recipe, run_dir: Path, summary: Summary, stage: str, redo: li
     """A stage really starts: outputs it makes stale move aside and summary.json forgets them, the stage is
     recorded as started (not done) with its fingerprint, and the recipe is saved. Creates the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    later = [s for s in STAGES[STAGES.index(stage) + 1:] if s in summary.data["stages"] or s in summary.data["fingerprints"]]
+    recorded = {**summary.data["stages"], **summary.data["fingerprints"]}
+    later = [s for s in STAGES[STAGES.index(stage) + 1:] if s in recorded]
     forget = list(dict.fromkeys(redo + later))
     _move_aside(recipe, run_dir, forget)
     summary.begin(stage, forget, fingerprint.stage_fingerprint(recipe, stage, run_dir))

@@ -160,6 +160,18 @@ def test_a_from_run_that_fails_on_its_engine_leaves_the_stage_to_run_again(proje
     assert all(summary["stages"][s]["done"] for s in ("judge", "assemble", "export"))
 
 
+def test_from_keeps_earlier_outputs_and_saves_a_recipe_that_differs_from_them_apart(project):
+    run = copy_run(project, "partial")
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, "--from", "export", "--set", "export.test_size=0.5", cwd=project))
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["export"]["test_size"] == 0.5
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, "--from", "export", "--set", "tag.max_tokens=20", cwd=project))
+    # tags.jsonl was made with max_tokens 16: recipe.yaml still says so, this recipe is kept beside it
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["tag"]["max_tokens"] == 16
+    assert yaml.safe_load((run / "recipe.export.yaml").read_text())["tag"]["max_tokens"] == 20
+    assert len(list((run / "old").iterdir())) == 2  # two --from runs, only export moved aside each time
+    assert {p.name for p in (run / "old").glob("*/*")} == {"export"}
+
+
 def test_a_fresh_run_that_fails_on_its_engine_leaves_no_folder(project):
     proc = katdata("run", "tiny.yaml", "--run-dir", "fresh/run", "--set", "engines.default.model=/no/such/model",
                    cwd=project)
