@@ -205,18 +205,18 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
     memo: dict = {}
     stale, changes = [], []
     for stage in stages:
-        old = summary.data["fingerprints"].get(stage)
-        if old is None or stage not in summary.data["stages"]:
-            continue  # not started yet (or recorded by an older katdata: nothing to compare)
+        old = summary.data["fingerprints"].get(stage)  # None: not started, or recorded by an older katdata
         outputs = _outputs(recipe, stage, run_dir)
-        if summary.done(stage) and not all(p.exists() for p in outputs):
-            continue  # runs again from scratch
-        if not summary.done(stage) and not any(_wrote(p) for p in outputs):
-            continue  # started but wrote nothing (e.g. its engine failed): nothing to mix with
-        diff = fingerprint.compare(old, fingerprint.stage_fingerprint(recipe, stage, run_dir, memo))
-        if diff:
-            stale.append(stage)
-            changes += [f"{stage}: {d}" if d.startswith("input ") else d for d in diff if d not in changes]
+        finished = summary.done(stage) and all(p.exists() for p in outputs)
+        # started but wrote nothing (e.g. its engine failed): nothing to mix with
+        started = not summary.done(stage) and stage in summary.data["stages"] and any(_wrote(p) for p in outputs)
+        if old is not None and (finished or started):
+            diff = fingerprint.compare(old, fingerprint.stage_fingerprint(recipe, stage, run_dir, memo))
+            if diff:
+                stale.append(stage)
+                changes += [f"{stage}: {d}" if d.startswith("input ") else d for d in diff if d not in changes]
+        if not finished:
+            break  # this stage runs now; when it starts, the outputs of the later ones move aside
     if stale:
         first = stale[0]
         state = "finished" if summary.done(first) else "started"

@@ -172,6 +172,16 @@ def test_from_keeps_earlier_outputs_and_saves_a_recipe_that_differs_from_them_ap
     assert {p.name for p in (run / "old").glob("*/*")} == {"export"}
 
 
+def test_a_finished_stage_whose_file_is_gone_runs_again_with_the_later_ones(project):
+    """A crash between moving a stage's file aside and saving summary.json: the stage is not skipped."""
+    run = copy_run(project, "lost")
+    (run / "judges.jsonl").unlink()
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, cwd=project))
+    for name in ("judges.jsonl", "records.jsonl", "rejects.jsonl"):
+        assert (run / name).read_bytes() == (project / "a" / name).read_bytes(), name
+    assert sorted(p.name for p in (run / "old").glob("*/*")) == ["export", "records.jsonl", "rejects.jsonl"]
+
+
 def test_a_fresh_run_that_fails_on_its_engine_leaves_no_folder(project):
     proc = katdata("run", "tiny.yaml", "--run-dir", "fresh/run", "--set", "engines.default.model=/no/such/model",
                    cwd=project)
