@@ -448,7 +448,7 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
              yaml.safe_dump(redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
             if recipe is not None else ["No recipe.yaml in the run folder.", ""])
     if (run_dir / "summary.json").is_file():
-        summary = read_json(run_dir / "summary.json")
+        summary = {k: v for k, v in read_json(run_dir / "summary.json").items() if k != "fingerprints"}
         out += ["<details><summary>summary.json (stage statistics)</summary>", "", "```json",
                 json.dumps(redact(summary), indent=2, ensure_ascii=False), "```", "", "</details>", ""]
     return out

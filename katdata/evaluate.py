@@ -296,15 +296,25 @@ def _set_threads(n: Optional[int]) -> Optional[int]:
 
 def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
+    from katdata import fingerprint
     from katdata.sandbox import run_sandbox
     from katdata.verify import Verifier
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
-    items = heldout(run_dir, cfg.limit)
+    settings = fingerprint.section_settings("eval", cfg)
+    described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
+    for name in fingerprint.engine_names(cfg) if described else []:
+        settings |= fingerprint.flatten({"engines": {name: described(name)}})
+    inputs = fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)
+    current = {"settings": settings, "inputs": inputs}
+    fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
+                             "eval); to keep it, write to a new folder (--set output=NAME) or use another run folder")
+    items = heldout(run_dir, cfg.limit)  # checked before the folder is made
     verifier = Verifier(sandbox=run_sandbox(run_dir))  # the run's own `sandbox:` section
     isolation = verifier.code_isolation(items)  # refuses before any model loads if code can't be isolated
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint.write_folder(out, current)
     gen_path = out / "generations.jsonl"
     done = done_keys(gen_path, key="key")
     plan = [("base", "auto")] + ([("base", "on"), ("base", "off")] if cfg.base_forced else [])
@@ -355,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     from katdata.backends import BackendConfig, get_backend
     from katdata.preflight import run_folder
+    from katdata.fingerprint import engine_settings
+    from katdata.recipe import EngineConfig
     from katdata.train import _load_config
 
     cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
@@ -367,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in built:
             built[name] = get_backend(ns.backend, BackendConfig(model=model))
         return built[name]
+
+    engine.settings = lambda name: engine_settings(EngineConfig(backend=ns.backend, model=model))
 
     try:
         result = run(cfg, ns.run_dir, engine)

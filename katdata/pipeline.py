@@ -4,8 +4,10 @@
 
 Every stage appends rows to its file in the run folder and skips ids it already wrote, so a rerun
 of the same command after a crash (even kill -9) continues where it stopped. ``summary.json``
-records, per stage, rows in and out, rejects by reason, time and tokens; ``recipe.yaml`` is the
-resolved recipe.
+records, per stage, rows in and out, rejects by reason, time and tokens, and the fingerprint of the
+settings and input files that made its output: a rerun with other settings for a started or finished
+stage stops before anything runs (``--from STAGE`` recomputes). ``recipe.yaml`` is the resolved
+recipe that produced the files (only secrets redacted).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from katdata import fingerprint
 from katdata.errors import KatdataError
 from katdata.recipe import Recipe, dump_recipe, load_recipe
 
@@ -54,6 +57,7 @@ class Engines:
 
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe, self.run_dir, self._built = recipe, run_dir, {}
+        self.used = False  # an engine was built (so a model may have written something)
 
     def __call__(self, name: str = "default"):
         if name not in self._built:
@@ -67,7 +71,12 @@ class Engines:
             if cfg.cache:
                 backend = CachedBackend(backend, self.run_dir / "cache" / f"{name}.jsonl")
             self._built[name] = backend
+            self.used = True
         return self._built[name]
+
+    def settings(self, name: str) -> dict:
+        """The settings of engine ``name`` that change its outputs (for the eval fingerprint)."""
+        return fingerprint.engine_settings(self.recipe.engines[name]) if name in self.recipe.engines else {}
 
     def close(self) -> None:
         for backend in self._built.values():
@@ -107,26 +116,40 @@ def _load(recipe: Recipe, run_dir: Path, queries) -> dict:
 
 
 class Summary:
-    """summary.json: one entry per stage; a stage marked done is skipped on resume."""
+    """summary.json: per stage its statistics and ``done``; ``fingerprints``: what made each stage's output.
+
+    A stage's entry is written with ``done: false`` when it starts and ``done: true`` only when it
+    returned normally (its rows are complete); a finished stage is skipped on resume.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.data = json.loads(path.read_text("utf-8")) if path.is_file() else {"stages": {}}
+        self.data.setdefault("fingerprints", {})
 
     def done(self, stage: str) -> bool:
         return self.data["stages"].get(stage, {}).get("done", False)
+
+    def begin(self, stage: str, forget: list[str], fp: dict) -> None:
+        """Forget the stages being recomputed, mark ``stage`` started with its fingerprint, save."""
+        for s in forget:
+            self.data["stages"].pop(s, None)
+            self.data["fingerprints"].pop(s, None)
+        prev = self.data["stages"].get(stage, {})
+        self.data["stages"][stage] = {"done": False, "seconds": prev.get("seconds", 0.0)}
+        self.data["fingerprints"][stage] = fp
+        self._save()
 
     def record(self, stage: str, stats: dict, seconds: float) -> None:
         prev = self.data["stages"].get(stage, {})
         stats = dict(stats, done=True, seconds=round(prev.get("seconds", 0.0) + seconds, 2))
         self.data["stages"][stage] = stats
+        self._save()
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str), "utf-8")
         os.replace(tmp, self.path)
-
-    def forget(self, stages: list[str]) -> None:
-        for s in stages:
-            self.data["stages"].pop(s, None)
 
 
 def _progress(recipe: Recipe, run_dir: Path, stage: str):
@@ -169,37 +192,135 @@ def _selected(recipe: Recipe, start: Optional[str], until: Optional[str]) -> lis
     for name, value in (("--from", start), ("--until", until)):
         if value and value not in STAGES:
             raise KatdataError(f"{name} {value}: unknown stage; stages: {', '.join(STAGES)}")
+    if start and until and STAGES.index(until) < STAGES.index(start):
+        raise KatdataError(f"--until {until} comes before --from {start}; the stages run in this order: "
+                           + " -> ".join(STAGES))
+    if start in OPTIONAL and getattr(recipe, start) is None:
+        raise KatdataError(f"--from {start}: the recipe has no '{start}' section")
     names = STAGES[STAGES.index(start) if start else 0: STAGES.index(until) + 1 if until else None]
     return [s for s in names if s not in OPTIONAL or getattr(recipe, s) is not None]
 
 
-def _archive_from(run_dir: Path, summary: Summary, stage: str) -> None:
-    """--from STAGE: move the outputs of STAGE and later stages aside (nothing is deleted)."""
-    later = STAGES[STAGES.index(stage):]
+def _outputs(recipe: Recipe, stage: str, run_dir: Path) -> list[Path]:
+    """What a stage writes (export may write outside the run folder; train and eval name their folder)."""
+    cfg = getattr(recipe, stage, None) if stage != "load" else None
+    if stage == "export" and cfg.out:
+        return [Path(cfg.out)]
+    if stage in ("train", "eval") and cfg is not None:
+        return [run_dir / cfg.output]
+    return [run_dir / name for name in STAGE_FILES[stage]]
+
+
+def _finished(recipe: Recipe, run_dir: Path, summary: Summary, stage: str) -> bool:
+    """Marked done in summary.json and its outputs are there (else it runs again)."""
+    if not summary.done(stage):
+        return False
+    missing = [str(p) for p in _outputs(recipe, stage, run_dir) if not p.exists()]
+    if missing:
+        log.warning("%s: marked done but %s is missing: running it again", stage, ", ".join(missing))
+    return not missing
+
+
+def _wrote(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0 or path.is_dir() and any(path.iterdir())
+
+
+def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str]) -> None:
+    """Stop, before anything runs, when a started or finished stage was made with other settings or inputs."""
+    memo: dict = {}
+    stale, changes = [], []
+    for stage in stages:
+        old = summary.data["fingerprints"].get(stage)  # None: not started, or recorded by an older katdata
+        outputs = _outputs(recipe, stage, run_dir)
+        finished = summary.done(stage) and all(p.exists() for p in outputs)
+        # started but wrote nothing (e.g. its engine failed): nothing to mix with
+        started = not summary.done(stage) and stage in summary.data["stages"] and any(_wrote(p) for p in outputs)
+        if old is not None and (finished or started):
+            diff = fingerprint.compare(old, fingerprint.stage_fingerprint(recipe, stage, run_dir, memo))
+            if diff:
+                stale.append(stage)
+                changes += [f"{stage}: {d}" if d.startswith("input ") else d for d in diff if d not in changes]
+        if not finished:
+            break  # this stage runs now; when it starts, the outputs of the later ones move aside
+    if stale:
+        first = stale[0]
+        state = "finished" if summary.done(first) else "started"
+        raise KatdataError(
+            f"{run_dir}: {first} ({state}) was made with other settings or inputs: {'; '.join(changes)}. "
+            f"To recompute, rerun with --from {first} (its outputs and the later ones move to {run_dir / 'old'}); "
+            f"to keep this run as it is, give a new folder with --run-dir")
+
+
+def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list[str]) -> str:
+    """recipe.yaml, or recipe.STAGE.yaml when earlier outputs in the folder came from other settings (--from).
+
+    Only stages before the first selected one can survive a run: a stage that starts moves the later ones aside.
+    """
+    kept = [s for s in summary.data["fingerprints"] if STAGES.index(s) < STAGES.index(stages[0]) and s not in redo]
+    recorded = summary.data["fingerprints"]
+    mixed = [s for s in kept if recorded[s].get("settings") != fingerprint.stage_settings(recipe, s)]
+    if mixed:
+        log.info("the outputs of %s were made with other settings: this recipe is saved as recipe.%s.yaml",
+                 ", ".join(mixed), stages[0])
+        return f"recipe.{stages[0]}.yaml"
+    return "recipe.yaml"
+
+
+def _move_aside(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
+    """Move the outputs of ``stages`` (those inside the run folder) to RUN/old/TIME/ (nothing is deleted)."""
+    paths = [p for s in stages for p in _outputs(recipe, s, run_dir) if p.exists() and p.resolve().is_relative_to(
+        run_dir.resolve())]
+    if not paths:
+        return
     keep = run_dir / "old" / time.strftime("%Y%m%d-%H%M%S")
-    for name in (f for s in later for f in STAGE_FILES[s]):
-        if (run_dir / name).exists():
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(run_dir / name), keep / name)
-    summary.forget(later)
+    n = 1
+    while keep.exists():
+        keep, n = keep.with_name(f"{keep.name.split('.')[0]}.{n}"), n + 1
+    keep.mkdir(parents=True)
+    for p in paths:
+        (keep / p.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(p), keep / p.relative_to(run_dir))
+    log.info("moved %s to %s", ", ".join(p.name for p in paths), keep)
+
+
+def _begin(recipe: Recipe, run_dir: Path, summary: Summary, stage: str, redo: list[str], recipe_name: str) -> None:
+    """A stage really starts: outputs it makes stale move aside and summary.json forgets them, the stage is
+    recorded as started (not done) with its fingerprint, and the recipe is saved. Creates the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = {**summary.data["stages"], **summary.data["fingerprints"]}
+    later = [s for s in STAGES[STAGES.index(stage) + 1:] if s in recorded]
+    forget = list(dict.fromkeys(redo + later))
+    _move_aside(recipe, run_dir, forget)
+    summary.begin(stage, forget, fingerprint.stage_fingerprint(recipe, stage, run_dir))
+    tmp = run_dir / f".{recipe_name}.tmp"
+    tmp.write_text(dump_recipe(recipe), "utf-8")
+    os.replace(tmp, run_dir / recipe_name)
 
 
 def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optional[str] = None,
         on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
-    """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content."""
+    """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content.
+
+    Everything is checked before the run folder is touched: the stages, the input queries, and that
+    no started or finished stage was made with other settings. A run folder this call created is
+    removed again when the run fails before any engine was built (nothing a model made is lost).
+    """
     stages = _selected(recipe, start, until)
     queries = load_queries(recipe) if "load" in stages else None  # bad input fails here, before any folder
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), "utf-8")
+    run_dir = Path(run_dir)
     summary = Summary(run_dir / "summary.json")
-    if start:
-        _archive_from(run_dir, summary, start)
+    redo = STAGES[STAGES.index(start):] if start else []
+    _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
+    recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
+    fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create
     engines = Engines(recipe, run_dir)
     try:
         for stage in stages:
-            if summary.done(stage):
+            if stage not in redo and _finished(recipe, run_dir, summary, stage):
                 log.info("%s: done already, skipped", stage)
                 continue
+            _begin(recipe, run_dir, summary, stage, redo, recipe_name)
+            redo = []
             log.info("%s: running", stage)
             t0 = time.perf_counter()
             if stage == "load":
@@ -214,6 +335,11 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             summary.record(stage, stats, time.perf_counter() - t0)
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])
+    except BaseException:
+        if fresh is not None and not engines.used and fresh.is_dir():
+            shutil.rmtree(fresh, ignore_errors=True)
+            log.info("removed %s: the run stopped before any model output", fresh)
+        raise
     finally:
         engines.close()
     return summary.data

@@ -338,8 +338,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, with any secret a recipe carried redacted."""
-    return yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, loadable as it is from any folder (``data.path`` made absolute); only
+    secrets are redacted (``katdata.redact``), every setting such as ``max_tokens`` is kept."""
+    data = recipe.model_dump(mode="json")
+    if data.get("data") and data["data"].get("path"):
+        data["data"]["path"] = str(Path(data["data"]["path"]).resolve())
+    return yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
 
 
 def describe(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str]]:

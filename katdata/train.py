@@ -300,10 +300,16 @@ def _last_checkpoint(ckpt: Path) -> Optional[str]:
 
 def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     """Train the LoRA adapter; returns the stats for summary.json (also written to OUTPUT/train.json)."""
+    from katdata import fingerprint
+
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    current = {"settings": fingerprint.section_settings("train", cfg),
+               "inputs": fingerprint.hash_inputs([_source(cfg.data, run_dir)], run_dir)}
+    fingerprint.check_folder(out, current, f"to retrain, move {out} aside (in a pipeline: rerun with --from train); "
+                             "to keep it, train into a new folder (--set output=NAME) or another run folder")
     if (out / "train.json").is_file() and (out / "adapter").is_dir():
-        log.info("train: %s already holds a finished adapter, skipping", out)
+        log.info("train: %s already holds a finished adapter made with these settings, skipping", out)
         return json.loads((out / "train.json").read_text())
     torch = require("torch", "local")
     transformers = require("transformers", "local")
@@ -317,6 +323,8 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(base)
     train_rows, encs, held, stats = prepare(cfg, run_dir, tok)
     out.mkdir(parents=True, exist_ok=True)
+    if _main_rank():
+        fingerprint.write_folder(out, current)
     split_doc = {"seed": cfg.seed, "data": str(_source(cfg.data, run_dir)), "holdout": cfg.holdout,
                  "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
     if _main_rank():  # under torchrun / accelerate launch every process gets here; one writes

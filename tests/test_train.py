@@ -136,11 +136,11 @@ def test_tiny_lora_run_writes_adapter_and_resumes_from_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     write_records(tmp_path / "records.jsonl", short_records(10))
-    cfg = TrainConfig(holdout=2, max_steps=2, batch_size=2, save_steps=1, logging_steps=1, max_length=128,
+    cfg = TrainConfig(holdout=2, max_steps=3, batch_size=2, save_steps=1, logging_steps=1, max_length=128,
                       warmup_steps=0, num_threads=1)
     stats = run(cfg, tmp_path)
     out = tmp_path / "train"
-    assert stats["steps"] == 2 and stats["resumed_from"] is None and stats["train"] == 8
+    assert stats["steps"] == 3 and stats["resumed_from"] is None and stats["train"] == 8
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "log.jsonl").is_file()
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
@@ -148,10 +148,11 @@ def test_tiny_lora_run_writes_adapter_and_resumes_from_checkpoint(tmp_path):
     assert "{% generation %}" not in (out / "adapter" / "chat_template.jinja").read_text()
     assert run(cfg, tmp_path) == json.loads((out / "train.json").read_text())  # finished: not trained again
 
-    # a crash after checkpoint 2: no adapter, no train.json; the rerun continues from step 2
+    # a crash after checkpoint 2: no adapter, no train.json; the rerun (same settings) continues from step 2
     shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-3")
     (out / "train.json").unlink()
-    again = run(cfg.model_copy(update={"max_steps": 3}), tmp_path)
+    again = run(cfg, tmp_path)
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3
 
 

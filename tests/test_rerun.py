@@ -1,0 +1,243 @@
+"""Reruns never mix configurations, and a failed or empty run never leaves the run folder half-changed.
+
+Real runs through the CLI (``python -m katdata`` in a subprocess) with the embedded model on the
+transformers backend, on four real queries (GSM8K and FanOutQA) read from a file next to the recipe.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from katdata import fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = """\
+name: tiny
+seed: 3
+data: {path: queries.jsonl}
+engines:
+  default: {backend: transformers, model: embedded, batch_size: 8}
+tag: {max_tokens: 16, batch_size: 4}
+solve: {rounds: 0, max_tokens: 24, critic_max_tokens: 8, chunk_size: 4}
+sample: {n: 2, rounds: [2], max_tokens_on: 24, max_tokens_off: 16, chunk: 4}
+vote: {n: 2, none_correct: prior}
+judge: {writer: tags}
+assemble: {reference_fallback: true}
+export: {test_size: 0.25, plot: false}
+"""
+STAGE_FILES = ["queries.jsonl", "tags.jsonl", "solve.jsonl", "samples.jsonl", "votes.jsonl", "judges.jsonl",
+               "records.jsonl", "rejects.jsonl"]
+
+
+def katdata(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "katdata", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one error line of a refused command (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("katdata: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A folder with the recipe and its queries file, and one finished run of it in ``a``."""
+    from katdata import sources
+
+    home = tmp_path_factory.mktemp("project")
+    queries = sources.load("gsm8k", 2, seed=1) + sources.load("fanoutqa-hop", 2, seed=1)
+    (home / "queries.jsonl").write_text("".join(
+        json.dumps({"id": q.id, "query": q.query, "reference": q.reference, "kind": q.kind}) + "\n"
+        for q in queries), "utf-8")
+    (home / "tiny.yaml").write_text(RECIPE, "utf-8")
+    ok(katdata("run", "tiny.yaml", "--run-dir", "a", cwd=home))
+    return home
+
+
+def copy_run(project: Path, name: str) -> Path:
+    dst = project / name
+    shutil.copytree(project / "a", dst)
+    return dst
+
+
+@pytest.mark.timeout(1500)
+def test_saved_recipe_reruns_into_identical_files(project, tmp_path):
+    saved = project / "a" / "recipe.yaml"
+    doc = yaml.safe_load(saved.read_text("utf-8"))
+    assert doc["tag"]["max_tokens"] == 16 and doc["sample"]["max_tokens_on"] == 24  # settings, not secrets
+    assert Path(doc["data"]["path"]).is_absolute() and Path(doc["data"]["path"]).is_file()
+    assert "<redacted>" not in saved.read_text("utf-8")
+    card = (project / "a" / "export" / "README.md").read_text("utf-8")
+    assert "max_tokens: 16" in card and '"completion_tokens"' in card  # the card keeps settings and token counts
+    assert "fingerprints" not in card
+
+    elsewhere = tmp_path / "elsewhere"  # another working directory: the data path must still resolve
+    elsewhere.mkdir()
+    ok(katdata("run", saved, "--run-dir", project / "b", cwd=elsewhere))
+    a, b = project / "a", project / "b"
+    for name in STAGE_FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+    data_a, data_b = snapshot(a / "export" / "data"), snapshot(b / "export" / "data")
+    assert data_a and data_a == data_b
+    assert (b / "recipe.yaml").read_bytes() == saved.read_bytes()
+
+
+def test_rerun_with_the_same_or_speed_only_settings_changes_nothing(project):
+    before = snapshot(project / "a")
+    ok(katdata("run", "tiny.yaml", "--run-dir", "a", cwd=project))
+    ok(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "engines.default.batch_size=2",
+               "--set", "engines.default.concurrency=4", cwd=project))
+    assert snapshot(project / "a") == before
+
+
+def test_changed_settings_of_a_finished_stage_stop_before_any_model_loads(project):
+    before = snapshot(project / "a")
+    line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "sample.n=3", "--set", "vote.n=3",
+                              cwd=project))
+    assert "sample.n: 2 -> 3" in line and "vote.n: 2 -> 3" in line
+    assert "--from sample" in line and "--run-dir" in line
+    # the engine's model changed: named, and nothing tries to load it
+    line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "engines.default.model=/no/such/model",
+                              cwd=project))
+    assert 'engines.default.model: "embedded" -> "/no/such/model"' in line and "--from tag" in line
+    assert "cannot load" not in line and "not found" not in line
+    assert snapshot(project / "a") == before
+
+
+def test_a_changed_input_file_makes_the_stage_stale(project):
+    run = copy_run(project, "edited")
+    votes = (run / "votes.jsonl").read_text("utf-8").splitlines(keepends=True)
+    (run / "votes.jsonl").write_text("".join(votes[:-1]), "utf-8")
+    before = snapshot(run)
+    line = error_line(katdata("run", "tiny.yaml", "--run-dir", run, cwd=project))
+    assert "judge: input votes.jsonl changed" in line and "--from judge" in line
+    assert snapshot(run) == before
+
+
+def test_until_before_from_is_refused_and_moves_nothing(project):
+    before = snapshot(project / "a")
+    line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--from", "solve", "--until", "tag", cwd=project))
+    assert "--until tag comes before --from solve" in line
+    assert snapshot(project / "a") == before and not (project / "a" / "old").exists()
+
+
+def test_a_from_run_that_fails_on_its_engine_leaves_the_stage_to_run_again(project):
+    run = copy_run(project, "failed")
+    bad = ["--set", "judge.writer=llm", "--set", "judge.engine=bad", "--set", f"engines.bad.model={project}/no-model"]
+    proc = katdata("run", "tiny.yaml", "--run-dir", run, "--from", "judge", *bad, cwd=project)
+    assert proc.returncode == 2 and "no-model" in proc.stderr, proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"]["judge"]["done"] is False  # started, not finished
+    assert "assemble" not in summary["stages"] and "export" not in summary["stages"]
+    moved = [p.relative_to(run / "old").parts[1] for p in (run / "old").glob("*/*")]
+    assert sorted(moved) == ["export", "judges.jsonl", "records.jsonl", "rejects.jsonl"]
+    assert not (run / "judges.jsonl").is_file() or (run / "judges.jsonl").stat().st_size == 0
+
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, cwd=project))  # the same command without the bad engine
+    for name in ("judges.jsonl", "records.jsonl", "rejects.jsonl"):
+        assert (run / name).read_bytes() == (project / "a" / name).read_bytes(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(summary["stages"][s]["done"] for s in ("judge", "assemble", "export"))
+
+
+def test_from_keeps_earlier_outputs_and_saves_a_recipe_that_differs_from_them_apart(project):
+    run = copy_run(project, "partial")
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, "--from", "export", "--set", "export.test_size=0.5", cwd=project))
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["export"]["test_size"] == 0.5
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, "--from", "export", "--set", "tag.max_tokens=20", cwd=project))
+    # tags.jsonl was made with max_tokens 16: recipe.yaml still says so, this recipe is kept beside it
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["tag"]["max_tokens"] == 16
+    assert yaml.safe_load((run / "recipe.export.yaml").read_text())["tag"]["max_tokens"] == 20
+    assert len(list((run / "old").iterdir())) == 2  # two --from runs, only export moved aside each time
+    assert {p.name for p in (run / "old").glob("*/*")} == {"export"}
+
+
+def test_a_finished_stage_whose_file_is_gone_runs_again_with_the_later_ones(project):
+    """A crash between moving a stage's file aside and saving summary.json: the stage is not skipped."""
+    run = copy_run(project, "lost")
+    (run / "judges.jsonl").unlink()
+    ok(katdata("run", "tiny.yaml", "--run-dir", run, cwd=project))
+    for name in ("judges.jsonl", "records.jsonl", "rejects.jsonl"):
+        assert (run / name).read_bytes() == (project / "a" / name).read_bytes(), name
+    assert sorted(p.name for p in (run / "old").glob("*/*")) == ["export", "records.jsonl", "rejects.jsonl"]
+
+
+def test_a_fresh_run_that_fails_on_its_engine_leaves_no_folder(project):
+    proc = katdata("run", "tiny.yaml", "--run-dir", "fresh/run", "--set", "engines.default.model=/no/such/model",
+                   cwd=project)
+    assert proc.returncode == 2 and "/no/such/model" in proc.stderr
+    assert not (project / "fresh").exists()
+
+
+def test_commands_on_a_missing_run_folder_create_nothing(tmp_path):
+    line = error_line(katdata("eval", "nosuchdir", cwd=tmp_path))
+    assert "nosuchdir: run folder not found" in line
+    assert error_line(katdata("train", "nosuchdir", cwd=tmp_path))
+    proc = katdata("export", "nosuchdir", "--out", "a/b/x", cwd=tmp_path)
+    assert proc.returncode != 0 and "nosuchdir: run folder not found" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = katdata("export", "empty", "--out", "a/b/x", cwd=tmp_path)
+    assert proc.returncode != 0 and "records.jsonl: file not found" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.timeout(1500)
+def test_train_and_eval_do_not_reuse_outputs_made_with_other_settings(project):
+    run = copy_run(project, "trained")
+    train = ["--set", "max_steps=2", "--set", "batch_size=1", "--set", "holdout=1", "--set", "max_length=384"]
+    ok(katdata("train", run, *train, cwd=project))
+    adapter = snapshot(run / "train" / "adapter")
+    ok(katdata("train", run, *train, cwd=project))  # same settings: the finished adapter is kept
+    line = error_line(katdata("train", run, *train, "--set", "max_steps=3", cwd=project))
+    assert "train.max_steps: 2 -> 3" in line and "--from train" in line
+    assert snapshot(run / "train" / "adapter") == adapter
+
+    evals = ["--set", "limit=1", "--set", "max_tokens=8", "--set", "forced=false", "--set", "plots=false"]
+    ok(katdata("eval", run, *evals, cwd=project))
+    before = snapshot(run / "eval")
+    line = error_line(katdata("eval", run, *evals, "--set", "max_tokens=12", cwd=project))
+    assert "eval.max_tokens: 8 -> 12" in line
+    assert snapshot(run / "eval") == before
+
+
+# ---------------------------------------------------------------- the fingerprint itself (pure logic)
+def test_fingerprint_names_changes_and_leaves_out_speed_knobs(tmp_path):
+    from katdata.recipe import Recipe
+
+    a = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 4}, "vote": {"n": 4}})
+    b = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 6}, "vote": {"n": 6},
+                               "engines": {"default": {"batch_size": 3, "concurrency": 2, "dtype": "float32"}}})
+    diff = fingerprint.compare({"settings": fingerprint.stage_settings(a, "sample")},
+                               {"settings": fingerprint.stage_settings(b, "sample")})
+    assert diff == ["sample.n: 4 -> 6", 'engines.default.dtype: "auto" -> "float32"']
+    tag = fingerprint.compare({"settings": fingerprint.stage_settings(a, "tag")},
+                              {"settings": fingerprint.stage_settings(b, "tag")})
+    assert tag == ['engines.default.dtype: "auto" -> "float32"']  # the tagger's engine changed, not its section
+
+    f = tmp_path / "x.jsonl"
+    f.write_text("1\n")
+    one = fingerprint.hash_path(f)
+    f.write_text("2\n")
+    assert fingerprint.hash_path(f) != one and fingerprint.hash_path(tmp_path / "nope") == "missing"
+    assert fingerprint.compare({"inputs": {"x.jsonl": one}}, {"inputs": {"x.jsonl": fingerprint.hash_path(f)}}) == [
+        "input x.jsonl changed"]
