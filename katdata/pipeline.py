@@ -297,6 +297,22 @@ def _begin(recipe: Recipe, run_dir: Path, summary: Summary, stage: str, redo: li
     os.replace(tmp, run_dir / recipe_name)
 
 
+def _check_isolation(recipe: Recipe, run_dir: Path, stages: list[str], queries) -> None:
+    """Code answers are run in solve, sample and eval: when they cannot be isolated, refuse now,
+    before the tag stage loads a model (``sandbox.allow_unisolated`` lets the run go on)."""
+    if not {"solve", "sample", "eval"} & set(stages):
+        return
+    if queries is None:
+        from katdata.records import Query
+        from katdata.runfiles import read_rows
+
+        path = run_dir / "queries.jsonl"
+        queries = read_rows(path, Query) if path.is_file() else []
+    from katdata.verify import Verifier
+
+    Verifier(sandbox=recipe.sandbox).code_isolation(queries)
+
+
 def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optional[str] = None,
         on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
     """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content.
@@ -311,6 +327,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     summary = Summary(run_dir / "summary.json")
     redo = STAGES[STAGES.index(start):] if start else []
     _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
+    _check_isolation(recipe, run_dir, stages, queries)
     recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
     fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create
     engines = Engines(recipe, run_dir)

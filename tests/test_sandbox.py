@@ -363,7 +363,7 @@ def test_unisolated_runs_only_when_allowed_and_says_so():
 def _recipe(tmp_path: Path, sandbox: dict) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"data": {"sources": [{"name": "humaneval"}]},
-                                    "sample": {"n": 2, "rounds": [], "judge_engine": None}, "vote": {"n": 2},
+                                    "sample": {"n": 2, "rounds": [], "grader_engine": None}, "vote": {"n": 2},
                                     "sandbox": sandbox}))
     return path
 
@@ -385,6 +385,18 @@ def test_sample_stage_refuses_before_any_model_loads(tmp_path):
     with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
         sample_run(recipe.sample, tmp_path, engine)
     assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_a_run_with_code_queries_refuses_before_the_first_stage(tmp_path, monkeypatch):
+    """The pipeline checks the isolation layer before tagging loads a model: no run folder is made."""
+    from katdata import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(_recipe(tmp_path, NO_BWRAP))
+    monkeypatch.setattr(pipeline.Engines, "__call__", lambda self, name="default": pytest.fail("an engine was built"))
+    with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
+        pipeline.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_sample_stage_unisolated_when_allowed_records_it(tmp_path):
