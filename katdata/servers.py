@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model folder or name, peft adapter folder, or run folder (its train/merged model, or its "
                     "base model with train/adapter); default: the embedded model")
     ap.add_argument("--adapter", default=None, help="a peft LoRA adapter folder, served un-merged beside MODEL")
-    ap.add_argument("--adapter-name", default="kat", help="the model name clients use for the adapter (default kat)")
+    ap.add_argument("--adapter-name", default="kat", help="the model name clients use for the adapter, or for the "
+                    "model when there is no adapter (default kat)")
     ap.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     ap.add_argument("--data-parallel-size", type=int, default=1, help="vLLM data-parallel replicas (default 1)")
     ap.add_argument("--max-model-len", type=int, default=2048, help="context length")
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
           + " (a few minutes on a CPU) ...", flush=True)
     server = start(model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
                    api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
+                   served_name=None if adapter else args.adapter_name,
                    adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size)
     names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
     print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"

@@ -128,18 +128,54 @@ def test_serve_cli_bad_input_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- the real server
 @pytest.fixture(scope="module")
-def kat_server(tmp_path_factory):
-    import tempfile
+def trained(tmp_path_factory):
+    """Two run folders from one short training: ``lora`` (train/adapter) and ``merged`` (train.merge: true)."""
+    import shutil
 
-    run = tmp_path_factory.mktemp("serve-run")
-    train_tiny_adapter(run / "train")
-    model, adapter = servers.resolve_target(str(run))
-    assert adapter == str(run / "train" / "adapter")
-    log_dir = Path(tempfile.mkdtemp(prefix="katdata-test-kat-server-"))
-    server = servers.start(model, kat=True, adapter=adapter, adapter_name="kat", max_model_len=1024,
-                           log_path=str(log_dir / "server.log"))
-    yield server
-    server.stop()
+    root = tmp_path_factory.mktemp("serve-runs")
+    stats = train_tiny_adapter(root / "merged" / "train", merge=True)
+    (root / "lora" / "train").mkdir(parents=True)
+    shutil.copytree(root / "merged" / "train" / "adapter", root / "lora" / "train" / "adapter")
+    (root / "lora" / "train" / "train.json").write_text(json.dumps({**stats, "merged": None}))
+    return root
+
+
+class ServeCommand:
+    """``katdata serve ARGS`` as a user runs it: reads its ready line, stops it like Ctrl-C."""
+
+    def __init__(self, args: list[str], log_dir: Path):
+        self.port = servers.free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                             os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, "-m", "katdata", "serve", *args, "--port", str(self.port),
+                                      "--log", str(log_dir / "server.log")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines = []
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("stop it"):
+                break
+        text = "".join(self.lines)
+        assert "ready: " in text, text + (log_dir / "server.log").read_text(errors="replace")[-3000:]
+        self.base_url = text.split("ready: ")[1].split()[0]
+        self.server_pid = int(text.split("server pid ")[1].split(",")[0])
+
+    def stop(self) -> str:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        rest, _ = self.proc.communicate(timeout=120)
+        return rest
+
+
+@pytest.fixture(scope="module")
+def kat_server(trained, tmp_path_factory):
+    cmd = ServeCommand([str(trained / "lora")], tmp_path_factory.mktemp("serve-log"))
+    yield cmd
+    rest = cmd.stop()
+    assert cmd.proc.returncode == 0 and f"stopping the server (pid {cmd.server_pid})" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(cmd.server_pid, 0)  # stopped by its PID
 
 
 def _post(server, path: str, body: dict, stream: bool = False):
@@ -147,7 +183,7 @@ def _post(server, path: str, body: dict, stream: bool = False):
 
     req = urllib.request.Request(server.base_url + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as resp:
+    with urllib.request.urlopen(req, timeout=600) as resp:
         if not stream:
             return json.loads(resp.read())
         chunks = []
@@ -203,3 +239,72 @@ def test_chat_completion_splits_reasoning_and_content(kat_server, case):
         assert content in ("42", "Paris") and reasoning.endswith("<answer>\n")
         mode_tag = "<think_on>" if case == "forced_on" else "<think_off>"
         assert case == "forced_on" or mode_tag in reasoning  # the mode, readable in the reasoning
+
+
+# ---------------------------------------------------------------- the parser class without a server
+def test_parser_class_on_token_ids(tokenizer):
+    """The vLLM class on the real tokenizer: reasoning end found on the prompt's and the output's ids
+    (markers are several tokens), forced modes read from the request, the stop added without tools."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from katdata.vllm_reasoning import ANSWER_STOP, KatReasoningParser
+
+    parser = KatReasoningParser(tokenizer)
+    query, response = RECORDS[0]
+    msgs = [{"role": "user", "content": query}]
+    prompt = tokenizer(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    output = tokenizer(response[len(GENERATION_PREFIX):], add_special_tokens=False)["input_ids"]
+    assert not parser.is_reasoning_end(prompt)
+    assert parser.is_reasoning_end(prompt + output)
+    k = next(i for i in range(len(output) + 1) if parser.is_reasoning_end(prompt + output[:i]))
+    assert tokenizer.decode(output[:k]).endswith("<answer>\n")  # ends right after the opener
+    assert not parser.is_reasoning_end_streaming(prompt + output[:k - 1], output[k - 2:k - 1])
+    assert parser.is_reasoning_end_streaming(prompt + output[:k], output[k - 1:k])
+    forced = prompt[:-len(tokenizer("<judge>\n", add_special_tokens=False)["input_ids"])] + tokenizer(
+        response[:response.index("<answer>\n") + 9], add_special_tokens=False)["input_ids"]
+    assert parser.is_reasoning_end(forced)  # a pre-fill that opened the answer: all content
+    assert parser.count_reasoning_tokens(output) == k
+    request = ChatCompletionRequest(model="m", messages=msgs)
+    assert parser.extract_reasoning(response[len(GENERATION_PREFIX):], request) == (
+        response[len(GENERATION_PREFIX):response.index("<answer>\n") + 9], "42\n</answer>")
+    prefill_off = f"{GENERATION_PREFIX}{JUDGE_OFF}\n</judge>\n\n{FORCE_PREFIX['off']}"
+    cont = ChatCompletionRequest(model="m", messages=msgs + [{"role": "assistant", "content": prefill_off}],
+                                 continue_final_message=True, add_generation_prompt=False)
+    assert parser.extract_reasoning("Paris", cont) == (None, "Paris")
+    assert ANSWER_STOP in parser.adjust_request(request).stop
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert not parser.adjust_request(ChatCompletionRequest(model="m", messages=msgs, tools=tools)).stop
+
+
+def test_entry_point_registers_the_parser(tmp_path):
+    """vLLM's general-plugin loader finds the `vllm.general_plugins` entry point and registers `kat`
+    (a stand-in distribution carries pyproject's entry point, as an installed katdata would)."""
+    dist = tmp_path / "katdata_entry_point_check-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: katdata-entry-point-check\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nkat = katdata.vllm_reasoning:register\n")
+    code = ("from vllm.plugins import load_general_plugins\nfrom vllm.reasoning import ReasoningParserManager\n"
+            "assert 'kat' not in ReasoningParserManager.list_registered()\nload_general_plugins()\n"
+            "print(ReasoningParserManager.get_reasoning_parser('kat').__module__)")
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "katdata.vllm_reasoning"
+
+
+@pytest.mark.slow
+def test_serve_merged_run_folder(trained, tmp_path):
+    """A run folder trained with train.merge: true serves its merged model (no LoRA), as model "kat"."""
+    cmd = ServeCommand([str(trained / "merged")], tmp_path)
+    try:
+        assert f"starting vLLM for {trained / 'merged' / 'train' / 'merged'} ..." in "".join(cmd.lines).replace(" (a few minutes on a CPU)", "")
+        query, _ = RECORDS[1]
+        body = {"model": "kat", "messages": [{"role": "user", "content": query}], "max_tokens": 80, "temperature": 0}
+        msg = _post(cmd, "/chat/completions", body)["choices"][0]["message"]
+        raw = _raw(cmd, [{"role": "user", "content": query}], GENERATION_PREFIX)
+        assert (msg.get("reasoning") or "") + (msg.get("content") or "") == raw["text"]
+        assert "<think_off>" in msg["reasoning"] and msg["content"] == "Paris"
+    finally:
+        assert cmd.stop() and cmd.proc.returncode == 0
