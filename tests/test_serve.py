@@ -35,7 +35,7 @@ RECORDS = [
 ]
 
 
-def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 40) -> dict:
+def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 12) -> dict:
     """A LoRA adapter over the embedded model, trained (loss on the completion only) until it writes
     RECORDS' responses; saved as a katdata train output folder: adapter/, train.json, merged/."""
     import torch
@@ -58,11 +58,12 @@ def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 40) -> dict:
         full = tok(render_chat(msgs + [{"role": "assistant", "content": response}]), add_special_tokens=False)["input_ids"]
         assert full[:len(prompt)] == prompt
         batch.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(steps):
         for ids, labels in batch:
-            loss = model(input_ids=ids, labels=labels).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -128,16 +129,19 @@ def test_serve_cli_bad_input_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- the real server
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained():
     """Two run folders from one short training: ``lora`` (train/adapter) and ``merged`` (train.merge: true)."""
     import shutil
+    import tempfile
 
-    root = tmp_path_factory.mktemp("serve-runs")
+    # not under pytest's basetemp: concurrent pytest sessions prune those while the server runs
+    root = Path(tempfile.mkdtemp(prefix="katdata-test-serve-"))
     stats = train_tiny_adapter(root / "merged" / "train", merge=True)
     (root / "lora" / "train").mkdir(parents=True)
     shutil.copytree(root / "merged" / "train" / "adapter", root / "lora" / "train" / "adapter")
     (root / "lora" / "train" / "train.json").write_text(json.dumps({**stats, "merged": None}))
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class ServeCommand:
@@ -169,8 +173,9 @@ class ServeCommand:
 
 
 @pytest.fixture(scope="module")
-def kat_server(trained, tmp_path_factory):
-    cmd = ServeCommand([str(trained / "lora")], tmp_path_factory.mktemp("serve-log"))
+def kat_server(trained):
+    (trained / "log").mkdir()
+    cmd = ServeCommand([str(trained / "lora")], trained / "log")
     yield cmd
     rest = cmd.stop()
     assert cmd.proc.returncode == 0 and f"stopping the server (pid {cmd.server_pid})" in rest
@@ -295,9 +300,10 @@ def test_entry_point_registers_the_parser(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_merged_run_folder(trained, tmp_path):
+def test_serve_merged_run_folder(trained):
     """A run folder trained with train.merge: true serves its merged model (no LoRA), as model "kat"."""
-    cmd = ServeCommand([str(trained / "merged")], tmp_path)
+    (trained / "log_merged").mkdir()
+    cmd = ServeCommand([str(trained / "merged")], trained / "log_merged")
     try:
         assert f"starting vLLM for {trained / 'merged' / 'train' / 'merged'} ..." in "".join(cmd.lines).replace(" (a few minutes on a CPU)", "")
         query, _ = RECORDS[1]
