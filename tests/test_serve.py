@@ -162,7 +162,7 @@ class ServeCommand:
         text = "".join(self.lines)
         assert "ready: " in text, text + (log_dir / "server.log").read_text(errors="replace")[-3000:]
         self.base_url = text.split("ready: ")[1].split()[0]
-        self.server_pid = int(text.split("server pid ")[1].split(",")[0])
+        self.server_pid = int(text.split("\nserver pid ")[-1].split(",")[0])
 
     def stop(self) -> str:
         import signal
