@@ -30,7 +30,7 @@ DELEGATED = {
     "train": ("katdata.train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)"),
     "eval": ("katdata.evaluate", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens"),
     "review": ("katdata.review", "push records to Argilla for human review, pull annotations back"),
-    "serve": ("katdata.servers", "serve a model folder with vLLM's OpenAI-compatible server on 127.0.0.1"),
+    "serve": ("katdata.servers", "serve a model, adapter or run folder with vLLM (KAT template, kat reasoning parser)"),
 }
 
 

