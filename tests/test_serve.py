@@ -214,6 +214,7 @@ CASES = {  # name: (query, the assistant pre-fill; None = the plain generation p
 }
 
 
+@pytest.mark.slow  # trains a small adapter, then starts a vLLM server with it: minutes on a CPU
 @pytest.mark.parametrize("case", list(CASES))
 def test_chat_completion_splits_reasoning_and_content(kat_server, case):
     query, prefill = CASES[case]
