@@ -3,12 +3,21 @@
 A request is a chat plus an optional assistant prefix that the model continues: ``"<judge>\\n"``
 pre-fills the KAT judge; ``"<judge>\\n...</judge>\\n\\n<think_on>\\n<think>\\n"`` forces a mode.
 ``generate`` returns, per request, ``params.n`` completions of the same shape on every backend.
+
+``stream`` is the stages' entry point: it takes a stage's pending work as it comes and yields each
+request's completions as they finish, so an engine never waits for the slowest request of a chunk.
+The source is an iterator of :class:`Job` (a request, its params and the stage's key) that may also
+yield ``WAIT`` ("nothing now: give me results first", only while some job is in flight) and
+``(job, completions)`` pairs already answered (the request cache), which come back out at once.
+The base class serves it in waves (everything the source gives before it waits, grouped by params,
+one ``generate`` call per group): a synchronous engine batches within a wave, and the waves depend
+only on the source, never on timing, so a resumed run re-forms the same batches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from katdata.chat_template import render_chat
 
@@ -88,6 +97,20 @@ class BackendConfig:
         return text
 
 
+@dataclass(frozen=True)
+class Job:
+    """One request of a stage's stream: ``key`` is the stage's own handle on it (returned as is)."""
+
+    key: Any
+    request: Request
+    params: SamplingParams
+
+
+WAIT = None  # what a stream source yields when it has nothing until some result comes back
+Answered = tuple  # (Job, list[Completion]): a source item that is already answered
+SourceItem = Union[Job, None, tuple]
+
+
 class Backend:
     """Base class: subclasses implement ``generate`` and set ``name`` and ``model_id``."""
 
@@ -105,6 +128,34 @@ class Backend:
                  on_done: Optional[Callable[[int, list[Completion]], None]] = None) -> list[list[Completion]]:
         """``params.n`` completions per request; ``on_done(i, completions)`` as each request finishes."""
         raise NotImplementedError
+
+    def stream(self, source: Iterable[SourceItem], wave_limit: int = 4096) -> Iterator[tuple[Job, list[Completion]]]:
+        """Yield ``(job, completions)`` for every job ``source`` gives, as they finish (see the module doc).
+
+        This default works in waves of at most ``wave_limit`` jobs through ``generate``."""
+        it = iter(source)
+        exhausted = False
+        while not exhausted:
+            wave: list[Job] = []
+            while len(wave) < wave_limit:
+                item = next(it, StopIteration)
+                if item is StopIteration:
+                    exhausted = True
+                    break
+                if item is WAIT:
+                    if not wave:
+                        raise RuntimeError("stream source waits with nothing in flight")
+                    break
+                if isinstance(item, tuple):
+                    yield item
+                    continue
+                wave.append(item)
+            groups: dict[SamplingParams, list[Job]] = {}
+            for job in wave:
+                groups.setdefault(job.params, []).append(job)
+            for params, jobs in groups.items():
+                outs = self.generate([j.request for j in jobs], params)
+                yield from zip(jobs, outs)
 
     def close(self) -> None:
         """Free the engine (processes, GPU memory)."""
