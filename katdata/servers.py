@@ -203,9 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048, help="context length")
     ap.add_argument("--compile", action="store_true", help="use torch.compile (slower start; default eager)")
     ap.add_argument("--api-key-env", default=None, help="env var holding the key clients must send")
+    ap.add_argument("--data-parallel-size", type=int, default=1, help="model replicas behind this server (GPUs)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
+    ap.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for other nodes)")
     args = ap.parse_args(argv)
+    extra = []
+    if args.data_parallel_size > 1:
+        extra += ["--data-parallel-size", str(args.data_parallel_size)]
+    if args.tensor_parallel_size > 1:
+        extra += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.host:
+        extra += ["--host", args.host]
     server = start(args.model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
-                   api_key_env=args.api_key_env)
+                   api_key_env=args.api_key_env, extra_args=extra or None)
     print(f"serving {server.model} as '{server.served_name}' at {server.base_url} (pid {server.pid}, "
           f"log {server.log_path}); Ctrl-C stops it", flush=True)
     try:

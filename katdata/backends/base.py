@@ -8,10 +8,11 @@ pre-fills the KAT judge; ``"<judge>\\n...</judge>\\n\\n<think_on>\\n<think>\\n"`
 request's completions as they finish, so an engine never waits for the slowest request of a chunk.
 The source is an iterator of :class:`Job` (a request, its params and the stage's key) that may also
 yield ``WAIT`` ("nothing now: give me results first", only while some job is in flight) and
-``(job, completions)`` pairs already answered (the request cache), which come back out at once.
-The base class serves it in waves (everything the source gives before it waits, grouped by params,
-one ``generate`` call per group): a synchronous engine batches within a wave, and the waves depend
-only on the source, never on timing, so a resumed run re-forms the same batches.
+``(job, completions)`` pairs already answered (rows of a resumed run, the request cache), which come
+back out unchanged. The base class serves it in waves (everything the source gives before it waits,
+one ``generate`` call per params, results in the order taken): a synchronous engine batches within
+a wave, and the waves depend only on the source, never on timing, so a resumed run re-forms the
+very batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -146,16 +147,27 @@ class Backend:
                     if not wave:
                         raise RuntimeError("stream source waits with nothing in flight")
                     break
-                if isinstance(item, tuple):
-                    yield item
-                    continue
                 wave.append(item)
-            groups: dict[SamplingParams, list[Job]] = {}
-            for job in wave:
-                groups.setdefault(job.params, []).append(job)
-            for params, jobs in groups.items():
-                outs = self.generate([j.request for j in jobs], params)
-                yield from zip(jobs, outs)
+            jobs = [item for item in wave if not isinstance(item, tuple)]
+            outs = iter(self.generate_wave(jobs) if jobs else [])
+            for item in wave:  # in the order taken, answered ones included: waves never depend on timing
+                yield item if isinstance(item, tuple) else (item, next(outs))
+
+    def generate_wave(self, jobs: list[Job]) -> list[list[Completion]]:
+        """Completions for ``jobs`` (any mix of params): one ``generate`` call per params."""
+        out: list[Optional[list[Completion]]] = [None] * len(jobs)
+        groups: dict[SamplingParams, list[int]] = {}
+        for k, job in enumerate(jobs):
+            groups.setdefault(job.params, []).append(k)
+        for params, ks in groups.items():
+            for k, comps in zip(ks, self.generate([jobs[k].request for k in ks], params)):
+                out[k] = comps
+        return out  # type: ignore[return-value]
+
+    def with_adapter(self, path: str) -> Optional["Backend"]:
+        """A backend that generates through this very engine with the LoRA adapter at ``path`` on
+        (one copy of the weights in memory), or None when this engine cannot do that."""
+        return None
 
     def close(self) -> None:
         """Free the engine (processes, GPU memory)."""
@@ -165,3 +177,24 @@ class Backend:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AdapterView(Backend):
+    """``parent`` with a LoRA adapter switched on for its own calls (``parent.adapter_on(path)``)."""
+
+    def __init__(self, parent: Backend, path: str):
+        from dataclasses import replace as _replace
+
+        super().__init__(_replace(parent.config, lora_path=path))
+        self.parent, self.path = parent, path
+        self.name, self.model_id = parent.name, parent.model_id
+
+    def render_prompt(self, request: Request) -> str:
+        return self.parent.render_prompt(request)
+
+    def generate(self, requests, params, on_done=None):
+        with self.parent.adapter_on(self.path):
+            return self.parent.generate(requests, params, on_done)
+
+    def close(self) -> None:
+        """The engine belongs to ``parent``: nothing to free here."""

@@ -135,7 +135,7 @@ class OpenAIBackend(Backend):
                     raise EngineError(self.scrub(err))
                 yield job, comps
         finally:
-            asyncio.run_coroutine_threadsafe(pool.close(), loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(_shutdown(pool), loop).result(timeout=60)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=30)
             loop.close()
@@ -292,6 +292,16 @@ class OpenAIBackend(Backend):
             n_tokens = round((usage.completion_tokens if usage else 0) / max(1, n_choices))
         return Completion(text=text, finish_reason=finish, prompt_tokens=usage.prompt_tokens if usage else 0,
                           completion_tokens=n_tokens, logprobs=logprobs)
+
+
+async def _shutdown(pool: ServerPool) -> None:
+    """Cancel what is still in flight (a failed run), then close the clients."""
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await pool.close()
 
 
 def _url_password(url: str) -> str:
