@@ -196,5 +196,10 @@ class AdapterView(Backend):
         with self.parent.adapter_on(self.path):
             return self.parent.generate(requests, params, on_done)
 
+    def __getattr__(self, name: str):  # the engine's own attributes (model, tokenizer, ...)
+        if name == "parent":
+            raise AttributeError(name)
+        return getattr(self.parent, name)
+
     def close(self) -> None:
         """The engine belongs to ``parent``: nothing to free here."""

@@ -109,13 +109,15 @@ class OpenAIBackend(Backend):
         done: queue.Queue = queue.Queue()
         pool = asyncio.run_coroutine_threadsafe(self._open_pool(), loop).result()
         window = max(1, self.config.concurrency)
-        in_flight, exhausted = 0, False
+        self.occupancy.reset(window)
+        in_flight, exhausted, held = 0, False, None
         try:
-            while True:
+            while True:  # fill the window before the stage looks at the last result
                 while not exhausted and in_flight < window:
                     item = next(it, StopIteration)
                     if item is StopIteration:
                         exhausted = True
+                        self.occupancy.more = False
                     elif item is WAIT:
                         break
                     elif isinstance(item, tuple):  # already answered (the request cache)
@@ -123,17 +125,19 @@ class OpenAIBackend(Backend):
                     else:
                         asyncio.run_coroutine_threadsafe(self._job(pool, item, done), loop)
                         in_flight += 1
-                self.occupancy.note(in_flight, window, more=not exhausted)
+                if held is not None:  # the window is full again: now the stage gets the result
+                    out, held = held, None
+                    yield out
+                    continue  # and what it queued goes out before we wait again
                 if in_flight == 0:
                     if exhausted:
                         return
                     raise RuntimeError("stream source waits with nothing in flight")
                 job, comps, err = done.get()
                 in_flight -= 1
-                self.occupancy.note(in_flight, window, more=not exhausted)
                 if err is not None:
                     raise EngineError(self.scrub(err))
-                yield job, comps
+                held = (job, comps)
         finally:
             asyncio.run_coroutine_threadsafe(_shutdown(pool), loop).result(timeout=60)
             loop.call_soon_threadsafe(loop.stop)
@@ -149,12 +153,15 @@ class OpenAIBackend(Backend):
                           float(self.config.extra.get("health_interval_s", 2.0)))
 
     async def _job(self, pool: "ServerPool", job: Job, done: queue.Queue) -> None:
+        self.occupancy.change(+1)
         try:
-            done.put((job, await self._one(pool, job.request, job.params), None))
+            out = (job, await self._one(pool, job.request, job.params), None)
         except _Fatal as exc:
-            done.put((job, None, str(exc)))
+            out = (job, None, str(exc))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer thread, which raises it
-            done.put((job, None, f"{type(exc).__name__}: {exc}"))
+            out = (job, None, f"{type(exc).__name__}: {exc}")
+        self.occupancy.change(-1)
+        done.put(out)
 
     # -- one request -----------------------------------------------------------------------------
 

@@ -118,24 +118,24 @@ async def _answers(http, base_url: str) -> bool:
 
 
 class Occupancy:
-    """Time-weighted mean of requests in flight over the window while work remains (for benches)."""
+    """Time-weighted mean of requests in flight (counted where they are sent and answered) over
+    the window, while the stage still has work to hand out (``more``), for benches and tests."""
 
     def __init__(self):
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, window: int = 1) -> None:
+        self.window, self.more = window, True
         self._t: Optional[float] = None
-        self._level = 0.0
-        self._counting = False
+        self._n = 0
         self.area = self.time = 0.0
 
-    def note(self, in_flight: int, window: int, more: bool) -> None:
+    def change(self, delta: int) -> None:
         now = time.monotonic()
-        if self._t is not None and self._counting:
-            self.area += self._level * (now - self._t)
+        if self._t is not None and self.more:
+            self.area += self._n / self.window * (now - self._t)
             self.time += now - self._t
-        self._t, self._level = now, in_flight / window
-        self._counting = more or in_flight > 0
+        self._t, self._n = now, self._n + delta
 
     @property
     def mean(self) -> float:
