@@ -313,3 +313,24 @@ def vllm_server_len() -> int:
     import conftest
 
     return conftest.MAX_MODEL_LEN
+
+
+def test_run_fails_clearly_once_no_server_has_answered_for_unavailable_s(vllm_server, openai_config):
+    """Both servers answer, then both go away: the run waits ``unavailable_s`` and fails naming them."""
+    from katdata.backends.base import Job
+
+    a, b = FaultProxy(vllm_server.port), FaultProxy(vllm_server.port)
+    cfg = openai_config(vllm_server, concurrency=2, max_retries=1,
+                        extra={"unavailable_s": 2.0, "health_interval_s": 0.2, "retry_base_s": 0.05})
+    cfg.base_url = f"{a.base_url},{b.base_url}"
+    backend = get_backend("openai", cfg)
+    jobs = [Job(i, chat(f"Say {i}."), SamplingParams(max_tokens=2)) for i in range(12)]
+    got = []
+    with pytest.raises(KatdataError, match=r"no server has answered for \d+ s .*unavailable_s") as err:
+        for job, comps in backend.stream(iter(jobs)):
+            got.append(job.key)
+            if len(got) == 3:
+                a.close()
+                b.close()
+    assert 3 <= len(got) < 12
+    assert "127.0.0.1" in str(err.value)
