@@ -329,8 +329,9 @@ def test_run_fails_clearly_once_no_server_has_answered_for_unavailable_s(vllm_se
     with pytest.raises(KatdataError, match=r"no server has answered for \d+ s .*unavailable_s") as err:
         for job, comps in backend.stream(iter(jobs)):
             got.append(job.key)
-            if len(got) == 3:
-                a.close()
-                b.close()
+            if len(got) == 3:  # both go away: kept-alive connections dropped, new ones refused
+                for proxy in (a, b):
+                    proxy.faults = ["drop"] * 1000
+                    proxy.close()
     assert 3 <= len(got) < 12
     assert "127.0.0.1" in str(err.value)
