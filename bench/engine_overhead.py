@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/engine_overhead.py [--backends transformers,vllm,openai] [--prompts 64]
 
-Per backend it runs the same batches through ``backend.generate`` and through the bare call
+Per backend it runs the same batches through ``Backend.stream`` (``--path generate``: ``generate``) and the bare call
 (transformers: tokenize with left padding, ``model.generate``, decode; vLLM: ``LLM.generate`` on the
 prompt strings; openai: ``AsyncOpenAI.completions.create`` with the same concurrency), alternating
 rounds after one warm-up of each, and prints ``overhead_ratio=`` (katdata time / bare time, the sum
@@ -80,13 +80,24 @@ def bare_openai(backend, reqs, params):
 BARE = {"transformers": bare_transformers, "vllm": bare_vllm, "openai": bare_openai}
 
 
-def measure(name, backend, reqs, params, rounds):
+def kat_stream(backend, reqs, params):
+    """The stages' path: every request handed to ``Backend.stream``, completions taken as they finish."""
+    from katdata.backends.base import Job
+
+    out = [None] * len(reqs)
+    for job, comps in backend.stream(Job(i, r, params) for i, r in enumerate(reqs)):
+        out[job.key] = comps[0].text
+    return out
+
+
+def measure(name, backend, reqs, params, rounds, path="stream"):
     bare = BARE[name]
-    backend.generate(reqs, params)  # warm-up (and vLLM's prefix cache) for both paths
+    kat = (lambda: kat_stream(backend, reqs, params)) if path == "stream" else (lambda: backend.generate(reqs, params))
+    kat()  # warm-up (and vLLM's prefix cache) for both paths
     bare(backend, reqs, params)
     t_kat = t_bare = 0.0
     for r in range(rounds):
-        order = [("kat", lambda: backend.generate(reqs, params)), ("bare", lambda: bare(backend, reqs, params))]
+        order = [("kat", kat), ("bare", lambda: bare(backend, reqs, params))]
         for label, fn in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             fn()
@@ -108,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--path", default="stream", choices=["stream", "generate"],
+                    help="katdata's side: Backend.stream (what the stages use) or generate")
     args = ap.parse_args(argv)
     reqs, params = prompts(args.prompts), SamplingParams(max_tokens=args.max_tokens)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = BackendConfig(batch_size=args.batch_size, max_model_len=2048, enforce_eager=True)
         backend = get_backend(name, cfg)
         try:
-            measure(name, backend, reqs, params, args.rounds)
+            measure(name, backend, reqs, params, args.rounds, args.path)
         finally:
             backend.close()
             if server:

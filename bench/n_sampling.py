@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/n_sampling.py [--backend vllm] [--prompts 16] [--samples 8]
 
-Both ways go through ``backend.generate`` in one call (the separate requests are batched too, each
+Both ways go through ``Backend.stream`` (the stages' path) in one wave (the separate requests are batched too, each
 with its own seed), alternating over rounds after a warm-up. Prints ``speedup=`` (separate / n).
 Goal on a GPU with vLLM: at least 3. vLLM's prefix cache (on) lets separate requests share the
 prompt as well, so the gain of n is what remains: one scheduling and prompt pass per prompt.
@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     k = args.samples
     params = SamplingParams(n=k, temperature=0.8, max_tokens=args.max_tokens, seed=None)  # seeded copies would repeat
 
-    def with_n():
-        return backend.generate(reqs, params)
+    from katdata.backends.base import Job
 
-    def separate_batched():
-        return backend.generate([r for r in reqs for _ in range(k)], params.with_(n=1))  # unseeded: distinct
+    def with_n():  # the stages' path: Backend.stream
+        return list(backend.stream(Job(i, r, params) for i, r in enumerate(reqs)))
+
+    def separate_batched():  # unseeded: distinct
+        return list(backend.stream(Job(i, r, params.with_(n=1)) for i, r in enumerate(r for r in reqs for _ in range(k))))
 
     with_n(), separate_batched()
     t_n = t_sep = 0.0

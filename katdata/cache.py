@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.runfiles import repair_tail
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,60 @@ class CachedBackend(Backend):
                     for k, comps in enumerate(self.backend.generate(batch[lo:lo + step], sub)):
                         store(lo + k, comps)
 
+    def stream(self, source, wave_limit: int = 4096):
+        """Cached jobs come back at once; the rest go to the engine's own ``stream``.
+
+        A synchronous engine (no ``stream`` of its own) is served in waves through the cached
+        ``generate``, so a resumed run re-forms the very batches of an uninterrupted one."""
+        if type(self.backend).stream is Backend.stream:
+            yield from Backend.stream(self, source, wave_limit)
+            return
+
+        def misses():
+            for item in source:
+                yield item if item is WAIT or isinstance(item, tuple) else self._lookup(item)
+
+        for job, comps in self.backend.stream(misses(), wave_limit):
+            yield self._merge(job, comps) if isinstance(job.key, _Pending) else (job, comps)
+
+    def generate_wave(self, jobs: list[Job]) -> list[list[Completion]]:
+        """A wave of a synchronous engine's stream: hits from the file, the rest in one engine wave."""
+        looked = [self._lookup(job) for job in jobs]
+        sent = [x for x in looked if isinstance(x, Job)]
+        outs = iter(self.backend.generate_wave(sent) if sent else [])
+        return [x[1] if isinstance(x, tuple) else self._merge(x, next(outs))[1] for x in looked]
+
+    def _lookup(self, job: Job):
+        """``(job, completions)`` when every sample is cached, else a job for the missing ones."""
+        params = job.params
+        prompt = self.render_prompt(job.request)
+        keys = [cache_key(self.backend, prompt, params, j) for j in range(params.n)]
+        row = [self._store.get(k) for k in keys]
+        gaps = [j for j, c in enumerate(row) if c is None]
+        self.hits += params.n - len(gaps)
+        self.misses += len(gaps)
+        if not gaps:
+            return job, row
+        lo, hi = gaps[0], gaps[-1] + 1  # one call for the missing samples (seed moved to the first)
+        seed = None if params.seed is None else params.seed + lo
+        return Job(_Pending(job, keys, row, lo), job.request, params.with_(n=hi - lo, seed=seed))
+
+    def _merge(self, sent: Job, comps: list[Completion]):
+        p = sent.key
+        for j, comp in enumerate(comps, start=p.lo):
+            if p.row[j] is None:
+                p.row[j] = comp
+                self._put(p.keys[j], comp)
+        return p.job, p.row
+
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
         self.backend.close()
+
+
+class _Pending:
+    """The cache's handle on a job sent to the engine: the stage's job and its cached samples."""
+
+    def __init__(self, job: Job, keys: list[str], row: list[Optional[Completion]], lo: int):
+        self.job, self.keys, self.row, self.lo = job, keys, row, lo

@@ -56,7 +56,7 @@ class EvalConfig(BaseModel):
     max_tokens: int = Field(256, ge=8, description="token limit of one response")
     repetition_penalty: float = Field(1.0, ge=1.0, description="> 1 damps tokens already seen (greedy decoding of a "
                                       "small model loops without it); 1 = plain greedy")
-    chunk: int = Field(16, ge=1, description="requests per generate call (rows are written after each)")
+    chunk: int = Field(16, ge=1, description="unused since eval streams its requests (kept so older recipes load)")
     plots: bool = Field(True, description="write the PNG plots")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
                                        "default (1 avoids thread contention on a CPU shared with other jobs)")
@@ -130,27 +130,24 @@ def prefix(setting: str, item: Item) -> str:
 def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConfig, writer: RowWriter,
              done: set, verifier) -> None:
     """Answer the items not yet done in this (model, setting); write one row per completion."""
-    from katdata.backends.base import Request, SamplingParams
+    from katdata.backends.base import Job, Request, SamplingParams
 
     todo = [it for it in items if f"{model}:{setting}:{it.id}" not in done]
     params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS),
                             repetition_penalty=cfg.repetition_penalty)
-    for start in range(0, len(todo), cfg.chunk):
-        chunk = todo[start:start + cfg.chunk]
-        prefixes = [prefix(setting, it) for it in chunk]
-        outs = backend.generate([Request(it.messages, pre) for it, pre in zip(chunk, prefixes)], params)
-        for it, pre, comps in zip(chunk, prefixes, outs):
-            c = comps[0]
-            full = pre + c.text
-            p = parse(full, c.finish_reason)
-            mode = p.mode if setting == "auto" else setting
-            correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
-                False if it.reference is not None else None)
-            writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
-                          "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
-                          "tokens": c.completion_tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
-                          "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
-                          "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": c.error})
+    jobs = (Job(it, Request(it.messages, prefix(setting, it)), params) for it in todo)
+    for job, comps in backend.stream(jobs):  # each row written as soon as its completion is in
+        it, pre, c = job.key, job.request.prefix, comps[0]
+        full = pre + c.text
+        p = parse(full, c.finish_reason)
+        mode = p.mode if setting == "auto" else setting
+        correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
+            False if it.reference is not None else None)
+        writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
+                      "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
+                      "tokens": c.completion_tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
+                      "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
+                      "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": c.error})
 
 
 def _rate(rows: list[dict], test) -> Optional[float]:
@@ -276,9 +273,14 @@ def _adapted(cfg: EvalConfig, run_dir: Path, engine, base):
     if not (adapter / "adapter_config.json").is_file():
         raise KatdataError(f"no adapter at {adapter}: run `katdata train` first, or set eval.adapter")
     train_json = run_dir / "train" / "train.json"
-    if train_json.is_file() and json.loads(train_json.read_text()).get("marker_tokens") and base.name == "vllm":
+    markers = train_json.is_file() and json.loads(train_json.read_text()).get("marker_tokens")
+    if markers and base.name == "vllm":
         raise KatdataError("this adapter adds marker tokens: vLLM cannot serve it un-merged; evaluate the merged model "
                            "(train.merge: true) or use the transformers backend")
+    if not markers:  # one engine: the adapter switched on for adapted requests only (one copy of the weights)
+        view = getattr(base, "backend", base).with_adapter(str(adapter))
+        if view is not None:
+            return view, False
     return get_backend(base.name, dataclasses.replace(base.config, lora_path=str(adapter))), True
 
 

@@ -18,14 +18,14 @@ import argparse
 import functools
 import logging
 import re
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import template
-from katdata.backends.base import Backend, Request, SamplingParams
+from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Query, Tags, Vote
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.prompt_files import read_prompt
@@ -146,57 +146,82 @@ def _chat(text: str) -> Request:
     return Request(messages=[{"role": "user", "content": text}])
 
 
-def write_rationales(queries: list[Query], modes: list[str], cfg: JudgeConfig, backend: Backend) -> list[JudgeRow]:
-    """Rationale rows for (query, mode) pairs: write, check, regenerate once, else reject."""
-    rows = [JudgeRow(id=q.id, mode=m) for q, m in zip(queries, modes)]
-    todo = list(range(len(rows)))
+def write_rationales(queries: Iterable[Query], modes: Iterable[str], cfg: JudgeConfig, backend: Backend,
+                     on_row: Optional[Callable[[JudgeRow], None]] = None, max_open: int = 256) -> list[JudgeRow]:
+    """Rationale rows for (query, mode) pairs: write, check, regenerate once, else reject.
+
+    Streamed through ``backend.stream``: each pair moves on its own (its check, then a rewrite if
+    rejected) and ``on_row`` gets its row as soon as it is settled; at most ``max_open`` pairs are in
+    progress. Without ``on_row`` it returns the rows in input order."""
     tmpl = read_prompt(cfg.prompt)
-    for attempt in range(cfg.retries + 1):
-        if not todo:
-            break
-        reqs = [_chat(tmpl.format(query=queries[i].query, decision=DECISION[modes[i]][0], why=DECISION[modes[i]][1]))
-                for i in todo]
+    check_tmpl = read_prompt(cfg.rationale_check_prompt) if cfg.rationale_check == "llm" else None
+    check_params = SamplingParams(temperature=0.0, max_tokens=4, stop=tuple(template.STOP_STRINGS))
+    pairs = iter(zip(queries, modes))
+    ready: deque = deque()
+    done: list[JudgeRow] = []
+    state = {"open": 0}
+
+    def write_job(q: Query, row: JudgeRow, attempt: int) -> Job:
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                                 stop=tuple(template.STOP_STRINGS), seed=cfg.seed + attempt)
-        replies = [c[0] for c in backend.generate(reqs, params)]
-        texts = {i: clean(c.text, cfg.max_sentences) for i, c in zip(todo, replies)}
-        stances = _stances(queries, texts, cfg, backend)
-        still = []
-        for i, comp in zip(todo, replies):
-            text, (stance, how) = texts[i], stances.get(i, (None, "empty"))
-            if text is None:
-                verdict = "empty rationale"
-            elif cfg.rationale_check != "none" and stance != modes[i]:
-                verdict = f"argues for {stance or 'neither mode'} ({how}), label is {modes[i]}"
-            else:
-                verdict = "ok"
-            rows[i].attempts.append({"raw": comp.text, "finish_reason": comp.finish_reason, "rationale": text,
-                                     "stance": stance, "check": how, "verdict": verdict})
-            if verdict == "ok":
-                rows[i].rationale, rows[i].ok, rows[i].reason = text, True, None
-            else:
-                rows[i].reason = f"rationale rejected after {attempt + 1} tries: {verdict}"
-                still.append(i)
-        todo = still
-    return rows
+        decision, why = DECISION[row.mode]
+        return Job(("write", q, row, attempt, None), _chat(tmpl.format(query=q.query, decision=decision, why=why)), params)
 
+    def source():
+        while True:
+            if ready:
+                yield ready.popleft()
+            elif state["open"] < max_open and (pair := next(pairs, None)) is not None:
+                q, mode = pair
+                state["open"] += 1
+                row = JudgeRow(id=q.id, mode=mode)
+                if on_row is None:
+                    done.append(row)
+                ready.append(write_job(q, row, 0))
+            elif state["open"]:
+                yield WAIT
+            else:
+                return
 
-def _stances(queries, texts: dict[int, Optional[str]], cfg: JudgeConfig, backend: Backend) -> dict:
-    """(stance, how it was decided) per index."""
-    have = [i for i, t in texts.items() if t]
-    out = {i: (keyword_stance(texts[i]), "keywords") for i in have}
-    if cfg.rationale_check != "llm" or not have:
-        return out
-    tmpl = read_prompt(cfg.rationale_check_prompt)
-    reqs = [_chat(tmpl.format(query=queries[i].query, rationale=texts[i])) for i in have]
-    replies = backend.generate(reqs, SamplingParams(temperature=0.0, max_tokens=4, stop=tuple(template.STOP_STRINGS)))
-    for i, comps in zip(have, replies):
-        stance = parse_stance(comps[0].text)
-        if stance is not None:
-            out[i] = (stance, "llm")
+    def settle(q: Query, row: JudgeRow, attempt: int, comp: Completion, text: Optional[str], stance, how) -> None:
+        if text is None:
+            verdict = "empty rationale"
+        elif cfg.rationale_check != "none" and stance != row.mode:
+            verdict = f"argues for {stance or 'neither mode'} ({how}), label is {row.mode}"
         else:
-            out[i] = (out[i][0], f"keywords (llm reply unparsed: {comps[0].text[:40]!r})")
-    return out
+            verdict = "ok"
+        row.attempts.append({"raw": comp.text, "finish_reason": comp.finish_reason, "rationale": text,
+                             "stance": stance, "check": how, "verdict": verdict})
+        if verdict == "ok":
+            row.rationale, row.ok, row.reason = text, True, None
+        else:
+            row.reason = f"rationale rejected after {attempt + 1} tries: {verdict}"
+            if attempt < cfg.retries:
+                ready.append(write_job(q, row, attempt + 1))
+                return
+        state["open"] -= 1
+        if on_row is not None:
+            on_row(row)
+
+    for job, comps in backend.stream(source()):
+        kind, q, row, attempt, wrote = job.key
+        if kind == "write":
+            comp = comps[0]
+            text = clean(comp.text, cfg.max_sentences)
+            if text and check_tmpl is not None:
+                ready.append(Job(("check", q, row, attempt, (comp, text)),
+                                 _chat(check_tmpl.format(query=q.query, rationale=text)), check_params))
+            elif text:
+                settle(q, row, attempt, comp, text, keyword_stance(text), "keywords")
+            else:
+                settle(q, row, attempt, comp, None, None, "empty")
+        else:
+            comp, text = wrote
+            stance, how = parse_stance(comps[0].text), "llm"
+            if stance is None:
+                stance, how = keyword_stance(text), f"keywords (llm reply unparsed: {comps[0].text[:40]!r})"
+            settle(q, row, attempt, comp, text, stance, how)
+    return done
 
 
 def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
@@ -210,21 +235,21 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     backend = engine(cfg.engine) if cfg.writer == "llm" and todo else None
     stats: Counter = Counter()
     with RowWriter(run_dir / "judges.jsonl") as out:
-        for start in range(0, len(todo), 32):
-            part = todo[start:start + 32]
-            if cfg.writer == "tags":
-                rows = [_tags_row(JudgeRow(id=v.id, mode=v.label), tags[v.id], "writer: tags") for v in part]
-            else:
-                rows = write_rationales([queries[v.id] for v in part], [v.label for v in part], cfg, backend)
-            for row in rows:
-                if not row.ok and cfg.fallback == "tags":
-                    _tags_row(row, tags[row.id], f"fallback after: {row.reason}")
-                    stats["fallback"] += 1
-                out.write(row)
-                stats["ok" if row.ok else "rejected"] += 1
-                stats["regenerated"] += len(row.attempts) > 1
-                if not row.ok:
-                    stats["reject:" + row.reason.split(": ", 1)[-1].split(" (")[0]] += 1
+        def write(row: JudgeRow) -> None:
+            if not row.ok and cfg.fallback == "tags":
+                _tags_row(row, tags[row.id], f"fallback after: {row.reason}")
+                stats["fallback"] += 1
+            out.write(row)
+            stats["ok" if row.ok else "rejected"] += 1
+            stats["regenerated"] += len(row.attempts) > 1
+            if not row.ok:
+                stats["reject:" + row.reason.split(": ", 1)[-1].split(" (")[0]] += 1
+
+        if cfg.writer == "tags":
+            for v in todo:
+                write(_tags_row(JudgeRow(id=v.id, mode=v.label), tags[v.id], "writer: tags"))
+        else:  # streamed: each row written as soon as it is settled
+            write_rationales((queries[v.id] for v in todo), (v.label for v in todo), cfg, backend, on_row=write)
     return {"rows_in": len(votes), "rows_out": len(todo), **stats}
 
 

@@ -62,7 +62,8 @@ class EngineConfig(Strict):
     batch_size: int = Field(32, ge=1, description="prompts per generate call (transformers)")
     max_model_len: Optional[int] = Field(None, ge=1, description="context length (vllm)")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per model)")
-    data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism (model replicas)")
+    data_parallel_size: int = Field(1, ge=1, description="model replicas: only 1 here; serve replicas with "
+                                    "'katdata serve --data-parallel-size N' and use backend: openai")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM KV-cache share of memory")
     enforce_eager: Optional[bool] = Field(None, description="vLLM: skip graph capture / compile (faster start)")
     base_url: Optional[str] = Field(None, description="openai backend: server URL (or OPENAI_BASE_URL); several, comma-separated, are used round-robin")
@@ -73,6 +74,18 @@ class EngineConfig(Strict):
     lora_path: Optional[str] = Field(None, description="LoRA adapter to apply")
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")
     cache: bool = Field(True, description="cache completions in the run folder (resume reuses them)")
+
+    @model_validator(mode="after")
+    def _parallel(self):
+        if self.data_parallel_size > 1:
+            raise ValueError(
+                f"data_parallel_size {self.data_parallel_size} is not supported in process (vllm.LLM refuses it): "
+                f"start 'katdata serve --data-parallel-size {self.data_parallel_size}' (vllm serve) on the GPU "
+                "machine, or one server per GPU or node, and use backend: openai with base_url listing them")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"tensor_parallel_size applies to backend: vllm (here '{self.backend}'); for a server, "
+                             "'katdata serve --tensor-parallel-size N'")
+        return self
 
     def backend_config(self) -> BackendConfig:
         data = self.model_dump(exclude={"backend", "cache"})

@@ -4,8 +4,10 @@ Each request is the query's chat with the assistant turn pre-filled up to the mo
 ``<judge>\\n{neutral text}\\n</judge>\\n\\n`` + ``template.FORCE_PREFIX[mode]``, so the judge text
 does not argue for either mode. Each mode of each query is ONE request with ``n`` samples.
 
-Early stopping: samples come in rounds (cumulative per-mode counts, e.g. 2, 4, 8); after each round
-a query whose label cannot change at the recipe's confidence (``vote.settled``) gets no more.
+Early stopping: samples come in rounds (cumulative per-mode counts, e.g. 2, 4, 8); after each of its
+rounds a query whose label cannot change at the recipe's confidence (``vote.settled``) gets no more.
+Rounds run per query through ``Backend.stream``: a query's next round goes out as soon as its own
+previous round is verified, and rows are written as each request finishes.
 Every sample becomes an ``Attempt`` row (source="vote") in samples.jsonl, parsed with
 ``template.parse``; one that yields no answer is kept with a ``reason``.
 """
@@ -14,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from katdata import template
-from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Attempt, Query
 from katdata.runfiles import RowWriter, read_rows
 from katdata.prompt_files import read_prompt
@@ -48,7 +50,8 @@ class SampleConfig(BaseModel):
     max_tokens_on: int = Field(384, ge=8, description="token limit of a think-on sample")
     max_tokens_off: int = Field(128, ge=8, description="token limit of a think-off sample")
     seed: int = Field(0, description="sampling seed (moved per round, so rounds draw fresh samples)")
-    chunk: int = Field(16, ge=1, description="queries per generate call")
+    chunk: int = Field(16, ge=1, description="unused since the stage streams its requests (kept so older recipes load)")
+    max_open: int = Field(256, ge=1, description="queries in progress at once: bounds memory; an in-process engine batches their pending requests")
     neutral_judge: str = Field("judge_neutral.txt", description="prompt file with the neutral judge text")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked")
     skip_on_for_off_candidates: bool = Field(
@@ -107,6 +110,8 @@ class QueryState:
         self.q = q
         self.rows: dict[str, list[Attempt]] = {"on": [], "off": []}
         self.seen: list[str] = []  # class keys so far (both modes)
+        self.round = 0  # the next round of the schedule
+        self.pending = 0  # requests of the current round still out
 
     def counts(self) -> tuple[int, int, int, int]:
         ok, _ = verdicts(self.rows["on"] + self.rows["off"])
@@ -135,58 +140,113 @@ def check_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
     return a
 
 
-def sample_queries(queries: list[Query], cfg: SampleConfig, backend: Backend, verifier: Verifier,
+def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend, verifier: Verifier,
                    existing: Optional[dict[str, list[Attempt]]] = None,
                    on_rows: Optional[Callable[[list[Attempt]], None]] = None,
-                   skip_on: frozenset = frozenset()) -> dict[str, QueryState]:
-    """Run the rounds for ``queries``; ``on_rows`` gets each round's new rows. Returns the states.
+                   skip_on: frozenset = frozenset(),
+                   on_close: Optional[Callable[[QueryState], None]] = None,
+                   keep_states: bool = True) -> dict[str, QueryState]:
+    """Stream the rounds of ``queries`` through ``backend.stream``; returns the states (when kept).
 
+    Each query moves on its own: its next round is asked for as soon as its previous one is in and
+    verified and its label is not settled, while other queries are still out. At most
+    ``cfg.max_open`` queries are in progress (queries are read lazily). ``on_rows`` gets each
+    request's new rows as they finish; ``on_close`` each query once it is finished.
+
+    ``existing`` rows (a resumed run) answer their requests at once and are not handed to
+    ``on_rows`` again: the schedule is replayed from the start, so a synchronous engine forms the
+    same batches as an uninterrupted run and the request cache serves what was generated before.
     Queries in ``skip_on`` (think-off candidates, under the budget option) get no think-on samples.
     """
     neutral = read_prompt(cfg.neutral_judge)
-    states = {q.id: QueryState(q) for q in queries}
+    targets = schedule(cfg)
+    have: dict[tuple[str, str], dict[int, Attempt]] = defaultdict(dict)
     for qid, rows in (existing or {}).items():
-        if qid in states:
-            for a in sorted(rows, key=lambda r: (r.mode, r.index)):
-                states[qid].rows[a.mode].append(a)
-                if a.answer_class not in (None, INVALID) and a.answer_class not in states[qid].seen:
-                    states[qid].seen.append(a.answer_class)
-    for r, target in enumerate(schedule(cfg)):
-        active = [st for st in states.values() if not st.done(cfg)]
-        if not active:
-            break
-        new: list[Attempt] = []
-        for mode in ("on", "off"):
-            groups: dict[int, list[QueryState]] = defaultdict(list)
-            for st in active:
+        for a in rows:
+            have[(qid, a.mode)][a.index] = a
+    states: dict[str, QueryState] = {}
+    ready: deque = deque()  # jobs (or answered pairs) to hand the engine next
+    open_count = 0
+
+    def plan(st: QueryState) -> bool:
+        """Queue the requests of ``st``'s next round; False when the query is finished."""
+        while st.round < len(targets) and not st.done(cfg):
+            target = targets[st.round]
+            st.round += 1
+            for mode in ("on", "off"):
                 if mode == "on" and st.q.id in skip_on:
                     continue
-                need = target - len(st.rows[mode])
-                if need > 0:
-                    groups[need].append(st)
-            for need, group in sorted(groups.items()):
+                start = len(st.rows[mode])
+                need = target - start
+                if need <= 0:
+                    continue
                 params = SamplingParams(n=need, temperature=cfg.temperature, top_p=cfg.top_p,
                                         max_tokens=cfg.max_tokens_on if mode == "on" else cfg.max_tokens_off,
                                         stop=tuple(template.STOP_STRINGS), seed=cfg.seed + 7919 * target)
-                for start in range(0, len(group), cfg.chunk):
-                    part = group[start:start + cfg.chunk]
-                    reqs = [request_for(st.q, mode, neutral) for st in part]
-                    outs = backend.generate(reqs, params)
-                    for st, req, comps in zip(part, reqs, outs):
-                        for comp in comps:
-                            a = to_attempt(st.q, mode, len(st.rows[mode]), req.prefix, comp)
-                            st.rows[mode].append(check_attempt(a, st, verifier))
-                            new.append(st.rows[mode][-1])
-        log.info("sample round %d (target %d): %d queries active, %d samples", r + 1, target, len(active), len(new))
-        if on_rows:
+                job = Job((st, mode, start), request_for(st.q, mode, neutral), params)
+                old = have.get((st.q.id, mode), {})
+                ready.append((job, None) if all(start + k in old for k in range(need)) else job)
+                st.pending += 1
+            if st.pending:
+                return True
+        return False
+
+    def close(st: QueryState) -> None:
+        nonlocal open_count
+        open_count -= 1
+        if on_close:
+            on_close(st)
+        if not keep_states:
+            states.pop(st.q.id, None)
+
+    def source():
+        nonlocal open_count
+        todo = iter(queries)
+        more = True
+        while True:
+            if ready:
+                yield ready.popleft()
+            elif more and open_count < cfg.max_open:
+                q = next(todo, None)
+                if q is None:
+                    more = False
+                    continue
+                st = states[q.id] = QueryState(q)
+                open_count += 1
+                if not plan(st):
+                    close(st)
+            elif open_count:
+                yield WAIT
+            else:
+                return
+
+    for job, comps in backend.stream(source()):
+        st, mode, start = job.key
+        old = have.get((st.q.id, mode), {})
+        new: list[Attempt] = []
+        for k in range(job.params.n):
+            index = start + k
+            if index in old:
+                a = old[index]
+                if a.answer_class not in (None, INVALID) and a.answer_class not in st.seen:
+                    st.seen.append(a.answer_class)
+            else:
+                a = check_attempt(to_attempt(st.q, mode, index, job.request.prefix, comps[k]), st, verifier)
+                new.append(a)
+            st.rows[mode].append(a)
+        if new and on_rows:
             on_rows(new)
+        st.pending -= 1
+        if st.pending == 0 and not plan(st):
+            close(st)
     return states
 
 
 def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
-    """queries.jsonl -> samples.jsonl; a rerun continues each query from the rows it has."""
+    """queries.jsonl -> samples.jsonl, each request's rows written as they finish; a rerun
+    continues from the rows it has (see :func:`sample_queries`)."""
     run_dir = Path(run_dir)
-    queries = list(read_rows(run_dir / "queries.jsonl", Query))
+    queries_path = run_dir / "queries.jsonl"
     out_path = run_dir / "samples.jsonl"
     existing: dict[str, list[Attempt]] = defaultdict(list)
     if out_path.is_file():
@@ -195,14 +255,15 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
         repair_tail(out_path)
         for a in read_rows(out_path, Attempt):
             existing[a.id].append(a)
-    isolation = Verifier(cfg.verify).code_isolation(queries)  # refuses before any model loads if code can't be isolated
+    # refuses before any model loads if code can't be isolated
+    isolation = Verifier(cfg.verify).code_isolation(read_rows(queries_path, Query))
     grader = engine(cfg.grader_engine) if cfg.grader_engine else None
     verifier = Verifier(cfg.verify, grader=grader)
     backend = engine(cfg.engine)
     stats: Counter = Counter()
     with RowWriter(out_path) as out:
         def write(rows: list[Attempt]) -> None:
-            # a round whose verifications failed too often stops the run before its rows are written
+            # verifications failing too often stop the run before these rows are written
             checked = stats["verified"] + sum(a.answer is not None for a in rows)
             errors = stats["verify_errors"] + sum(is_verify_error(a.reason) for a in rows)
             check_error_share(errors, checked, cfg.verify, "sample")
@@ -213,19 +274,24 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
             stats["no_answer"] += sum(a.answer is None for a in rows)
             stats["closed_at_stop"] += sum("closed_at_stop" in a.errors for a in rows)
 
+        def closed(st: QueryState) -> None:
+            n_on, n_off = len(st.rows["on"]), len(st.rows["off"])
+            stats["queries"] += 1
+            stats["used"] += n_on + n_off
+            stats["stopped_early"] += not (n_on >= cfg.n and n_off >= cfg.n)
+
         skip_on = frozenset()
         if cfg.skip_on_for_off_candidates:
             from katdata.tag import think_off_candidates
 
             skip_on = frozenset(think_off_candidates(run_dir))
-        states = sample_queries(queries, cfg, backend, verifier, existing, write, skip_on)
-    used = sum(len(st.rows["on"]) + len(st.rows["off"]) for st in states.values())
+        sample_queries(read_rows(queries_path, Query), cfg, backend, verifier, existing, write, skip_on,
+                       on_close=closed, keep_states=False)
     return {**({"sandbox": isolation} if isolation else {}),
-            "rows_in": len(queries), "rows_out": stats["samples"], "samples_used": used,
-            "samples_saved": 2 * cfg.n * len(states) - used, "tokens": stats["tokens"],
-            "no_answer": stats["no_answer"], "verify_errors": stats["verify_errors"], "skipped_think_on": len(skip_on), "closed_at_stop": stats["closed_at_stop"],
-            "stopped_early": sum(not (len(st.rows["on"]) >= cfg.n and len(st.rows["off"]) >= cfg.n)
-                                 for st in states.values())}
+            "rows_in": stats["queries"], "rows_out": stats["samples"], "samples_used": stats["used"],
+            "samples_saved": 2 * cfg.n * stats["queries"] - stats["used"], "tokens": stats["tokens"],
+            "no_answer": stats["no_answer"], "verify_errors": stats["verify_errors"], "skipped_think_on": len(skip_on),
+            "closed_at_stop": stats["closed_at_stop"], "stopped_early": stats["stopped_early"]}
 
 
 def main(argv: list[str] | None = None) -> int:

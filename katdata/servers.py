@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="use torch.compile (slower start; default eager)")
     ap.add_argument("--api-key-env", default=None, help="env var holding the key clients must send")
     ap.add_argument("--log", default=None, help="server log file (default: a temporary file)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
+    ap.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for other nodes)")
     args = ap.parse_args(argv)
+    extra = (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
+        + (["--host", args.host] if args.host else [])
     if args.data_parallel_size < 1:
         raise KatdataError(f"--data-parallel-size must be 1 or more, got {args.data_parallel_size}")
     model, adapter = resolve_target(args.model, args.adapter)
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     server = start(model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
                    api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
                    served_name=None if adapter else args.adapter_name,
-                   adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size)
+                   adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size,
+                   extra_args=extra or None)
     names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
     print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"
           f"server pid {server.pid}, log {server.log_path}\n"

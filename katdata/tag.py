@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.backends.base import Backend, Completion, Job, Request, SamplingParams
 from katdata.prompt_files import read_prompt
 from katdata.errors import KatdataError
 from katdata.records import Query, Tags
@@ -413,11 +413,20 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     usage = Counter()
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
-        for i in range(0, len(todo), cfg.batch_size):
-            rows, u = tag_batch(todo[i:i + cfg.batch_size], cfg, backend, fit)
+        if backend is None:
+            rows, _ = tag_batch(todo, cfg, None, fit)
             w.write_all(rows)
-            usage.update(u)
-            log.info("tagged %d/%d", min(i + cfg.batch_size, len(todo)), len(todo))
+        else:  # streamed: each row written as its reply comes in (an in-process engine: batch_size a call)
+            params = SamplingParams(max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS), logprobs=cfg.logprobs or None)
+            jobs = (Job(q, r, params) for q, r in zip(todo, tag_requests(todo, cfg)))
+            for n, (job, comps) in enumerate(backend.stream(jobs, wave_limit=cfg.batch_size), 1):
+                c = comps[0]
+                usage.update(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                raw, got = llm_tags(c, cfg)
+                row = combine(job.key, rule_tags(job.key, cfg), got, raw, cfg)
+                w.write(fit.apply(row, cfg.think_off_threshold) if fit else row)
+                if n % cfg.batch_size == 0:
+                    log.info("tagged %d/%d", n, len(todo))
     secs = time.perf_counter() - t0
     rows = list(read_rows(out_path, Tags))
     stats = tag_stats(rows, cfg)

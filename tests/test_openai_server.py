@@ -238,3 +238,100 @@ def test_several_servers_share_the_rolling_window(vllm_server, openai_config, op
     finally:
         a.close()
         b.close()
+
+
+def test_stream_keeps_the_window_full_from_first_to_last(vllm_server, openai_config):
+    """Backend.stream with jobs of very different lengths: the window is refilled as each one
+    finishes, so the server never has fewer than the window while work remains."""
+    from katdata.backends.base import Job
+
+    proxy = FaultProxy(vllm_server.port)
+    try:
+        backend = proxied(openai_config, vllm_server, proxy, concurrency=4)
+        jobs = [Job(i, chat(f"Count from 1 to {i}."), SamplingParams(max_tokens=4 + 12 * (i % 4), seed=i))
+                for i in range(24)]
+        keys = [job.key for job, comps in backend.stream(iter(jobs))]
+    finally:
+        proxy.close()
+    assert sorted(keys) == list(range(24)) and keys != list(range(24))  # finishing order, each once
+    assert proxy.max_in_flight == 4 and proxy.forwarded == 24
+    assert backend.occupancy.mean >= 0.9, backend.occupancy.mean
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_two_servers_one_killed_mid_sample_stage(vllm_server, openai_config, embedded_model, api_key, tmp_path):
+    """Two real vLLM servers; the one listed first is killed with kill -9 in the middle of a sample
+    stage: the stage completes, every row is written once, and the rows equal a run against one
+    healthy server with the same seeds."""
+    from katdata import sample, servers
+    from katdata.records import Query
+    from katdata.runfiles import RowWriter
+    from katdata.verify import VerifyConfig
+
+    queries = [Query(id=f"q{i}", query=f"What is {i} + {i + 3}?", reference=str(2 * i + 3), kind="numeric")
+               for i in range(8)]
+    cfg = sample.SampleConfig(n=4, rounds=[2], max_tokens_on=48, max_tokens_off=16, seed=5,
+                              verify=VerifyConfig())
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        with RowWriter(d / "queries.jsonl") as w:
+            w.write_all(queries)
+    healthy = get_backend("openai", openai_config(vllm_server, concurrency=8))
+    sample.run(cfg, one, lambda name: healthy)
+
+    other = servers.start(str(embedded_model), max_model_len=vllm_server_len(), enforce_eager=True,
+                          api_key_env="KATDATA_TEST_KEY")
+    killed = {}
+    try:
+        conf = openai_config(vllm_server, concurrency=8, extra={"health_interval_s": 0.5})
+        conf.base_url = f"{other.base_url},{vllm_server.base_url}"
+        backend = get_backend("openai", conf)
+        inner = backend.stream
+
+        def stream(source, wave_limit=0):
+            for n, item in enumerate(inner(source)):
+                if n == 6:  # mid-stage, with requests in flight on both servers
+                    killed["at"] = (two / "samples.jsonl").read_text().count("\n")
+                    other.kill()
+                yield item
+
+        backend.stream = stream
+        stats = sample.run(cfg, two, lambda name: backend)
+    finally:
+        other.stop()
+        other.log_path.unlink(missing_ok=True)
+    a = sorted((one / "samples.jsonl").read_text().splitlines())
+    b = (two / "samples.jsonl").read_text().splitlines()
+    assert 0 < killed["at"] < len(b) == stats["rows_out"]
+    assert len({(r["id"], r["mode"], r["index"]) for r in map(json.loads, b)}) == len(b)  # each once
+    assert sorted(b) == a
+
+
+def vllm_server_len() -> int:
+    import conftest
+
+    return conftest.MAX_MODEL_LEN
+
+
+def test_run_fails_clearly_once_no_server_has_answered_for_unavailable_s(vllm_server, openai_config):
+    """Both servers answer, then both go away: the run waits ``unavailable_s`` and fails naming them."""
+    from katdata.backends.base import Job
+
+    a, b = FaultProxy(vllm_server.port), FaultProxy(vllm_server.port)
+    cfg = openai_config(vllm_server, concurrency=2, max_retries=1,
+                        extra={"unavailable_s": 2.0, "health_interval_s": 0.2, "retry_base_s": 0.05})
+    cfg.base_url = f"{a.base_url},{b.base_url}"
+    backend = get_backend("openai", cfg)
+    jobs = [Job(i, chat(f"Say {i}."), SamplingParams(max_tokens=2)) for i in range(12)]
+    got = []
+    with pytest.raises(KatdataError, match=r"no server has answered for \d+ s .*unavailable_s") as err:
+        for job, comps in backend.stream(iter(jobs)):
+            got.append(job.key)
+            if len(got) == 3:  # both go away: kept-alive connections dropped, new ones refused
+                for proxy in (a, b):
+                    proxy.faults = ["drop"] * 1000
+                    proxy.close()
+    assert 3 <= len(got) < 12
+    assert "127.0.0.1" in str(err.value)

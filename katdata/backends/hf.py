@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -71,6 +72,8 @@ class TransformersBackend(Backend):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = device
+        self._adapter: Optional[str] = None  # the adapter loaded by with_adapter (off unless a view asks)
+        self._adapter_active = False
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -160,7 +163,8 @@ class TransformersBackend(Backend):
         if params.seed is not None:  # seeded by the batch's content, so a resumed run redraws the same batch alike
             digest = hashlib.sha256(repr((params.seed, batch)).encode()).digest()
             torch.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
-        with torch.inference_mode():
+        off = self.model.disable_adapter() if self._adapter and not self._adapter_active else contextlib.nullcontext()
+        with torch.inference_mode(), off:
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         seqs = out.sequences if params.logprobs else out
         gen = seqs[:, width:].tolist()
@@ -199,6 +203,26 @@ class TransformersBackend(Backend):
             entry.setdefault(self.tokenizer.decode([tok]), float(lp[tok]))
             out.append(entry)
         return out
+
+    def with_adapter(self, path: str):
+        """The adapter is loaded onto this model once and switched off for plain calls."""
+        if self.config.lora_path or (self._adapter and self._adapter != path):
+            return None
+        if self._adapter is None:
+            peft = require("peft", "train")
+            self.model = peft.PeftModel.from_pretrained(self.model, path).to(self.device).eval()
+            self._adapter = path
+        from katdata.backends.base import AdapterView
+
+        return AdapterView(self, path)
+
+    @contextlib.contextmanager
+    def adapter_on(self, path: str):
+        self._adapter_active = True
+        try:
+            yield
+        finally:
+            self._adapter_active = False
 
     def close(self) -> None:
         self.model = None

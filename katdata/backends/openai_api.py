@@ -1,7 +1,11 @@
 """The OpenAI-compatible backend: any server (``vllm serve``, SGLang, TGI, a hosted API).
 
-- async, a rolling window of at most ``config.concurrency`` requests in flight (a worker pool
-  pulling from a queue, not batch-by-batch gather);
+- ``stream``: a rolling window of ``config.concurrency`` requests in flight, refilled from the
+  stage's source as each one finishes (an event loop in a thread; no batch-by-batch gather);
+- several base URLs (comma-separated): each request goes to the healthy server with the fewest in
+  flight; a server that refuses connections or times out leaves the rotation, its requests move to
+  the others, and it rejoins once ``/health`` (or ``/v1/models``) answers; the run fails only when
+  no server has answered for ``extra["unavailable_s"]`` (default 300);
 - retries with exponential backoff and full jitter on 429, 5xx, timeouts and dropped connections;
 - ``n`` in one request (if a server returns fewer choices, the rest are asked for again); greedy
   ``n>1`` asks once and copies (vLLM refuses greedy n>1);
@@ -13,7 +17,8 @@
   message is scrubbed of them with :func:`katdata.redact.scrub`.
 
 ``config.extra``: ``server`` ("vllm" sends vLLM's extra fields: per-choice token ids, stop token
-ids, continue_final_message), ``endpoint`` ("completions" | "chat"), ``retry_base_s``, ``retry_cap_s``.
+ids, continue_final_message), ``endpoint`` ("completions" | "chat"), ``retry_base_s``, ``retry_cap_s``,
+``unavailable_s``, ``health_interval_s``.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import random
 import re
 import threading
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.backends.base import WAIT, Backend, BackendConfig, Completion, Job, Request, SamplingParams, SourceItem
+from katdata.backends.pool import Occupancy, ServerPool
 from katdata.errors import EngineError, KatdataError, require
 from katdata.redact import scrub
 
@@ -63,6 +70,7 @@ class OpenAIBackend(Backend):
         self.retry_base = float(config.extra.get("retry_base_s", 0.5))
         self.retry_cap = float(config.extra.get("retry_cap_s", 20.0))
         self.attempts = 0  # HTTP calls made (retries included), for tests and stats
+        self.occupancy = Occupancy()  # requests in flight over the window while work remains (bench)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model_id!r}, key_env={self.config.api_key_env!r})"
@@ -79,68 +87,85 @@ class OpenAIBackend(Backend):
             return json.dumps({"messages": request.messages, "prefix": request.prefix}, sort_keys=True)
         return request.prompt()
 
-    # -- the sync entry point --------------------------------------------------------------------
+    # -- the sync entry points ---------------------------------------------------------------------
 
     def generate(self, requests: list[Request], params: SamplingParams,
                  on_done: Optional[OnDone] = None) -> list[list[Completion]]:
         """``params.n`` completions per request; ``on_done(i, completions)`` as each one finishes."""
-        coro = self.agenerate(requests, params, on_done)
+        results: list[Optional[list[Completion]]] = [None] * len(requests)
+        for job, comps in self.stream(Job(i, r, params) for i, r in enumerate(requests)):
+            results[job.key] = comps
+            if on_done:
+                on_done(job.key, comps)
+        return results  # type: ignore[return-value]
+
+    def stream(self, source: Iterable[SourceItem], wave_limit: int = 0) -> Iterator[tuple[Job, list[Completion]]]:
+        """A rolling window of ``config.concurrency`` requests, refilled from ``source`` as each one
+        finishes, from the first request to the last; completions come back in finishing order."""
+        it = iter(source)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="katdata-openai", daemon=True)
+        thread.start()
+        done: queue.Queue = queue.Queue()
+        pool = asyncio.run_coroutine_threadsafe(self._open_pool(), loop).result()
+        window = max(1, self.config.concurrency)
+        self.occupancy.reset(window)
+        in_flight, exhausted, held = 0, False, None
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        box: dict = {}  # called from inside an event loop (a notebook): run in a thread
+            while True:  # fill the window before the stage looks at the last result
+                while not exhausted and in_flight < window:
+                    item = next(it, StopIteration)
+                    if item is StopIteration:
+                        exhausted = True
+                        self.occupancy.more = False
+                    elif item is WAIT:
+                        break
+                    elif isinstance(item, tuple):  # already answered (the request cache)
+                        yield item
+                    else:
+                        asyncio.run_coroutine_threadsafe(self._job(pool, item, done), loop)
+                        in_flight += 1
+                if held is not None:  # the window is full again: now the stage gets the result
+                    out, held = held, None
+                    yield out
+                    continue  # and what it queued goes out before we wait again
+                if in_flight == 0:
+                    if exhausted:
+                        return
+                    raise RuntimeError("stream source waits with nothing in flight")
+                job, comps, err = done.get()
+                in_flight -= 1
+                if err is not None:
+                    raise EngineError(self.scrub(err))
+                held = (job, comps)
+        finally:
+            asyncio.run_coroutine_threadsafe(_shutdown(pool), loop).result(timeout=60)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
 
-        def target():
-            try:
-                box["out"] = asyncio.run(coro)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                box["err"] = exc
-
-        t = threading.Thread(target=target)
-        t.start()
-        t.join()
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
-
-    async def agenerate(self, requests: list[Request], params: SamplingParams,
-                        on_done: Optional[OnDone] = None) -> list[list[Completion]]:
+    async def _open_pool(self) -> "ServerPool":
         openai = require("openai", "openai")
-        # several servers: the workers of the rolling window are spread over them round-robin
         clients = [openai.AsyncOpenAI(base_url=url, api_key=self._key or "none", max_retries=0,
                                       timeout=self.config.timeout_s) for url in self.base_urls]
-        results: list[Optional[list[Completion]]] = [None] * len(requests)
-        queue: asyncio.Queue = asyncio.Queue()
-        for i in range(len(requests)):
-            queue.put_nowait(i)
+        names = [self.scrub(u) for u in self.base_urls]
+        return ServerPool(clients, names, float(self.config.extra.get("unavailable_s", 300.0)),
+                          float(self.config.extra.get("health_interval_s", 2.0)))
 
-        async def worker(client):
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results[i] = await self._one(client, requests[i], params)
-                if on_done:
-                    on_done(i, results[i])
-
-        width = max(1, min(self.config.concurrency, len(requests)))
-        workers = [asyncio.create_task(worker(clients[k % len(clients)])) for k in range(width)]
+    async def _job(self, pool: "ServerPool", job: Job, done: queue.Queue) -> None:
+        self.occupancy.change(+1)
         try:
-            await asyncio.gather(*workers)
+            out = (job, await self._one(pool, job.request, job.params), None)
         except _Fatal as exc:
-            raise EngineError(self.scrub(str(exc))) from None
-        finally:
-            for w in workers:
-                w.cancel()
-            for client in clients:
-                await client.close()
-        return results  # type: ignore[return-value]
+            out = (job, None, str(exc))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer thread, which raises it
+            out = (job, None, f"{type(exc).__name__}: {exc}")
+        self.occupancy.change(-1)
+        done.put(out)
 
     # -- one request -----------------------------------------------------------------------------
 
-    async def _one(self, client, request: Request, params: SamplingParams) -> list[Completion]:
+    async def _one(self, pool: "ServerPool", request: Request, params: SamplingParams) -> list[Completion]:
         comps: list[Completion] = []
         max_tokens, rounds = params.max_tokens, 0
         total = 1 if params.temperature == 0 else params.n  # greedy: decode once, copy (vLLM refuses n>1)
@@ -148,7 +173,7 @@ class OpenAIBackend(Backend):
             want = total - len(comps)
             seed = None if params.seed is None else params.seed + len(comps)
             try:
-                got = await self._call(client, request, params, want, seed, max_tokens)
+                got = await self._call(pool, request, params, want, seed, max_tokens)
             except _ContextError as exc:
                 if exc.room is not None and exc.room > 0 and max_tokens > exc.room:
                     max_tokens = exc.room  # the prompt fits, the token budget does not: shrink it
@@ -164,19 +189,26 @@ class OpenAIBackend(Backend):
             comps = [Completion(**vars(comps[0])) for _ in range(params.n)]
         return comps
 
-    async def _call(self, client, request: Request, params: SamplingParams, n: int, seed, max_tokens: int):
+    async def _call(self, pool: "ServerPool", request: Request, params: SamplingParams, n: int, seed, max_tokens: int):
+        """One HTTP call, retried; a server that stops answering leaves the rotation and the call
+        moves to another one (see :class:`ServerPool`)."""
         openai = require("openai", "openai")
-        for attempt in range(self.config.max_retries + 1):
+        attempt = 0
+        while True:
+            server = await pool.acquire()
+            name = server.name
             self.attempts += 1
             try:
-                return await self._post(client, request, params, n, seed, max_tokens)
+                out = await self._post(server.client, request, params, n, seed, max_tokens)
+                pool.answered(server)
+                return out
             except openai.AuthenticationError as exc:
-                raise _Fatal(f"server {self.base_url} rejected the API key (from env var "
+                raise _Fatal(f"server {name} rejected the API key (from env var "
                              f"{self.config.api_key_env}): {self.scrub(str(exc))}") from None
             except openai.PermissionDeniedError as exc:
-                raise _Fatal(f"server {self.base_url} denied access: {self.scrub(str(exc))}") from None
+                raise _Fatal(f"server {name} denied access: {self.scrub(str(exc))}") from None
             except openai.NotFoundError as exc:
-                raise _Fatal(f"server {self.base_url}: model '{self.model_id}' or endpoint "
+                raise _Fatal(f"server {name}: model '{self.model_id}' or endpoint "
                              f"'{self.endpoint}' not found: {self.scrub(str(exc))}") from None
             except openai.BadRequestError as exc:
                 msg = self.scrub(str(exc))
@@ -184,19 +216,42 @@ class OpenAIBackend(Backend):
                 if m or "context length" in msg or "too long" in msg:
                     limit, used = (int(m.group(1)), int(m.group(2))) if m else (None, 0)
                     raise _ContextError(msg, limit - used if limit else None, used) from None
-                raise _BadRequest(f"server {self.base_url} refused the request: {msg}") from None
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError) as exc:
-                if attempt == self.config.max_retries:
-                    what = "unreachable" if isinstance(exc, openai.APIConnectionError) else "failing"
-                    raise _Fatal(f"server {self.base_url} is {what} after {attempt + 1} tries: "
+                raise _BadRequest(f"server {name} refused the request: {msg}") from None
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                why = f"{type(exc).__name__}: {self.scrub(str(exc))}"
+                if pool.others_up(server):  # another server can take it now: no backoff here
+                    pool.down(server, why)
+                    continue
+                if attempt >= self.config.max_retries:
+                    what = "unreachable" if not isinstance(exc, openai.APITimeoutError) else "failing"
+                    pool.down(server, why)
+                    if not pool.ever_answered:
+                        raise _Fatal(f"server {name} is {what} after {attempt + 1} tries: {why}") from None
+                    attempt = 0
+                    continue  # acquire() waits for a server to come back (or gives up, naming them)
+                await self._backoff(name, exc, attempt)
+                attempt += 1
+            except (openai.RateLimitError, openai.InternalServerError) as exc:
+                if isinstance(exc, openai.RateLimitError):
+                    pool.answered(server)  # alive, only busy
+                if attempt >= self.config.max_retries:
+                    if pool.others_up(server):  # a failing engine behind a live server: use the others
+                        pool.down(server, f"{type(exc).__name__} after {attempt + 1} tries")
+                        attempt = 0
+                        continue
+                    raise _Fatal(f"server {name} is failing after {attempt + 1} tries: "
                                  f"{type(exc).__name__}: {self.scrub(str(exc))}") from None
-                delay = random.uniform(0, min(self.retry_cap, self.retry_base * 2 ** attempt))
-                log.warning("server %s: %s; retry %d in %.1f s", self.base_url, type(exc).__name__, attempt + 1, delay)
-                await asyncio.sleep(delay)
+                await self._backoff(name, exc, attempt)
+                attempt += 1
             except openai.APIStatusError as exc:  # other 4xx
-                raise _Fatal(f"server {self.base_url} answered {exc.status_code}: {self.scrub(str(exc))}") from None
-        raise AssertionError("unreachable")
+                raise _Fatal(f"server {name} answered {exc.status_code}: {self.scrub(str(exc))}") from None
+            finally:
+                pool.release(server)
+
+    async def _backoff(self, name: str, exc: Exception, attempt: int) -> None:
+        delay = random.uniform(0, min(self.retry_cap, self.retry_base * 2 ** attempt))
+        log.warning("server %s: %s; retry %d in %.1f s", name, type(exc).__name__, attempt + 1, delay)
+        await asyncio.sleep(delay)
 
     async def _post(self, client, request: Request, params: SamplingParams, n: int, seed, max_tokens: int):
         extra: dict = {}
@@ -232,7 +287,7 @@ class OpenAIBackend(Backend):
         return out
 
     def _completion(self, text: str, choice, usage, n_choices: int, params: SamplingParams) -> Completion:
-        finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
+        finish = choice.finish_reason or "stop"  # abort, content_filter, tool_calls are kept as they are
         tokens = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
         logprobs = None
         lp = choice.logprobs
@@ -249,6 +304,16 @@ class OpenAIBackend(Backend):
             n_tokens = round((usage.completion_tokens if usage else 0) / max(1, n_choices))
         return Completion(text=text, finish_reason=finish, prompt_tokens=usage.prompt_tokens if usage else 0,
                           completion_tokens=n_tokens, logprobs=logprobs)
+
+
+async def _shutdown(pool: ServerPool) -> None:
+    """Cancel what is still in flight (a failed run), then close the clients."""
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await pool.close()
 
 
 def _url_password(url: str) -> str:

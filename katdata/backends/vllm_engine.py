@@ -14,10 +14,11 @@ vLLM spawns worker processes: a script that builds this backend needs an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Optional
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.backends.base import Backend, BackendConfig, Completion, Job, Request, SamplingParams
 from katdata.backends.hf import check_model_path
 from katdata.errors import EngineError, require
 
@@ -67,23 +68,58 @@ class VLLMBackend(Backend):
             kw["max_model_len"] = config.max_model_len
         if config.enforce_eager is not None:
             kw["enforce_eager"] = config.enforce_eager
-        if config.data_parallel_size > 1:
-            kw["data_parallel_size"] = config.data_parallel_size
-        if config.lora_path:
-            kw.update(enable_lora=True, max_lora_rank=int(config.extra.get("max_lora_rank", 64)))
+        if config.data_parallel_size > 1:  # recipes refuse it at load; this is for direct callers
+            raise EngineError("vllm.LLM does not run data parallel in one process: serve the model with "
+                              f"'katdata serve --data-parallel-size {config.data_parallel_size}' and use the openai backend")
         kw.update(config.extra.get("engine_args", {}))
+        self._kw = kw
+        self.lora = None
+        self._loras: dict[str, object] = {}  # adapters served by with_adapter views, by path
+        self._build(lora=bool(config.lora_path))
+        if config.lora_path:
+            self.lora = self._lora_request(config.lora_path)
+        log.info("vllm backend: %s (dtype %s, max_model_len %d)", self.path, dtype, self.max_len)
+
+    def _build(self, lora: bool) -> None:
+        vllm = require("vllm", "cpu")
+        kw = dict(self._kw)
+        if lora:
+            kw.update(enable_lora=True, max_lora_rank=int(self.config.extra.get("max_lora_rank", 64)))
         try:
             self.llm = vllm.LLM(**kw)
         except (OSError, ValueError) as exc:
             raise EngineError(f"vLLM cannot load model '{self.path}': {exc}") from exc
+        self.lora_enabled = lora
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
-        self.lora = None
-        if config.lora_path:
-            from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest("adapter", 1, config.lora_path)
-        log.info("vllm backend: %s (dtype %s, max_model_len %d)", self.path, dtype, self.max_len)
+    def _lora_request(self, path: str):
+        from vllm.lora.request import LoRARequest
+
+        if path not in self._loras:
+            self._loras[path] = LoRARequest(f"adapter{len(self._loras) + 1}", len(self._loras) + 1, path)
+        return self._loras[path]
+
+    def with_adapter(self, path: str):
+        """Base and adapted requests on one engine (a LoRA request per adapted request). An engine
+        built without LoRA support is rebuilt once with it, the old one freed first."""
+        if self.config.lora_path:
+            return None
+        if not self.lora_enabled:
+            self.close()
+            self._build(lora=True)
+        from katdata.backends.base import AdapterView
+
+        self._lora_request(path)
+        return AdapterView(self, path)
+
+    @contextlib.contextmanager
+    def adapter_on(self, path: str):
+        before, self.lora = self.lora, self._lora_request(path)
+        try:
+            yield
+        finally:
+            self.lora = before
 
     def render_prompt(self, request: Request) -> str:
         """The exact prompt text this backend feeds the engine (also the request cache's key)."""
@@ -108,34 +144,43 @@ class VLLMBackend(Backend):
     def generate(self, requests: list[Request], params: SamplingParams,
                  on_done: Optional[OnDone] = None) -> list[list[Completion]]:
         """``params.n`` completions per request; ``on_done(i, completions)`` when the batch is back."""
+        results = self._run([(req, params) for req in requests])
+        if on_done:
+            for i, comps in enumerate(results):
+                on_done(i, comps)
+        return results
+
+    def generate_wave(self, jobs: list[Job]) -> list[list[Completion]]:
+        """A whole wave of ``stream`` in one engine call, each request with its own params."""
+        return self._run([(job.request, job.params) for job in jobs])
+
+    def _run(self, items: list[tuple[Request, SamplingParams]]) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
-        results: list[Optional[list[Completion]]] = [None] * len(requests)
-        copies = 1 if params.temperature == 0 else params.n
+        results: list[Optional[list[Completion]]] = [None] * len(items)
         prompts, sampling, index = [], [], []
-        for i, req in enumerate(requests):
+        for i, (req, params) in enumerate(items):
             ids = self.tokenizer(self.render_prompt(req), add_special_tokens=False)["input_ids"]
             if len(ids) >= self.max_len:
                 err = f"prompt is longer than the context: {len(ids)} prompt tokens, max_model_len {self.max_len}"
                 results[i] = [Completion("", "error", len(ids), 0, error=err) for _ in range(params.n)]
                 continue
+            copies = 1 if params.temperature == 0 else params.n
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             sampling.append(self._sampling(params, copies, min(params.max_tokens, self.max_len - len(ids))))
             index.append(i)
         if prompts:
             outs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=self.lora)
             for i, out in zip(index, outs):
+                params = items[i][1]
                 comps = [self._completion(o, len(out.prompt_token_ids), params) for o in out.outputs]
-                if copies < params.n:
+                if len(comps) < params.n:  # greedy: decoded once, copied
                     comps = [Completion(**vars(comps[0])) for _ in range(params.n)]
                 results[i] = comps
-        if on_done:
-            for i, comps in enumerate(results):
-                on_done(i, comps)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def _completion(self, out, prompt_len: int, params: SamplingParams) -> Completion:
-        finish = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+        finish = out.finish_reason or "stop"  # abort and others are kept as they are
         comp = Completion(text=out.text, finish_reason=finish, prompt_tokens=prompt_len,
                           completion_tokens=len(out.token_ids))
         if params.logprobs and out.logprobs:

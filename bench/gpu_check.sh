@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check (not part of `make test`): on a machine with CUDA torch, ten minutes at most.
+#   bash bench/gpu_check.sh [PYTHON]        (default: .venv/bin/python)
+# 1. the transformers backend on CUDA: a batch of the embedded model, tokens/s;
+# 2. a LoRA step in bf16 (katdata.train on demo records), steps/s;
+# 3. the streaming eval on that adapter (base and adapter on one engine), tokens/s.
+# Each part prints one line "gpu_check PART: ... tokens_per_s=..." and the script exits non-zero
+# on the first failure.
+set -euo pipefail
+PY="${1:-.venv/bin/python}"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WORK="$(mktemp -d -t katdata-gpu-check-XXXX)"
+trap 'rm -rf "$WORK"' EXIT
+
+timeout 600 "$PY" - "$WORK" <<'PY'
+import json, sys, time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: torch sees no CUDA device")
+work = Path(sys.argv[1])
+print(f"gpu_check device: {torch.cuda.get_device_name(0)} bf16={torch.cuda.is_bf16_supported()}", flush=True)
+
+# 1. transformers backend on CUDA
+from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+
+backend = get_backend("transformers", BackendConfig(batch_size=64, extra={"device": "cuda"}))
+assert backend.device == "cuda", backend.device
+reqs = [Request([{"role": "user", "content": f"Write two sentences about the number {i}."}]) for i in range(64)]
+params = SamplingParams(max_tokens=128, temperature=0.7, seed=0)
+backend.generate(reqs[:4], params.with_(max_tokens=8))  # warm-up
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+outs = backend.generate(reqs, params)
+torch.cuda.synchronize()
+secs = time.perf_counter() - t0
+tokens = sum(c[0].completion_tokens for c in outs)
+print(f"gpu_check transformers: {len(reqs)} requests tokens={tokens} tokens_per_s={tokens / secs:.0f}", flush=True)
+
+# 2. a LoRA step in bf16
+sys.path.insert(0, "tests")
+from demo_data import demo_records
+
+from katdata.runfiles import RowWriter
+from katdata.train import TrainConfig, run as train_run
+
+run_dir = work / "run"
+run_dir.mkdir()
+with RowWriter(run_dir / "records.jsonl") as w:
+    w.write_all(demo_records(16, 16, seed=3))
+t0 = time.perf_counter()
+stats = train_run(TrainConfig(holdout=8, max_steps=4, batch_size=4, max_length=256, warmup_steps=0, bf16=True,
+                              save_steps=4), run_dir)
+secs = time.perf_counter() - t0
+print(f"gpu_check lora_bf16: steps=4 seconds={secs:.1f} stats={json.dumps(stats, default=str)[:300]}", flush=True)
+
+# 3. the streaming eval, base and adapter on the one engine
+from katdata.evaluate import EvalConfig, run as eval_run
+
+t0 = time.perf_counter()
+result = eval_run(EvalConfig(max_tokens=128, plots=False), run_dir, lambda name: backend)
+secs = time.perf_counter() - t0
+rows = [json.loads(x) for x in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
+tokens = sum(r["tokens"] for r in rows)
+print(f"gpu_check eval_stream: generations={len(rows)} tokens={tokens} tokens_per_s={tokens / secs:.0f} "
+      f"adapted_acc={result['models']['adapted'].get('accuracy')}", flush=True)
+print("gpu_check: ok")
+PY

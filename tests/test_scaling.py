@@ -1,0 +1,39 @@
+"""Scaling settings refused at recipe load with the supported way named (no engine starts)."""
+
+import pytest
+
+from katdata.errors import KatdataError
+from katdata.recipe import load_recipe
+
+
+def recipe(tmp_path, engine: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: s\nengines:\n  default: {engine}\n", "utf-8")
+    return path
+
+
+def test_data_parallel_in_process_is_refused_naming_katdata_serve(tmp_path):
+    with pytest.raises(KatdataError, match=r"r.yaml:3: engines.default: .*katdata serve --data-parallel-size 4.*openai"):
+        load_recipe(recipe(tmp_path, "{backend: vllm, data_parallel_size: 4}"))
+
+
+def test_tensor_parallel_only_on_vllm(tmp_path):
+    with pytest.raises(KatdataError, match="tensor_parallel_size applies to backend: vllm"):
+        load_recipe(recipe(tmp_path, "{backend: transformers, tensor_parallel_size: 2}"))
+    ok = load_recipe(recipe(tmp_path, "{backend: vllm, tensor_parallel_size: 2}"))
+    assert ok.engines["default"].backend_config().tensor_parallel_size == 2
+
+
+def test_serve_passes_parallel_flags_to_vllm(monkeypatch):
+    from katdata import servers
+
+    seen = {}
+
+    def start(model, port, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(servers, "start", start)
+    with pytest.raises(SystemExit):
+        servers.main(["--data-parallel-size", "8", "--tensor-parallel-size", "2", "--host", "0.0.0.0"])
+    assert seen["extra_args"] == ["--data-parallel-size", "8", "--tensor-parallel-size", "2", "--host", "0.0.0.0"]
