@@ -36,4 +36,5 @@ def test_serve_passes_parallel_flags_to_vllm(monkeypatch):
     monkeypatch.setattr(servers, "start", start)
     with pytest.raises(SystemExit):
         servers.main(["--data-parallel-size", "8", "--tensor-parallel-size", "2", "--host", "0.0.0.0"])
-    assert seen["extra_args"] == ["--data-parallel-size", "8", "--tensor-parallel-size", "2", "--host", "0.0.0.0"]
+    assert seen["data_parallel_size"] == 8
+    assert seen["extra_args"] == ["--tensor-parallel-size", "2", "--host", "0.0.0.0"]
