@@ -250,7 +250,7 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
 
     scorer = Scorer(Verifier(), queries, eos)
     funcs = reward_functions(scorer, cfg.mode_evidence, cfg.delta if cfg.delta is not None else 0.1,
-                             cfg.max_completion_length, cfg.cost_weight > 0)
+                             cfg.max_completion_length, cfg.cost_weight > 0, score_forced=cfg.step_level)
     weights = [cfg.format_weight, cfg.answer_weight, cfg.mode_weight] + ([cfg.cost_weight] if cfg.cost_weight else [])
     data = datasets.Dataset.from_list([{k: v for k, v in r.items() if k not in ("meta", "query")} for r in rows])
     gpu = torch.cuda.is_available()

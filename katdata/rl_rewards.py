@@ -77,9 +77,12 @@ def mode_of(parsed, forced: Optional[str]) -> Optional[str]:
 
 
 def reward_functions(scorer: Scorer, evidence: Sequence[str], delta: float, max_tokens: int,
-                     with_cost: bool) -> list[Callable]:
+                     with_cost: bool, score_forced: bool = True) -> list[Callable]:
     """[format, answer, mode] (+ cost): TRL reward functions over the dataset columns id, prefix, forced,
-    label, p_on, p_off, vote_n, delta (a column delta overrides the argument)."""
+    label, p_on, p_off, vote_n, delta (a column delta overrides the argument).
+
+    ``score_forced=False`` gives forced completions no mode reward (None): their decision is in the
+    prompt, so in sequence-level GRPO a mode reward would only move their answer tokens."""
 
     def rows(completions, completion_ids, kwargs):
         n = len(completions)
@@ -122,7 +125,7 @@ def reward_functions(scorer: Scorer, evidence: Sequence[str], delta: float, max_
                 if best:
                     source = src
                     break
-            if best is None:
+            if best is None or (forced[i] and not score_forced):
                 out.append(None)
                 continue
             used[source] += 1

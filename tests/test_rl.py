@@ -106,6 +106,9 @@ def test_mode_reward_evidence_order_and_delta_rule(records, setup, tokenizer):
     forced = {**{k: v[:1] for k, v in cols.items()}, "forced": ["off"],
               "prefix": [forced_prefix("off", "calculation", "math")]}
     assert call(funcs["mode"], tokenizer, [on], [f"{on.answer}\n</answer>"], **forced) == [0.0]
+    scorer = Scorer(Verifier(), {on.id: SimpleNamespace(kind=on.kind, reference=on.reference, query="", meta={})}, [2])
+    seq = {f.__name__: f for f in reward_functions(scorer, ["label"], 0.1, 64, False, score_forced=False)}
+    assert call(seq["mode"], tokenizer, [on], [f"{on.answer}\n</answer>"], **forced) == [None]  # sequence-level
     # no mode tag written: 0
     assert call(funcs["mode"], tokenizer, [on], ["a rationale that never ends"], closed=[False],
                 **{k: v[:1] for k, v in cols.items()}) == [0.0]
