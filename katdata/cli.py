@@ -28,6 +28,7 @@ DELEGATED = {
     "assemble": ("katdata.assemble", "render the final KAT records"),
     "export": ("katdata.export", "write the Hub dataset folder (and card) of a run"),
     "train": ("katdata.train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)"),
+    "rl": ("katdata.rl", "mode-aware GRPO after train: decision and answer rewards, step-level advantages"),
     "eval": ("katdata.evaluate", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens"),
     "review": ("katdata.review", "push records to Argilla for human review, pull annotations back"),
     "serve": ("katdata.servers", "serve a model, adapter or run folder with vLLM (KAT template, kat reasoning parser)"),

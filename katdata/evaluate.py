@@ -49,6 +49,8 @@ class EvalConfig(BaseModel):
     adapted_engine: Optional[str] = Field(None, description="recipe engine that already loads the adapter; None = the "
                                           "base engine's backend rebuilt with lora_path = the adapter")
     adapter: Optional[str] = Field(None, description="adapter folder; default RUN_DIR/train/adapter")
+    rl_adapter: Optional[str] = Field(None, description="RL adapter, evaluated as model 'rl' next to base and SFT "
+                                      "('adapted'); default RUN_DIR/rl/adapter when it exists; 'none' = skip")
     output: str = Field("eval", description="output folder, relative to the run folder")
     limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many held-out queries")
     forced: bool = Field(True, description="also run the adapted model in forced think-on and think-off modes")
@@ -264,12 +266,12 @@ def plot(rows: list[dict], out: Path) -> list[str]:
     return written
 
 
-def _adapted(cfg: EvalConfig, run_dir: Path, engine, base):
-    if cfg.adapted_engine:
+def _adapted(cfg: EvalConfig, run_dir: Path, engine, base, adapter: Optional[Path] = None):
+    if cfg.adapted_engine and adapter is None:
         return engine(cfg.adapted_engine), False
     from katdata.backends import get_backend
 
-    adapter = Path(cfg.adapter) if cfg.adapter else run_dir / "train" / "adapter"
+    adapter = adapter or (Path(cfg.adapter) if cfg.adapter else run_dir / "train" / "adapter")
     if not (adapter / "adapter_config.json").is_file():
         raise KatdataError(f"no adapter at {adapter}: run `katdata train` first, or set eval.adapter")
     train_json = run_dir / "train" / "train.json"
@@ -321,6 +323,9 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     done = done_keys(gen_path, key="key")
     plan = [("base", "auto")] + ([("base", "on"), ("base", "off")] if cfg.base_forced else [])
     plan += [("adapted", "auto")] + ([("adapted", "on"), ("adapted", "off")] if cfg.forced else [])
+    rl_adapter = None if cfg.rl_adapter == "none" else Path(cfg.rl_adapter or run_dir / "rl" / "adapter")
+    if rl_adapter and (cfg.rl_adapter or (rl_adapter / "adapter_config.json").is_file()):
+        plan += [("rl", "auto")] + ([("rl", "on"), ("rl", "off")] if cfg.forced else [])
     threads = _set_threads(cfg.num_threads)
     try:
         with RowWriter(gen_path) as writer:
@@ -328,22 +333,28 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
             for model, setting in plan:
                 if model == "base":
                     generate(base, model, setting, items, cfg, writer, done, verifier)
-            if any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == "adapted" for it in items):
-                adapted, owned = _adapted(cfg, run_dir, engine, base)
-                try:
-                    for model, setting in plan:
-                        if model == "adapted":
-                            generate(adapted, model, setting, items, cfg, writer, done, verifier)
-                finally:
-                    if owned:
-                        adapted.close()
+            for name in ("adapted", "rl"):  # the SFT adapter, then the RL adapter when there is one
+                if any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == name for it in items):
+                    adapted, owned = _adapted(cfg, run_dir, engine, base, rl_adapter if name == "rl" else None)
+                    try:
+                        for model, setting in plan:
+                            if model == name:
+                                generate(adapted, model, setting, items, cfg, writer, done, verifier)
+                    finally:
+                        if owned:
+                            adapted.close()
     finally:
         _set_threads(threads)
     wanted = {it.id for it in items}
     rows = [r for r in _read(gen_path) if r["id"] in wanted and (r["model"], r["setting"]) in plan]
     result = {**({"sandbox": isolation} if isolation else {}), "heldout": len(items),
               "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
-              "models": {m: metrics([r for r in rows if r["model"] == m]) for m in ("base", "adapted")}}
+              "models": {m: metrics([r for r in rows if r["model"] == m]) for m in ("base", "adapted", "rl")
+                         if any(m == pm for pm, _ in plan)}}
+    if "rl" in result["models"]:
+        from katdata.rl import side_by_side
+
+        result["side_by_side"] = side_by_side(result["models"])
     if cfg.plots:
         result["plots"] = plot(rows, out)
     tmp = out / ".eval.json.tmp"

@@ -1,6 +1,6 @@
 """The pipeline: one stage after another, each reading the previous file and writing its own.
 
-    load -> tag -> solve -> sample -> vote -> judge -> assemble -> review -> export -> train -> eval
+    load -> tag -> solve -> sample -> vote -> judge -> assemble -> review -> export -> train -> rl -> eval
 
 Every stage appends rows to its file in the run folder and skips ids it already wrote, so a rerun
 of the same command after a crash (even kill -9) continues where it stopped. ``summary.json``
@@ -39,6 +39,7 @@ STAGE_MODULES = {
     "review": "katdata.review",
     "export": "katdata.export",
     "train": "katdata.train",
+    "rl": "katdata.rl",
     "eval": "katdata.evaluate",
 }
 STAGES = list(STAGE_MODULES)
@@ -47,9 +48,9 @@ STAGE_FILES = {
     "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
     "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
     "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
-    "review": ["review"], "export": ["export"], "train": ["train"], "eval": ["eval"],
+    "review": ["review"], "export": ["export"], "train": ["train"], "rl": ["rl"], "eval": ["eval"],
 }
-OPTIONAL = {"review", "train", "eval"}
+OPTIONAL = {"review", "train", "rl", "eval"}
 
 
 class Engines:

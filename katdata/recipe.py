@@ -22,6 +22,7 @@ from katdata.export import ExportConfig
 from katdata.inputs import FieldMap
 from katdata.judge import JudgeConfig
 from katdata.review import ReviewConfig
+from katdata.rl import RLConfig
 from katdata.sample import SampleConfig
 from katdata.sandbox import SandboxConfig
 from katdata.solve import SolveConfig
@@ -108,6 +109,7 @@ class Recipe(Strict):
     review: Optional[ReviewConfig] = Field(None, description="Argilla human review (optional stage)")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Hub dataset folder and card")
     train: Optional[TrainConfig] = Field(None, description="LoRA fine-tuning (optional stage)")
+    rl: Optional[RLConfig] = Field(None, description="mode-aware GRPO after train (optional stage)")
     eval: Optional[EvalConfig] = Field(None, description="adaptive-thinking evaluation (optional stage)")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="isolation and limits of model-written "
                                    "code run by the code verifier (solve and sample stages)")

@@ -196,8 +196,8 @@ def test_real_adapter_through_the_transformers_backend(tmp_path, hf_backend):
 
     real_adapted = ev._adapted
 
-    def spy(cfg, run_dir, eng, base):
-        backend, owned = real_adapted(cfg, run_dir, eng, base)
+    def spy(cfg, run_dir, eng, base, adapter=None):
+        backend, owned = real_adapted(cfg, run_dir, eng, base, adapter)
         built.append(type(backend.model).__name__)
         return backend, owned
 
