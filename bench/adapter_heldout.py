@@ -3,8 +3,9 @@
 Held-out set: GSM8K test problems, one-step sums from GSM8K's calculator notes and FanOutQA single-hop
 facts (the quickstart's kinds), none of whose ids or query texts is in the run's queries.jsonl (the
 quickstart never saw them, in any stage). Their labels come from the same procedure as the run's own:
-the labelling recipe (default recipes/quickstart.yaml: base model, tag, solve, two-mode sampling, vote,
-tagger prior where no sample is right), run up to the vote in OUT/labels/ (kept: a rerun reuses them).
+the labelling recipe (default recipes/quickstart.yaml: base model, tag, two-mode sampling, vote, tagger
+prior where no sample is right; its solve stage is skipped, as it changes no label), in OUT/labels/ (kept:
+a rerun reuses them).
 
 The adapter (RUN/train/adapter, or one trained here with ``--train KEY=VALUE`` overrides of the run's
 ``train:`` section, into RUN/train-bench-<settings>/) then answers each query greedily: ``auto`` (it
@@ -70,7 +71,18 @@ def label(queries: list[Query], recipe_path: str, out: Path) -> Path:
     recipe = load_recipe(recipe_path, [f"data.path={qpath}", "data.sources=[]", "train=", "eval=",
                                        "previous_round="])
     t0 = time.perf_counter()
-    run(recipe, folder, until="vote")
+    run(recipe, folder, until="tag")
+    # the solver's traces change no label (the vote reads the samples only): straight to sampling and the vote
+    from katdata.pipeline import Engines
+    from katdata.sample import run as sample
+    from katdata.vote import run as vote
+
+    engines = Engines(recipe, folder)
+    try:
+        sample(recipe.sample, folder, engines)
+        vote(recipe.vote, folder, engines)
+    finally:
+        engines.close()
     print(f"labels: {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return folder
 
@@ -134,6 +146,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="token limit of a reply")
     ap.add_argument("--forced", action="store_true", help="also answer in forced think-on and think-off")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
+    ap.add_argument("--labels-only", action="store_true", help="stop after labelling the held-out queries")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -141,6 +154,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     queries = heldout_queries(args.run_dir, args.n, args.seed)
     its, label_sources = items(label(queries, args.recipe, out))
+    if args.labels_only:
+        print(f"{len(its)} labelled held-out queries: {label_sources}")
+        return 0
     adapter = train_variant(args.run_dir, args.train) if args.train else (args.adapter or
                                                                           args.run_dir / "train" / "adapter")
     import torch
