@@ -52,3 +52,13 @@ def test_seeded_sample_is_stable_and_sized():
 def test_unknown_source_names_the_known_ones():
     with pytest.raises(KatdataError, match="gsm8k-calc"):
         sources.load("gsm8k-cal")
+
+
+def test_one_step_sums_get_a_think_off_prior_and_word_problems_keep_theirs():
+    from katdata.tag import TagConfig, rule_tags
+
+    cfg = TagConfig()
+    for q in sources.load("gsm8k-calc", 20, seed=0) + sources.load("gsm8k-calc2", 20, seed=0):
+        assert rule_tags(q, cfg)["p_reasoning"] < 0.5, q.query
+    problems = sources.load("gsm8k", 40, seed=0)
+    assert sum(rule_tags(q, cfg)["p_reasoning"] >= 0.5 for q in problems) >= 30
