@@ -38,6 +38,10 @@ from katdata.records import Query  # noqa: E402
 KINDS = ("gsm8k", "gsm8k-calc", "fanoutqa-hop")
 
 
+def kind_of(qid: str) -> str:
+    return "gsm8k-calc" if qid.startswith("gsm8k-calc-") else "gsm8k" if qid.startswith("gsm8k-") else "fanoutqa-hop"
+
+
 def heldout_queries(run_dir: Path, n: int, seed: int) -> list[Query]:
     """``n`` queries of each quickstart kind whose id and text the run never saw."""
     seen_ids, seen_text = set(), set()
@@ -144,6 +148,7 @@ def main() -> int:
     ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                     help="train a variant of the run's adapter with this train setting (repeatable)")
     ap.add_argument("--max-tokens", type=int, default=256, help="token limit of a reply")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 damps greedy loops (eval's setting)")
     ap.add_argument("--forced", action="store_true", help="also answer in forced think-on and think-off")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
     ap.add_argument("--labels-only", action="store_true", help="stop after labelling the held-out queries")
@@ -167,9 +172,10 @@ def main() -> int:
     from katdata.verify import Verifier
 
     torch.set_num_threads(args.threads)
-    name = f"{adapter.parent.name}-t{args.max_tokens}"
+    name = f"{adapter.parent.name}-t{args.max_tokens}" + (f"-rp{args.repetition_penalty}"
+                                                          if args.repetition_penalty != 1.0 else "")
     gen_path = out / f"{name}.generations.jsonl"
-    cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48)
+    cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48, repetition_penalty=args.repetition_penalty)
     settings = ["auto"] + (["on", "off"] if args.forced else [])
     backend = get_backend("transformers", BackendConfig(model=None, lora_path=str(adapter), batch_size=48))
     t0 = time.perf_counter()
@@ -187,14 +193,15 @@ def main() -> int:
     auto = [r for r in rows if r["setting"] == "auto"]
     by_kind = {}
     for kind in KINDS:
-        sel = [r for r in auto if r["id"].startswith(kind + "-") and (kind != "gsm8k" or "-calc-" not in r["id"])]
+        sel = [r for r in auto if kind_of(r["id"]) == kind]
         by_kind[kind] = {"n": len(sel), "valid": sum(r["ok"] for r in sel),
                          "agree": sum(r["mode"] == r["label"] for r in sel),
                          "think_on": sum(r["mode"] == "on" for r in sel),
                          "correct": sum(bool(r["correct"]) for r in sel)}
     acc_by_mode = {mode: {"n": len(sel), "accuracy": round(sum(bool(r["correct"]) for r in sel) / len(sel), 4)}
                    for mode in ("on", "off") for sel in [[r for r in auto if r["mode"] == mode]] if sel}
-    result = {"adapter": str(adapter), "train_sets": args.train, "max_tokens": args.max_tokens, "n": len(its),
+    result = {"adapter": str(adapter), "train_sets": args.train, "max_tokens": args.max_tokens,
+              "repetition_penalty": args.repetition_penalty, "n": len(its),
               "label_sources": label_sources,
               "labels": {mode: sum(it.label == mode for it in its) for mode in ("on", "off")},
               # validity counts a reply cut at the token limit as invalid (parse gives it an error)
