@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: quickstart test test-slow install install-dev argilla-venv argilla-up argilla-down chromium clean-venv
+.PHONY: quickstart quickstart-round2 test test-slow install install-dev argilla-venv argilla-up argilla-down chromium clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ chromium:
 
 quickstart: install
 	$(BIN)/katdata run recipes/quickstart.yaml
+
+# round two of the iterated cold start: samples and votes again with the quickstart's adapter, trains again
+quickstart-round2: install
+	$(BIN)/katdata run recipes/quickstart_round2.yaml
 
 test: install-dev
 	$(BIN)/pytest

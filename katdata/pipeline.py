@@ -107,6 +107,18 @@ def load_queries(recipe: Recipe):
     return queries
 
 
+def _copy_round(previous: Path, run_dir: Path, stage: str) -> dict:
+    """``previous_round``: the previous round's file of ``stage`` (queries, tags, solver traces) copied in."""
+    name = STAGE_FILES[stage][0]
+    if not (previous / name).is_file():  # a previous round without a solve stage
+        return {"rows_in": 0, "rows_out": 0, "copied_from": str(previous)}
+    tmp = run_dir / f"{name}.tmp"
+    shutil.copyfile(previous / name, tmp)
+    os.replace(tmp, run_dir / name)
+    rows = sum(1 for line in open(run_dir / name, "rb") if line.strip())
+    return {"rows_in": rows, "rows_out": rows, "copied_from": str(previous)}
+
+
 def _load(recipe: Recipe, run_dir: Path, queries) -> dict:
     tmp = run_dir / "queries.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -323,7 +335,8 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     removed again when the run fails before any engine was built (nothing a model made is lost).
     """
     stages = _selected(recipe, start, until)
-    queries = load_queries(recipe) if "load" in stages else None  # bad input fails here, before any folder
+    copied = [s for s in ("load", "tag", "solve") if s in stages] if recipe.previous_round else []
+    queries = load_queries(recipe) if "load" in stages and not copied else None  # bad input fails here
     run_dir = Path(run_dir)
     summary = Summary(run_dir / "summary.json")
     redo = STAGES[STAGES.index(start):] if start else []
@@ -341,7 +354,9 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             redo = []
             log.info("%s: running", stage)
             t0 = time.perf_counter()
-            if stage == "load":
+            if stage in copied:
+                stats = _copy_round(Path(recipe.previous_round), run_dir, stage)
+            elif stage == "load":
                 stats = _load(recipe, run_dir, queries)
             else:
                 module = importlib.import_module(STAGE_MODULES[stage])

@@ -70,6 +70,10 @@ def recipe_problems(recipe) -> list[tuple[str, str]]:
     # (train.data and eval.adapter are not checked: the run itself may write them before they are read)
     if recipe.train is not None and missing_path(recipe.train.model):
         out.append(("train.model", f"no such file or folder: {recipe.train.model}"))
+    prev = Path(recipe.previous_round) if recipe.previous_round else None
+    for name in ("queries.jsonl", "tags.jsonl") if prev else ():
+        if not (prev / name).is_file():
+            out.append(("previous_round", f"{prev} has no {name}: run the previous round first"))
     if recipe.data is not None and recipe.data.path and not Path(recipe.data.path).exists():
         out.append(("data.path", f"input not found: {recipe.data.path}"))
     return out

@@ -98,6 +98,10 @@ class Recipe(Strict):
     seed: int = Field(0, description="seed for sampling, splits and exploration")
     run_dir: str = Field("runs/{name}", description="run folder; {name} is replaced; relative to the working directory")
     data: Optional[DataConfig] = Field(None, description="the input queries (needed by the load stage)")
+    previous_round: Optional[str] = Field(
+        None, description="a run folder whose queries, tags and solver traces this run copies in place of its own "
+        "load, tag and solve stages: the next round of an iterated cold start, which samples and votes again with "
+        "an engine that loads the previous round's adapter (recipes/quickstart_round2.yaml)")
     engines: dict[str, EngineConfig] = Field(
         default_factory=lambda: {"default": EngineConfig()}, description="named engines the stages refer to")
     tag: TagConfig = Field(default_factory=TagConfig, description="tagging system")

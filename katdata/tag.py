@@ -190,9 +190,11 @@ def rule_tags(q: Query, cfg: TagConfig) -> dict[str, Any]:
     }
     math_words = len(re.findall(DEFAULT_HINTS["math"], text, re.I))
     short_lookup = words <= 15 and feats["numbers"] == 0 and feats["question"] and not feats["reasoning_words"]
+    one_step = words <= 6 and feats["numbers"] == 2 and feats["operators"] == 1  # "What is 9*2?": answer directly
     logit = (-1.2 + 1.5 * feats["math_notation"] + 0.35 * min(feats["numbers"], 6) + 0.8 * bool(feats["operators"])
              + 1.5 * feats["code"] + 0.8 * min(math_words, 2) + 0.8 * min(feats["reasoning_words"], 2)
-             + 0.7 * feats["multi_part"] + 0.6 * (words > 60) + 0.6 * (words > 120) - 0.8 * short_lookup)
+             + 0.7 * feats["multi_part"] + 0.6 * (words > 60) + 0.6 * (words > 120) - 0.8 * short_lookup
+             - 1.0 * one_step)
     p = round(_sigmoid(logit), 4)
     numeric = 1.0 + feats["math_notation"] + (feats["numbers"] >= 2)
     domain = _pick(cfg.domains, cfg.hints, text, {"math": 2.0 * feats["math_notation"] + (feats["numbers"] >= 2),

@@ -1,0 +1,223 @@
+"""Does the quickstart adapter hold on queries it never saw? Template validity and mode agreement on held-out queries.
+
+Held-out set: GSM8K test problems, one-step sums from GSM8K's calculator notes and FanOutQA single-hop
+facts (the quickstart's kinds), none of whose ids or query texts is in the run's queries.jsonl (the
+quickstart never saw them, in any stage). Their labels come from the same procedure as the run's own:
+the labelling recipe (default recipes/quickstart.yaml: base model, tag, two-mode sampling, vote, tagger
+prior where no sample is right; its solve stage is skipped, as it changes no label), in OUT/labels/ (kept:
+a rerun reuses them).
+
+The adapter (RUN/train/adapter, or one trained here with ``--train KEY=VALUE`` overrides of the run's
+``train:`` section, into RUN/train-bench-<settings>/) then answers each query greedily: ``auto`` (it
+writes the judge and picks the mode), and with ``--forced`` also forced think-on and think-off.
+Printed and written to OUT/<adapter name>.json: template validity (a reply cut at the token limit counts
+as invalid), truncated and malformed shares, agreement of the chosen mode with the label, accuracy per
+chosen mode and per forced mode, mean tokens.
+
+    .venv/bin/python bench/adapter_heldout.py runs/quickstart [--n 16] [--max-tokens 256] [--forced]
+        [--train max_steps=96 --train learning_rate=2e-3] [--adapter DIR]
+
+The target of issue 15 section 4: validity >= 0.99 and agreement >= 0.90 on at least 40 queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from katdata import sources  # noqa: E402
+from katdata.records import Query  # noqa: E402
+
+KINDS = ("gsm8k", "gsm8k-calc", "fanoutqa-hop")
+
+
+def kind_of(qid: str) -> str:
+    return "gsm8k-calc" if qid.startswith("gsm8k-calc-") else "gsm8k" if qid.startswith("gsm8k-") else "fanoutqa-hop"
+
+
+def heldout_queries(run_dir: Path, n: int, seed: int) -> list[Query]:
+    """``n`` queries of each quickstart kind whose id and text the run never saw."""
+    seen_ids, seen_text = set(), set()
+    with open(run_dir / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            q = json.loads(line)
+            seen_ids.add(q["id"])
+            seen_text.add(q["query"].strip().lower())
+    out = []
+    for name in KINDS:
+        rows = sources.load(name)
+        random.Random(seed).shuffle(rows)
+        fresh = [q for q in rows if q.id not in seen_ids and q.query.strip().lower() not in seen_text][:n]
+        if len(fresh) < n:
+            raise SystemExit(f"{name}: only {len(fresh)} unseen queries")
+        out += fresh
+    assert not {q.id for q in out} & seen_ids
+    return out
+
+
+def label(queries: list[Query], recipe_path: str, out: Path) -> Path:
+    """Run the labelling recipe up to the vote on the held-out queries (resumes in OUT/labels/)."""
+    from katdata.pipeline import run
+    from katdata.recipe import load_recipe
+
+    folder = out / "labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    qpath = out / "heldout_queries.jsonl"
+    if not qpath.is_file():
+        qpath.write_text("".join(q.model_dump_json() + "\n" for q in queries), "utf-8")
+    recipe = load_recipe(recipe_path, [f"data.path={qpath}", "data.sources=[]", "train=", "eval=",
+                                       "previous_round="])
+    t0 = time.perf_counter()
+    run(recipe, folder, until="tag")
+    # the solver's traces change no label (the vote reads the samples only): straight to sampling and the vote
+    from katdata.pipeline import Engines
+    from katdata.sample import run as sample
+    from katdata.vote import run as vote
+
+    engines = Engines(recipe, folder)
+    try:
+        sample(recipe.sample, folder, engines)
+        vote(recipe.vote, folder, engines)
+    finally:
+        engines.close()
+    print(f"labels: {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return folder
+
+
+def items(folder: Path):
+    from katdata.evaluate import Item
+
+    def rows(name):
+        with open(folder / name, encoding="utf-8") as f:
+            return {r["id"]: r for r in map(json.loads, f)}
+
+    queries, tags, votes = rows("queries.jsonl"), rows("tags.jsonl"), rows("votes.jsonl")
+    out = []
+    for qid, q in queries.items():
+        t, v = tags[qid], votes.get(qid) or {}
+        if v.get("label") is None:
+            continue
+        msgs = ([{"role": "system", "content": q["system"]}] if q.get("system") else []) + [
+            {"role": "user", "content": q["query"]}]
+        out.append(Item(qid, msgs, v["label"], t["difficulty"], str(t["domain"]), str(t["task_type"]), q["kind"],
+                        q["reference"]))
+    label_sources = {}
+    for v in votes.values():
+        label_sources[v.get("label_source")] = label_sources.get(v.get("label_source"), 0) + 1
+    return out, label_sources
+
+
+def train_variant(run_dir: Path, sets: list[str]) -> Path:
+    """Train an adapter with the run's train settings plus ``sets``; returns its folder (reused if there)."""
+    from katdata.recipe import load_recipe
+    from katdata.train import TrainConfig, run
+
+    base = load_recipe(run_dir / "recipe.yaml").train or TrainConfig()
+    slug = "-".join(s.replace("=", "") for s in sets)
+    cfg = TrainConfig(**{**base.model_dump(), **{k: v for k, v in (_kv(s) for s in sets)},
+                         "output": f"train-bench-{slug}"})
+    t0 = time.perf_counter()
+    stats = run(cfg, run_dir)
+    print(f"trained {cfg.output}: {stats.get('steps', cfg.max_steps)} steps, loss {stats.get('train_loss')} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return run_dir / cfg.output / "adapter"
+
+
+def _kv(item: str):
+    import yaml
+
+    key, _, value = item.partition("=")
+    return key.strip(), yaml.safe_load(value)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="the quickstart run folder (its queries are excluded)")
+    ap.add_argument("--n", type=int, default=16, help="held-out queries per kind (3 kinds)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the held-out draw")
+    ap.add_argument("--recipe", default="recipes/quickstart.yaml", help="the labelling recipe (run up to the vote)")
+    ap.add_argument("--out", type=Path, help="bench folder (default RUN/heldout)")
+    ap.add_argument("--adapter", type=Path, help="adapter folder (default RUN/train/adapter)")
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                    help="train a variant of the run's adapter with this train setting (repeatable)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="token limit of a reply")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 damps greedy loops (eval's setting)")
+    ap.add_argument("--forced", action="store_true", help="also answer in forced think-on and think-off")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
+    ap.add_argument("--labels-only", action="store_true", help="stop after labelling the held-out queries")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    out = args.out or args.run_dir / "heldout"
+    out.mkdir(parents=True, exist_ok=True)
+    queries = heldout_queries(args.run_dir, args.n, args.seed)
+    its, label_sources = items(label(queries, args.recipe, out))
+    if args.labels_only:
+        print(f"{len(its)} labelled held-out queries: {label_sources}")
+        return 0
+    adapter = train_variant(args.run_dir, args.train) if args.train else (args.adapter or
+                                                                          args.run_dir / "train" / "adapter")
+    import torch
+
+    from katdata.backends import BackendConfig, get_backend
+    from katdata.evaluate import EvalConfig, generate, metrics
+    from katdata.runfiles import RowWriter, done_keys
+    from katdata.verify import Verifier
+
+    torch.set_num_threads(args.threads)
+    name = f"{adapter.parent.name}-t{args.max_tokens}" + (f"-rp{args.repetition_penalty}"
+                                                          if args.repetition_penalty != 1.0 else "")
+    gen_path = out / f"{name}.generations.jsonl"
+    cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48, repetition_penalty=args.repetition_penalty)
+    settings = ["auto"] + (["on", "off"] if args.forced else [])
+    backend = get_backend("transformers", BackendConfig(model=None, lora_path=str(adapter), batch_size=48))
+    t0 = time.perf_counter()
+    try:
+        with RowWriter(gen_path) as writer:
+            done = done_keys(gen_path, key="key")
+            for s in settings:
+                generate(backend, "adapted", s, its, cfg, writer, done, Verifier())
+    finally:
+        backend.close()
+    wanted = {it.id for it in its}
+    with open(gen_path, encoding="utf-8") as f:
+        rows = [r for r in map(json.loads, f) if r["id"] in wanted]
+    m = metrics(rows)
+    auto = [r for r in rows if r["setting"] == "auto"]
+    by_kind = {}
+    for kind in KINDS:
+        sel = [r for r in auto if kind_of(r["id"]) == kind]
+        by_kind[kind] = {"n": len(sel), "valid": sum(r["ok"] for r in sel),
+                         "agree": sum(r["mode"] == r["label"] for r in sel),
+                         "think_on": sum(r["mode"] == "on" for r in sel),
+                         "correct": sum(bool(r["correct"]) for r in sel)}
+    acc_by_mode = {mode: {"n": len(sel), "accuracy": round(sum(bool(r["correct"]) for r in sel) / len(sel), 4)}
+                   for mode in ("on", "off") for sel in [[r for r in auto if r["mode"] == mode]] if sel}
+    result = {"adapter": str(adapter), "train_sets": args.train, "max_tokens": args.max_tokens,
+              "repetition_penalty": args.repetition_penalty, "n": len(its),
+              "label_sources": label_sources,
+              "labels": {mode: sum(it.label == mode for it in its) for mode in ("on", "off")},
+              # validity counts a reply cut at the token limit as invalid (parse gives it an error)
+              "template_validity": m["template_validity"], "truncated": m["truncated"], "malformed": m["malformed"],
+              "mode_agreement": m["mode_agreement"], "think_on_rate": m["think_on_rate"],
+              "parse_errors": m["parse_errors"], "accuracy_by_chosen_mode": acc_by_mode,
+              "settings": m["settings"], "by_kind": by_kind, "gen_seconds": round(time.perf_counter() - t0, 1)}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("adapter", "n", "labels", "label_sources", "template_validity",
+                                             "truncated", "malformed", "mode_agreement", "think_on_rate",
+                                             "parse_errors", "accuracy_by_chosen_mode", "by_kind")}, indent=1))
+    for s, v in m["settings"].items():
+        print(f"{s}: accuracy {v['accuracy']} valid {v['valid']} mean tokens {v['mean_tokens']}")
+    print(f"wrote {out / (name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
