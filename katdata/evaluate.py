@@ -97,22 +97,14 @@ def query_meta(run_dir: Path, rows: list[dict]) -> dict[str, dict]:
 
 def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
     """The held-out rows named in train/split.json, read from the same data as training."""
-    from katdata.train import load_examples
+    from katdata.train import split_rows
 
-    path = run_dir / "train" / "split.json"
-    if not path.is_file():
-        raise KatdataError(f"{path} not found: run `katdata train` first (it lists the held-out ids)")
-    split = json.loads(path.read_text())
-    rows, test = load_examples(split.get("data"), run_dir)
-    wanted = set(split["heldout"])
-    rows = [r for r in rows + (test or []) if r["id"] in wanted]
+    rows = split_rows(run_dir, "heldout", "it lists the held-out ids")
     metas = query_meta(run_dir, rows)
     items = [Item(r["id"], r["messages"][:-1], r["vote"].get("label") or r["mode"], r["tags"].get("difficulty"),
                   str(r["tags"].get("domain") or "unknown"), str(r["tags"].get("task_type") or "other"),
                   r["kind"], r["reference"], r["query"], metas[r["id"]])
              for r in rows]
-    if not items:
-        raise KatdataError(f"{path}: none of the held-out ids is in {split.get('data')}")
     if limit and limit < len(items):  # a prefix that keeps the labels mixed: interleave them
         groups = [[it for it in items if str(it.label) == m] for m in sorted({str(it.label) for it in items})]
         items = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)][:limit]

@@ -97,19 +97,11 @@ def load_queries(cfg: RLConfig, run_dir: Path) -> list[dict]:
     """The training queries of train/split.json as dataset rows (prompt text and the reward columns)."""
     from katdata.chat_template import render_chat
     from katdata.evaluate import query_meta
-    from katdata.train import load_examples
+    from katdata.train import split_rows
 
-    path = run_dir / "train" / "split.json"
-    if not path.is_file():
-        raise KatdataError(f"{path} not found: run `katdata train` first (rl starts from its adapter and split)")
-    split = json.loads(path.read_text())
-    rows, _ = load_examples(split.get("data"), run_dir)
-    wanted = set(split["train"])
-    rows = [r for r in rows if r["id"] in wanted]
+    rows = split_rows(run_dir, "train", "rl starts from its adapter and split")
     if cfg.limit:
         rows = rows[: cfg.limit]
-    if not rows:
-        raise KatdataError(f"{path}: none of the training ids is in {split.get('data')}")
     metas = query_meta(run_dir, rows)
     out = []
     for r in rows:

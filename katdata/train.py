@@ -96,6 +96,21 @@ def _source(cfg_data: Optional[str], run_dir: Path) -> Path:
     return run_dir / "export" if (run_dir / "export").is_dir() else run_dir / "records.jsonl"
 
 
+def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
+    """The rows train/split.json lists under ``part`` ("train" or "heldout"), read from the same data as
+    training; ``needed_by`` says in the error who needs them."""
+    path = Path(run_dir) / "train" / "split.json"
+    if not path.is_file():
+        raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
+    split = json.loads(path.read_text())
+    rows, test = load_examples(split.get("data"), Path(run_dir))
+    wanted = set(split[part])
+    rows = [r for r in rows + (test or []) if r["id"] in wanted]
+    if not rows:
+        raise KatdataError(f"{path}: none of the {part} ids is in {split.get('data') or 'the run folder'}")
+    return rows
+
+
 def load_examples(data: Optional[str], run_dir: Path) -> tuple[list[dict], Optional[list[dict]]]:
     """(rows, held-out rows or None) as {id, messages, mode, tags, vote, reference, kind, query}.
 
