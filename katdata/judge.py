@@ -248,7 +248,7 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
         if cfg.writer == "tags":
             for v in todo:
                 write(_tags_row(JudgeRow(id=v.id, mode=v.label), tags[v.id], "writer: tags"))
-        else:  # streamed: each row written as soon as it is settled
+        elif todo:  # streamed: each row written as soon as it is settled
             write_rationales((queries[v.id] for v in todo), (v.label for v in todo), cfg, backend, on_row=write)
     return {"rows_in": len(votes), "rows_out": len(todo), **stats}
 

@@ -75,7 +75,7 @@ class RunInfo:
         self.prompts = {
             "sampler": [sec["sample"].get("neutral_judge", "judge_neutral.txt")], "tagger": ["tag.txt"],
             "solver": ["solver.txt"], "thinker": ["thinker.txt"], "critic": ["critic.txt"],
-            "judge": [sec["judge"].get("prompt", "judge_rationale.txt"), sec["judge"].get("check_prompt", "judge_check.txt")]}
+            "judge": [sec["judge"].get("prompt", "judge_rationale.txt"), sec["judge"].get("rationale_check_prompt", "rationale_check.txt")]}
         self.judge_writer = sec["judge"].get("writer", "llm")
         self.known = bool(r)
 

@@ -415,9 +415,11 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     usage = Counter()
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
-        if backend is None:
-            rows, _ = tag_batch(todo, cfg, None, fit)
-            w.write_all(rows)
+        if backend is None:  # the rule prior alone: a batch at a time, so the progress shows
+            for i in range(0, len(todo), cfg.batch_size):
+                rows, _ = tag_batch(todo[i:i + cfg.batch_size], cfg, None, fit)
+                w.write_all(rows)
+                log.info("tagged %d/%d", min(i + cfg.batch_size, len(todo)), len(todo))
         else:  # streamed: each row written as its reply comes in (an in-process engine: batch_size a call)
             params = SamplingParams(max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS), logprobs=cfg.logprobs or None)
             jobs = (Job(q, r, params) for q, r in zip(todo, tag_requests(todo, cfg)))

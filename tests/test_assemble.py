@@ -105,7 +105,7 @@ def test_solver_content_names_the_agent_roles_and_their_models(tmp_path):
     assert on.content_source == "solver" and on.provenance["agents"] == ["solver", "thinker", "critic"]
     assert on.provenance["models"]["thinker"] == "Qwen/Qwen3-32B"  # a server's model id, as served
     assert on.provenance["engines"]["thinker"] == "big (openai)"
-    assert {"solver.txt", "thinker.txt", "critic.txt", "judge_rationale.txt", "judge_check.txt"} <= set(on.provenance["prompts"])
+    assert {"solver.txt", "thinker.txt", "critic.txt", "judge_rationale.txt", "rationale_check.txt"} <= set(on.provenance["prompts"])
 
 
 def test_model_fingerprint_follows_config_and_weight_files(tmp_path):
