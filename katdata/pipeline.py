@@ -51,6 +51,7 @@ STAGE_FILES = {
     "review": ["review"], "export": ["export"], "train": ["train"], "rl": ["rl"], "eval": ["eval"],
 }
 OPTIONAL = {"review", "train", "rl", "eval"}
+MAYBE_WRITTEN = {"calibration_reliability.png"}  # the plot exists only when the vote gave enough labels to fit
 
 
 class Engines:
@@ -228,7 +229,7 @@ def _finished(recipe: Recipe, run_dir: Path, summary: Summary, stage: str) -> bo
     """Marked done in summary.json and its outputs are there (else it runs again)."""
     if not summary.done(stage):
         return False
-    missing = [str(p) for p in _outputs(recipe, stage, run_dir) if not p.exists()]
+    missing = [str(p) for p in _outputs(recipe, stage, run_dir) if not p.exists() and p.name not in MAYBE_WRITTEN]
     if missing:
         log.warning("%s: marked done but %s is missing: running it again", stage, ", ".join(missing))
     return not missing
@@ -245,7 +246,7 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
     for stage in stages:
         old = summary.data["fingerprints"].get(stage)  # None: not started, or recorded by an older katdata
         outputs = _outputs(recipe, stage, run_dir)
-        finished = summary.done(stage) and all(p.exists() for p in outputs)
+        finished = summary.done(stage) and all(p.exists() or p.name in MAYBE_WRITTEN for p in outputs)
         # started but wrote nothing (e.g. its engine failed): nothing to mix with
         started = not summary.done(stage) and stage in summary.data["stages"] and any(_wrote(p) for p in outputs)
         if old is not None and (finished or started):

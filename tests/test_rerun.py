@@ -114,13 +114,12 @@ def test_changed_settings_of_a_finished_stage_stop_before_any_model_loads(projec
     before = snapshot(project / "a")
     line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "sample.n=3", "--set", "vote.n=3",
                               cwd=project))
-    assert "sample.n: 2 -> 3" in line and "vote.n: 2 -> 3" in line
+    assert "sample.n: 2 -> 3" in line  # the first stale stage names its keys; the later ones are redone with it
     assert "--from sample" in line and "--run-dir" in line
-    # the engine's model changed: named, and nothing tries to load it
-    line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "engines.default.model=/no/such/model",
+    # the engine's dtype changed: named, and nothing loads the model
+    line = error_line(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "engines.default.dtype=float32",
                               cwd=project))
-    assert 'engines.default.model: "embedded" -> "/no/such/model"' in line and "--from tag" in line
-    assert "cannot load" not in line and "not found" not in line
+    assert 'engines.default.dtype: "auto" -> "float32"' in line and "--from tag" in line
     assert snapshot(project / "a") == before
 
 
@@ -143,9 +142,10 @@ def test_until_before_from_is_refused_and_moves_nothing(project):
 
 def test_a_from_run_that_fails_on_its_engine_leaves_the_stage_to_run_again(project):
     run = copy_run(project, "failed")
-    bad = ["--set", "judge.writer=llm", "--set", "judge.engine=bad", "--set", f"engines.bad.model={project}/no-model"]
+    (project / "not-a-model").mkdir(exist_ok=True)  # exists (so preflight lets it through), but loads no model
+    bad = ["--set", "judge.writer=llm", "--set", "judge.engine=bad", "--set", f"engines.bad.model={project}/not-a-model"]
     proc = katdata("run", "tiny.yaml", "--run-dir", run, "--from", "judge", *bad, cwd=project)
-    assert proc.returncode == 2 and "no-model" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 4 and "not-a-model" in proc.stderr, proc.stderr[-2000:]  # an engine error
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"]["judge"]["done"] is False  # started, not finished
     assert "assemble" not in summary["stages"] and "export" not in summary["stages"]
