@@ -7,8 +7,9 @@ Three roles, each with its own prompt file and engine (by default all the same):
   ending in ``Final answer: ...``: that reasoning becomes the ``<think>`` content;
 - the critic scores the result 1-10 (``Score:`` is pre-filled) with a verdict and a reason.
 
-Rounds are batched across queries: one backend call per role per round for a whole chunk of
-queries. A trace is accepted when its reasoning is complete, it has an answer, its answer passes
+Queries stream through ``Backend.stream``: each moves through its own steps (solver, thinker,
+critic, next round) and its next request goes out as soon as its previous reply is in, while other
+queries' requests are out; its rows are written once it is finished. A trace is accepted when its reasoning is complete, it has an answer, its answer passes
 the reference check (where the query has a checkable reference; a failed verifier is a
 ``verify_error``, not a mismatch), the critic's verdict is not "reject" and its score reaches the
 threshold; otherwise the attempt is written with a ``reason`` and the query is regenerated with
@@ -23,14 +24,15 @@ import json
 import logging
 import re
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
+from katdata.backends.multi import stream_routed
 from katdata.records import Attempt, Query, Segment, Tags
 from katdata.runfiles import RowWriter, read_rows, repair_tail
 from katdata.prompt_files import read_prompt
@@ -71,19 +73,30 @@ class SolveConfig(BaseModel):
     seed: int = Field(0, description="sampling seed; round r uses seed + r")
     queries: Literal["all", "not_off_candidates"] = Field(
         "all", description="which queries to solve: all, or only those not tagged think-off candidates")
-    chunk_size: int = Field(64, ge=1, description="queries solved together: one backend call per role per round")
+    chunk_size: int = Field(64, ge=1, description="queries in progress at once (each moves through its rounds on "
+                                                   "its own): bounds memory; an in-process engine batches their "
+                                                   "pending requests together")
     check_reference: bool = Field(True, description="reject a trace whose answer fails the reference check")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="how answers are checked (katdata.verify)")
     grader_engine: Optional[str] = Field(None, description="engine of the LLM grader for kind=open references "
                                                            "(None: open answers stay unverified)")
 
 
+ROLES = ("solver", "thinker", "critic")
+
+
 @dataclass
 class Work:
-    """One query in flight through the rounds."""
+    """One query on its way through the rounds: the replies of its current round so far."""
 
     q: Query
+    round: int = 0
     feedback: str = ""
+    critique: str = ""
+    draft: Optional[Completion] = None
+    trace: Optional[Completion] = None
+    found: Optional[dict[str, Any]] = None
+    rows: list[Attempt] = field(default_factory=list)
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -145,145 +158,219 @@ def _reject_code(reason: Optional[str]) -> str:
     return (reason or "accepted").split(":")[0]
 
 
-def solve_rounds(queries: list[Query], cfg: SolveConfig, engine: Callable[[str], Backend],
-                 calls: Counter, usage: Counter, verifier: Optional[Verifier] = None) -> Iterator[list[Attempt]]:
-    """Run the rounds for a chunk of queries; yields each round's attempt rows (accepted and rejected)."""
+def _params(cfg: SolveConfig, rnd: int, role: str) -> SamplingParams:
+    """Round ``rnd``'s sampling: solver and thinker share it, the critic decodes greedily."""
+    if role == "critic":
+        return SamplingParams(max_tokens=cfg.critic_max_tokens, temperature=0.0, seed=cfg.seed + rnd,
+                              stop=tuple(STOP_STRINGS))
+    temp = cfg.temperature if rnd == 0 else cfg.regen_temperature
+    return SamplingParams(max_tokens=cfg.max_tokens, temperature=temp, seed=cfg.seed + rnd, stop=tuple(STOP_STRINGS))
+
+
+def inspect_trace(w: Work, cfg: SolveConfig, verifier: Verifier) -> dict[str, Any]:
+    """The thinker's reasoning and answer, its structural errors and the reference check."""
+    d, t = w.draft, w.trace
+    think = _clean(t.text)
+    answer = answer_of(think, w.q)
+    errors = [code for code, bad in (
+        ("engine_error", t.finish_reason == "error" or d.finish_reason == "error"),
+        ("truncated", t.finish_reason == "length"), ("no_reasoning", not think),
+        ("no_answer", not answer),
+        ("marker_in_text", any(m in think or m in (answer or "") for m in MARKERS))) if bad]
+    correct, verify_error = None, None
+    if cfg.check_reference and not errors:
+        try:
+            correct = check_answer(answer, w.q, verifier)
+        except VerifyError as exc:
+            verify_error = str(exc)
+    return {"think": think, "answer": answer, "errors": errors, "correct": correct, "verify_error": verify_error}
+
+
+def attempt_row(w: Work, c: Optional[Completion], cfg: SolveConfig, models: dict[str, str]) -> Attempt:
+    """The round's attempt row from the draft, the trace and the critic's reply (None: not asked)."""
+    d, t, f, rnd = w.draft, w.trace, w.found, w.round
+    segs = [Segment(role="solver", round=rnd, model=models["solver"], text=d.text),
+            Segment(role="thinker", round=rnd, model=models["thinker"], text=t.text)]
+    score, verdict, critique, errors = None, None, "", list(f["errors"])
+    if c is not None:
+        raw = CRITIC_PREFIX + c.text
+        segs.append(Segment(role="critic", round=rnd, model=models["critic"], text=raw))
+        score, verdict, critique = parse_critic(raw)
+        if score is None:
+            errors.append("critic_unparsed")
+    if errors:
+        reason = f"{errors[0]}: " + (f"no score in {raw[:120]!r}" if errors[0] == "critic_unparsed"
+                                     else STRUCTURAL[errors[0]])
+    elif f["verify_error"]:
+        reason = f"verify_error: {f['verify_error']} (not counted as wrong)"
+    elif f["correct"] is False:
+        reason = f"reference_mismatch: answer {f['answer']!r} fails the reference check (critic score {score:g})"
+    elif verdict == "reject":  # the critic's verdict stands whatever score it gave
+        reason = f"critic_reject: the critic rejected it (score {score:g}): {critique}"
+    elif score < cfg.threshold:
+        reason = f"below_threshold: critic score {score:g} < {cfg.threshold:g}: {critique}"
+    else:
+        reason = None
+    w.critique = critique or (reason or "").split(": ", 1)[-1]
+    tokens = [x for x in (d, t, c) if x is not None]
+    return Attempt(id=w.q.id, index=rnd, source="solver", mode="on", text=t.text, think=f["think"] or None,
+                   answer=f["answer"], finish_reason=t.finish_reason, ok=not errors, errors=errors,
+                   correct=f["correct"], prompt_tokens=sum(x.prompt_tokens for x in tokens),
+                   completion_tokens=sum(x.completion_tokens for x in tokens), score=score,
+                   reason=reason, segments=segs)
+
+
+def solve_queries(queries: Iterable[Query], cfg: SolveConfig, engine: Callable[[str], Backend],
+                  on_done: Callable[[list[Attempt]], None], requests: Counter, usage: Counter,
+                  verifier: Optional[Verifier] = None) -> None:
+    """Stream the rounds of ``queries``; ``on_done`` gets each query's attempt rows once it is finished.
+
+    Each query moves on its own: solver, thinker, critic, then (rejected, rounds left) the next
+    round with the critic's feedback, each step submitted as soon as the query's previous reply is
+    in while other queries' requests are out. At most ``cfg.chunk_size`` queries are in progress
+    (read lazily from ``queries``). Every request is the one the round-by-round loop made (same
+    prompt, params and seed), so the rows are the same and the request cache serves them."""
     p = _prompts()
     verifier = verifier or Verifier(cfg.verify)
-    active = [Work(q) for q in queries]
-    for rnd in range(cfg.rounds + 1):
-        if not active:
-            return
-        temp = cfg.temperature if rnd == 0 else cfg.regen_temperature
-        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=temp, seed=cfg.seed + rnd,
-                                stop=tuple(STOP_STRINGS))
-        backends = {role: engine(getattr(cfg, f"{role}_engine")) for role in ("solver", "thinker", "critic")}
+    backends = {role: engine(getattr(cfg, f"{role}_engine")) for role in ROLES}
+    models = {role: b.model_id for role, b in backends.items()}
+    todo, ready = iter(queries), deque()
+    state = {"open": 0}
 
-        def call(role: str, requests: list[Request], sp: SamplingParams) -> list[Completion]:
-            calls[role] += 1
-            outs = [o[0] for o in backends[role].generate(requests, sp)]
-            for c in outs:
-                usage[f"{role}_prompt_tokens"] += c.prompt_tokens
-                usage[f"{role}_completion_tokens"] += c.completion_tokens
-            return outs
+    def ask(role: str, w: Work) -> None:
+        q, fb = w.q.query, w.feedback
+        if role == "solver":
+            req = _user(p["solver"].format(query=q, feedback=fb))
+        elif role == "thinker":
+            req = _user(p["thinker"].format(query=q, draft=_clean(w.draft.text), feedback=fb))
+        else:
+            req = _user(p["critic"].format(query=q, reasoning=w.found["think"], answer=w.found["answer"]),
+                        prefix=CRITIC_PREFIX)
+        requests[role] += 1
+        ready.append(Job((role, w), req, _params(cfg, w.round, role)))
 
-        drafts = call("solver", [_user(p["solver"].format(query=w.q.query, feedback=w.feedback)) for w in active], params)
-        traces = call("thinker", [_user(p["thinker"].format(query=w.q.query, draft=_clean(d.text), feedback=w.feedback))
-                                  for w, d in zip(active, drafts)], params)
-        found: list[dict[str, Any]] = []
-        for w, d, t in zip(active, drafts, traces):
-            think = _clean(t.text)
-            answer = answer_of(think, w.q)
-            errors = [code for code, bad in (
-                ("engine_error", t.finish_reason == "error" or d.finish_reason == "error"),
-                ("truncated", t.finish_reason == "length"), ("no_reasoning", not think),
-                ("no_answer", not answer),
-                ("marker_in_text", any(m in think or m in (answer or "") for m in MARKERS))) if bad]
-            correct, verify_error = None, None
-            if cfg.check_reference and not errors:
-                try:
-                    correct = check_answer(answer, w.q, verifier)
-                except VerifyError as exc:
-                    verify_error = str(exc)
-            found.append({"think": think, "answer": answer, "errors": errors, "correct": correct,
-                          "verify_error": verify_error})
-        critiqued = [i for i, f in enumerate(found) if not f["errors"]]
-        critiques: dict[int, Completion] = {}
-        if critiqued:
-            cparams = SamplingParams(max_tokens=cfg.critic_max_tokens, temperature=0.0, seed=cfg.seed + rnd,
-                                     stop=tuple(STOP_STRINGS))
-            reqs = [_user(p["critic"].format(query=active[i].q.query, reasoning=found[i]["think"],
-                                             answer=found[i]["answer"]), prefix=CRITIC_PREFIX) for i in critiqued]
-            critiques = dict(zip(critiqued, call("critic", reqs, cparams)))
-
-        rows, still = [], []
-        for i, (w, d, t, f) in enumerate(zip(active, drafts, traces, found)):
-            segs = [Segment(role="solver", round=rnd, model=backends["solver"].model_id, text=d.text),
-                    Segment(role="thinker", round=rnd, model=backends["thinker"].model_id, text=t.text)]
-            score, verdict, critique, errors = None, None, "", list(f["errors"])
-            if i in critiques:
-                c = critiques[i]
-                raw = CRITIC_PREFIX + c.text
-                segs.append(Segment(role="critic", round=rnd, model=backends["critic"].model_id, text=raw))
-                score, verdict, critique = parse_critic(raw)
-                if score is None:
-                    errors.append("critic_unparsed")
-            if errors:
-                reason = f"{errors[0]}: " + (f"no score in {raw[:120]!r}" if errors[0] == "critic_unparsed"
-                                             else STRUCTURAL[errors[0]])
-            elif f["verify_error"]:
-                reason = f"verify_error: {f['verify_error']} (not counted as wrong)"
-            elif f["correct"] is False:
-                reason = f"reference_mismatch: answer {f['answer']!r} fails the reference check (critic score {score:g})"
-            elif verdict == "reject":  # the critic's verdict stands whatever score it gave
-                reason = f"critic_reject: the critic rejected it (score {score:g}): {critique}"
-            elif score < cfg.threshold:
-                reason = f"below_threshold: critic score {score:g} < {cfg.threshold:g}: {critique}"
+    def source():
+        while True:
+            if ready:
+                yield ready.popleft()
+            elif state["open"] < cfg.chunk_size and (q := next(todo, None)) is not None:
+                state["open"] += 1
+                ask("solver", Work(q))
+            elif state["open"]:
+                yield WAIT
             else:
-                reason = None
-            tokens = [x for x in (d, t, critiques.get(i)) if x is not None]
-            rows.append(Attempt(id=w.q.id, index=rnd, source="solver", mode="on", text=t.text, think=f["think"] or None,
-                                answer=f["answer"], finish_reason=t.finish_reason, ok=not errors, errors=errors,
-                                correct=f["correct"], prompt_tokens=sum(x.prompt_tokens for x in tokens),
-                                completion_tokens=sum(x.completion_tokens for x in tokens), score=score,
-                                reason=reason, segments=segs))
-            if reason is not None:
-                critique = critique or reason.split(": ", 1)[-1]
-                w.feedback = "\n" + p["feedback"].format(answer=f["answer"] or "(none)", critique=critique)
-                still.append(w)
-        active = still
-        yield rows
+                return
+
+    def end_round(w: Work, critic: Optional[Completion]) -> None:
+        row = attempt_row(w, critic, cfg, models)
+        w.rows.append(row)
+        if row.reason is None or w.round >= cfg.rounds:
+            state["open"] -= 1
+            on_done(w.rows)
+            return
+        w.feedback = "\n" + p["feedback"].format(answer=w.found["answer"] or "(none)", critique=w.critique)
+        w.round, w.draft, w.trace, w.found = w.round + 1, None, None, None
+        ask("solver", w)
+
+    for job, comps in stream_routed(backends.values(), lambda job: backends[job.key[0]], source()):
+        role, w = job.key
+        c = comps[0]
+        usage[f"{role}_prompt_tokens"] += c.prompt_tokens
+        usage[f"{role}_completion_tokens"] += c.completion_tokens
+        if role == "solver":
+            w.draft = c
+            ask("thinker", w)
+        elif role == "thinker":
+            w.trace = c
+            w.found = inspect_trace(w, cfg, verifier)
+            if w.found["errors"]:  # rejected before the critic sees it
+                end_round(w, None)
+            else:
+                ask("critic", w)
+        else:
+            end_round(w, c)
 
 
-def solve_stats(rows: list[Attempt], cfg: SolveConfig) -> dict[str, Any]:
-    """Accepted queries, rejects by reason, acceptance by round, critic scores."""
-    accepted = [a for a in rows if a.reason is None]
-    ids = {a.id for a in rows}
-    scores = [a.score for a in rows if a.score is not None]
-    return {"attempts": len(rows), "queries": len(ids), "accepted": len(accepted),
-            "gave_up": len({a.id for a in rows if a.reason is not None and a.index >= cfg.rounds} - {a.id for a in accepted}),
-            "acceptance_rate": round(len(accepted) / len(ids), 4) if ids else None,
-            "rejects": dict(Counter(_reject_code(a.reason) for a in rows if a.reason is not None)),
-            "accepted_by_round": dict(Counter(a.index for a in accepted)),
-            "mean_score": round(sum(scores) / len(scores), 3) if scores else None,
-            "reference_checked": sum(a.correct is not None for a in rows),
-            "verify_errors": sum(_reject_code(a.reason) == "verify_error" for a in rows)}
+def solve_stats(rows: Iterable[Attempt], cfg: SolveConfig) -> dict[str, Any]:
+    """Accepted queries, rejects by reason, acceptance by round, critic scores (one pass over ``rows``)."""
+    ids, accepted, gave_up = set(), set(), set()
+    attempts = n_accepted = checked = 0
+    rejects, by_round, scores = Counter(), Counter(), [0.0, 0]
+    for a in rows:
+        attempts += 1
+        ids.add(a.id)
+        checked += a.correct is not None
+        if a.score is not None:
+            scores[0] += a.score
+            scores[1] += 1
+        if a.reason is None:
+            n_accepted += 1
+            accepted.add(a.id)
+            by_round[a.index] += 1
+        else:
+            rejects[_reject_code(a.reason)] += 1
+            if a.index >= cfg.rounds:
+                gave_up.add(a.id)
+    return {"attempts": attempts, "queries": len(ids), "accepted": n_accepted, "gave_up": len(gave_up - accepted),
+            "acceptance_rate": round(n_accepted / len(ids), 4) if ids else None, "rejects": dict(rejects),
+            "accepted_by_round": dict(by_round),
+            "mean_score": round(scores[0] / scores[1], 3) if scores[1] else None,
+            "reference_checked": checked, "verify_errors": rejects["verify_error"]}
 
 
 def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict[str, Any]:
-    """Solve queries.jsonl (using tags.jsonl) into solve.jsonl; resumable by (id, round)."""
+    """Solve queries.jsonl (using tags.jsonl) into solve.jsonl, each query's rows written once it is
+    finished; a rerun solves the queries that are not (resumable by (id, round)). The queries are
+    read from the file as they are needed, never all at once."""
     run_dir = Path(run_dir)
     out_path = run_dir / "solve.jsonl"
-    queries = list(read_rows(run_dir / "queries.jsonl", Query))
-    skipped_off = 0
+    off: set[str] = set()
     if cfg.queries == "not_off_candidates":
         off = {t.id for t in read_rows(run_dir / "tags.jsonl", Tags) if t.think_off_candidate}
-        skipped_off = sum(q.id in off for q in queries)
-        queries = [q for q in queries if q.id not in off]
-    repair_tail(out_path)
-    existing = {(a.id, a.index) for a in read_rows(out_path, Attempt)} if out_path.is_file() else set()
-    done = {a.id for a in read_rows(out_path, Attempt) if a.reason is None or a.index >= cfg.rounds} \
-        if out_path.is_file() else set()
-    todo = [q for q in queries if q.id not in done]
-    calls, usage = Counter(), Counter()
-    isolation = Verifier(cfg.verify).code_isolation(todo) if cfg.check_reference else None  # before any model loads
-    verifier = Verifier(cfg.verify, grader=engine(cfg.grader_engine) if cfg.grader_engine and todo else None)
+    existing: set[tuple[str, int]] = set()
+    done: set[str] = set()
+    if out_path.is_file():
+        repair_tail(out_path)
+        for a in read_rows(out_path, Attempt):
+            existing.add((a.id, a.index))
+            if a.reason is None or a.index >= cfg.rounds:
+                done.add(a.id)
+
+    def pending():
+        return (q for q in read_rows(run_dir / "queries.jsonl", Query) if q.id not in off and q.id not in done)
+
+    rows_in = skipped_off = n_todo = 0
+    code_query = None  # one code query with tests, for the sandbox check before any model loads
+    for q in read_rows(run_dir / "queries.jsonl", Query):
+        rows_in += 1
+        skipped_off += q.id in off
+        if q.id not in off and q.id not in done:
+            n_todo += 1
+            if code_query is None and q.kind == "code" and q.reference is not None:
+                code_query = q
+    isolation = Verifier(cfg.verify).code_isolation([code_query] if code_query else []) if cfg.check_reference else None
+    verifier = Verifier(cfg.verify, grader=engine(cfg.grader_engine) if cfg.grader_engine and n_todo else None)
+    requests, usage, seen = Counter(), Counter(), Counter()
     t0 = time.perf_counter()
-    checked = failed = 0
     with RowWriter(out_path) as w:
-        for i in range(0, len(todo), cfg.chunk_size):
-            for rows in solve_rounds(todo[i:i + cfg.chunk_size], cfg, engine, calls, usage, verifier):
-                # a round whose verifications failed too often stops the run before its rows are written
-                errs = sum(_reject_code(a.reason) == "verify_error" for a in rows)
-                checked, failed = checked + errs + sum(a.correct is not None for a in rows), failed + errs
-                check_error_share(failed, checked, cfg.verify, "solve")
-                w.write_all(a for a in rows if (a.id, a.index) not in existing)
-            log.info("solved %d/%d", min(i + cfg.chunk_size, len(todo)), len(todo))
+        def write(rows: list[Attempt]) -> None:
+            # verifications failing too often stop the run before this query's rows are written
+            errs = sum(_reject_code(a.reason) == "verify_error" for a in rows)
+            seen["checked"] += errs + sum(a.correct is not None for a in rows)
+            seen["failed"] += errs
+            check_error_share(seen["failed"], seen["checked"], cfg.verify, "solve")
+            w.write_all(a for a in rows if (a.id, a.index) not in existing)
+            seen["queries"] += 1
+            if seen["queries"] % cfg.chunk_size == 0 or seen["queries"] == n_todo:
+                log.info("solved %d/%d", seen["queries"], n_todo)
+
+        if n_todo:
+            solve_queries(pending(), cfg, engine, write, requests, usage, verifier)
     secs = time.perf_counter() - t0
-    stats = solve_stats(list(read_rows(out_path, Attempt)), cfg) if out_path.is_file() else {}
-    stats.update(rows_in=len(queries) + skipped_off, skipped_off_candidates=skipped_off, queries_new=len(todo),
-                 calls=dict(calls), tokens=dict(usage), seconds=round(secs, 3),
-                 queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None)
+    stats = solve_stats(read_rows(out_path, Attempt), cfg) if out_path.is_file() else {}
+    stats.update(rows_in=rows_in, skipped_off_candidates=skipped_off, queries_new=n_todo,
+                 requests=dict(requests), tokens=dict(usage), seconds=round(secs, 3),
+                 queries_per_s=round(n_todo / secs, 3) if n_todo and secs > 0 else None)
     if isolation:
         stats = {"sandbox": isolation, **stats}
     return stats

@@ -32,13 +32,15 @@ def chat(text: str) -> Request:
 class FaultProxy:
     """Forwards to the real server; ``faults`` are served first, one per request: an HTTP status
     code, or "drop" (close the connection without an answer). A request whose prompt contains
-    HOLD waits until ``release`` is set."""
+    HOLD waits until ``release`` is set. While ``down`` is set every request, ``/health`` included,
+    is dropped (counted in ``dropped``); otherwise ``/health`` is asked of the real server."""
 
     def __init__(self, upstream_port: int, faults=()):
         self.faults = list(faults)
         self.lock = threading.Lock()
         self.release = threading.Event()
-        self.in_flight = self.max_in_flight = self.forwarded = 0
+        self.in_flight = self.max_in_flight = self.forwarded = self.dropped = self.health_ok = 0
+        self.down = False
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,10 +49,32 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def drop(self):
+                with proxy.lock:
+                    proxy.dropped += 1
+                self.close_connection = True
+                self.connection.shutdown(2)
+
+            def do_GET(self):
+                if proxy.down:
+                    return self.drop()
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                conn.request("GET", self.path)
+                resp = conn.getresponse()
+                data = resp.read()
+                with proxy.lock:
+                    proxy.health_ok += self.path == "/health" and resp.status == 200
+                self.send_response(resp.status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with proxy.lock:
                     fault = proxy.faults.pop(0) if proxy.faults else None
+                if proxy.down:
+                    return self.drop()
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -235,6 +259,41 @@ def test_several_servers_share_the_rolling_window(vllm_server, openai_config, op
         out = get_backend("openai", cfg).generate(reqs, p)
         assert [c[0].text for c in out] == direct
         assert a.forwarded > 0 and b.forwarded > 0 and a.forwarded + b.forwarded == len(reqs)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_server_out_of_rotation_rejoins_once_its_health_answers(vllm_server, openai_config, openai_backend):
+    """Two base URLs: the first drops every connection, so the pool takes it out of the rotation and
+    the second serves alone; once healed, its /health answers, it rejoins and serves requests again.
+    Every request is answered once, with the answer an undisturbed run gives."""
+    from katdata.backends.base import Job
+
+    reqs = [chat(f"Name an animal, number {i}.") for i in range(16)]
+    p = SamplingParams(max_tokens=6)
+    direct = [c[0].text for c in openai_backend.generate(reqs, p)]
+    a, b = FaultProxy(vllm_server.port), FaultProxy(vllm_server.port)
+    a.down = True
+    try:
+        cfg = openai_config(vllm_server, concurrency=2, extra={"health_interval_s": 0.1})
+        cfg.base_url = f"{a.base_url},{b.base_url}"
+        backend = get_backend("openai", cfg)
+        got, healed_at = {}, None
+        for job, comps in backend.stream(Job(i, r, p) for i, r in enumerate(reqs)):
+            assert job.key not in got
+            got[job.key] = comps[0].text
+            if len(got) == 4:  # a is out of the rotation by now: heal it and wait for its health check
+                assert a.dropped >= 1 and a.forwarded == 0
+                a.down, healed_at = False, b.forwarded
+                deadline = time.monotonic() + 30
+                while a.health_ok == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.2)  # the health task puts it back right after the answer
+                assert a.health_ok >= 1, "the healed server's /health was never asked"
+        assert [got[i] for i in range(len(reqs))] == direct
+        assert a.forwarded > 0, "the healed server got no request after rejoining"
+        assert a.forwarded + b.forwarded == len(reqs) and healed_at < len(reqs)
     finally:
         a.close()
         b.close()

@@ -7,14 +7,17 @@ the embedded model are in test_tag_solve_real.py-style tests at the end of this 
 from __future__ import annotations
 
 import json
+import re
+import zlib
 
 import pytest
 
 from katdata import solve
-from katdata.backends.base import BackendConfig, Completion
+from katdata.backends.base import BackendConfig, Completion, SamplingParams
 from katdata.backends.scripted import ScriptedBackend
 from katdata.records import Attempt, Query, Tags
 from katdata.runfiles import RowWriter, read_rows
+from katdata.template import STOP_STRINGS
 from katdata.verify import Verifier
 
 
@@ -76,11 +79,14 @@ def test_threshold_and_regeneration_with_feedback(tmp_path):
     assert got["a", 0].reason is None and got["b", 1].reason is None
     assert got["b", 0].reason.startswith("below_threshold: critic score 3 < 7")
     assert all(got["c", k].reason.startswith("below_threshold") for k in range(3))
-    # round 1 prompts carry the critic's feedback from round 0
-    solver_round1 = agents.backends["solver"].calls[1][0]
-    assert [role_of(r) for r in solver_round1] == ["solver", "solver"]
-    assert all("Reviewer: round 0 needs more detail" in r.messages[0]["content"] for r in solver_round1)
-    assert agents.backends["solver"].calls[1][1].temperature == config().regen_temperature
+    # round 1 prompts carry the critic's feedback from round 0, at the regeneration temperature
+    solver_round1 = [(r, sp) for reqs, sp in agents.backends["solver"].calls for r in reqs
+                     if "Previous answer:" in r.messages[0]["content"]]
+    assert len(solver_round1) == 3 and {agents.qid(r) for r, _ in solver_round1} == {"b", "c"}
+    feedback = sorted(re.search(r"Reviewer: round (\d) needs more detail", r.messages[0]["content"])[1]
+                      for r, _ in solver_round1)
+    assert feedback == ["0", "0", "1"]  # b and c after round 0, c after round 1
+    assert all(sp.temperature == config().regen_temperature for _, sp in solver_round1)
     accepted = got["b", 1]
     assert accepted.mode == "on" and accepted.source == "solver" and accepted.answer == "42" and accepted.score == 8
     assert accepted.think.startswith("Checking the draft of b") and accepted.ok
@@ -88,19 +94,21 @@ def test_threshold_and_regeneration_with_feedback(tmp_path):
     assert stats["rejects"] == {"below_threshold": 4}
 
 
-def test_one_call_per_role_per_round(tmp_path):
+def test_requests_per_role_and_queries_in_progress(tmp_path):
     setup(tmp_path, [f"q{i}" for i in range(5)])
     agents = Agents({f"q{i}": [9] if i < 2 else [1, 9] for i in range(5)})
     stats = solve.run(config(), tmp_path, agents.engine)
     for role, backend in agents.backends.items():
-        assert [len(reqs) for reqs, _ in backend.calls] == [5, 3], role
-    assert stats["calls"] == {"solver": 2, "thinker": 2, "critic": 2}
-    chunked = tmp_path / "chunked"
-    chunked.mkdir()
-    setup(chunked, [f"q{i}" for i in range(5)])
+        assert sum(len(reqs) for reqs, _ in backend.calls) == 8, role
+    assert stats["requests"] == {"solver": 8, "thinker": 8, "critic": 8}
+    bounded = tmp_path / "bounded"
+    bounded.mkdir()
+    setup(bounded, [f"q{i}" for i in range(5)])
     agents = Agents({f"q{i}": [9] for i in range(5)})
-    solve.run(config(chunk_size=2), chunked, agents.engine)
-    assert [len(reqs) for reqs, _ in agents.backends["critic"].calls] == [2, 2, 1]
+    solve.run(config(chunk_size=2), bounded, agents.engine)
+    # at most two queries in progress: no engine ever sees more than two of their requests at once
+    assert all(len(reqs) <= 2 for b in agents.backends.values() for reqs, _ in b.calls)
+    assert sum(len(reqs) for reqs, _ in agents.backends["critic"].calls) == 5
 
 
 def test_provenance_segments_name_role_round_and_model(tmp_path):
@@ -162,7 +170,7 @@ def test_structural_rejects_feed_back_into_the_next_round(tmp_path):
     (retry,) = agents.backends["solver"].calls[1][0]
     assert "Previous answer: (none)" in retry.messages[0]["content"]
     assert solve.STRUCTURAL["no_answer"] in retry.messages[0]["content"]
-    assert stats["calls"] == {"solver": 2, "thinker": 2, "critic": 1}
+    assert stats["requests"] == {"solver": 2, "thinker": 2, "critic": 1}
 
 
 @pytest.mark.parametrize("text, want", [
@@ -249,5 +257,92 @@ def test_real_solver_on_vllm(tmp_path, vllm_backend):
     for qid in {r.id for r in got}:  # every query ends accepted or after its last round
         last = max((r for r in got if r.id == qid), key=lambda r: r.index)
         assert last.reason is None or last.index == cfg.rounds
-    assert stats["calls"]["solver"] == stats["calls"]["thinker"] == len({r.index for r in got})
+    assert stats["requests"]["solver"] == stats["requests"]["thinker"] == len(got)  # one request per role per attempt
     assert stats["attempts"] == len(got) and stats["queries_per_s"] > 0
+
+
+# -- streaming gives the rows of the round-by-round loop ------------------------------------------
+
+class Hashed(ScriptedBackend):
+    """Replies that depend on the prompt and on every sampling setting (seed, temperature, token
+    limit): a request sent with other params than the round-by-round loop's gets other rows."""
+
+    def generate(self, requests, params, on_done=None):
+        self.calls.append((list(requests), params))
+        return [[self.reply(req, params)] for req in requests]
+
+    def reply(self, req, sp):
+        text = req.messages[0]["content"]
+        h = zlib.crc32(f"{text}|{sp.seed}|{sp.temperature}|{sp.max_tokens}".encode())
+        role = role_of(req)
+        if role == "solver":
+            return Completion(f"Draft {h}.\nAnswer: {40 + h % 4}", "stop", 10, 3)
+        if role == "thinker":
+            if h % 6 == 0:
+                return Completion(f"Checked {h} but never concluded.", "stop", 20, 5)
+            if h % 6 == 1:
+                return Completion(f"Checked {h} step by", "length", 20, 8)
+            return Completion(f"Checked {h}.\nFinal answer: {40 + h % 4}", "stop", 20, 6)
+        verdict = "reject" if h % 5 == 0 else "accept"
+        return Completion(f" {1 + h % 10}\nVerdict: {verdict}\nReason: note {h}", "stop", 30, 4)
+
+
+def round_by_round(queries, cfg, engine):
+    """The rows of the chunked solver: a chunk of queries, one generate call per role per round,
+    each round's params built here as that loop built them (seed + round, regen temperature)."""
+    p, verifier = solve._prompts(), Verifier(cfg.verify)
+    b = {role: engine(getattr(cfg, f"{role}_engine")) for role in solve.ROLES}
+    models = {role: x.model_id for role, x in b.items()}
+    out = []
+    for lo in range(0, len(queries), cfg.chunk_size):
+        active = [solve.Work(q) for q in queries[lo:lo + cfg.chunk_size]]
+        for rnd in range(cfg.rounds + 1):
+            temp = cfg.temperature if rnd == 0 else cfg.regen_temperature
+            sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=temp, seed=cfg.seed + rnd, stop=tuple(STOP_STRINGS))
+            cp = SamplingParams(max_tokens=cfg.critic_max_tokens, temperature=0.0, seed=cfg.seed + rnd,
+                                stop=tuple(STOP_STRINGS))
+            drafts = b["solver"].generate([solve._user(p["solver"].format(query=w.q.query, feedback=w.feedback))
+                                           for w in active], sp)
+            traces = b["thinker"].generate([solve._user(p["thinker"].format(
+                query=w.q.query, draft=solve._clean(d[0].text), feedback=w.feedback)) for w, d in zip(active, drafts)], sp)
+            for w, d, t in zip(active, drafts, traces):
+                w.round, w.draft, w.trace = rnd, d[0], t[0]
+                w.found = solve.inspect_trace(w, cfg, verifier)
+            asked = [w for w in active if not w.found["errors"]]
+            critiques = b["critic"].generate([solve._user(p["critic"].format(
+                query=w.q.query, reasoning=w.found["think"], answer=w.found["answer"]), prefix=solve.CRITIC_PREFIX)
+                for w in asked], cp) if asked else []
+            by_work = {id(w): c[0] for w, c in zip(asked, critiques)}
+            still = []
+            for w in active:
+                row = solve.attempt_row(w, by_work.get(id(w)), cfg, models)
+                out.append(row)
+                if row.reason is not None:
+                    w.feedback = "\n" + p["feedback"].format(answer=w.found["answer"] or "(none)", critique=w.critique)
+                    still.append(w)
+            active = still
+    return out
+
+
+@pytest.mark.parametrize("engines", ["one engine", "an engine per role"])
+def test_streamed_rows_equal_the_round_by_round_rows(tmp_path, engines):
+    queries = setup(tmp_path, [f"q{i}" for i in range(14)])
+    for q in queries[::2]:
+        q.reference, q.kind = "42", "numeric"
+    (tmp_path / "queries.jsonl").unlink()
+    with RowWriter(tmp_path / "queries.jsonl") as w:
+        w.write_all(queries)
+    cfg = config(rounds=2, chunk_size=4, seed=11, threshold=6)
+    if engines == "one engine":
+        one = Hashed(BackendConfig(model="m"))
+        backends = {"solver": one, "thinker": one, "critic": one}
+    else:
+        backends = {role: Hashed(BackendConfig(model=f"{role}-model")) for role in solve.ROLES}
+    stats = solve.run(cfg, tmp_path, backends.get)
+    want = round_by_round(queries, cfg, {role: Hashed(b.config) for role, b in backends.items()}.get)
+    got = rows(tmp_path)
+    key = lambda a: (a.id, a.index)  # noqa: E731 - the file is in finishing order, the loop's in round order
+    assert [a.model_dump() for a in sorted(got, key=key)] == [a.model_dump() for a in sorted(want, key=key)]
+    reasons = {solve._reject_code(a.reason) for a in got}  # the script reaches every outcome
+    assert {"accepted", "no_answer", "truncated", "below_threshold", "reference_mismatch"} <= reasons
+    assert max(a.index for a in got) == 2 and stats["attempts"] == len(want)
