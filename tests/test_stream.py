@@ -135,3 +135,74 @@ def test_finish_reasons_other_than_stop_and_length_are_kept():
     for reason in ("stop", "length", "abort", "content_filter", "tool_calls"):
         choice = SimpleNamespace(finish_reason=reason, token_ids=[1, 2], model_extra={}, logprobs=None)
         assert be._completion("t", choice, None, 1, SamplingParams()).finish_reason == reason
+
+
+# -- the solve stage ---------------------------------------------------------------------------
+
+def solver_script(req, i):
+    text = req.messages[0]["content"]
+    if text.startswith("You are the solver"):
+        return "Draft.\nAnswer: 4"
+    if text.startswith("You are the thinker"):
+        return "Two and two.\nFinal answer: 4"
+    return " 3\nVerdict: accept\nReason: too short"  # the critic: every round is rejected
+
+
+def step(job):
+    """(role, query id, round) of a solve request."""
+    text = job.request.messages[0]["content"]
+    role = text.split(".")[0].replace("You are the ", "")
+    qid = next(q.id for q in SOLVE_QUERIES if f"<<{q.id}>>" in text)
+    return role, qid, job.params.seed
+
+
+SOLVE_QUERIES = [Query(id=f"s{i}", query=f"<<s{i}>> What is two plus two?") for i in range(3)]
+
+
+def test_a_solve_query_takes_its_next_step_while_others_are_out(tmp_path, monkeypatch):
+    from katdata import solve
+
+    class Steps(Window):
+        def stream(self, source, wave_limit=0):
+            for job, comps in super().stream(source):
+                self.log.append(("done",) + step(job))
+                yield job, comps
+
+    with RowWriter(tmp_path / "queries.jsonl") as w:
+        w.write_all(SOLVE_QUERIES)
+    backend = Steps(solver_script, window=2)
+    written = []
+
+    class Writer(RowWriter):
+        def write(self, row):
+            written.append((row.id, row.index, sum(e[0] == "done" for e in backend.log)))
+            super().write(row)
+
+    monkeypatch.setattr(solve, "RowWriter", Writer)
+    stats = solve.run(solve.SolveConfig(rounds=1, chunk_size=3, seed=0), tmp_path, lambda name: backend)
+    done = [e[1:] for e in backend.log if e[0] == "done"]
+    assert len(done) == stats["attempts"] * 3 == 18  # solver, thinker, critic per round, 2 rounds, 3 queries
+    # s0's thinker went out before s2's solver draft was in; s0's round 1 before the last round-0 critic
+    assert done.index(("thinker", "s0", 0)) < done.index(("solver", "s2", 0))
+    assert done.index(("solver", "s0", 1)) < done.index(("critic", "s2", 0))
+    # each query's rows are written once it is finished, before the stage is over
+    assert sorted((i, k) for i, k, _ in written) == [(q.id, k) for q in SOLVE_QUERIES for k in (0, 1)]
+    assert written[0][2] < len(done)
+
+
+def test_solve_requests_come_from_the_cache_on_a_rerun(tmp_path):
+    from katdata import solve
+
+    cfg = solve.SolveConfig(rounds=1, seed=3)
+    runs = []
+    for name, script in (("first", solver_script), ("again", lambda r, i: "never asked")):
+        d = tmp_path / name
+        with RowWriter(d / "queries.jsonl") as w:
+            w.write_all(SOLVE_QUERIES)
+        cached = CachedBackend(Window(script, window=2), tmp_path / "cache.jsonl")
+        solve.run(cfg, d, lambda n: cached)
+        cached.close()
+        runs.append((cached, sorted(a.model_dump_json() for a in read_rows(d / "solve.jsonl", Attempt))))
+    (first, rows1), (again, rows2) = runs
+    assert first.misses == 18 and again.misses == 0 and again.hits == 18 and again.backend.log == []
+    assert rows1 == rows2
