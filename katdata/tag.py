@@ -403,26 +403,28 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
     """Tag queries.jsonl into tags.jsonl, skipping ids already there; returns the stage stats."""
     run_dir = Path(run_dir)
     out_path = run_dir / "tags.jsonl"
-    queries = list(read_rows(run_dir / "queries.jsonl", Query))
     done = done_keys(out_path)
-    todo = [q for q in queries if q.id not in done]
+    rows_in = n_todo = 0
+    for q in read_rows(run_dir / "queries.jsonl", Query):  # counted here, read again as they are tagged
+        rows_in, n_todo = rows_in + 1, n_todo + (q.id not in done)
+    batches = _batches((q for q in read_rows(run_dir / "queries.jsonl", Query) if q.id not in done), cfg.batch_size)
     fit = None
     if cfg.calibration:
         from katdata.calibrate import load_fit
 
         fit = load_fit(cfg.calibration)
-    backend = engine(cfg.engine) if cfg.use_llm and todo else None
+    backend = engine(cfg.engine) if cfg.use_llm and n_todo else None
     usage = Counter()
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
         if backend is None:  # the rule prior alone: a batch at a time, so the progress shows
-            for i in range(0, len(todo), cfg.batch_size):
-                rows, _ = tag_batch(todo[i:i + cfg.batch_size], cfg, None, fit)
+            for i, batch in enumerate(batches):
+                rows, _ = tag_batch(batch, cfg, None, fit)
                 w.write_all(rows)
-                log.info("tagged %d/%d", min(i + cfg.batch_size, len(todo)), len(todo))
+                log.info("tagged %d/%d", min((i + 1) * cfg.batch_size, n_todo), n_todo)
         else:  # streamed: each row written as its reply comes in (an in-process engine: batch_size a call)
             params = SamplingParams(max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS), logprobs=cfg.logprobs or None)
-            jobs = (Job(q, r, params) for q, r in zip(todo, tag_requests(todo, cfg)))
+            jobs = (Job(q, r, params) for b in batches for q, r in zip(b, tag_requests(b, cfg)))  # a batch's prompts at a time
             for n, (job, comps) in enumerate(backend.stream(jobs, wave_limit=cfg.batch_size), 1):
                 c = comps[0]
                 usage.update(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
@@ -430,16 +432,25 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
                 row = combine(job.key, rule_tags(job.key, cfg), got, raw, cfg)
                 w.write(fit.apply(row, cfg.think_off_threshold) if fit else row)
                 if n % cfg.batch_size == 0:
-                    log.info("tagged %d/%d", n, len(todo))
+                    log.info("tagged %d/%d", n, n_todo)
     secs = time.perf_counter() - t0
     rows = list(read_rows(out_path, Tags))
     stats = tag_stats(rows, cfg)
-    stats.update(rows_in=len(queries), rows_new=len(todo), rows_skipped=len(queries) - len(todo), seconds=round(secs, 3),
-                 queries_per_s=round(len(todo) / secs, 3) if todo and secs > 0 else None, tokens=dict(usage),
+    stats.update(rows_in=rows_in, rows_new=n_todo, rows_skipped=rows_in - n_todo, seconds=round(secs, 3),
+                 queries_per_s=round(n_todo / secs, 3) if n_todo and secs > 0 else None, tokens=dict(usage),
                  model=getattr(backend, "model_id", None))
     if fit:
         stats["calibration"] = fit.summary(rows)
     return stats
+
+
+def _batches(items, size: int):
+    """Lists of ``size`` items (the last one shorter) from an iterator, read as they are needed."""
+    from itertools import islice
+
+    items = iter(items)
+    while batch := list(islice(items, size)):
+        yield batch
 
 
 def engine_factory(backend: str, model: Optional[str]) -> Callable[[str], Backend]:
