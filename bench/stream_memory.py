@@ -5,7 +5,8 @@
 For each size a synthetic queries.jsonl is written to a temporary run folder, and each stage runs
 on it in a fresh child process with a scripted engine (instant replies, so the stage's own
 bookkeeping is all that is measured): ``sample`` (two modes, N=2 in two rounds of one sample) and ``solve``
-(solver, thinker, critic, one round). The child reports its peak resident set size
+(solver, thinker, critic, one round); optionally ``cached``, the sample stage behind the request cache
+(which keeps an index of its file in memory: a few hundred bytes per completion). The child reports its peak resident set size
 (``resource.getrusage``'s ``ru_maxrss``) after the imports (``base``) and after the stage
 (``peak``); ``grown`` is the difference, the memory the stage itself took. The last lines put the
 sizes side by side: ``query_ratio`` (largest / smallest size) against ``grown_ratio``. Goal: the
@@ -68,8 +69,12 @@ def child(stage: str, run_dir: Path) -> dict:
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if stage == "sample":
+    if stage in ("sample", "cached"):
         backend = engine(sample_reply)
+        if stage == "cached":  # the request cache in front, as recipes have it
+            from katdata.cache import CachedBackend
+
+            backend = CachedBackend(backend, run_dir / "cache.jsonl")
         stats = sample.run(sample.SampleConfig(n=2, rounds=[1]), run_dir, lambda name: backend)
         rows = stats["rows_out"]
     else:
@@ -85,7 +90,8 @@ def child(stage: str, run_dir: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="5000,50000", help="query counts, comma-separated")
-    ap.add_argument("--stages", default="sample,solve", help="stages to measure: sample, solve")
+    ap.add_argument("--stages", default="sample,solve",
+                    help="stages to measure: sample, solve, cached (sample behind the request cache)")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

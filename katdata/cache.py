@@ -6,7 +6,8 @@ rerun after kill -9 reuses every completion that was written, and changing a par
 stage regenerates nothing. Failed requests (``finish_reason="error"``) are not cached: a rerun
 tries them again. Nothing secret reaches the file: keys are hashes of the identity above (no URL,
 no key), rows hold completions only, and error completions (whose text may quote a server) are
-never written.
+never written. In memory the cache keeps only an index (a key's digest and where its line starts in
+the file, about 150 bytes a completion); a hit reads its line back.
 
 When some samples of a request are cached and the rest are not, only the missing ones are
 generated, with the seed moved by the index of the first missing sample (vLLM seeds sample i of a
@@ -66,10 +67,12 @@ class CachedBackend(Backend):
         self.fsync = fsync
         self.hits = 0
         self.misses = 0
-        self._store: dict[str, Completion] = {}
-        self._load()
+        # key digest -> where its line starts: the completions stay in the file, not in memory
+        self._index: dict[bytes, int] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._load()
+        self._f = open(self.path, "ab")
+        self._r = open(self.path, "rb")
 
     def __repr__(self) -> str:
         return f"CachedBackend({self.backend!r}, path={str(self.path)!r})"
@@ -78,14 +81,25 @@ class CachedBackend(Backend):
         if not self.path.is_file():
             return
         repair_tail(self.path)
+        offset = 0
         with open(self.path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 try:
                     row = json.loads(raw)
-                    self._store[row["key"]] = Completion(**row["completion"])
+                    Completion(**row["completion"])
+                    self._index[bytes.fromhex(row["key"])] = offset
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("%s:%d: skipping a broken cache line (%s)", self.path, n, exc)
-        log.info("request cache %s: %d completions", self.path, len(self._store))
+                offset += len(raw)
+        log.info("request cache %s: %d completions", self.path, len(self._index))
+
+    def _get(self, key: str) -> Optional[Completion]:
+        """The cached completion of ``key`` (read back from the file), or None."""
+        offset = self._index.get(bytes.fromhex(key))
+        if offset is None:
+            return None
+        self._r.seek(offset)
+        return Completion(**json.loads(self._r.readline())["completion"])
 
     def render_prompt(self, request: Request) -> str:
         render = getattr(self.backend, "render_prompt", None)
@@ -94,9 +108,10 @@ class CachedBackend(Backend):
     def _put(self, key: str, comp: Completion) -> None:
         if comp.finish_reason == "error":
             return
-        self._store[key] = comp
-        self._f.write(json.dumps({"key": key, "completion": asdict(comp)}, ensure_ascii=False) + "\n")
+        offset = self._f.tell()
+        self._f.write((json.dumps({"key": key, "completion": asdict(comp)}, ensure_ascii=False) + "\n").encode("utf-8"))
         self._f.flush()
+        self._index[bytes.fromhex(key)] = offset
         if self.fsync:
             os.fsync(self._f.fileno())
 
@@ -108,7 +123,7 @@ class CachedBackend(Backend):
         for i, req in enumerate(requests):
             prompt = self.render_prompt(req)
             ks = [cache_key(self.backend, prompt, params, j) for j in range(params.n)]
-            row = [self._store.get(k) for k in ks]
+            row = [self._get(k) for k in ks]
             keys.append(ks)
             results.append(row)
             gaps = tuple(j for j, c in enumerate(row) if c is None)
@@ -179,7 +194,7 @@ class CachedBackend(Backend):
         params = job.params
         prompt = self.render_prompt(job.request)
         keys = [cache_key(self.backend, prompt, params, j) for j in range(params.n)]
-        row = [self._store.get(k) for k in keys]
+        row = [self._get(k) for k in keys]
         gaps = [j for j, c in enumerate(row) if c is None]
         self.hits += params.n - len(gaps)
         self.misses += len(gaps)
@@ -200,6 +215,7 @@ class CachedBackend(Backend):
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+            self._r.close()
         self.backend.close()
 
 
