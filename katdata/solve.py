@@ -7,11 +7,12 @@ Three roles, each with its own prompt file and engine (by default all the same):
   ending in ``Final answer: ...``: that reasoning becomes the ``<think>`` content;
 - the critic scores the result 1-10 (``Score:`` is pre-filled) with a verdict and a reason.
 
-Queries stream through ``Backend.stream``: each moves through its own steps (solver, thinker,
-critic, next round) and its next request goes out as soon as its previous reply is in, while other
-queries' requests are out; its rows are written once it is finished. A trace is accepted when its reasoning is complete, it has an answer, its answer passes
-the reference check (where the query has a checkable reference; a failed verifier is a
-``verify_error``, not a mismatch), the critic's verdict is not "reject" and its score reaches the
+Queries stream through ``Backend.stream`` (several engines: ``backends.multi.stream_routed``):
+each moves through its own steps (solver, thinker, critic, next round) and its next request goes
+out as soon as its previous reply is in, while other queries' requests are out; its rows are
+written once it is finished. A trace is accepted when its reasoning is complete, it has an
+answer, its answer passes the reference check (where the query has a checkable reference; a
+failed verifier is a ``verify_error``, not a mismatch), the critic's verdict is not "reject" and its score reaches the
 threshold; otherwise the attempt is written with a ``reason`` and the query is regenerated with
 the critic's feedback, up to ``rounds`` times. Every attempt row keeps its segments (role, round,
 model, raw text) as provenance.
