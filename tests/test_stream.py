@@ -206,3 +206,22 @@ def test_solve_requests_come_from_the_cache_on_a_rerun(tmp_path):
     (first, rows1), (again, rows2) = runs
     assert first.misses == 18 and again.misses == 0 and again.hits == 18 and again.backend.log == []
     assert rows1 == rows2
+
+
+def test_an_engine_failing_in_its_own_thread_fails_the_stage(tmp_path):
+    import pytest
+
+    from katdata import solve
+    from katdata.errors import EngineError
+
+    class Broken(ScriptedBackend):
+        def generate(self, requests, params, on_done=None):
+            raise EngineError("critic engine down")
+
+    with RowWriter(tmp_path / "queries.jsonl") as w:
+        w.write_all(SOLVE_QUERIES)
+    engines = {"solver": Window(solver_script), "thinker": Window(solver_script), "critic": Broken()}
+    cfg = solve.SolveConfig(solver_engine="solver", thinker_engine="thinker", critic_engine="critic")
+    with pytest.raises(EngineError, match="critic engine down"):
+        solve.run(cfg, tmp_path, engines.get)
+    assert (tmp_path / "solve.jsonl").read_text() == ""  # no query finished, nothing written
