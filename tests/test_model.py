@@ -21,6 +21,7 @@ def test_resolve_defaults_to_the_embedded_model():
     assert model.resolve("/some/other/model") == "/some/other/model"
 
 
+@pytest.mark.slow  # converts the model several times, killed at each point: minutes (make test-slow)
 def test_conversion_is_atomic_under_kill_9(tmp_path):
     """kill -9 mid-conversion leaves no half folder; the next call converts and the model answers."""
     pytest.importorskip("transformers")

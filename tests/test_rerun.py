@@ -200,6 +200,7 @@ def test_commands_on_a_missing_run_folder_create_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
+@pytest.mark.slow  # trains and evaluates twice: minutes on a CPU (make test-slow)
 @pytest.mark.timeout(1500)
 def test_train_and_eval_do_not_reuse_outputs_made_with_other_settings(project):
     run = copy_run(project, "trained")

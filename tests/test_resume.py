@@ -51,6 +51,7 @@ def rows(run_dir: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text("utf-8").splitlines()]
 
 
+@pytest.mark.slow  # six real runs of the pipeline: minutes on a CPU (make test-slow)
 @pytest.mark.timeout(1500)
 def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     recipe = tmp_path / "resume.yaml"
