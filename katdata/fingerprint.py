@@ -138,6 +138,10 @@ def stage_input_paths(recipe: Any, stage: str, run_dir: Path) -> list[Path]:
         from katdata.train import _source
 
         return [_source(recipe.train.data if recipe.train else None, run_dir)]
+    if stage == "rl":
+        from katdata.rl import input_paths
+
+        return input_paths(recipe.rl, run_dir) if recipe.rl is not None else []
     if stage == "eval":
         return eval_input_paths(recipe.eval, run_dir) if recipe.eval is not None else []
     return [run_dir / name for name in STAGE_INPUTS[stage]]

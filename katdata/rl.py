@@ -183,8 +183,12 @@ def _base_model(cfg: RLConfig, run_dir: Path) -> Optional[str]:
     return json.loads(train_json.read_text()).get("base_model") if train_json.is_file() else None
 
 
+def _policy_path(cfg: RLConfig, run_dir: Path) -> Path:
+    return Path(cfg.policy) if cfg.policy else run_dir / "train" / "adapter"
+
+
 def _policy(cfg: RLConfig, run_dir: Path) -> Path:
-    path = Path(cfg.policy) if cfg.policy else run_dir / "train" / "adapter"
+    path = _policy_path(cfg, run_dir)
     if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
         raise KatdataError(f"no SFT policy at {path}: run `katdata train` first, or set rl.policy to an adapter or a "
                            "merged model folder")
@@ -214,12 +218,23 @@ def _load_policy(cfg: RLConfig, run_dir: Path, torch, transformers, peft):
     return model, tok, lora
 
 
+def input_paths(cfg: RLConfig, run_dir: Path) -> list[Path]:
+    """What rl reads: the split of train/ and the SFT policy (its fingerprint covers both)."""
+    return [Path(run_dir) / "train" / "split.json", _policy_path(cfg, Path(run_dir))]
+
+
 def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     """Run (or resume) GRPO; returns the stats for summary.json (also written to OUTPUT/rl.json)."""
+    from katdata import fingerprint
+
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    current = {"settings": fingerprint.section_settings("rl", cfg),
+               "inputs": fingerprint.hash_inputs(input_paths(cfg, run_dir), run_dir)}
+    fingerprint.check_folder(out, current, f"to redo RL, move {out} aside (in a pipeline: rerun with --from rl); to "
+                             "keep it, write into a new folder (--set output=NAME) or another run folder")
     if (out / "rl.json").is_file() and (out / "adapter").is_dir():
-        log.info("rl: %s already holds a finished adapter, skipping", out)
+        log.info("rl: %s already holds a finished adapter made with these settings, skipping", out)
         return json.loads((out / "rl.json").read_text())
     if 2 * cfg.forced_per_mode >= cfg.num_generations:
         raise KatdataError(f"rl.forced_per_mode ({cfg.forced_per_mode}) x 2 must stay below rl.num_generations "
@@ -263,6 +278,8 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok,
                   peft_config=lora, kat=cfg, tag_ids=mode_tag_ids(tok))
     out.mkdir(parents=True, exist_ok=True)
+    if trainer.accelerator.is_main_process:
+        fingerprint.write_folder(out, current)
     resume = _last_checkpoint(ckpt)
     if resume:
         log.info("rl: resuming from %s", resume)

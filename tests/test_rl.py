@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -178,6 +179,34 @@ def test_recipe_section_and_bad_settings_fail_before_a_model_loads(tmp_path):
         run(RLConfig(num_generations=2, forced_per_mode=1), tmp_path)
     with pytest.raises(KatdataError, match="katdata train"):
         run(RLConfig(), tmp_path)
+
+
+def test_every_stage_of_the_rl_recipe_has_a_fingerprint_and_rl_refuses_other_settings(tmp_path):
+    """`katdata run recipes/rl_quickstart.yaml --from rl` fingerprints every stage (rl included); a
+    finished rl/ made with other settings is refused before any model loads, not silently reused."""
+    import yaml
+
+    from katdata import fingerprint
+    from katdata.pipeline import STAGES
+    from katdata.recipe import Recipe
+    from katdata.rl import run
+
+    recipe = Recipe.model_validate(yaml.safe_load((Path(__file__).parents[1] / "recipes" / "rl_quickstart.yaml").read_text()))
+    for stage in STAGES:
+        fp = fingerprint.stage_fingerprint(recipe, stage, tmp_path)
+        assert isinstance(fp["inputs"], dict), stage
+    assert set(fingerprint.stage_fingerprint(recipe, "rl", tmp_path)["inputs"]) == {"train/split.json",
+                                                                                   "train/adapter"}
+    out = tmp_path / "rl"
+    (out / "adapter").mkdir(parents=True)
+    (out / "rl.json").write_text("{}")
+    made = RLConfig(max_steps=2)
+    fingerprint.write_folder(out, {"settings": fingerprint.section_settings("rl", made),
+                                   "inputs": fingerprint.hash_inputs(
+                                       [tmp_path / "train" / "split.json", tmp_path / "train" / "adapter"], tmp_path)})
+    assert run(RLConfig(max_steps=2, num_threads=1), tmp_path) == {}  # same settings (threads are speed only)
+    with pytest.raises(KatdataError, match=r"rl\.max_steps: 2 -> 3.*--from rl"):
+        run(RLConfig(max_steps=3), tmp_path)
 
 
 def test_side_by_side_table():
