@@ -96,6 +96,28 @@ def _source(cfg_data: Optional[str], run_dir: Path) -> Path:
     return run_dir / "export" if (run_dir / "export").is_dir() else run_dir / "records.jsonl"
 
 
+def _split_data(data: Optional[str], run_dir: Path) -> Optional[str]:
+    """split.json's data path, found wherever the run folder now is: relative to the run folder (how
+    train writes it), else as written; a run folder moved or used from another working directory
+    whose data was its own export/ or records.jsonl reads them from where it is now."""
+    if not data or Path(data).is_absolute() and Path(data).exists():
+        return data
+    if (run_dir / data).exists():
+        return str(run_dir / data)
+    if not Path(data).exists() and Path(data).name == _source(None, run_dir).name:
+        return None  # the run's own default source
+    return data
+
+
+def _split_record(src: Path, run_dir: Path) -> str:
+    """The data path as split.json records it: relative to the run folder when inside it."""
+    try:
+        return Path(os.path.relpath(src.resolve(), run_dir.resolve())).as_posix() \
+            if src.resolve().is_relative_to(run_dir.resolve()) else str(src)
+    except OSError:
+        return str(src)
+
+
 def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
     """The rows train/split.json lists under ``part`` ("train" or "heldout"), read from the same data as
     training; ``needed_by`` says in the error who needs them."""
@@ -103,7 +125,7 @@ def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
     if not path.is_file():
         raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
     split = json.loads(path.read_text())
-    rows, test = load_examples(split.get("data"), Path(run_dir))
+    rows, test = load_examples(_split_data(split.get("data"), Path(run_dir)), Path(run_dir))
     wanted = set(split[part])
     rows = [r for r in rows + (test or []) if r["id"] in wanted]
     if not rows:
@@ -340,7 +362,7 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if _main_rank():
         fingerprint.write_folder(out, current)
-    split_doc = {"seed": cfg.seed, "data": str(_source(cfg.data, run_dir)), "holdout": cfg.holdout,
+    split_doc = {"seed": cfg.seed, "data": _split_record(_source(cfg.data, run_dir), run_dir), "holdout": cfg.holdout,
                  "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
     if _main_rank():  # under torchrun / accelerate launch every process gets here; one writes
         (out / ".split.json.tmp").write_text(json.dumps(split_doc, indent=1))

@@ -118,6 +118,31 @@ def test_export_folder_gives_train_and_test_splits(tmp_path, records, tokenizer)
     assert {r["id"] for r in held} == {r["id"] for r in test} and stats["mask_disagreements"] == 0
 
 
+def test_split_rows_follow_the_run_folder_when_it_moves_or_the_cwd_changes(tmp_path, records, monkeypatch):
+    """split.json names the run's own data relative to the run folder; a split.json written by an older
+    katdata with a cwd-relative path ("runs/quickstart/export") still resolves from another directory."""
+    from katdata.export import ExportConfig
+    from katdata.export import run as export_run
+    from katdata.train import _split_record, split_rows
+
+    run_dir = tmp_path / "runs" / "quickstart"
+    run_dir.mkdir(parents=True)
+    write_records(run_dir / "records.jsonl", records)
+    export_run(ExportConfig(test_size=0.25, plot=False), run_dir, None)
+    train, test = load_examples(None, run_dir)
+    assert _split_record(run_dir / "export", run_dir) == "export"
+    (run_dir / "train").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for data in ("export", "runs/quickstart/export"):
+        (run_dir / "train" / "split.json").write_text(json.dumps(
+            {"data": data, "train": [r["id"] for r in train], "heldout": [r["id"] for r in test]}))
+        moved = tmp_path / "elsewhere" / data.replace("/", "_")
+        shutil.copytree(run_dir, moved)
+        monkeypatch.chdir(moved.parent)  # the old cwd-relative path does not exist from here
+        assert [r["id"] for r in split_rows(moved, "heldout", "eval")] == [r["id"] for r in test]
+        assert len(split_rows(moved, "train", "rl")) == len(train)
+
+
 def test_audit_command_prints_spans(tmp_path, records, capsys):
     write_records(tmp_path / "records.jsonl", records)
     assert main([str(tmp_path), "--audit", "1", "--set", "holdout=2"]) == 0
