@@ -130,6 +130,30 @@ def test_serve_cli_bad_input_is_one_line(tmp_path):
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_stop_waits_for_the_whole_process_group(tmp_path):
+    """stop() returns only when no process of the server's group runs: here a child that takes a
+    second to exit after SIGTERM, as vLLM's workers do after the API server has gone."""
+    import time
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0)))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(60)\n")
+    proc = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "$0" & sleep 60', child],
+                            start_new_session=True)
+    server = servers.Server("m", 0, proc, tmp_path / "log", "m")
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    assert servers.group_alive(proc.pid)
+    server.stop(timeout=30)
+    assert proc.poll() is not None and not servers.group_alive(proc.pid)
+    server.stop()  # stopping a stopped server is a no-op
+    assert not servers.group_alive(os.getpid() + 10_000_000)  # no such group
+
+
 # ---------------------------------------------------------------- the real server
 @pytest.fixture(scope="module")
 def trained():
@@ -184,6 +208,7 @@ def kat_server(trained):
     assert cmd.proc.returncode == 0 and f"stopping the server (pid {cmd.server_pid})" in rest
     with pytest.raises(ProcessLookupError):
         os.kill(cmd.server_pid, 0)  # stopped by its PID
+    assert not servers.group_alive(cmd.server_pid)  # and its engine processes with it
 
 
 def _post(server, path: str, body: dict, stream: bool = False):
@@ -355,3 +380,4 @@ def test_serve_merged_run_folder(trained):
         assert "<think_off>" in msg["reasoning"] and msg["content"] == "Paris"
     finally:
         assert cmd.stop() and cmd.proc.returncode == 0
+        assert not servers.group_alive(cmd.server_pid)
