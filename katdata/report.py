@@ -102,6 +102,53 @@ def dataset_line(run_dir: Path) -> Optional[str]:
             f"labels: {share_line(labelled, LABEL_NAMES)}  content: {share_line(sources, CONTENT_NAMES)}")
 
 
+def _round_folders(data: dict, run_dir: Path) -> list[Path]:
+    """This run and the rounds before it (``previous_round``, followed through each round's summary.json),
+    oldest first; a previous round whose folder is gone ends the chain."""
+    chain, seen, current = [Path(run_dir)], {Path(run_dir).resolve()}, data
+    while True:
+        prev = current.get("stages", {}).get("load", {}).get("copied_from")
+        if not prev:
+            break
+        folder = Path(prev)
+        if not (folder / "votes.jsonl").is_file() or folder.resolve() in seen:
+            break
+        seen.add(folder.resolve())
+        chain.append(folder)
+        try:
+            current = json.loads((folder / "summary.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            break
+    return chain[::-1]
+
+
+def rounds_lines(data: dict, run_dir: Path) -> list[str]:
+    """Per round of an iterated cold start: where the labels came from, the pass rates per mode, and how
+    many labels changed since the round before. Empty for a run without ``previous_round``."""
+    from katdata.balance import LABEL_NAMES, share_line
+
+    folders = _round_folders(data, run_dir)
+    if len(folders) < 2:
+        return []
+    out, before = [], None
+    for i, folder in enumerate(folders, 1):
+        path = folder / "votes.jsonl"
+        if not path.is_file():
+            break
+        votes = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        n = len(votes) or 1
+        labels = {v["id"]: v.get("label") for v in votes}
+        line = (f"round {i} ({folder}): labels {share_line(Counter(v.get('label_source') or '-' for v in votes), LABEL_NAMES)}"
+                f"  mean pass rate on {sum(v.get('p_on') or 0 for v in votes) / n:.2f}"
+                f" / off {sum(v.get('p_off') or 0 for v in votes) / n:.2f}")
+        if before is not None:
+            common = [q for q in labels if q in before]
+            line += f"  labels changed since round {i - 1}: {sum(labels[q] != before[q] for q in common)} of {len(common)}"
+        out.append(line)
+        before = labels
+    return out
+
+
 def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
     """The end-of-run table: counts, time and tokens per stage, then the dataset and where things are.
 
@@ -132,6 +179,8 @@ def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
     line = shares_line(data)
     if line:
         console.print(line)
+    for line in rounds_lines(data, run_dir):
+        console.print(line, soft_wrap=True)
     where = {"dataset": run_dir / "export", "adapter": run_dir / "train" / "adapter", "report": run_dir / "eval" / "eval.json"}
     for what, path in where.items():
         if path.exists():

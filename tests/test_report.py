@@ -181,3 +181,29 @@ def test_label_and_content_sources_and_label_vs_exported_shares(tmp_path, capsys
     print_summary(data, tmp_path, 1.0)
     out = capsys.readouterr().out
     assert "modes: think-on 9 labelled (75%) -> 1 exported (33%)" in " ".join(out.split()) and "imbalance accepted" in out
+
+
+def test_rounds_lines_give_label_sources_pass_rates_and_changes_per_round(tmp_path, capsys, monkeypatch):
+    """A round-two run (previous_round) prints one line per round: label sources, pass rates, changed labels."""
+    from katdata.report import rounds_lines
+
+    def write_round(folder, votes, copied_from=None):
+        folder.mkdir(parents=True)
+        (folder / "votes.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
+        stages = {"load": {"copied_from": str(copied_from)}} if copied_from else {"load": {}}
+        (folder / "summary.json").write_text(json.dumps({"stages": stages}))
+        return {"stages": stages}
+
+    vote = lambda q, label, source, p_on, p_off: {"id": q, "label": label, "label_source": source,  # noqa: E731
+                                                  "p_on": p_on, "p_off": p_off}
+    one, two = tmp_path / "r1", tmp_path / "r1" / "round2"
+    assert rounds_lines(write_round(one, [vote("a", "on", "prior", 0, 0), vote("b", "off", "vote", 0, 0.5),
+                                          vote("c", "on", "prior", 0, 0)]), one) == []  # a single round: nothing
+    data = write_round(two, [vote("a", "on", "vote", 1.0, 0), vote("b", "off", "vote", 0, 1.0),
+                             vote("c", "off", "vote", 0, 0.5)], copied_from=one)
+    lines = rounds_lines(data, two)
+    assert lines[0] == f"round 1 ({one}): labels 2 tagger prior, 1 vote  mean pass rate on 0.00 / off 0.17"
+    assert lines[1] == (f"round 2 ({two}): labels 3 vote  mean pass rate on 0.33 / off 0.50  "
+                        "labels changed since round 1: 1 of 3")
+    print_summary(data, two, 1.0)
+    assert "labels changed since round 1: 1 of 3" in capsys.readouterr().out
