@@ -244,10 +244,14 @@ def test_real_grpo_steps_change_the_adapter_log_rewards_and_resume(tmp_path):
     steps = [row for row in log if "rewards/format/mean" in row]
     assert len(steps) == 2
     assert all(k in steps[0] for k in ("rewards/answer/mean", "rewards/mode/mean", "kl", "mode/no_mode_tag_auto"))
-    # a rerun with more steps resumes from the last checkpoint
+    # killed after its first checkpoint: the rerun (same settings) resumes from it and ends at the same step
     shutil.rmtree(out / "adapter")
     (out / "rl.json").unlink()
-    sets[0] = "max_steps=3"
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
     assert main([str(tmp_path)] + [a for s in sets for a in ("--set", s)]) == 0
     stats = json.loads((out / "rl.json").read_text())
-    assert stats["steps"] == 3 and stats["resumed_from"].endswith("checkpoint-2")
+    assert stats["steps"] == 2 and stats["resumed_from"].endswith("checkpoint-1")
+    # more steps are other settings: refused, not silently mixed into this folder
+    sets[0] = "max_steps=3"
+    with pytest.raises(KatdataError, match=r"rl\.max_steps: 2 -> 3"):
+        main([str(tmp_path)] + [a for s in sets for a in ("--set", s)])
