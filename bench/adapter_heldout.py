@@ -8,7 +8,7 @@ prior where no sample is right; its solve stage is skipped, as it changes no lab
 a rerun reuses them).
 
 The adapter (RUN/train/adapter, or one trained here with ``--train KEY=VALUE`` overrides of the run's
-``train:`` section, into RUN/train-bench-<settings>/) then answers each query greedily: ``auto`` (it
+``train:`` section, into OUT/train-bench-<settings>/: the run folder is only read) then answers each query greedily: ``auto`` (it
 writes the judge and picks the mode), and with ``--forced`` also forced think-on and think-off.
 Printed and written to OUT/<adapter name>.json: template validity (a reply cut at the token limit counts
 as invalid), truncated and malformed shares, agreement of the chosen mode with the label, accuracy per
@@ -107,27 +107,34 @@ def items(folder: Path):
         msgs = ([{"role": "system", "content": q["system"]}] if q.get("system") else []) + [
             {"role": "user", "content": q["query"]}]
         out.append(Item(qid, msgs, v["label"], t["difficulty"], str(t["domain"]), str(t["task_type"]), q["kind"],
-                        q["reference"]))
+                        q["reference"], q["query"], q.get("meta") or {}))
     label_sources = {}
     for v in votes.values():
         label_sources[v.get("label_source")] = label_sources.get(v.get("label_source"), 0) + 1
     return out, label_sources
 
 
-def train_variant(run_dir: Path, sets: list[str]) -> Path:
-    """Train an adapter with the run's train settings plus ``sets``; returns its folder (reused if there)."""
+def train_variant(run_dir: Path, sets: list[str], out: Path, resume: Path | None = None) -> tuple[Path, dict]:
+    """Train an adapter with the run's train settings plus ``sets`` into ``out``; returns its folder (reused if
+    there) and the training stats. ``resume``: a checkpoint of the run's training to continue from (copied in;
+    the trainer keeps its step count, so max_steps is the total, and the cosine schedule of the remaining steps
+    is that of a run of max_steps from that step on)."""
+    import shutil
+
     from katdata.recipe import load_recipe
     from katdata.train import TrainConfig, run
 
     base = load_recipe(run_dir / "recipe.yaml").train or TrainConfig()
-    slug = "-".join(s.replace("=", "") for s in sets)
+    slug = "-".join(s.replace("=", "") for s in sets) + (f"-from-{resume.name}" if resume else "")
     cfg = TrainConfig(**{**base.model_dump(), **{k: v for k, v in (_kv(s) for s in sets)},
-                         "output": f"train-bench-{slug}"})
+                         "output": str((out / f"train-bench-{slug}").resolve())})
+    if resume and not (Path(cfg.output) / "checkpoints" / resume.name).is_dir():
+        shutil.copytree(resume, Path(cfg.output) / "checkpoints" / resume.name)
     t0 = time.perf_counter()
     stats = run(cfg, run_dir)
     print(f"trained {cfg.output}: {stats.get('steps', cfg.max_steps)} steps, loss {stats.get('train_loss')} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return run_dir / cfg.output / "adapter"
+    return Path(cfg.output) / "adapter", stats
 
 
 def _kv(item: str):
@@ -147,8 +154,13 @@ def main() -> int:
     ap.add_argument("--adapter", type=Path, help="adapter folder (default RUN/train/adapter)")
     ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                     help="train a variant of the run's adapter with this train setting (repeatable)")
+    ap.add_argument("--resume-from", type=Path, metavar="CHECKPOINT",
+                    help="with --train: continue from this checkpoint of the run's training (e.g. "
+                         "RUN/train/checkpoints/checkpoint-48) instead of from step 0")
     ap.add_argument("--max-tokens", type=int, default=256, help="token limit of a reply")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 damps greedy loops (eval's setting)")
+    ap.add_argument("--think-reserve", type=int, help="eval's think_reserve (a decoding-side stop, off by default): "
+                    "a think block open after max-tokens - N tokens is closed and the answer gets N tokens")
     ap.add_argument("--forced", action="store_true", help="also answer in forced think-on and think-off")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
     ap.add_argument("--labels-only", action="store_true", help="stop after labelling the held-out queries")
@@ -162,8 +174,19 @@ def main() -> int:
     if args.labels_only:
         print(f"{len(its)} labelled held-out queries: {label_sources}")
         return 0
-    adapter = train_variant(args.run_dir, args.train) if args.train else (args.adapter or
-                                                                          args.run_dir / "train" / "adapter")
+    train_stats = {}
+    if args.train:
+        adapter, train_stats = train_variant(args.run_dir, args.train, out, args.resume_from)
+    else:
+        adapter = args.adapter or args.run_dir / "train" / "adapter"
+        stats_file = adapter.parent / "train.json"
+        train_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    steps = train_stats.get("steps")
+    if steps and train_stats.get("resumed_from"):  # only the steps after the checkpoint ran here
+        steps -= int(str(train_stats["resumed_from"]).rsplit("-", 1)[-1])
+    train_figures = {"steps": steps, "seconds": train_stats.get("seconds"), "train_loss": train_stats.get("train_loss"),
+                     "seconds_per_step": round(train_stats["seconds"] / steps, 1) if steps and train_stats.get("seconds")
+                     else None}
     import torch
 
     from katdata.backends import BackendConfig, get_backend
@@ -173,9 +196,11 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     name = f"{adapter.parent.name}-t{args.max_tokens}" + (f"-rp{args.repetition_penalty}"
-                                                          if args.repetition_penalty != 1.0 else "")
+                                                          if args.repetition_penalty != 1.0 else "") + (
+        f"-close{args.think_reserve}" if args.think_reserve else "")
     gen_path = out / f"{name}.generations.jsonl"
-    cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48, repetition_penalty=args.repetition_penalty)
+    cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48, repetition_penalty=args.repetition_penalty,
+                     think_reserve=args.think_reserve)
     settings = ["auto"] + (["on", "off"] if args.forced else [])
     backend = get_backend("transformers", BackendConfig(model=None, lora_path=str(adapter), batch_size=48))
     t0 = time.perf_counter()
@@ -200,8 +225,9 @@ def main() -> int:
                          "correct": sum(bool(r["correct"]) for r in sel)}
     acc_by_mode = {mode: {"n": len(sel), "accuracy": round(sum(bool(r["correct"]) for r in sel) / len(sel), 4)}
                    for mode in ("on", "off") for sel in [[r for r in auto if r["mode"] == mode]] if sel}
-    result = {"adapter": str(adapter), "train_sets": args.train, "max_tokens": args.max_tokens,
-              "repetition_penalty": args.repetition_penalty, "n": len(its),
+    result = {"adapter": str(adapter), "train_sets": args.train, "train": train_figures, "max_tokens": args.max_tokens,
+              "repetition_penalty": args.repetition_penalty, "think_reserve": args.think_reserve,
+              "think_closed": m["think_closed"], "n": len(its),
               "label_sources": label_sources,
               "labels": {mode: sum(it.label == mode for it in its) for mode in ("on", "off")},
               # validity counts a reply cut at the token limit as invalid (parse gives it an error)
@@ -210,8 +236,8 @@ def main() -> int:
               "parse_errors": m["parse_errors"], "accuracy_by_chosen_mode": acc_by_mode,
               "settings": m["settings"], "by_kind": by_kind, "gen_seconds": round(time.perf_counter() - t0, 1)}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("adapter", "n", "labels", "label_sources", "template_validity",
-                                             "truncated", "malformed", "mode_agreement", "think_on_rate",
+    print(json.dumps({k: result[k] for k in ("adapter", "train", "n", "labels", "label_sources", "template_validity",
+                                             "truncated", "malformed", "think_closed", "mode_agreement", "think_on_rate",
                                              "parse_errors", "accuracy_by_chosen_mode", "by_kind")}, indent=1))
     for s, v in m["settings"].items():
         print(f"{s}: accuracy {v['accuracy']} valid {v['valid']} mean tokens {v['mean_tokens']}")

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys
-from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, parse
+from katdata.template import ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class EvalConfig(BaseModel):
     max_tokens: int = Field(256, ge=8, description="token limit of one response")
     repetition_penalty: float = Field(1.0, ge=1.0, description="> 1 damps tokens already seen (greedy decoding of a "
                                       "small model loops without it); 1 = plain greedy")
+    think_reserve: Optional[int] = Field(None, ge=1, description="a decoding-side stop, off by default (None): a "
+                                         "think block still open after max_tokens - think_reserve tokens is closed "
+                                         "(</think> and <answer> appended) and the answer gets the last think_reserve "
+                                         "tokens; such rows carry think_closed: true and eval.json counts them")
     chunk: int = Field(16, ge=1, description="unused since eval streams its requests (kept so older recipes load)")
     plots: bool = Field(True, description="write the PNG plots")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
@@ -121,27 +125,51 @@ def prefix(setting: str, item: Item) -> str:
     return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
 
 
+def _think_open(text: str) -> bool:
+    return THINK_OPEN in text and THINK_CLOSE not in text[text.rindex(THINK_OPEN):]
+
+
 def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConfig, writer: RowWriter,
              done: set, verifier) -> None:
     """Answer the items not yet done in this (model, setting); write one row per completion."""
     from katdata.backends.base import Job, Request, SamplingParams
 
+    reserve = cfg.think_reserve or 0
     todo = [it for it in items if f"{model}:{setting}:{it.id}" not in done]
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(STOP_STRINGS),
+    params = SamplingParams(temperature=0.0, max_tokens=max(1, cfg.max_tokens - reserve), stop=tuple(STOP_STRINGS),
                             repetition_penalty=cfg.repetition_penalty)
     jobs = (Job(it, Request(it.messages, prefix(setting, it)), params) for it in todo)
+    closing = []  # think_reserve: replies cut with their think block open get it closed and answer in the reserve
     for job, comps in backend.stream(jobs):  # each row written as soon as its completion is in
         it, pre, c = job.key, job.request.prefix, comps[0]
-        full = pre + c.text
-        p = parse(full, c.finish_reason)
-        mode = p.mode if setting == "auto" else setting
-        correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
-            False if it.reference is not None else None)
-        writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
-                      "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
-                      "tokens": c.completion_tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
-                      "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
-                      "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": c.error})
+        if reserve and c.finish_reason == "length" and _think_open(pre + c.text):
+            closing.append((it, pre, c))
+            continue
+        _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier)
+    if closing:
+        params = SamplingParams(temperature=0.0, max_tokens=reserve, stop=tuple(STOP_STRINGS),
+                                repetition_penalty=cfg.repetition_penalty)
+        jobs = []
+        for it, pre, c in closing:
+            text = c.text + ("" if c.text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
+            jobs.append(Job((it, text, c.completion_tokens), Request(it.messages, pre + text), params))
+        for job, comps in backend.stream(iter(jobs)):
+            (it, text, used), c = job.key, comps[0]
+            _write(writer, model, setting, it, prefix(setting, it), text + c.text, c.finish_reason,
+                   used + c.completion_tokens, c.error, verifier, think_closed=True)
+
+
+def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, verifier, think_closed=False):
+    p = parse(pre + text, finish_reason)
+    mode = p.mode if setting == "auto" else setting
+    correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
+        False if it.reference is not None else None)
+    writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
+                  "prefix": pre, "text": text, "finish_reason": finish_reason,
+                  "tokens": tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
+                  "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
+                  "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": error,
+                  "think_closed": think_closed})
 
 
 def _rate(rows: list[dict], test) -> Optional[float]:
@@ -168,6 +196,7 @@ def metrics(rows: list[dict]) -> dict:
                  "truncated": _rate(auto, lambda r: r["finish_reason"] == "length"),
                  "malformed": _rate(auto, lambda r: not r["ok"] and r["finish_reason"] != "length"),
                  "think_on_rate": _rate(moded, lambda r: r["mode"] == "on"),
+                 "think_closed": _rate(auto, lambda r: r.get("think_closed")),  # think_reserve closed the block
                  "mode_agreement": _rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),
                  "mode_agreement_valid": _rate([r for r in auto if r["label"] and r["ok"]],
                                                lambda r: r["mode"] == r["label"])}
@@ -184,6 +213,7 @@ def metrics(rows: list[dict]) -> dict:
     out["parse_errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
     # per setting (auto, forced on, forced off): accuracy, template validity ("valid"), mean tokens
     out["settings"] = {s: {"n": len(v), "accuracy": _acc(v), "valid": _rate(v, lambda r: r["ok"]),
+                           "think_closed": _rate(v, lambda r: r.get("think_closed")),
                            "mean_tokens": _mean([r["tokens"] for r in v]),
                            "mean_tokens_by_mode": {m: _mean([r["tokens"] for r in v if r["mode"] == m])
                                                    for m in ("on", "off")}}

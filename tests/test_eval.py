@@ -263,3 +263,46 @@ def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
         peft_backend.close()
     base = [c[0].text for c in vllm_backend.generate(reqs, params)]
     assert got == want and got != base
+
+
+def test_think_reserve_closes_an_open_think_block_and_is_counted(tmp_path):
+    """eval's think_reserve (a decoding-side stop, off by default): a reply cut with its think block open gets
+    ``</think>`` and ``<answer>`` appended and answers in the reserved tokens; rows and metrics say so."""
+    from katdata.backends.base import Completion
+    from katdata.evaluate import generate, metrics
+    from katdata.runfiles import done_keys
+    from katdata.verify import Verifier
+
+    def script(req, i):
+        if req.prefix.endswith("<answer>\n"):  # the continuation after the forced close
+            return Completion("42\n</answer>", "stop", completion_tokens=3)
+        if "loop" in req.messages[-1]["content"]:  # a think-off answer looping to the limit: nothing to close
+            return Completion("Judge.\n</judge>\n\n<think_off>\n<answer>\n" + "0" * 50, "length", completion_tokens=20)
+        return Completion("Needs steps.\n</judge>\n\n<think_on>\n<think>\n6 times 7 is", "length", completion_tokens=20)
+
+    items = [Item("a", [{"role": "user", "content": "What is 6*7?"}], "on", 2, "math", "math_word_problem", "math",
+                  "42"),
+             Item("b", [{"role": "user", "content": "loop"}], "off", 1, "math", "math_word_problem", "math", "7")]
+
+    def rows_with(reserve):
+        backend = ScriptedBackend(script=script)
+        path = tmp_path / f"gen{reserve}.jsonl"
+        with RowWriter(path) as w:
+            generate(backend, "adapted", "auto", items, EvalConfig(max_tokens=24, think_reserve=reserve), w,
+                     done_keys(path, key="key"), Verifier())
+        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}, backend.calls
+
+    rows, calls = rows_with(None)  # off: both replies are cut at the limit and invalid
+    assert len(calls) == 1 and calls[0][1].max_tokens == 24
+    assert not rows["a"]["ok"] and not rows["b"]["ok"] and not rows["a"]["think_closed"]
+    assert metrics(list(rows.values()))["truncated"] == 1.0
+
+    rows, calls = rows_with(4)
+    assert calls[0][1].max_tokens == 20 and calls[1][1].max_tokens == 4  # the total stays within max_tokens
+    assert [r.prefix.endswith("6 times 7 is\n</think>\n<answer>\n") for r in calls[1][0]] == [True]
+    a, b = rows["a"], rows["b"]
+    assert a["ok"] and a["think_closed"] and a["correct"] and a["tokens"] == 23 and a["finish_reason"] == "stop"
+    assert parse(a["prefix"] + a["text"]).answer == "42"
+    assert not b["ok"] and not b["think_closed"] and b["finish_reason"] == "length"  # a loop stays invalid
+    m = metrics(list(rows.values()))
+    assert m["think_closed"] == 0.5 and m["template_validity"] == 0.5 and m["settings"]["auto"]["think_closed"] == 0.5
