@@ -96,7 +96,8 @@ def message(c: dict, found: dict[str, str]) -> str:
     fixes = "; ".join(REMEDIES[m] for m in found)
     return (f"assemble: mode collapse: {'. '.join(found.values())} "
             f"(labels from: {share_line(c['vote_label_sources'], LABEL_NAMES)}). Remedies: {fixes}; "
-            "or --set assemble.accept_imbalance=true to export as is (the dataset card records it). After a change "
+            "or rerun with --from assemble --set assemble.accept_imbalance=true to export as is (the dataset card "
+            "records it). After a change "
             "of engine or input, rerun with --from solve (or --from load).")
 
 

@@ -186,7 +186,8 @@ def test_real_run_with_the_embedded_model_stops_before_export(tmp_path):
     assert all(v["label_source"] in ("prior", "vote", "exploration") for v in votes)
     assert any(v["label"] == "on" for v in aime)
     # accepting the imbalance lets it through, and the card says so
-    proc = subprocess.run(cmd + ["--set", "assemble.accept_imbalance=true"], env=dict(os.environ),
+    assert "--from assemble --set assemble.accept_imbalance=true" in " ".join(proc.stderr.split())
+    proc = subprocess.run(cmd + ["--from", "assemble", "--set", "assemble.accept_imbalance=true"], env=dict(os.environ),
                           capture_output=True, text=True, timeout=1700)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imbalance accepted" in " ".join(proc.stdout.split())
