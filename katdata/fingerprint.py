@@ -8,7 +8,8 @@ checkpoint intervals, and per engine the batch size, parallelism, GPU memory sha
 server URL, key variable, concurrency, timeout, retries and the cache switch.
 
 ``compare`` names what changed (``sample.n: 2 -> 4``, ``input tags.jsonl changed``); the pipeline keeps
-fingerprints in summary.json, ``katdata train`` and ``katdata eval`` in ``fingerprint.json`` of their folder.
+fingerprints in summary.json, ``katdata train``, ``katdata rl`` and ``katdata eval`` in ``fingerprint.json`` of
+their folder.
 """
 
 from __future__ import annotations

@@ -111,11 +111,8 @@ def _split_data(data: Optional[str], run_dir: Path) -> Optional[str]:
 
 def _split_record(src: Path, run_dir: Path) -> str:
     """The data path as split.json records it: relative to the run folder when inside it."""
-    try:
-        return Path(os.path.relpath(src.resolve(), run_dir.resolve())).as_posix() \
-            if src.resolve().is_relative_to(run_dir.resolve()) else str(src)
-    except OSError:
-        return str(src)
+    src_abs, run_abs = src.resolve(), run_dir.resolve()
+    return src_abs.relative_to(run_abs).as_posix() if src_abs.is_relative_to(run_abs) else str(src)
 
 
 def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
