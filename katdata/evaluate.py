@@ -147,15 +147,14 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
             continue
         _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier)
     if closing:
-        params = SamplingParams(temperature=0.0, max_tokens=reserve, stop=tuple(STOP_STRINGS),
-                                repetition_penalty=cfg.repetition_penalty)
+        params = dataclasses.replace(params, max_tokens=reserve)
         jobs = []
         for it, pre, c in closing:
             text = c.text + ("" if c.text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
-            jobs.append(Job((it, text, c.completion_tokens), Request(it.messages, pre + text), params))
+            jobs.append(Job((it, pre, text, c.completion_tokens), Request(it.messages, pre + text), params))
         for job, comps in backend.stream(iter(jobs)):
-            (it, text, used), c = job.key, comps[0]
-            _write(writer, model, setting, it, prefix(setting, it), text + c.text, c.finish_reason,
+            (it, pre, text, used), c = job.key, comps[0]
+            _write(writer, model, setting, it, pre, text + c.text, c.finish_reason,
                    used + c.completion_tokens, c.error, verifier, think_closed=True)
 
 

@@ -42,11 +42,16 @@ def stream(text: str, cuts, prefix=GENERATION_PREFIX) -> tuple[str, str, StreamS
     return r, c, s
 
 
+def case(mode: str, leading_judge: bool) -> tuple[str, str]:
+    """(text, prefix): the whole response, or the part after the pre-filled ``<judge>\n``."""
+    full = RESPONSES[mode]
+    return (full, "") if leading_judge else (full[len(GENERATION_PREFIX):], GENERATION_PREFIX)
+
+
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("leading_judge", [True, False])
 def test_whole_text_split_both_modes(mode, leading_judge):
-    full = RESPONSES[mode]
-    text, prefix = (full, "") if leading_judge else (full[len(GENERATION_PREFIX):], GENERATION_PREFIX)
+    text, prefix = case(mode, leading_judge)
     parts = split(text, prefix)
     reasoning, content = expected(text)
     assert (parts.reasoning, parts.content, parts.mode, parts.ended) == (reasoning, content, mode, True)
@@ -58,8 +63,7 @@ def test_whole_text_split_both_modes(mode, leading_judge):
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("leading_judge", [True, False])
 def test_every_split_point_of_every_marker(mode, leading_judge):
-    full = RESPONSES[mode]
-    text, prefix = (full, "") if leading_judge else (full[len(GENERATION_PREFIX):], GENERATION_PREFIX)
+    text, prefix = case(mode, leading_judge)
     want = split(text, prefix)
     checked = 0
     for marker in MARKERS:
