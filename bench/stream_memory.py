@@ -1,12 +1,15 @@
 """Peak memory of the streaming stages against the number of queries: does it stay bounded?
 
-    .venv/bin/python bench/stream_memory.py [--sizes 5000,50000] [--stages sample,solve]
+    .venv/bin/python bench/stream_memory.py [--sizes 5000,50000] [--stages sample,solve,judge,resumed]
 
 For each size a synthetic queries.jsonl is written to a temporary run folder, and each stage runs
 on it in a fresh child process with a scripted engine (instant replies, so the stage's own
 bookkeeping is all that is measured): ``sample`` (two modes, N=2 in two rounds of one sample) and ``solve``
 (solver, thinker, critic, one round); optionally ``cached``, the sample stage behind the request cache
-(which keeps an index of its file in memory: a few hundred bytes per completion). The child reports its peak resident set size
+(which keeps an index of its file in memory: a few hundred bytes per completion); ``judge`` (votes streamed,
+queries and tags looked up in an index of their files; the tags writer, no engine); ``resumed``, the sample stage
+rerun on a finished samples.jsonl (written first by a separate ``sample`` child), which reads each query's
+earlier rows back as the query opens. The child reports its peak resident set size
 (``resource.getrusage``'s ``ru_maxrss``) after the imports (``base``) and after the stage
 (``peak``); ``grown`` is the difference, the memory the stage itself took. The last lines put the
 sizes side by side: ``query_ratio`` (largest / smallest size) against ``grown_ratio``. Goal: the
@@ -38,6 +41,15 @@ def write_queries(path: Path, n: int) -> None:
             a, b = i % 97, i % 89
             w.write(Query(id=f"q{i:07d}", query=f"What is {a} + {b}? Give the number only. (item {i})",
                           reference=str(a + b), kind="numeric"))
+
+
+def write_votes(path: Path, n: int) -> None:
+    from katdata.records import Vote
+    from katdata.runfiles import RowWriter
+
+    with RowWriter(path) as w:
+        for i in range(n):
+            w.write(Vote(id=f"q{i:07d}", label="on" if i % 3 else "off", reason="bench"))
 
 
 def child(stage: str, run_dir: Path) -> dict:
@@ -77,6 +89,16 @@ def child(stage: str, run_dir: Path) -> dict:
             backend = CachedBackend(backend, run_dir / "cache.jsonl")
         stats = sample.run(sample.SampleConfig(n=2, rounds=[1]), run_dir, lambda name: backend)
         rows = stats["rows_out"]
+    elif stage == "resumed":  # samples.jsonl is complete: every request is answered from the file
+        backend = engine(sample_reply)
+        stats = sample.run(sample.SampleConfig(n=2, rounds=[1]), run_dir, lambda name: backend)
+        rows = sum(1 for _ in open(run_dir / "samples.jsonl"))
+        assert stats["rows_out"] == 0, stats
+    elif stage == "judge":
+        from katdata import judge
+
+        stats = judge.run(judge.JudgeConfig(writer="tags"), run_dir, lambda name: None)
+        rows = stats["rows_out"]
     else:
         backend = engine(solve_reply)
         stats = solve.run(solve.SolveConfig(rounds=0), run_dir, lambda name: backend)
@@ -91,7 +113,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="5000,50000", help="query counts, comma-separated")
     ap.add_argument("--stages", default="sample,solve",
-                    help="stages to measure: sample, solve, cached (sample behind the request cache)")
+                    help="stages to measure: sample, solve, cached (sample behind the request cache), judge, "
+                         "resumed (sample rerun on a finished samples.jsonl)")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -106,6 +129,11 @@ def main() -> int:
                 run_dir.mkdir()
                 write_queries(run_dir / "queries.jsonl", n)
                 mib = (run_dir / "queries.jsonl").stat().st_size / 2 ** 20
+                if stage == "resumed":  # a first, separate run writes the samples the measured one resumes from
+                    subprocess.run([sys.executable, __file__, "--child", "sample", str(run_dir)], capture_output=True,
+                                   check=True)
+                if stage == "judge":
+                    write_votes(run_dir / "votes.jsonl", n)
                 out = subprocess.run([sys.executable, __file__, "--child", stage, str(run_dir)],
                                      capture_output=True, text=True, check=True)
                 got = json.loads(out.stdout.strip().splitlines()[-1])

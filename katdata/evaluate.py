@@ -139,23 +139,27 @@ def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConf
     params = SamplingParams(temperature=0.0, max_tokens=max(1, cfg.max_tokens - reserve), stop=tuple(STOP_STRINGS),
                             repetition_penalty=cfg.repetition_penalty)
     jobs = (Job(it, Request(it.messages, prefix(setting, it)), params) for it in todo)
-    closing = []  # think_reserve: replies cut with their think block open get it closed and answer in the reserve
+    # think_reserve: a reply cut at max_tokens - reserve goes on for the last `reserve` tokens; if its think block
+    # is still open, it is closed first (think_closed), so the answer gets the reserve
+    pending = []
     for job, comps in backend.stream(jobs):  # each row written as soon as its completion is in
         it, pre, c = job.key, job.request.prefix, comps[0]
-        if reserve and c.finish_reason == "length" and _think_open(pre + c.text):
-            closing.append((it, pre, c))
+        if reserve and c.finish_reason == "length":
+            pending.append((it, pre, c))
             continue
         _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier)
-    if closing:
+    if pending:
         params = dataclasses.replace(params, max_tokens=reserve)
         jobs = []
-        for it, pre, c in closing:
-            text = c.text + ("" if c.text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
-            jobs.append(Job((it, pre, text, c.completion_tokens), Request(it.messages, pre + text), params))
+        for it, pre, c in pending:
+            text, closed = c.text, _think_open(pre + c.text)
+            if closed:
+                text += ("" if text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
+            jobs.append(Job((it, pre, text, c.completion_tokens, closed), Request(it.messages, pre + text), params))
         for job, comps in backend.stream(iter(jobs)):
-            (it, pre, text, used), c = job.key, comps[0]
+            (it, pre, text, used, closed), c = job.key, comps[0]
             _write(writer, model, setting, it, pre, text + c.text, c.finish_reason,
-                   used + c.completion_tokens, c.error, verifier, think_closed=True)
+                   used + c.completion_tokens, c.error, verifier, think_closed=closed)
 
 
 def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, verifier, think_closed=False):

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import re
 from collections import Counter, deque
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import template
+from katdata.errors import InputError
 from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Query, Tags, Vote
-from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
 from katdata.prompt_files import read_prompt
 
 log = logging.getLogger(__name__)
@@ -146,9 +148,9 @@ def _chat(text: str) -> Request:
     return Request(messages=[{"role": "user", "content": text}])
 
 
-def write_rationales(queries: Iterable[Query], modes: Iterable[str], cfg: JudgeConfig, backend: Backend,
+def write_rationales(pairs: Iterable[tuple[Query, str]], cfg: JudgeConfig, backend: Backend,
                      on_row: Optional[Callable[[JudgeRow], None]] = None, max_open: int = 256) -> list[JudgeRow]:
-    """Rationale rows for (query, mode) pairs: write, check, regenerate once, else reject.
+    """Rationale rows for (query, mode) pairs (read lazily): write, check, regenerate once, else reject.
 
     Streamed through ``backend.stream``: each pair moves on its own (its check, then a rewrite if
     rejected) and ``on_row`` gets its row as soon as it is settled; at most ``max_open`` pairs are in
@@ -156,7 +158,7 @@ def write_rationales(queries: Iterable[Query], modes: Iterable[str], cfg: JudgeC
     tmpl = read_prompt(cfg.prompt)
     check_tmpl = read_prompt(cfg.rationale_check_prompt) if cfg.rationale_check == "llm" else None
     check_params = SamplingParams(temperature=0.0, max_tokens=4, stop=tuple(template.STOP_STRINGS))
-    pairs = iter(zip(queries, modes))
+    pairs = iter(pairs)
     ready: deque = deque()
     done: list[JudgeRow] = []
     state = {"open": 0}
@@ -225,15 +227,25 @@ def write_rationales(queries: Iterable[Query], modes: Iterable[str], cfg: JudgeC
 
 
 def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
-    """votes.jsonl + queries.jsonl -> judges.jsonl, for every labelled vote; resumable by id."""
+    """votes.jsonl + queries.jsonl -> judges.jsonl, for every labelled vote; resumable by id.
+
+    Votes are streamed from their file and queries and tags looked up by id in an index of their
+    files, so memory holds offsets and the rows in progress, not the files."""
     run_dir = Path(run_dir)
-    queries = {q.id: q for q in read_rows(run_dir / "queries.jsonl", Query)}
-    votes = [v for v in read_rows(run_dir / "votes.jsonl", Vote) if v.label is not None]
+    if not (run_dir / "queries.jsonl").is_file():
+        raise InputError(run_dir / "queries.jsonl", "file not found")
+    queries = RowIndex(run_dir / "queries.jsonl", Query)  # every file is checked here, before any model loads
+    tags = _Tags(run_dir, queries) if "tags" in (cfg.writer, cfg.fallback) else None
+    labelled = sum(v.label is not None for v in read_rows(run_dir / "votes.jsonl", Vote))
     done = done_keys(run_dir / "judges.jsonl")
-    todo = [v for v in votes if v.id not in done and v.id in queries]
-    tags = _tags(run_dir, [queries[v.id] for v in todo]) if "tags" in (cfg.writer, cfg.fallback) else {}
-    backend = engine(cfg.engine) if cfg.writer == "llm" and todo else None
     stats: Counter = Counter()
+
+    def todo() -> Iterator[tuple[Query, str]]:
+        for v in read_rows(run_dir / "votes.jsonl", Vote):
+            if v.label is not None and v.id not in done and v.id in queries:
+                stats["rows_out"] += 1
+                yield queries.one(v.id), v.label
+
     with RowWriter(run_dir / "judges.jsonl") as out:
         def write(row: JudgeRow) -> None:
             if not row.ok and cfg.fallback == "tags":
@@ -245,25 +257,41 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
             if not row.ok:
                 stats["reject:" + row.reason.split(": ", 1)[-1].split(" (")[0]] += 1
 
+        pairs = todo()
         if cfg.writer == "tags":
-            for v in todo:
-                write(_tags_row(JudgeRow(id=v.id, mode=v.label), tags[v.id], "writer: tags"))
-        elif todo:  # streamed: each row written as soon as it is settled
-            write_rationales((queries[v.id] for v in todo), (v.label for v in todo), cfg, backend, on_row=write)
-    return {"rows_in": len(votes), "rows_out": len(todo), **stats}
+            for q, label in pairs:
+                write(_tags_row(JudgeRow(id=q.id, mode=label), tags[q.id], "writer: tags"))
+        elif (first := next(pairs, None)) is not None:  # the engine loads only when there is work
+            # streamed: each row written as soon as it is settled
+            write_rationales(itertools.chain([first], pairs), cfg, engine(cfg.engine), on_row=write)
+    queries.close()
+    if tags is not None:
+        tags.close()
+    return {"rows_in": labelled, "rows_out": stats.pop("rows_out", 0), **stats}
 
 
-def _tags(run_dir: Path, queries: list[Query]) -> dict[str, Tags]:
-    """The tag rows of these queries; queries the tagger has not seen get the rule prior's tags."""
-    from katdata.tag import TagConfig, combine, rule_tags
+class _Tags:
+    """The tag rows of queries, by id, read from tags.jsonl on demand; queries the tagger has not seen get the
+    rule prior's tags."""
 
-    path = run_dir / "tags.jsonl"
-    have = {t.id: t for t in read_rows(path, Tags)} if path.is_file() else {}
-    cfg = TagConfig()
-    for q in queries:
-        if q.id not in have:
-            have[q.id] = combine(q, rule_tags(q, cfg), None, None, cfg)
-    return have
+    def __init__(self, run_dir: Path, queries: RowIndex):
+        from katdata.tag import TagConfig
+
+        self._index = RowIndex(run_dir / "tags.jsonl", Tags)
+        self._queries = queries
+        self._cfg = TagConfig()
+
+    def __getitem__(self, qid: str) -> Tags:
+        from katdata.tag import combine, rule_tags
+
+        row = self._index.one(qid)
+        if row is None:
+            q = self._queries.one(qid)
+            row = combine(q, rule_tags(q, self._cfg), None, None, self._cfg)
+        return row
+
+    def close(self) -> None:
+        self._index.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,20 @@ def repair_tail(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
             return
-        f.truncate(data.rfind(b"\n") + 1)
+        pos = end  # read back block by block to the last newline: the file itself is never held in memory
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            cut = f.read(step).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(pos + cut + 1)
+                return
+        f.truncate(0)
 
 
 class RowWriter:
@@ -102,3 +112,63 @@ def done_keys(path: Path, key: str = "id") -> set:
             if raw.endswith(b"\n"):
                 keys.add(json.loads(raw)[key])
     return keys
+
+
+class RowIndex:
+    """Rows of a stage file found by key without holding them: memory keeps where each row's line starts
+    (a few dozen bytes a row), and a lookup reads its lines back. Every line is validated once while the
+    index is built, so a broken row is reported (file, line, field) before any work starts."""
+
+    def __init__(self, path: Path, model: Type[T], key: str = "id"):
+        self.path, self.model = Path(path), model
+        self._at: dict[str, int | list[int]] = {}  # key -> offset, or offsets when several rows share it
+        self._f = None
+        if not self.path.is_file():
+            return
+        offset = 0
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    k = getattr(self._parse(raw, n), key)
+                    have = self._at.get(k)
+                    self._at[k] = offset if have is None else (have if isinstance(have, list) else [have]) + [offset]
+                offset += len(raw)
+
+    def _parse(self, raw: bytes, line: int):
+        try:
+            return self.model.model_validate(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise InputError(self.path, f"not UTF-8 ({exc.reason})", line=line) from exc
+        except json.JSONDecodeError as exc:
+            raise InputError(self.path, f"broken JSON ({exc.msg})", line=line) from exc
+        except ValidationError as exc:
+            raise invalid_row(self.path, line, exc) from exc
+
+    def __contains__(self, key) -> bool:
+        return key in self._at
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def get(self, key, default=None) -> list | None:
+        """All rows with this key, in file order (``default`` when there are none)."""
+        at = self._at.get(key)
+        if at is None:
+            return default
+        if self._f is None:
+            self._f = open(self.path, "rb")
+        rows = []
+        for offset in at if isinstance(at, list) else [at]:
+            self._f.seek(offset)
+            rows.append(self._parse(self._f.readline(), 0))
+        return rows
+
+    def one(self, key):
+        """The first row with this key, or None."""
+        rows = self.get(key)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None

@@ -18,14 +18,14 @@ import argparse
 import logging
 from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from katdata import template
 from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Attempt, Query
-from katdata.runfiles import RowWriter, read_rows
+from katdata.runfiles import RowIndex, RowWriter, read_rows, repair_tail
 from katdata.prompt_files import read_prompt
 from katdata.verify import (INVALID, Verifier, VerifyConfig, VerifyError, assign_class, check_error_share,
                             is_verify_error)
@@ -141,7 +141,7 @@ def check_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
 
 
 def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend, verifier: Verifier,
-                   existing: Optional[dict[str, list[Attempt]]] = None,
+                   existing: Optional[Mapping[str, list[Attempt]]] = None,
                    on_rows: Optional[Callable[[list[Attempt]], None]] = None,
                    skip_on: frozenset = frozenset(),
                    on_close: Optional[Callable[[QueryState], None]] = None,
@@ -153,17 +153,15 @@ def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend
     ``cfg.max_open`` queries are in progress (queries are read lazily). ``on_rows`` gets each
     request's new rows as they finish; ``on_close`` each query once it is finished.
 
-    ``existing`` rows (a resumed run) answer their requests at once and are not handed to
+    ``existing`` rows (a resumed run; a dict or a :class:`RowIndex` of the file, looked up as each query
+    opens) answer their requests at once and are not handed to
     ``on_rows`` again: the schedule is replayed from the start, so a synchronous engine forms the
     same batches as an uninterrupted run and the request cache serves what was generated before.
     Queries in ``skip_on`` (think-off candidates, under the budget option) get no think-on samples.
     """
     neutral = read_prompt(cfg.neutral_judge)
     targets = schedule(cfg)
-    have: dict[tuple[str, str], dict[int, Attempt]] = defaultdict(dict)
-    for qid, rows in (existing or {}).items():
-        for a in rows:
-            have[(qid, a.mode)][a.index] = a
+    have: dict[tuple[str, str], dict[int, Attempt]] = defaultdict(dict)  # a resumed query's rows, while it is open
     states: dict[str, QueryState] = {}
     ready: deque = deque()  # jobs (or answered pairs) to hand the engine next
     open_count = 0
@@ -198,6 +196,8 @@ def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend
             on_close(st)
         if not keep_states:
             states.pop(st.q.id, None)
+        have.pop((st.q.id, "on"), None)
+        have.pop((st.q.id, "off"), None)
 
     def source():
         nonlocal open_count
@@ -213,6 +213,8 @@ def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend
                     continue
                 st = states[q.id] = QueryState(q)
                 open_count += 1
+                for a in (existing.get(q.id) if existing is not None else None) or ():
+                    have[(q.id, a.mode)][a.index] = a
                 if not plan(st):
                     close(st)
             elif open_count:
@@ -248,13 +250,8 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
     run_dir = Path(run_dir)
     queries_path = run_dir / "queries.jsonl"
     out_path = run_dir / "samples.jsonl"
-    existing: dict[str, list[Attempt]] = defaultdict(list)
-    if out_path.is_file():
-        from katdata.runfiles import repair_tail
-
-        repair_tail(out_path)
-        for a in read_rows(out_path, Attempt):
-            existing[a.id].append(a)
+    repair_tail(out_path)
+    existing = RowIndex(out_path, Attempt)  # rows of a resumed run, read back query by query
     # refuses before any model loads if code can't be isolated
     isolation = Verifier(cfg.verify).code_isolation(read_rows(queries_path, Query))
     grader = engine(cfg.grader_engine) if cfg.grader_engine else None
@@ -287,6 +284,7 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
             skip_on = frozenset(think_off_candidates(run_dir))
         sample_queries(read_rows(queries_path, Query), cfg, backend, verifier, existing, write, skip_on,
                        on_close=closed, keep_states=False)
+    existing.close()
     return {**({"sandbox": isolation} if isolation else {}),
             "rows_in": stats["queries"], "rows_out": stats["samples"], "samples_used": stats["used"],
             "samples_saved": 2 * cfg.n * stats["queries"] - stats["used"], "tokens": stats["tokens"],

@@ -267,22 +267,33 @@ def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
 
 def test_think_reserve_closes_an_open_think_block_and_is_counted(tmp_path):
     """eval's think_reserve (a decoding-side stop, off by default): a reply cut with its think block open gets
-    ``</think>`` and ``<answer>`` appended and answers in the reserved tokens; rows and metrics say so."""
+    ``</think>`` and ``<answer>`` appended and answers in the reserved tokens; rows and metrics say so. A reply
+    that closed its think block itself and was cut in its answer gets the reserve too, and is not counted as
+    closed by the stop; a loop stays invalid."""
     from katdata.backends.base import Completion
     from katdata.evaluate import generate, metrics
     from katdata.runfiles import done_keys
     from katdata.verify import Verifier
 
     def script(req, i):
-        if req.prefix.endswith("<answer>\n"):  # the continuation after the forced close
+        if req.prefix.endswith("</think>\n<answer>\n"):  # the continuation after the forced close
             return Completion("42\n</answer>", "stop", completion_tokens=3)
+        if req.prefix.endswith("<answer>\n4"):  # an answer cut by the first pass
+            return Completion("2\n</answer>", "stop", completion_tokens=2)
+        if req.prefix.endswith("0" * 50):  # the loop goes on in the reserve
+            return Completion("0" * 10, "length", completion_tokens=4)
         if "loop" in req.messages[-1]["content"]:  # a think-off answer looping to the limit: nothing to close
             return Completion("Judge.\n</judge>\n\n<think_off>\n<answer>\n" + "0" * 50, "length", completion_tokens=20)
+        if "late" in req.messages[-1]["content"]:  # closes its think block itself, just before the cut
+            return Completion("Needs steps.\n</judge>\n\n<think_on>\n<think>\n6 times 7.\n</think>\n<answer>\n4",
+                              "length", completion_tokens=20)
         return Completion("Needs steps.\n</judge>\n\n<think_on>\n<think>\n6 times 7 is", "length", completion_tokens=20)
 
-    items = [Item("a", [{"role": "user", "content": "What is 6*7?"}], "on", 2, "math", "math_word_problem", "math",
-                  "42"),
-             Item("b", [{"role": "user", "content": "loop"}], "off", 1, "math", "math_word_problem", "math", "7")]
+    def item(id, content, label, reference):
+        return Item(id, [{"role": "user", "content": content}], label, 2, "math", "math_word_problem", "math",
+                    reference)
+
+    items = [item("a", "What is 6*7?", "on", "42"), item("b", "loop", "off", "7"), item("c", "late 6*7", "on", "42")]
 
     def rows_with(reserve):
         backend = ScriptedBackend(script=script)
@@ -292,17 +303,23 @@ def test_think_reserve_closes_an_open_think_block_and_is_counted(tmp_path):
                      done_keys(path, key="key"), Verifier())
         return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}, backend.calls
 
-    rows, calls = rows_with(None)  # off: both replies are cut at the limit and invalid
+    rows, calls = rows_with(None)  # off: all three replies are cut at the limit and invalid
     assert len(calls) == 1 and calls[0][1].max_tokens == 24
-    assert not rows["a"]["ok"] and not rows["b"]["ok"] and not rows["a"]["think_closed"]
+    assert not any(r["ok"] or r["think_closed"] for r in rows.values())
     assert metrics(list(rows.values()))["truncated"] == 1.0
 
     rows, calls = rows_with(4)
     assert calls[0][1].max_tokens == 20 and calls[1][1].max_tokens == 4  # the total stays within max_tokens
-    assert [r.prefix.endswith("6 times 7 is\n</think>\n<answer>\n") for r in calls[1][0]] == [True]
-    a, b = rows["a"], rows["b"]
+    second = {r.messages[-1]["content"]: r.prefix for r in calls[1][0]}
+    assert second["What is 6*7?"].endswith("6 times 7 is\n</think>\n<answer>\n")
+    assert second["late 6*7"].endswith("6 times 7.\n</think>\n<answer>\n4")  # nothing appended: it was closed
+    a, b, c = rows["a"], rows["b"], rows["c"]
     assert a["ok"] and a["think_closed"] and a["correct"] and a["tokens"] == 23 and a["finish_reason"] == "stop"
     assert parse(a["prefix"] + a["text"]).answer == "42"
+    assert c["ok"] and not c["think_closed"] and c["correct"] and c["tokens"] == 22 and c["finish_reason"] == "stop"
+    assert parse(c["prefix"] + c["text"]).think == "6 times 7."
     assert not b["ok"] and not b["think_closed"] and b["finish_reason"] == "length"  # a loop stays invalid
+    assert b["tokens"] == 24
     m = metrics(list(rows.values()))
-    assert m["think_closed"] == 0.5 and m["template_validity"] == 0.5 and m["settings"]["auto"]["think_closed"] == 0.5
+    assert m["think_closed"] == 0.3333 and m["template_validity"] == 0.6667
+    assert m["settings"]["auto"]["think_closed"] == 0.3333
