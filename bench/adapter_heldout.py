@@ -159,6 +159,8 @@ def main() -> int:
                          "RUN/train/checkpoints/checkpoint-48) instead of from step 0")
     ap.add_argument("--max-tokens", type=int, default=256, help="token limit of a reply")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 damps greedy loops (eval's setting)")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0, help="eval's frequency_penalty (OpenAI's): "
+                    "a token's logit minus this times its count in the reply")
     ap.add_argument("--think-reserve", type=int, help="eval's think_reserve (a decoding-side stop, off by default): "
                     "a think block open after max-tokens - N tokens is closed and the answer gets N tokens")
     ap.add_argument("--forced", action="store_true", help="also answer in forced think-on and think-off")
@@ -197,9 +199,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     name = f"{adapter.parent.name}-t{args.max_tokens}" + (f"-rp{args.repetition_penalty}"
                                                           if args.repetition_penalty != 1.0 else "") + (
+        f"-fp{args.frequency_penalty}" if args.frequency_penalty else "") + (
         f"-close{args.think_reserve}" if args.think_reserve else "")
     gen_path = out / f"{name}.generations.jsonl"
     cfg = EvalConfig(max_tokens=args.max_tokens, chunk=48, repetition_penalty=args.repetition_penalty,
+                     frequency_penalty=args.frequency_penalty,
                      think_reserve=args.think_reserve)
     settings = ["auto"] + (["on", "off"] if args.forced else [])
     backend = get_backend("transformers", BackendConfig(model=None, lora_path=str(adapter), batch_size=48))
@@ -207,8 +211,7 @@ def main() -> int:
     try:
         with RowWriter(gen_path) as writer:
             done = done_keys(gen_path, key="key")
-            for s in settings:
-                generate(backend, "adapted", s, its, cfg, writer, done, Verifier())
+            generate(backend, "adapted", settings, its, cfg, writer, done, Verifier())
     finally:
         backend.close()
     wanted = {it.id for it in its}
@@ -226,7 +229,8 @@ def main() -> int:
     acc_by_mode = {mode: {"n": len(sel), "accuracy": round(sum(bool(r["correct"]) for r in sel) / len(sel), 4)}
                    for mode in ("on", "off") for sel in [[r for r in auto if r["mode"] == mode]] if sel}
     result = {"adapter": str(adapter), "train_sets": args.train, "train": train_figures, "max_tokens": args.max_tokens,
-              "repetition_penalty": args.repetition_penalty, "think_reserve": args.think_reserve,
+              "repetition_penalty": args.repetition_penalty, "frequency_penalty": args.frequency_penalty,
+              "think_reserve": args.think_reserve,
               "think_closed": m["think_closed"], "n": len(its),
               "label_sources": label_sources,
               "labels": {mode: sum(it.label == mode for it in its) for mode in ("on", "off")},

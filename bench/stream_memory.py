@@ -1,6 +1,6 @@
 """Peak memory of the streaming stages against the number of queries: does it stay bounded?
 
-    .venv/bin/python bench/stream_memory.py [--sizes 5000,50000] [--stages sample,solve,judge,resumed]
+    .venv/bin/python bench/stream_memory.py [--sizes 5000,50000] [--stages sample,solve,judge,resumed,vote,assemble]
 
 For each size a synthetic queries.jsonl is written to a temporary run folder, and each stage runs
 on it in a fresh child process with a scripted engine (instant replies, so the stage's own
@@ -9,7 +9,8 @@ bookkeeping is all that is measured): ``sample`` (two modes, N=2 in two rounds o
 (which keeps an index of its file in memory: a few hundred bytes per completion); ``judge`` (votes streamed,
 queries and tags looked up in an index of their files; the tags writer, no engine); ``resumed``, the sample stage
 rerun on a finished samples.jsonl (written first by a separate ``sample`` child), which reads each query's
-earlier rows back as the query opens. The child reports its peak resident set size
+earlier rows back as the query opens; ``vote`` and ``assemble`` (no engine) on the files the stages before
+them wrote, each query's rows read back from an index of those files. The child reports its peak resident set size
 (``resource.getrusage``'s ``ru_maxrss``) after the imports (``base``) and after the stage
 (``peak``); ``grown`` is the difference, the memory the stage itself took. The last lines put the
 sizes side by side: ``query_ratio`` (largest / smallest size) against ``grown_ratio``. Goal: the
@@ -99,6 +100,14 @@ def child(stage: str, run_dir: Path) -> dict:
 
         stats = judge.run(judge.JudgeConfig(writer="tags"), run_dir, lambda name: None)
         rows = stats["rows_out"]
+    elif stage == "vote":
+        from katdata import vote
+
+        rows = vote.run(vote.VoteConfig(n=2), run_dir)["rows_out"]
+    elif stage == "assemble":
+        from katdata import assemble
+
+        rows = assemble.run(assemble.AssembleConfig(accept_imbalance=True), run_dir)["rows_out"]  # all right: off
     else:
         backend = engine(solve_reply)
         stats = solve.run(solve.SolveConfig(rounds=0), run_dir, lambda name: backend)
@@ -114,7 +123,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="5000,50000", help="query counts, comma-separated")
     ap.add_argument("--stages", default="sample,solve",
                     help="stages to measure: sample, solve, cached (sample behind the request cache), judge, "
-                         "resumed (sample rerun on a finished samples.jsonl)")
+                         "resumed (sample rerun on a finished samples.jsonl), vote, assemble")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -129,13 +138,17 @@ def main() -> int:
                 run_dir.mkdir()
                 write_queries(run_dir / "queries.jsonl", n)
                 mib = (run_dir / "queries.jsonl").stat().st_size / 2 ** 20
-                if stage == "resumed":  # a first, separate run writes the samples the measured one resumes from
-                    subprocess.run([sys.executable, __file__, "--child", "sample", str(run_dir)], capture_output=True,
+                # the files the measured stage reads, each written by a separate child first
+                for before in {"resumed": ["sample"], "vote": ["sample"],
+                               "assemble": ["sample", "vote", "judge"]}.get(stage, []):
+                    subprocess.run([sys.executable, __file__, "--child", before, str(run_dir)], capture_output=True,
                                    check=True)
                 if stage == "judge":
                     write_votes(run_dir / "votes.jsonl", n)
                 out = subprocess.run([sys.executable, __file__, "--child", stage, str(run_dir)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{stage} on {n} queries failed:\n{out.stderr[-2000:]}")
                 got = json.loads(out.stdout.strip().splitlines()[-1])
                 got["queries_file_mib"] = round(mib, 1)
                 results.setdefault(stage, {})[n] = got

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import template
 from katdata.balance import check_balance
+from katdata.errors import InputError
 from katdata.judge import JudgeRow
 from katdata.provenance import RunInfo
 from katdata.records import Attempt, KatRecord, Query, Tags, Vote
-from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def reference_pick(q: Query, mode: str) -> Optional[Attempt]:
 
 
 def _rows(path: Path, model):
-    return list(read_rows(path, model)) if path.is_file() else []
+    """The rows of a stage file, streamed; none when the file is not there."""
+    return read_rows(path, model) if path.is_file() else iter(())
 
 
 def solver_pick(attempts: list[Attempt]) -> Optional[Attempt]:
@@ -152,16 +154,15 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
 def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
     """queries + votes + judges (+ samples, solve, tags) -> records.jsonl and rejects.jsonl."""
     run_dir = Path(run_dir)
-    queries = {q.id: q for q in read_rows(run_dir / "queries.jsonl", Query)}
-    votes = _rows(run_dir / "votes.jsonl", Vote)
-    judges = {j.id: j for j in _rows(run_dir / "judges.jsonl", JudgeRow)}
-    tags = {t.id: t for t in _rows(run_dir / "tags.jsonl", Tags)}
-    samples, solver = defaultdict(list), defaultdict(list)
-    for a in _rows(run_dir / "samples.jsonl", Attempt):
-        samples[a.id].append(a)
-    for a in _rows(run_dir / "solve.jsonl", Attempt):
-        if a.source == "solver":
-            solver[a.id].append(a)
+    if not (run_dir / "queries.jsonl").is_file():
+        raise InputError(run_dir / "queries.jsonl", "file not found")
+    # votes are streamed; every other file is an index (rows read back by id), each checked here, before any work
+    queries = RowIndex(run_dir / "queries.jsonl", Query)
+    n_votes = sum(1 for _ in _rows(run_dir / "votes.jsonl", Vote))
+    judges = RowIndex(run_dir / "judges.jsonl", JudgeRow)
+    tags = RowIndex(run_dir / "tags.jsonl", Tags)
+    samples = RowIndex(run_dir / "samples.jsonl", Attempt)
+    solve = RowIndex(run_dir / "solve.jsonl", Attempt)
     done = done_keys(run_dir / "records.jsonl") | done_keys(run_dir / "rejects.jsonl")
     info = RunInfo.from_run(run_dir)
     stats: Counter = Counter()
@@ -171,31 +172,34 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
             rej_out.write({"id": qid, "stage": stage, "reason": reason, "raw": raw})
             rejects[f"{stage}: {reason.split(':')[0]}"] += 1
 
-        for vote in votes:
+        for vote in _rows(run_dir / "votes.jsonl", Vote):
             if vote.id in done or vote.id not in queries:
                 continue
-            q = queries[vote.id]
+            q = queries.one(vote.id)
             if vote.label is None:
                 reject(q.id, "review" if vote.review else "vote", vote.reason, vote.model_dump(mode="json"))
                 continue
-            judge = judges.get(q.id)
+            judge = judges.one(q.id)
             if judge is None or not judge.ok or not judge.rationale:
                 reason = judge.reason if judge else "no judge rationale"
                 reject(q.id, "judge", reason or "no judge rationale", judge.attempts if judge else None)
                 continue
-            pick, source = content(vote, samples[q.id], solver[q.id], cfg, q)
+            solver = [a for a in solve.get(q.id, []) if a.source == "solver"]
+            pick, source = content(vote, samples.get(q.id, []), solver, cfg, q)
             if pick is None:
                 reject(q.id, "assemble", source, vote.model_dump(mode="json"))
                 continue
             try:
-                rec = build(q, vote, judge, pick, source, tags.get(q.id), info)
+                rec = build(q, vote, judge, pick, source, tags.one(q.id), info)
             except template.TemplateError as exc:
                 reject(q.id, "assemble", f"render: {exc}", {"think": pick.think, "answer": pick.answer})
                 continue
             rec_out.write(rec)
             stats["rows_out"] += 1
     # the whole files, not this call's rows (a resumed run): raises KatdataError when a mode collapsed
-    return {"rows_in": len(votes), **stats, "rejects": dict(rejects), **check_balance(cfg, run_dir)}
+    for index in (queries, judges, tags, samples, solve):
+        index.close()
+    return {"rows_in": n_votes, **stats, "rejects": dict(rejects), **check_balance(cfg, run_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ def cache_key(backend: Backend, prompt: str, params: SamplingParams, index: int)
     }
     if params.repetition_penalty != 1.0:  # only when set, so keys written before the field existed still match
         ident["repetition_penalty"] = params.repetition_penalty
+    if params.frequency_penalty:  # likewise
+        ident["frequency_penalty"] = params.frequency_penalty
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from katdata.errors import KatdataError, require
 from katdata.records import Tags, Vote
@@ -101,11 +101,15 @@ class Fit:
         return t.model_copy(update={"p_uncalibrated": raw_p(t), "p_reasoning": p, "needs_reasoning": needs,
                                     "think_off_candidate": (not needs) and 1 - p >= think_off_threshold})
 
-    def summary(self, rows: list[Tags]) -> dict[str, Any]:
-        """What the fit changed in a tag stage's rows."""
-        used = [t for t in rows if t.p_uncalibrated is not None]
-        return {"fit": str(self.path), "method": self.method, "fit_n": self.data["n"], "rows": len(used),
-                "needs_reasoning_changed": sum((t.p_uncalibrated >= 0.5) != t.needs_reasoning for t in used)}
+    def summary(self, rows: Iterable[Tags]) -> dict[str, Any]:
+        """What the fit changed in a tag stage's rows (one pass; ``rows`` may be streamed)."""
+        used = changed = 0
+        for t in rows:
+            if t.p_uncalibrated is not None:
+                used += 1
+                changed += (t.p_uncalibrated >= 0.5) != t.needs_reasoning
+        return {"fit": str(self.path), "method": self.method, "fit_n": self.data["n"], "rows": used,
+                "needs_reasoning_changed": changed}
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:

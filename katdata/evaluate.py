@@ -58,10 +58,15 @@ class EvalConfig(BaseModel):
     max_tokens: int = Field(256, ge=8, description="token limit of one response")
     repetition_penalty: float = Field(1.0, ge=1.0, description="> 1 damps tokens already seen (greedy decoding of a "
                                       "small model loops without it); 1 = plain greedy")
+    frequency_penalty: float = Field(0.0, ge=0, le=2, description="OpenAI's frequency_penalty: each token's logit "
+                                     "minus this times its count in the reply so far (vLLM, OpenAI-compatible "
+                                     "servers, transformers); breaks the '0000...' loops that repetition_penalty "
+                                     "damps only once; 0 = off")
     think_reserve: Optional[int] = Field(None, ge=1, description="a decoding-side stop, off by default (None): a "
-                                         "think block still open after max_tokens - think_reserve tokens is closed "
-                                         "(</think> and <answer> appended) and the answer gets the last think_reserve "
-                                         "tokens; such rows carry think_closed: true and eval.json counts them")
+                                         "reply still going after max_tokens - think_reserve tokens goes on for the "
+                                         "last think_reserve tokens; if its think block is open, it is closed first "
+                                         "(</think> and <answer> appended): such rows carry think_closed: true and "
+                                         "eval.json counts them")
     chunk: int = Field(16, ge=1, description="unused since eval streams its requests (kept so older recipes load)")
     plots: bool = Field(True, description="write the PNG plots")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
@@ -129,35 +134,38 @@ def _think_open(text: str) -> bool:
     return THINK_OPEN in text and THINK_CLOSE not in text[text.rindex(THINK_OPEN):]
 
 
-def generate(backend, model: str, setting: str, items: list[Item], cfg: EvalConfig, writer: RowWriter,
+def generate(backend, model: str, settings: str | list[str], items: list[Item], cfg: EvalConfig, writer: RowWriter,
              done: set, verifier) -> None:
-    """Answer the items not yet done in this (model, setting); write one row per completion."""
+    """Answer the items not yet done in these settings of ``model``, all in one stream (one wave on an in-process
+    engine); write one row per completion as it comes in."""
     from katdata.backends.base import Job, Request, SamplingParams
 
     reserve = cfg.think_reserve or 0
-    todo = [it for it in items if f"{model}:{setting}:{it.id}" not in done]
+    settings = [settings] if isinstance(settings, str) else settings
+    todo = [(s, it) for s in settings for it in items if f"{model}:{s}:{it.id}" not in done]
     params = SamplingParams(temperature=0.0, max_tokens=max(1, cfg.max_tokens - reserve), stop=tuple(STOP_STRINGS),
-                            repetition_penalty=cfg.repetition_penalty)
-    jobs = (Job(it, Request(it.messages, prefix(setting, it)), params) for it in todo)
+                            repetition_penalty=cfg.repetition_penalty, frequency_penalty=cfg.frequency_penalty)
+    jobs = (Job((s, it), Request(it.messages, prefix(s, it)), params) for s, it in todo)
     # think_reserve: a reply cut at max_tokens - reserve goes on for the last `reserve` tokens; if its think block
     # is still open, it is closed first (think_closed), so the answer gets the reserve
     pending = []
     for job, comps in backend.stream(jobs):  # each row written as soon as its completion is in
-        it, pre, c = job.key, job.request.prefix, comps[0]
+        (setting, it), pre, c = job.key, job.request.prefix, comps[0]
         if reserve and c.finish_reason == "length":
-            pending.append((it, pre, c))
+            pending.append((setting, it, pre, c))
             continue
         _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier)
     if pending:
         params = dataclasses.replace(params, max_tokens=reserve)
         jobs = []
-        for it, pre, c in pending:
+        for setting, it, pre, c in pending:
             text, closed = c.text, _think_open(pre + c.text)
             if closed:
                 text += ("" if text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
-            jobs.append(Job((it, pre, text, c.completion_tokens, closed), Request(it.messages, pre + text), params))
+            jobs.append(Job((setting, it, pre, text, c.completion_tokens, closed), Request(it.messages, pre + text),
+                            params))
         for job, comps in backend.stream(iter(jobs)):
-            (it, pre, text, used, closed), c = job.key, comps[0]
+            (setting, it, pre, text, used, closed), c = job.key, comps[0]
             _write(writer, model, setting, it, pre, text + c.text, c.finish_reason,
                    used + c.completion_tokens, c.error, verifier, think_closed=closed)
 
@@ -355,16 +363,12 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     try:
         with RowWriter(gen_path) as writer:
             base = engine(cfg.engine)
-            for model, setting in plan:
-                if model == "base":
-                    generate(base, model, setting, items, cfg, writer, done, verifier)
+            generate(base, "base", [s for m, s in plan if m == "base"], items, cfg, writer, done, verifier)
             for name in ("adapted", "rl"):  # the SFT adapter, then the RL adapter when there is one
                 if any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == name for it in items):
                     adapted, owned = _adapted(cfg, run_dir, engine, base, rl_adapter if name == "rl" else None)
                     try:
-                        for model, setting in plan:
-                            if model == name:
-                                generate(adapted, model, setting, items, cfg, writer, done, verifier)
+                        generate(adapted, name, [s for m, s in plan if m == name], items, cfg, writer, done, verifier)
                     finally:
                         if owned:
                             adapted.close()

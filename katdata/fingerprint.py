@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 RUNTIME_KEYS = {"num_threads", "logging_steps", "save_steps"}
 ENGINE_RUNTIME_KEYS = {"batch_size", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
-                       "enforce_eager", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "cache"}
+                       "enforce_eager", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "cache",
+                       "num_threads"}
 # files a stage reads, relative to the run folder (load, export, train and eval are worked out below)
 STAGE_INPUTS = {
     "tag": ["queries.jsonl"],

@@ -99,7 +99,7 @@ def load_queries(recipe: Recipe):
             raise KatdataError(f"recipe key data.path: input not found: {recipe.data.path}")
         queries += read_queries(recipe.data.path, recipe.data.fields)
     for spec in recipe.data.sources:
-        queries += sources.load(spec.name, spec.limit, seed=recipe.seed)
+        queries += sources.load(spec.name, spec.limit, seed=recipe.seed, max_solution_lines=spec.max_solution_lines)
     if recipe.data.limit:
         queries = queries[: recipe.data.limit]
     ids = [q.id for q in queries]

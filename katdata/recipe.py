@@ -26,6 +26,7 @@ from katdata.rl import RLConfig
 from katdata.sample import SampleConfig
 from katdata.sandbox import SandboxConfig
 from katdata.solve import SolveConfig
+from katdata import sources
 from katdata.sources import SOURCES
 from katdata.tag import TagConfig
 from katdata.train import TrainConfig
@@ -39,6 +40,17 @@ class Strict(BaseModel):
 class SourceSpec(Strict):
     name: Literal[SOURCES] = Field(description="a packaged real-data source: " + ", ".join(SOURCES))
     limit: Optional[int] = Field(None, ge=1, description="take a seeded random sample of this many queries")
+    max_solution_lines: Optional[int] = Field(None, ge=1, description="gsm8k only: keep the problems whose worked "
+                                              "solution has at most this many lines (steps) before '#### N', "
+                                              "before sampling; shorter think-on records teach a small model to "
+                                              "close its think block")
+
+    @model_validator(mode="after")
+    def _solutions(self):
+        if self.max_solution_lines is not None and self.name not in sources.WORKED_SOLUTIONS:
+            raise ValueError(f"max_solution_lines applies to sources with worked solutions "
+                             f"({', '.join(sources.WORKED_SOLUTIONS)}), not '{self.name}'")
+        return self
 
 
 class DataConfig(Strict):
@@ -75,6 +87,10 @@ class EngineConfig(Strict):
     lora_path: Optional[str] = Field(None, description="LoRA adapter to apply")
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")
     cache: bool = Field(True, description="cache completions in the run folder (resume reuses them)")
+    num_threads: Optional[int] = Field(None, ge=1, description="transformers on a CPU: torch threads while "
+                                       "generating; None = 1 on a machine of 2 cores or fewer (two threads on "
+                                       "shared cores thrash), else torch's default; 2 on 2 idle cores is about "
+                                       "1.5-2x faster")
 
     @model_validator(mode="after")
     def _parallel(self):
@@ -89,8 +105,8 @@ class EngineConfig(Strict):
         return self
 
     def backend_config(self) -> BackendConfig:
-        data = self.model_dump(exclude={"backend", "cache"})
-        return BackendConfig(**data)
+        data = self.model_dump(exclude={"backend", "cache", "num_threads"})
+        return BackendConfig(**data, extra={"threads": self.num_threads} if self.num_threads else {})
 
 
 class Recipe(Strict):

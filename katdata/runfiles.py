@@ -150,6 +150,10 @@ class RowIndex:
     def __len__(self) -> int:
         return len(self._at)
 
+    def keys(self):
+        """The keys in the order they first appear in the file."""
+        return self._at.keys()
+
     def get(self, key, default=None) -> list | None:
         """All rows with this key, in file order (``default`` when there are none)."""
         at = self._at.get(key)

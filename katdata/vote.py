@@ -12,7 +12,7 @@ import argparse
 import logging
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -20,8 +20,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from katdata.errors import InputError
 from katdata.records import Attempt, Tags, Vote
-from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.runfiles import RowIndex, RowWriter, done_keys
 from katdata.verify import INVALID
 
 log = logging.getLogger(__name__)
@@ -179,19 +180,23 @@ def settled(s_on: int, n_on: int, s_off: int, n_off: int, n_max: int, delta: flo
 def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
     """samples.jsonl (+ tags.jsonl when present) -> votes.jsonl; skips ids already voted."""
     run_dir = Path(run_dir)
-    by_id: dict[str, list[Attempt]] = defaultdict(list)
-    for a in read_rows(run_dir / "samples.jsonl", Attempt):
-        if a.source == "vote":
-            by_id[a.id].append(a)
-    tags = {t.id: t for t in read_rows(run_dir / "tags.jsonl", Tags)} if (run_dir / "tags.jsonl").is_file() else {}
+    if not (run_dir / "samples.jsonl").is_file():
+        raise InputError(run_dir / "samples.jsonl", "file not found")
+    # indexes of the files, not their rows: each query's samples are read back when it is voted
+    samples = RowIndex(run_dir / "samples.jsonl", Attempt)
+    tags = RowIndex(run_dir / "tags.jsonl", Tags)
     done = done_keys(run_dir / "votes.jsonl")
     stats = Counter()
     with RowWriter(run_dir / "votes.jsonl") as out:
-        for qid, attempts in by_id.items():
+        for qid in samples.keys():
+            attempts = [a for a in samples.get(qid) if a.source == "vote"]
+            if not attempts:
+                continue
+            stats["rows_in"] += 1
             if qid in done:
                 stats["skipped"] += 1
                 continue
-            v = vote(qid, attempts, cfg, tags.get(qid))
+            v = vote(qid, attempts, cfg, tags.one(qid))
             out.write(v)
             stats["rows_out"] += 1
             stats[f"label_{v.label}"] += 1
@@ -201,7 +206,9 @@ def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
             stats["review"] += v.review
             stats["samples_used"] += v.samples_used
             stats["samples_saved"] += v.samples_saved
-    return {"rows_in": len(by_id), **stats}
+    samples.close()
+    tags.close()
+    return {"rows_in": stats.pop("rows_in", 0), **stats}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,28 @@ def test_repetition_penalty_reaches_the_engine(backend):
     assert plain.lower().count("go") >= 10 > damped.lower().count("go ")  # greedy loops; the penalty breaks the loop
 
 
+def test_frequency_penalty_reaches_the_engine(backend):
+    """OpenAI's frequency_penalty, count-based: a loop that greedy decoding keeps up is broken (transformers has no
+    such processor of its own: katdata's, which the other engines' own penalty is checked against here)."""
+    reqs = [chat("Repeat after me: go go go go go go go go go go go go")]
+    plain = backend.generate(reqs, SamplingParams(max_tokens=24))[0][0].text
+    damped = backend.generate(reqs, SamplingParams(max_tokens=24, frequency_penalty=1.0))[0][0].text
+    assert plain.lower().count("go") >= 10 > damped.lower().count("go ")
+
+
+def test_frequency_penalty_counts_only_output_tokens():
+    """The transformers processor: each logit minus penalty x the token's count after the prompt."""
+    import torch
+
+    from katdata.backends.hf import _frequency_penalty
+
+    ids = torch.tensor([[5, 5, 1, 2, 2, 2], [0, 5, 5, 3, 1, 1]])  # prompt width 2: the leading 5s do not count
+    scores = torch.zeros(2, 6)
+    out = _frequency_penalty(0.5, 2)(ids, scores)
+    assert out.tolist() == [[0, -0.5, -1.5, 0, 0, 0], [0, -1.0, 0, -0.5, 0, -0.5]]
+    assert _frequency_penalty(0.5, 6)(ids, scores).tolist() == scores.tolist()  # nothing generated yet
+
+
 def test_length_limit(backend):
     out = backend.generate([chat("Write a long story about a dragon.")], SamplingParams(max_tokens=5))
     c = out[0][0]

@@ -53,7 +53,7 @@ def test_key_covers_prompt_params_and_index(tmp_path):
     assert k != cache_key(b, "p", base, 1)
     assert k != cache_key(b, "q", base, 0)
     for change in ({"temperature": 0.8}, {"top_p": 0.9}, {"max_tokens": 9}, {"stop": ("x",)}, {"seed": 2},
-                   {"logprobs": 1}, {"repetition_penalty": 1.1}):
+                   {"logprobs": 1}, {"repetition_penalty": 1.1}, {"frequency_penalty": 0.3}):
         assert k != cache_key(b, "p", base.with_(**change), 0), change
     assert k == cache_key(b, "p", base.with_(n=5), 0)  # n is not part of the key
     other = ScriptedBackend(BackendConfig(model="other"))

@@ -106,7 +106,7 @@ def test_rerun_with_the_same_or_speed_only_settings_changes_nothing(project):
     before = snapshot(project / "a")
     ok(katdata("run", "tiny.yaml", "--run-dir", "a", cwd=project))
     ok(katdata("run", "tiny.yaml", "--run-dir", "a", "--set", "engines.default.batch_size=2",
-               "--set", "engines.default.concurrency=4", cwd=project))
+               "--set", "engines.default.concurrency=4", "--set", "engines.default.num_threads=1", cwd=project))
     assert snapshot(project / "a") == before
 
 
@@ -226,7 +226,8 @@ def test_fingerprint_names_changes_and_leaves_out_speed_knobs(tmp_path):
 
     a = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 4}, "vote": {"n": 4}})
     b = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 6}, "vote": {"n": 6},
-                               "engines": {"default": {"batch_size": 3, "concurrency": 2, "dtype": "float32"}}})
+                               "engines": {"default": {"batch_size": 3, "concurrency": 2, "num_threads": 2,
+                                                       "dtype": "float32"}}})
     diff = fingerprint.compare({"settings": fingerprint.stage_settings(a, "sample")},
                                {"settings": fingerprint.stage_settings(b, "sample")})
     assert diff == ["sample.n: 4 -> 6", 'engines.default.dtype: "auto" -> "float32"']

@@ -38,3 +38,13 @@ def test_serve_passes_parallel_flags_to_vllm(monkeypatch):
         servers.main(["--data-parallel-size", "8", "--tensor-parallel-size", "2", "--host", "0.0.0.0"])
     assert seen["data_parallel_size"] == 8
     assert seen["extra_args"] == ["--tensor-parallel-size", "2", "--host", "0.0.0.0"]
+
+
+def test_engine_threads_reach_the_transformers_backend(tmp_path):
+    """``num_threads`` of an engine goes to the backend (torch threads while generating); unset, the backend
+    picks (1 on a machine of two cores or fewer)."""
+    two = load_recipe(recipe(tmp_path, "{backend: transformers, num_threads: 2}")).engines["default"]
+    assert two.backend_config().extra == {"threads": 2}
+    assert load_recipe(recipe(tmp_path, "{backend: transformers}")).engines["default"].backend_config().extra == {}
+    with pytest.raises(KatdataError, match="num_threads"):
+        load_recipe(recipe(tmp_path, "{backend: transformers, num_threads: 0}"))

@@ -62,3 +62,24 @@ def test_one_step_sums_get_a_think_off_prior_and_word_problems_keep_theirs():
         assert rule_tags(q, cfg)["p_reasoning"] < 0.5, q.query
     problems = sources.load("gsm8k", 40, seed=0)
     assert sum(rule_tags(q, cfg)["p_reasoning"] >= 0.5 for q in problems) >= 30
+
+
+def test_max_solution_lines_keeps_short_worked_solutions_and_is_refused_elsewhere(tmp_path):
+    """GSM8K problems solved in at most N lines (sampled after the filter, so the sample keeps its size); a
+    source without worked solutions refuses the key at recipe load, naming it."""
+    from katdata.recipe import load_recipe
+
+    everything = sources.load("gsm8k")
+    short = sources.load("gsm8k", max_solution_lines=3)
+    assert 0 < len(short) < len(everything)
+    assert {sources.solution_lines(q) for q in short} == {2, 3}
+    assert any(sources.solution_lines(q) > 3 for q in everything)
+    picked = sources.load("gsm8k", 14, seed=0, max_solution_lines=3)
+    assert len(picked) == 14 and all(sources.solution_lines(q) <= 3 for q in picked)
+    with pytest.raises(KatdataError, match="no worked solutions"):
+        sources.load("fanoutqa-hop", max_solution_lines=3)
+    path = tmp_path / "r.yaml"
+    path.write_text("name: s\ndata:\n  sources:\n    - name: gsm8k-calc\n      max_solution_lines: 3\n", "utf-8")
+    with pytest.raises(KatdataError, match=r"r.yaml:4: data.sources.0: .*max_solution_lines applies to sources with "
+                                           r"worked solutions \(gsm8k\), not 'gsm8k-calc'"):
+        load_recipe(path)

@@ -43,6 +43,7 @@ class SamplingParams:
     seed: Optional[int] = 0
     logprobs: Optional[int] = None  # top-k logprobs per generated token, where the engine has them
     repetition_penalty: float = 1.0  # > 1 damps tokens already in the prompt or the output (1 = off)
+    frequency_penalty: float = 0.0  # OpenAI's: each token's logit minus this times its count in the output (0 = off)
 
     def with_(self, **kw) -> "SamplingParams":
         return replace(self, **kw)

@@ -156,6 +156,8 @@ class TransformersBackend(Backend):
             kw.update(do_sample=False, temperature=None, top_p=None)
         if params.repetition_penalty != 1.0:
             kw.update(repetition_penalty=params.repetition_penalty)
+        if params.frequency_penalty:
+            kw.update(logits_processor=_frequency_penalty(params.frequency_penalty, width))
         if stop_strings:
             kw.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         if params.logprobs:
@@ -229,3 +231,22 @@ class TransformersBackend(Backend):
         import gc
 
         gc.collect()
+
+
+def _frequency_penalty(penalty: float, prompt_width: int):
+    """OpenAI's and vLLM's ``frequency_penalty`` as a transformers logits processor: each token's logit minus
+    ``penalty`` times how often it occurs in the output so far (prompt tokens, left of ``prompt_width``, do not
+    count). transformers has no such processor (its ``repetition_penalty`` scales a logit once, whatever the
+    count, so a "0000..." loop is damped no further as it grows)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FrequencyPenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = input_ids[:, prompt_width:]
+            if out.shape[1] == 0:
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+            return scores - penalty * counts
+
+    return LogitsProcessorList([FrequencyPenalty()])

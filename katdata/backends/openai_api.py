@@ -263,6 +263,8 @@ class OpenAIBackend(Backend):
             kw["seed"] = seed
         if params.repetition_penalty != 1.0:  # not in the OpenAI API; vLLM and most local servers read it
             extra["repetition_penalty"] = params.repetition_penalty
+        if params.frequency_penalty:  # in the OpenAI API
+            kw["frequency_penalty"] = params.frequency_penalty
         if self.server == "vllm":
             extra["return_token_ids"] = True
         if self.endpoint == "chat":

@@ -139,6 +139,7 @@ class VLLMBackend(Backend):
             n=n, temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
             max_tokens=max_tokens, stop=stops or None, stop_token_ids=stop_ids or None,
             seed=params.seed, logprobs=params.logprobs, repetition_penalty=params.repetition_penalty,
+            frequency_penalty=params.frequency_penalty,
         )
 
     def generate(self, requests: list[Request], params: SamplingParams,
