@@ -154,7 +154,8 @@ def generate(backend, model: str, settings: str | list[str], items: list[Item], 
         if reserve and c.finish_reason == "length":
             pending.append((setting, it, pre, c))
             continue
-        _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier)
+        _write(writer, model, setting, it, pre, c.text, c.finish_reason, c.completion_tokens, c.error, verifier,
+               prompt_tokens=c.prompt_tokens)
     if pending:
         params = dataclasses.replace(params, max_tokens=reserve)
         jobs = []
@@ -162,15 +163,16 @@ def generate(backend, model: str, settings: str | list[str], items: list[Item], 
             text, closed = c.text, _think_open(pre + c.text)
             if closed:
                 text += ("" if text.endswith("\n") else "\n") + f"{THINK_CLOSE}\n{ANSWER_OPEN}\n"
-            jobs.append(Job((setting, it, pre, text, c.completion_tokens, closed), Request(it.messages, pre + text),
-                            params))
+            jobs.append(Job((setting, it, pre, text, c.completion_tokens, c.prompt_tokens, closed),
+                            Request(it.messages, pre + text), params))
         for job, comps in backend.stream(iter(jobs)):
-            (setting, it, pre, text, used, closed), c = job.key, comps[0]
+            (setting, it, pre, text, used, prompt, closed), c = job.key, comps[0]
             _write(writer, model, setting, it, pre, text + c.text, c.finish_reason,
-                   used + c.completion_tokens, c.error, verifier, think_closed=closed)
+                   used + c.completion_tokens, c.error, verifier, think_closed=closed, prompt_tokens=prompt)
 
 
-def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, verifier, think_closed=False):
+def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, verifier, think_closed=False,
+           prompt_tokens=0):
     p = parse(pre + text, finish_reason)
     mode = p.mode if setting == "auto" else setting
     correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
@@ -180,7 +182,7 @@ def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, 
                   "tokens": tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
                   "difficulty": it.difficulty, "domain": it.domain, "correct": correct,
                   "stance": keyword_stance(p.judge) if setting == "auto" else None, "error": error,
-                  "think_closed": think_closed})
+                  "think_closed": think_closed, "prompt_tokens": prompt_tokens})
 
 
 def _rate(rows: list[dict], test) -> Optional[float]:
@@ -231,12 +233,18 @@ def metrics(rows: list[dict]) -> dict:
                        for s, v in sorted(by.items())}
     if by.get("on") and auto:
         on, am = out["settings"]["on"], out["settings"]["auto"]
-        out["tokens_vs_always_think"] = round(am["mean_tokens"] / on["mean_tokens"], 4) if on["mean_tokens"] else None
+        # always-think's prompt pre-fills the judge and the mode line that auto writes itself: its replies count
+        # those tokens too (its prompt tokens minus auto's on the same query), so both count the same span
+        auto_prompt = {r["id"]: r.get("prompt_tokens") or 0 for r in auto}
+        always = _mean([r["tokens"] + max(0, (r.get("prompt_tokens") or 0) - auto_prompt[r["id"]])
+                        for r in by["on"] if r["id"] in auto_prompt])
+        out["tokens_vs_always_think"] = round(am["mean_tokens"] / always, 4) if always else None
         # the tokens auto saves against always-think, read next to what it costs in accuracy
         out["token_saving"] = {"saving": round(1 - out["tokens_vs_always_think"], 4)
                                if out["tokens_vs_always_think"] is not None else None,
-                               "mean_tokens_auto": am["mean_tokens"], "mean_tokens_always_think": on["mean_tokens"],
-                               "accuracy_auto": am["accuracy"], "accuracy_always_think": on["accuracy"]}
+                               "mean_tokens_auto": am["mean_tokens"], "mean_tokens_always_think": always,
+                               "accuracy_auto": am["accuracy"], "accuracy_always_think": on["accuracy"],
+                               "always_think_counts": "its reply plus the judge and mode line its prompt pre-filled"}
     judged = [r for r in auto if r["ok"]]
     out["judge_consistency"] = {"n": len(judged), "unclear": sum(1 for r in judged if r["stance"] is None),
                                 "rate": _rate([r for r in judged if r["stance"]], lambda r: r["stance"] == r["mode"]),

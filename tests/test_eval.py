@@ -80,11 +80,12 @@ def test_metrics_from_known_generations_and_resume(tmp_path):
     s = a["settings"]
     assert s["auto"]["accuracy"] == round(n_on / 6, 4)  # right on think-on items only
     assert s["on"]["accuracy"] == 1.0 and s["off"]["accuracy"] == 0.0 and s["on"]["valid"] == 1.0
-    assert a["tokens_vs_always_think"] == round(s["auto"]["mean_tokens"] / s["on"]["mean_tokens"], 4) < 1
     saving = a["token_saving"]  # what auto saves against always-think, next to both accuracies
+    # always-think counts its reply plus the judge and mode line its prompt pre-filled
+    assert saving["mean_tokens_always_think"] > s["on"]["mean_tokens"] > saving["mean_tokens_auto"]
+    assert a["tokens_vs_always_think"] == round(s["auto"]["mean_tokens"] / saving["mean_tokens_always_think"], 4) < 1
     assert saving["saving"] == round(1 - a["tokens_vs_always_think"], 4) > 0
     assert saving["accuracy_auto"] == s["auto"]["accuracy"] and saving["accuracy_always_think"] == 1.0
-    assert saving["mean_tokens_always_think"] == s["on"]["mean_tokens"] > saving["mean_tokens_auto"]
     for setting in ("auto", "on", "off"):
         assert set(s[setting]) >= {"accuracy", "valid", "mean_tokens"} and s[setting]["n"] == 6
     assert a["judge_consistency"]["rate"] == 1.0 and a["judge_consistency"]["unclear"] == 0
@@ -263,6 +264,29 @@ def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
         peft_backend.close()
     base = [c[0].text for c in vllm_backend.generate(reqs, params)]
     assert got == want and got != base
+
+
+def test_token_saving_counts_the_judge_that_always_think_got_in_its_prompt():
+    """Forced think-on pre-fills the judge and the mode line that auto writes itself: always-think's tokens are
+    its reply plus those pre-filled tokens (its prompt tokens minus auto's on the same query), so auto writing a
+    judge is not counted against it."""
+    from katdata.evaluate import metrics
+
+    def row(setting, qid, tokens, prompt, mode):
+        return {"setting": setting, "id": qid, "tokens": tokens, "prompt_tokens": prompt, "mode": mode, "ok": True,
+                "label": "on", "finish_reason": "stop", "errors": [], "correct": True, "difficulty": 2,
+                "domain": "math", "stance": mode if setting == "auto" else None}
+
+    rows = [row("auto", "a", 100, 30, "on"), row("auto", "b", 50, 30, "off"),  # auto writes its 40-token judge
+            row("on", "a", 60, 70, "on"), row("on", "b", 70, 70, "on")]  # judge + mode line pre-filled: 40 tokens
+    m = metrics(rows)
+    t = m["token_saving"]
+    assert m["settings"]["on"]["mean_tokens"] == 65.0  # the reply alone
+    assert t["mean_tokens_always_think"] == 105.0 and t["mean_tokens_auto"] == 75.0
+    assert t["saving"] == round(1 - 75 / 105, 4) and m["tokens_vs_always_think"] == round(75 / 105, 4)
+    for r in rows:  # rows written before prompt_tokens was kept: the replies alone, as before
+        r.pop("prompt_tokens")
+    assert metrics(rows)["token_saving"]["mean_tokens_always_think"] == 65.0
 
 
 def test_think_reserve_closes_an_open_think_block_and_is_counted(tmp_path):
