@@ -170,11 +170,16 @@ def _show(value: Any) -> str:
 
 
 def compare(old: dict, new: dict) -> list[str]:
-    """What differs between two fingerprints: ``key: old -> new`` and ``input NAME changed``."""
+    """What differs between two fingerprints: ``key: old -> new`` and ``input NAME changed``.
+
+    A key the old fingerprint lacks whose new value is off (None, False, 0, empty) is no change: it is a
+    setting katdata gained after the old run was made, at the value that keeps the old behaviour."""
     out = []
     old_s, new_s = old.get("settings", {}), new.get("settings", {})
     for key in list(new_s) + [k for k in old_s if k not in new_s]:
         a, b = old_s.get(key, _UNSET), new_s.get(key, _UNSET)
+        if a is _UNSET and b in (None, False, 0, 0.0, "", [], {}):
+            continue
         if a != b:
             out.append(f"{key}: {_show(a)} -> {_show(b)}")
     old_i, new_i = old.get("inputs", {}), new.get("inputs", {})

@@ -221,6 +221,17 @@ def test_train_and_eval_do_not_reuse_outputs_made_with_other_settings(project):
 
 
 # ---------------------------------------------------------------- the fingerprint itself (pure logic)
+def test_a_setting_added_later_at_its_off_value_is_no_change():
+    """A run folder made before katdata had a setting: the setting at its off value (None, False, 0) keeps the old
+    behaviour, so it does not block a rerun; any other value is named."""
+    old = {"settings": {"eval.max_tokens": 256}}
+    for off in (None, False, 0, 0.0):
+        assert fingerprint.compare(old, {"settings": {"eval.max_tokens": 256, "eval.new_knob": off}}) == []
+    assert fingerprint.compare(old, {"settings": {"eval.max_tokens": 256, "eval.frequency_penalty": 0.3}}) == [
+        "eval.frequency_penalty: (unset) -> 0.3"]
+    assert fingerprint.compare({"settings": {"eval.x": 0.3}}, {"settings": {"eval.x": 0.0}}) == ["eval.x: 0.3 -> 0.0"]
+
+
 def test_fingerprint_names_changes_and_leaves_out_speed_knobs(tmp_path):
     from katdata.recipe import Recipe
 
