@@ -74,6 +74,6 @@ secs = time.perf_counter() - t0
 rows = [json.loads(x) for x in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
 tokens = sum(r["tokens"] for r in rows)
 print(f"gpu_check eval_stream: generations={len(rows)} tokens={tokens} tokens_per_s={tokens / secs:.0f} "
-      f"adapted_acc={result['models']['adapted'].get('accuracy')}", flush=True)
+      f"adapted_auto_accuracy={result['models']['adapted']['settings']['auto']['accuracy']}", flush=True)
 print("gpu_check: ok")
 PY
