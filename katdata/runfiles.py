@@ -134,7 +134,7 @@ class RowIndex:
                     self._at[k] = offset if have is None else (have if isinstance(have, list) else [have]) + [offset]
                 offset += len(raw)
 
-    def _parse(self, raw: bytes, line: int):
+    def _parse(self, raw: bytes, line: int | None = None):
         try:
             return self.model.model_validate(json.loads(raw.decode("utf-8")))
         except UnicodeDecodeError as exc:
@@ -164,7 +164,7 @@ class RowIndex:
         rows = []
         for offset in at if isinstance(at, list) else [at]:
             self._f.seek(offset)
-            rows.append(self._parse(self._f.readline(), 0))
+            rows.append(self._parse(self._f.readline()))  # checked when indexed
         return rows
 
     def one(self, key):

@@ -213,7 +213,7 @@ def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend
                     continue
                 st = states[q.id] = QueryState(q)
                 open_count += 1
-                for a in (existing.get(q.id) if existing is not None else None) or ():
+                for a in (existing or {}).get(q.id) or ():
                     have[(q.id, a.mode)][a.index] = a
                 if not plan(st):
                     close(st)
