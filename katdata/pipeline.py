@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from katdata import fingerprint
 from katdata.errors import KatdataError
 from katdata.recipe import Recipe, dump_recipe, load_recipe
+from katdata.run_folder import MAYBE_WRITTEN, STAGE_FILES, Summary, check_inputs, holds_model_output
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,7 @@ STAGE_MODULES = {
     "eval": "katdata.evaluate",
 }
 STAGES = list(STAGE_MODULES)
-# what each stage writes in the run folder
-STAGE_FILES = {
-    "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
-    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
-    "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
-    "review": ["review"], "export": ["export"], "train": ["train"], "rl": ["rl"], "eval": ["eval"],
-}
 OPTIONAL = {"review", "train", "rl", "eval"}
-MAYBE_WRITTEN = {"calibration_reliability.png"}  # the plot exists only when the vote gave enough labels to fit
 
 
 class Engines:
@@ -59,7 +52,6 @@ class Engines:
 
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe, self.run_dir, self._built = recipe, run_dir, {}
-        self.used = False  # an engine was built (so a model may have written something)
 
     def __call__(self, name: str = "default"):
         if name not in self._built:
@@ -73,7 +65,6 @@ class Engines:
             if cfg.cache:
                 backend = CachedBackend(backend, self.run_dir / "cache" / f"{name}.jsonl")
             self._built[name] = backend
-            self.used = True
         return self._built[name]
 
     def settings(self, name: str) -> dict:
@@ -105,7 +96,9 @@ def load_queries(recipe: Recipe):
     ids = [q.id for q in queries]
     if len(set(ids)) != len(ids):
         raise KatdataError("data: the same query id comes from two inputs; give them distinct ids")
-    return queries
+    from katdata.query_length import check
+
+    return check(recipe, queries)
 
 
 def _copy_round(previous: Path, run_dir: Path, stage: str) -> dict:
@@ -126,44 +119,8 @@ def _load(recipe: Recipe, run_dir: Path, queries) -> dict:
         for q in queries:
             f.write(q.model_dump_json() + "\n")
     os.replace(tmp, run_dir / "queries.jsonl")
-    return {"rows_in": len(queries), "rows_out": len(queries)}
-
-
-class Summary:
-    """summary.json: per stage its statistics and ``done``; ``fingerprints``: what made each stage's output.
-
-    A stage's entry is written with ``done: false`` when it starts and ``done: true`` only when it
-    returned normally (its rows are complete); a finished stage is skipped on resume.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text("utf-8")) if path.is_file() else {"stages": {}}
-        self.data.setdefault("fingerprints", {})
-
-    def done(self, stage: str) -> bool:
-        return self.data["stages"].get(stage, {}).get("done", False)
-
-    def begin(self, stage: str, forget: list[str], fp: dict) -> None:
-        """Forget the stages being recomputed, mark ``stage`` started with its fingerprint, save."""
-        for s in forget:
-            self.data["stages"].pop(s, None)
-            self.data["fingerprints"].pop(s, None)
-        prev = self.data["stages"].get(stage, {})
-        self.data["stages"][stage] = {"done": False, "seconds": prev.get("seconds", 0.0)}
-        self.data["fingerprints"][stage] = fp
-        self._save()
-
-    def record(self, stage: str, stats: dict, seconds: float) -> None:
-        prev = self.data["stages"].get(stage, {})
-        stats = dict(stats, done=True, seconds=round(prev.get("seconds", 0.0) + seconds, 2))
-        self.data["stages"][stage] = stats
-        self._save()
-
-    def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str), "utf-8")
-        os.replace(tmp, self.path)
+    cut = sum(1 for q in queries if "truncated_from_tokens" in (q.meta or {}))
+    return {"rows_in": len(queries), "rows_out": len(queries), **({"truncated": cut} if cut else {})}
 
 
 def _progress(recipe: Recipe, run_dir: Path, stage: str):
@@ -225,12 +182,12 @@ def _outputs(recipe: Recipe, stage: str, run_dir: Path) -> list[Path]:
     return [run_dir / name for name in STAGE_FILES[stage]]
 
 
-def _finished(recipe: Recipe, run_dir: Path, summary: Summary, stage: str) -> bool:
+def _finished(recipe: Recipe, run_dir: Path, summary: Summary, stage: str, quiet: bool = False) -> bool:
     """Marked done in summary.json and its outputs are there (else it runs again)."""
     if not summary.done(stage):
         return False
     missing = [str(p) for p in _outputs(recipe, stage, run_dir) if not p.exists() and p.name not in MAYBE_WRITTEN]
-    if missing:
+    if missing and not quiet:
         log.warning("%s: marked done but %s is missing: running it again", stage, ", ".join(missing))
     return not missing
 
@@ -263,6 +220,19 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
             f"{run_dir}: {first} ({state}) was made with other settings or inputs: {'; '.join(changes)}. "
             f"To recompute, rerun with --from {first} (its outputs and the later ones move to {run_dir / 'old'}); "
             f"to keep this run as it is, give a new folder with --run-dir")
+
+
+def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str], redo: list[str],
+                        copied: list[str]) -> None:
+    """Each stage that will run finds its run files made (by an earlier stage, or one running before it now)
+    and unchanged since; checked before anything in the folder changes."""
+    running: set[str] = set()
+    for stage in stages:
+        if stage not in redo and summary.done(stage) and _finished(recipe, run_dir, summary, stage, quiet=True):
+            continue
+        if stage not in copied:
+            check_inputs(summary, run_dir, stage, fingerprint.stage_input_paths(recipe, stage, run_dir), running)
+        running.add(stage)
 
 
 def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list[str]) -> str:
@@ -332,8 +302,9 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content.
 
     Everything is checked before the run folder is touched: the stages, the input queries, and that
-    no started or finished stage was made with other settings. A run folder this call created is
-    removed again when the run fails before any engine was built (nothing a model made is lost).
+    no started or finished stage was made with other settings, and that every run file a stage reads
+    is there, as its stage wrote it. A run folder this call created is removed again when the run fails
+    before a model wrote anything into it (an engine that failed to load, a server that never answered).
     """
     stages = _selected(recipe, start, until)
     copied = [s for s in ("load", "tag", "solve") if s in stages] if recipe.previous_round else []
@@ -342,6 +313,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     summary = Summary(run_dir / "summary.json")
     redo = STAGES[STAGES.index(start):] if start else []
     _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
+    _check_stage_inputs(recipe, run_dir, summary, stages, redo, copied)
     _check_isolation(recipe, run_dir, stages, queries)
     recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
     fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create
@@ -370,7 +342,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])
     except BaseException:
-        if fresh is not None and not engines.used and fresh.is_dir():
+        if fresh is not None and fresh.is_dir() and not holds_model_output(run_dir):
             shutil.rmtree(fresh, ignore_errors=True)
             log.info("removed %s: the run stopped before any model output", fresh)
         raise

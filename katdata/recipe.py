@@ -58,6 +58,9 @@ class DataConfig(Strict):
     fields: FieldMap = Field(default_factory=FieldMap, description="which input columns hold id, query, reference, kind, system")
     sources: list[SourceSpec] = Field(default_factory=list, description="packaged real-data sources to mix in")
     limit: Optional[int] = Field(None, ge=1, description="use only the first N queries")
+    truncate_too_long: bool = Field(False, description="a query whose prompt and longest reply do not fit the "
+                                    "context of an engine that reads it: false = the load stage refuses the run, "
+                                    "naming the queries; true = it cuts them to fit (counted; meta.truncated_from_tokens)")
 
     @model_validator(mode="after")
     def _some_input(self):
@@ -87,6 +90,9 @@ class EngineConfig(Strict):
     lora_path: Optional[str] = Field(None, description="LoRA adapter to apply")
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")
     cache: bool = Field(True, description="cache completions in the run folder (resume reuses them)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="backend options, openai: server ('vllm': "
+                                  "ask for token ids), endpoint (chat or completions), unavailable_s (fail when no "
+                                  "server has answered this long; 300), health_interval_s, retry_base_s, retry_cap_s")
     num_threads: Optional[int] = Field(None, ge=1, description="transformers on a CPU: torch threads while "
                                        "generating; None = 1 on a machine of 2 cores or fewer (two threads on "
                                        "shared cores thrash), else torch's default; 2 on 2 idle cores is about "
@@ -105,8 +111,8 @@ class EngineConfig(Strict):
         return self
 
     def backend_config(self) -> BackendConfig:
-        data = self.model_dump(exclude={"backend", "cache", "num_threads"})
-        return BackendConfig(**data, extra={"threads": self.num_threads} if self.num_threads else {})
+        data = self.model_dump(exclude={"backend", "cache", "num_threads", "extra"})
+        return BackendConfig(**data, extra={**self.extra, **({"threads": self.num_threads} if self.num_threads else {})})
 
 
 class Recipe(Strict):

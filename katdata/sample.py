@@ -20,7 +20,7 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from katdata import template
 from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
@@ -63,6 +63,17 @@ class SampleConfig(BaseModel):
         if any(r < 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:])):
             raise ValueError(f"rounds must be positive and increasing (cumulative counts), got {rounds}")
         return rounds
+
+    @model_validator(mode="after")
+    def _rounds_within_n(self):
+        """Rounds that go past ``n`` are refused (they would be cut off unseen), except the default rounds,
+        cumulative targets that end at ``n`` whatever it is (and load again from a saved recipe.yaml)."""
+        over = [r for r in self.rounds if r > self.n]
+        if over and self.rounds != type(self).model_fields["rounds"].default:
+            raise ValueError(f"sample.rounds {self.rounds} go past sample.n={self.n} ({', '.join(map(str, over))}): "
+                             f"rounds are cumulative samples per mode, the last at most n; e.g. rounds: "
+                             f"{[r for r in self.rounds if r < self.n] + [self.n]}")
+        return self
 
 
 def schedule(cfg: SampleConfig) -> list[int]:

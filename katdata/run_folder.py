@@ -1,0 +1,139 @@
+"""The run folder's bookkeeping: what each stage writes, summary.json, and the checks made before a run
+changes anything.
+
+``summary.json`` holds per stage its statistics and ``done``, and under ``fingerprints`` what made each
+stage's output (settings, input hashes) and the hashes of the files it wrote, so a file removed or
+edited by hand since its stage wrote it is named before a later stage reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from katdata.errors import RunFolderError
+from katdata.fingerprint import hash_path
+
+# what each stage writes in the run folder
+STAGE_FILES = {
+    "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
+    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
+    "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
+    "review": ["review"], "export": ["export"], "train": ["train"], "rl": ["rl"], "eval": ["eval"],
+}
+MAYBE_WRITTEN = {"calibration_reliability.png"}  # the plot exists only when the vote gave enough labels to fit
+# run files whose content a model wrote (cache/ aside): a run folder holding any of them is never removed
+MODEL_FILES = [name for stage, names in STAGE_FILES.items() if stage != "load" for name in names]
+
+
+def producer(name: str) -> Optional[str]:
+    """The stage that writes ``name`` (a path relative to the run folder), if any."""
+    top = name.split("/")[0]
+    return next((stage for stage, names in STAGE_FILES.items() if name in names or top in names), None)
+
+
+def _read_summary(path: Path) -> dict:
+    """summary.json as katdata wrote it; a broken or foreign file is a RunFolderError naming it."""
+    fix = "move it aside to resume, or give a new folder with --run-dir"
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except IsADirectoryError:
+        raise RunFolderError(f"{path}: a folder, not katdata's summary file; {fix}") from None
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not UTF-8 text, so not katdata's summary; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}:{exc.lineno}: broken JSON ({exc.msg}; cut short?), not a summary katdata "
+                             f"wrote whole; {fix}") from None
+    ok = (isinstance(data, dict) and isinstance(data.get("stages"), dict)
+          and all(isinstance(v, dict) for v in data["stages"].values())
+          and isinstance(data.get("fingerprints", {}), dict))
+    if not ok:
+        raise RunFolderError(f"{path}: not a katdata summary (no 'stages' mapping of stage entries); {fix}")
+    return data
+
+
+class Summary:
+    """summary.json: per stage its statistics and ``done``; ``fingerprints``: what made each stage's output.
+
+    A stage's entry is written with ``done: false`` when it starts and ``done: true`` only when it
+    returned normally (its rows are complete); a finished stage is skipped on resume.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = _read_summary(path) if path.exists() else {"stages": {}}
+        self.data.setdefault("fingerprints", {})
+
+    def done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("done", False)
+
+    def begin(self, stage: str, forget: list[str], fp: dict) -> None:
+        """Forget the stages being recomputed, mark ``stage`` started with its fingerprint, save."""
+        for s in forget:
+            self.data["stages"].pop(s, None)
+            self.data["fingerprints"].pop(s, None)
+        prev = self.data["stages"].get(stage, {})
+        self.data["stages"][stage] = {"done": False, "seconds": prev.get("seconds", 0.0)}
+        self.data["fingerprints"][stage] = fp
+        self._save()
+
+    def record(self, stage: str, stats: dict, seconds: float) -> None:
+        """``stage`` finished: its statistics, and the hashes of the run files it wrote."""
+        prev = self.data["stages"].get(stage, {})
+        stats = dict(stats, done=True, seconds=round(prev.get("seconds", 0.0) + seconds, 2))
+        self.data["stages"][stage] = stats
+        run_dir = self.path.parent
+        written = {name: hash_path(run_dir / name) for name in STAGE_FILES.get(stage, [])
+                   if not (run_dir / name).is_dir() and name not in MAYBE_WRITTEN}
+        if stage in self.data["fingerprints"] and written:
+            self.data["fingerprints"][stage]["outputs"] = written
+        self._save()
+
+    def written(self, stage: str, name: str) -> Optional[str]:
+        """The hash ``stage`` recorded for its file ``name`` when it finished (None: not recorded)."""
+        return self.data["fingerprints"].get(stage, {}).get("outputs", {}).get(name)
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str), "utf-8")
+        os.replace(tmp, self.path)
+
+
+def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path], running: set[str]) -> None:
+    """Before anything changes: every run file ``stage`` reads was made by its stage (or is made by one of the
+    ``running`` stages before it), and is as that stage wrote it, not removed or edited by hand since."""
+    for path in paths:
+        try:
+            name = Path(path).relative_to(run_dir).as_posix()
+        except ValueError:
+            continue  # outside the run folder: the fingerprint's input hash covers it
+        made_by = producer(name)
+        if made_by is None or made_by in running or made_by == stage:
+            continue
+        if not summary.done(made_by):
+            if not Path(path).exists():
+                raise RunFolderError(f"{run_dir}: {stage} reads {name}, which the {made_by} stage has not made; "
+                                     f"run from that stage (--from {made_by}, or without --from)")
+            continue
+        recorded = summary.written(made_by, name)
+        if recorded in (None, "missing"):
+            continue  # a folder, a file the stage did not write, or recorded by an older katdata
+        now = hash_path(path)
+        if now != recorded:
+            how = "removed" if now == "missing" else "changed"
+            raise RunFolderError(f"{path}: {how} since the {made_by} stage wrote it, and {stage} reads it; "
+                                 f"rerun with --from {made_by} to make it again, or use a new folder (--run-dir)")
+
+
+def holds_model_output(run_dir: Path) -> bool:
+    """True when anything in the folder came from a model (cached completions or a stage's rows)."""
+    cache = run_dir / "cache"
+    if cache.is_dir() and any(p.is_file() and p.stat().st_size for p in cache.rglob("*")):
+        return True
+    for name in MODEL_FILES:
+        path = run_dir / name
+        if path.is_file() and path.stat().st_size or path.is_dir() and any(path.iterdir()):
+            return True
+    return False
