@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: quickstart quickstart-round2 test test-slow install install-dev argilla-venv argilla-up argilla-down chromium clean-venv
+.PHONY: quickstart quickstart-round2 test test-slow install install-dev argilla-venv argilla-up argilla-down chromium tmux clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(STAMP)-dev: $(STAMP)-local
 	touch $@
 
 install: $(STAMP)-local
-install-dev: $(STAMP)-dev argilla-venv chromium
+install-dev: $(STAMP)-dev argilla-venv chromium tmux
 
 # the Argilla server lives in its own venv (its pins clash with current transformers)
 argilla-venv:
@@ -41,12 +41,18 @@ chromium:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the Argilla web-UI test will be skipped"; }
 
+# Debian's tmux, for the tests that read back what a terminal shows (80x24, 120x40)
+tmux:
+	@command -v tmux >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null) \
+	  || echo "tmux not installed: the terminal tests will be skipped"; }
+
 quickstart: install
-	$(BIN)/katdata run recipes/quickstart.yaml
+	$(BIN)/katdata run quickstart
 
 # round two of the iterated cold start: samples and votes again with the quickstart's adapter, trains again
 quickstart-round2: install
-	$(BIN)/katdata run recipes/quickstart_round2.yaml
+	$(BIN)/katdata run quickstart_round2
 
 test: install-dev
 	$(BIN)/pytest

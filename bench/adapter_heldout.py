@@ -3,7 +3,7 @@
 Held-out set: GSM8K test problems, one-step sums from GSM8K's calculator notes and FanOutQA single-hop
 facts (the quickstart's kinds), none of whose ids or query texts is in the run's queries.jsonl (the
 quickstart never saw them, in any stage). Their labels come from the same procedure as the run's own:
-the labelling recipe (default recipes/quickstart.yaml: base model, tag, two-mode sampling, vote, tagger
+the labelling recipe (default the packaged quickstart: base model, tag, two-mode sampling, vote, tagger
 prior where no sample is right; its solve stage is skipped, as it changes no label), in OUT/labels/ (kept:
 a rerun reuses them).
 
@@ -66,13 +66,14 @@ def label(queries: list[Query], recipe_path: str, out: Path) -> Path:
     """Run the labelling recipe up to the vote on the held-out queries (resumes in OUT/labels/)."""
     from katdata.pipeline import run
     from katdata.recipe import load_recipe
+    from katdata.recipe_registry import resolve
 
     folder = out / "labels"
     folder.mkdir(parents=True, exist_ok=True)
     qpath = out / "heldout_queries.jsonl"
     if not qpath.is_file():
         qpath.write_text("".join(q.model_dump_json() + "\n" for q in queries), "utf-8")
-    recipe = load_recipe(recipe_path, [f"data.path={qpath}", "data.sources=[]", "train=", "eval=",
+    recipe = load_recipe(resolve(recipe_path), [f"data.path={qpath}", "data.sources=[]", "train=", "eval=",
                                        "previous_round="])
     t0 = time.perf_counter()
     run(recipe, folder, until="tag")
@@ -149,7 +150,7 @@ def main() -> int:
     ap.add_argument("run_dir", type=Path, help="the quickstart run folder (its queries are excluded)")
     ap.add_argument("--n", type=int, default=16, help="held-out queries per kind (3 kinds)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the held-out draw")
-    ap.add_argument("--recipe", default="recipes/quickstart.yaml", help="the labelling recipe (run up to the vote)")
+    ap.add_argument("--recipe", default="quickstart", help="the labelling recipe, a file or a packaged name (run up to the vote)")
     ap.add_argument("--out", type=Path, help="bench folder (default RUN/heldout)")
     ap.add_argument("--adapter", type=Path, help="adapter folder (default RUN/train/adapter)")
     ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",

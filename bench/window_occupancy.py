@@ -1,6 +1,6 @@
 """How full the openai backend keeps a real server during the sample stage: streamed vs chunked.
 
-    .venv/bin/python bench/window_occupancy.py [--recipe recipes/quickstart.yaml] [--queries 24]
+    .venv/bin/python bench/window_occupancy.py [--recipe quickstart] [--queries 24]
         [--window 8] [--base-url URL]
 
 Runs the sample stage of a real recipe (its queries, rounds, N and token limits; the engine swapped
@@ -98,7 +98,7 @@ def chunked(queries: list[Query], cfg: sample.SampleConfig, backend, verifier, o
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/quickstart.yaml")
+    ap.add_argument("--recipe", default="quickstart", help="a recipe file or a packaged recipe's name")
     ap.add_argument("--queries", type=int, default=24, help="queries from the recipe's sources")
     ap.add_argument("--window", type=int, default=8, help="requests in flight (engines.*.concurrency)")
     ap.add_argument("--chunk", type=int, default=16, help="queries per call in the chunked way (the old default)")
@@ -112,8 +112,9 @@ def main() -> int:
     from katdata import servers
     from katdata.pipeline import load_queries
     from katdata.recipe import load_recipe
+    from katdata.recipe_registry import resolve
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(resolve(args.recipe))
     queries = load_queries(recipe)[: args.queries]
     cfg = recipe.sample.model_copy(update={"chunk": args.chunk})
     server = None

@@ -209,5 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["solver", "vote", "solver_then_vote", "vote_then_solver"], help="think-on content source")
     p.add_argument("--accept-imbalance", action="store_true", help="keep going when a mode collapsed")
     args = p.parse_args(argv)
+    from katdata.preflight import run_folder
+
+    run_folder(args.run_dir, "assemble")
     print(run(AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance), args.run_dir))
     return 0

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from katdata.errors import KatdataError, require
+from katdata.errors import KatdataError, RunFolderError, require
 from katdata.records import Tags, Vote
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def outcomes(run_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
 
     path = Path(run_dir) / "votes.jsonl"
     if not path.is_file():
-        raise KatdataError(f"{path} not found: run the vote stage first")
+        raise RunFolderError(f"{path} not found: run the vote stage first")  # before anything in the folder changes
     out, skipped = {}, {"no correct sample (fallback label)": 0, "one mode not sampled": 0}
     for v in read_rows(path, Vote):
         if v.reason.startswith("no correct sample"):
@@ -332,6 +332,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.folds < 2:
         raise KatdataError("--folds: at least 2")
+    from katdata.preflight import run_folder
+
+    run_folder(args.run_dir, "calibrate")  # it writes calibration.json and the plot into a run folder, nowhere else
     data = fit_run(args.run_dir, args.folds, args.seed, args.threshold, args.method)
     print(json.dumps({k: data[k] for k in ("fitted", "n", "labels", "excluded", "note", "method", "cv")
                       if k in data}, indent=1))

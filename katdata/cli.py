@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -112,9 +113,10 @@ def _model(args) -> int:
 
 
 def _run(args) -> int:
-    from katdata import pipeline
+    from katdata import pipeline, recipe_registry
     from katdata.recipe import load_recipe
 
+    args.recipe = str(recipe_registry.resolve(args.recipe))  # a file, else a packaged recipe's name
     recipe = load_recipe(args.recipe, args.set)  # every recipe problem, before any folder or model
     run_dir = Path(args.run_dir or recipe.run_dir.format(name=recipe.name))
     if run_dir.exists() and not run_dir.is_dir():
@@ -123,19 +125,22 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    from katdata import recipe_registry
     from katdata.recipe import load_recipe
 
-    for path in args.recipes:
+    for given in args.recipes:
+        path = recipe_registry.resolve(given)  # a file, else a packaged recipe's name
         load_recipe(path)  # schema, engine names, local paths, run_dir template: no model, no data read
-        print(f"ok  {path}")
+        print(f"ok  {given}" + (f"  (packaged: {path})" if str(path) != given else ""))
     return 0
 
 
 def _ls(args) -> int:
+    from katdata import recipe_registry
     from katdata.pipeline import STAGES
 
-    root = Path(args.dir)
-    if not root.is_dir():
+    root = Path(args.dir) if args.dir else None
+    if root is not None and not root.is_dir():
         if root.is_symlink():
             try:
                 root.resolve(strict=True)
@@ -144,16 +149,30 @@ def _ls(args) -> int:
             except OSError:
                 raise InputError(root, "a broken symlink") from None
         raise InputError(root, "not a folder" if root.exists() else "no such folder")
-    print("recipes:")
-    for path in sorted(root.glob("*.yaml")):
-        try:
-            first = path.read_text("utf-8").splitlines()[:1]
-        except OSError as exc:
-            first = [f"(unreadable: {'a symlink loop' if exc.errno == 40 else exc.strerror})"]
-        except UnicodeDecodeError:
-            first = ["(not UTF-8 text)"]
-        print(f"  {path}  {first[0].lstrip('# ') if first else ''}")
+    recipes = recipe_registry.packaged()
+    others = {k: v for k, v in recipe_registry.packaged(everything=True).items() if k not in recipes}
+    width = max(map(len, [*recipes, *others]), default=0)
+    print("recipes (katdata run NAME; katdata cp NAME [DEST] copies one to edit):")
+    for name, path in recipes.items():
+        print(f"  {name:<{width}}  {recipe_registry.description(path)}")
+    if others:
+        print("other files (katdata cp NAME):")
+        for name, path in others.items():
+            print(f"  {name:<{width}}  {recipe_registry.description(path)}")
+    if root is not None:
+        print(f"recipes in {root}:")
+        for path in sorted(root.glob("*.yaml")):
+            print(f"  {path}  {recipe_registry.description(path)}")
     print("stages: " + " -> ".join(STAGES))
+    return 0
+
+
+def _cp(args) -> int:
+    from katdata import recipe_registry
+
+    target = recipe_registry.copy(args.name, args.dest)
+    then = f"; edit it, then: katdata run {shlex.quote(str(target))}" if recipe_registry.is_recipe(args.name) else ""
+    print(f"copied {args.name} to {target}{then}")
     return 0
 
 
@@ -166,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe (resumes in an existing run folder)")
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="a recipe file, or the name of a packaged recipe (katdata ls)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key (YAML scalar)")
     run.add_argument("--run-dir", help="run folder (default: the recipe's run_dir)")
     run.add_argument("--from", dest="from_stage", help="first stage to run")
@@ -174,12 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check recipes without running them")
-    val.add_argument("recipes", nargs="+")
+    val.add_argument("recipes", nargs="+", help="recipe files or packaged recipe names")
     val.set_defaults(func=_validate)
 
-    ls = sub.add_parser("ls", help="list recipes and stages")
-    ls.add_argument("--dir", default="recipes")
+    ls = sub.add_parser("ls", help="list the packaged recipes (and those in --dir) and the stages")
+    ls.add_argument("--dir", help="also list the recipes (*.yaml) in this folder")
     ls.set_defaults(func=_ls)
+
+    cp = sub.add_parser("cp", help="copy a packaged recipe to edit (never overwrites a file)")
+    cp.add_argument("name", help="a packaged recipe (katdata ls), e.g. quickstart or accelerate/multi_gpu")
+    cp.add_argument("dest", nargs="?", help="a file, or a folder to hold NAME.yaml (default: ./NAME.yaml)")
+    cp.set_defaults(func=_cp)
 
     tpl = sub.add_parser("template", help="render, parse and validate KAT responses; print the chat template")
     tsub = tpl.add_subparsers(dest="action", required=True)
@@ -256,7 +280,16 @@ class _BarSafeHandler(logging.StreamHandler):
 
 
 def _configure_logging(verbose: bool) -> None:
-    """katdata's INFO lines (DEBUG with -v) and only the warnings of other libraries (their INFO with -v)."""
+    """katdata's INFO lines (DEBUG with -v) and only the warnings of other libraries (their INFO with -v).
+
+    Set before those libraries are imported (each reads its environment then, and passes it to the
+    processes it starts; a value the user set stays): vLLM's own log handler writes to stderr, not
+    stdout, and only WARNING and up without -v; datasets' progress bars (a bar per map over a few rows)
+    only with -v. The training stages' printed log dicts follow -v too (katdata.train_progress)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     handler = _BarSafeHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     floor = logging.INFO if verbose else logging.WARNING

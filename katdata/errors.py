@@ -14,6 +14,7 @@ Exit codes (the same for the same class of error in every subcommand):
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_RUN_FOLDER, EXIT_ENGINE, EXIT_INTERNAL = 1, 2, 3, 4, 70
@@ -65,6 +66,12 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def _filename(name) -> str:
+    if name is None:
+        return ""
+    return os.fsdecode(name) if isinstance(name, (bytes, os.PathLike)) else str(name)
+
+
 def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for any exception, by class; never a traceback."""
     if isinstance(exc, KatdataError):
@@ -78,8 +85,8 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, UnicodeError):
         return EXIT_USAGE, f"not UTF-8 text ({exc})"
     if isinstance(exc, OSError):
-        where = exc.filename if exc.filename is not None else ""
-        where += f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        where = _filename(exc.filename)  # a str, Path, bytes or file descriptor: never added to a str as it is
+        where += f" -> {_filename(exc.filename2)}" if exc.filename2 is not None else ""
         return EXIT_RUN_FOLDER, f"{where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, ImportError):
         return EXIT_ENGINE, f"a package is missing or broken: {_one_line(exc)}"

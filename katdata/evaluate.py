@@ -347,6 +347,8 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
+    check_replaceable(out, run_dir=run_dir, kind="eval", label="eval.output")
     settings = fingerprint.section_settings("eval", cfg)
     described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
     for name in fingerprint.engine_names(cfg) if described else []:
@@ -356,6 +358,10 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
                              "eval); to keep it, write to a new folder (--set output=NAME) or use another run folder")
     items = heldout(run_dir, cfg.limit)  # checked before the folder is made
+    from katdata.preflight import check_adapters  # loaded after the base model's generations: checked now
+
+    adapter = None if cfg.adapted_engine else cfg.adapter or str(run_dir / "train" / "adapter")
+    check_adapters(run_dir, {"adapter": adapter, "rl_adapter": cfg.rl_adapter})
     verifier = Verifier(sandbox=run_sandbox(run_dir))  # the run's own `sandbox:` section
     isolation = verifier.code_isolation(items)  # refuses before any model loads if code can't be isolated
     out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +375,8 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
         plan += [("rl", "auto")] + ([("rl", "on"), ("rl", "off")] if cfg.forced else [])
     threads = _set_threads(cfg.num_threads)
     try:
-        with RowWriter(gen_path) as writer:
+        from katdata.report import FileProgress  # a bar per row written, moving as completions finish
+        with FileProgress([gen_path], len(plan) * len(items), "eval", unit="row"), RowWriter(gen_path) as writer:
             base = engine(cfg.engine)
             generate(base, "base", [s for m, s in plan if m == "base"], items, cfg, writer, done, verifier)
             for name in ("adapted", "rl"):  # the SFT adapter, then the RL adapter when there is one
@@ -414,15 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
     ns = ap.parse_args(argv)
     from katdata.backends import BackendConfig, get_backend
-    from katdata.preflight import run_folder
+    from katdata.preflight import run_folder, train_record
     from katdata.fingerprint import engine_settings
     from katdata.recipe import EngineConfig
     from katdata.train import _load_config
 
     cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
-    run_folder(ns.run_dir, "eval", model=ns.model)  # before torch is imported or any folder is made
-    train_json = ns.run_dir / "train" / "train.json"
-    model = ns.model or (json.loads(train_json.read_text())["base_model"] if train_json.is_file() else None)
+    model = ns.model or train_record(ns.run_dir).get("base_model")
+    run_folder(ns.run_dir, "eval", backend=ns.backend,  # before torch is imported or any folder is made
+               models={"--model" if ns.model else "train/train.json base_model": model})
     built = {}
 
     def engine(name):

@@ -3,7 +3,8 @@
 Reads review/merged.jsonl when a review was merged, else records.jsonl, in two streaming passes
 (memory flat in the row count): 1. rows per (mode, domain) stratum; 2. validate each row, assign it
 to train/test by selection sampling (exact, seeded, stratified; one pair of counters per stratum),
-write parquet row groups. All goes to a temporary folder renamed into place at the end.
+write parquet row groups. All goes to a temporary folder renamed into place at the end; the place must be
+new, an empty folder or katdata's own earlier export (katdata.output_paths), nothing else is replaced.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from katdata import card, review_routing
+from katdata import card, output_paths, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
 from katdata.errors import EngineError, InputError, KatdataError, require
@@ -40,7 +41,9 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    out: Optional[Path] = Field(None, description="output folder; default RUN_DIR/export")
+    out: Optional[Path] = Field(None, description="output folder; default RUN_DIR/export. It must be new, empty or an "
+                                "earlier katdata export (marked by .katdata-export.json), which it replaces; any "
+                                "other folder, a file or a run folder is refused")
     format: Format = Field("hf", description="hf: all columns; trl: prompt/completion chat columns; "
                                              "llamafactory: sharegpt-style messages plus dataset_info.json")
     test_size: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows in the test split, per stratum")
@@ -300,15 +303,16 @@ def _review_note(waits: int, required: bool) -> str:
             "are included unreviewed.")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an older export is removed only after the rename."""
-    if out.exists():
+def _replace(tmp: Path, out: Path, run_dir: Path, label: str) -> None:
+    """Move the finished folder into place. Checked again first (export may have run for minutes): only a new
+    path, an empty folder or katdata's own earlier export is replaced; that export is removed after the rename."""
+    if output_paths.check_replaceable(out, run_dir=run_dir, kind="export", label=label) == "own":
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)
     else:
-        tmp.rename(out)
+        tmp.rename(out)  # a new path, or an empty folder (a rename replaces an empty folder)
 
 
 def _network_errors(hub) -> tuple[type[BaseException], ...]:
@@ -329,26 +333,41 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
     try:
         api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="dataset",
-                                 commit_message="katdata export")
+                                 commit_message="katdata export", ignore_patterns=[output_paths.MARKER])
     except _network_errors(hub) as exc:
         raise EngineError(f"upload to the Hub at {endpoint} failed ({type(exc).__name__}: {exc}); {keep}: "
                            f"rerun with --push-to-hub {repo} when the Hub is reachable") from exc
     return getattr(info, "commit_url", None) or f"{endpoint}/datasets/{repo}"
 
 
-def run(cfg: ExportConfig, run_dir: Path, engine=None) -> dict:
-    """The export stage: write RUN_DIR/export (or cfg.out) atomically, then push when asked."""
+def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] = None) -> dict:
+    """The export stage: write RUN_DIR/export (or cfg.out) atomically, then push when asked.
+
+    ``out`` must be new, an empty folder or an earlier export of katdata (katdata.output_paths); anything else
+    is refused before anything is written. ``label`` names the setting in errors (default: export.out)."""
     run_dir = Path(run_dir)
     src = input_file(run_dir)
     out = Path(cfg.out) if cfg.out else run_dir / "export"
+    label = label or ("export.out" if cfg.out else "export folder")
+    output_paths.check_replaceable(out, run_dir=run_dir, kind="export", label=label)
+    made = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]  # removed again if export fails
     out.parent.mkdir(parents=True, exist_ok=True)
-    waits = review_routing.waiting(run_dir, src)  # bad input (recipe.yaml, a row) fails here, before writing
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        waits = review_routing.waiting(run_dir, src)  # bad input (recipe.yaml, a row) fails here, before writing
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         stats = _write_dataset(tmp, src, run_dir, cfg, waits)
-        _replace(tmp, out)
+        output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
+        output_paths.honour_umask(tmp)  # mkdtemp made it 0700
+        _replace(tmp, out, run_dir, label)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     key = "held_back" if cfg.require_review else "unreviewed_included"
     stats |= {"input": str(src), "out": str(out), key: len(waits)}
@@ -367,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="katdata export", description="Write a run's records as a Hub dataset "
                                 "folder (README.md card + data/*.parquet) and optionally upload it.")
     p.add_argument("run_dir", type=Path, help="the run folder (reads review/merged.jsonl or records.jsonl)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export): new, empty or an earlier "
+                   "katdata export, which is replaced; anything else is refused")
     p.add_argument("--format", choices=["hf", "trl", "llamafactory"], default="hf", help="column layout")
     p.add_argument("--test-size", type=float, default=0.1, help="share of rows in the test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
@@ -392,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             raise explain(exc, None, ExportConfig, style="option") from None
         run_folder(a.run_dir, "export")
         cfg.require_review = not a.include_unreviewed and review_routing.run_requires_review(a.run_dir)
-        stats = run(cfg, a.run_dir, None)
+        stats = run(cfg, a.run_dir, None, label="--out" if a.out else None)
     except KatdataError as exc:
         return report(exc, "katdata export")
     print(json.dumps(stats, indent=2))

@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the rationale check reads a rationale's stance")
     p.add_argument("--writer", default="llm", choices=["llm", "tags"], help="who writes the rationales")
     args = p.parse_args(argv)
+    from katdata.preflight import run_folder
+
+    llm = args.writer == "llm"  # the tags writer loads no model
+    run_folder(args.run_dir, "judge", backend=args.backend if llm else None,
+               models={"--model": args.model if llm else None})
     if args.writer == "tags":
         print(run(JudgeConfig(writer="tags"), args.run_dir, lambda name: None))
         return 0

@@ -314,6 +314,10 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     redo = STAGES[STAGES.index(start):] if start else []
     _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
     _check_stage_inputs(recipe, run_dir, summary, stages, redo, copied)
+    if "export" in stages and recipe.export.out:  # a user's folder is refused now, not hours later
+        from katdata.output_paths import check_replaceable
+
+        check_replaceable(Path(recipe.export.out), run_dir=run_dir, kind="export", label="export.out")
     _check_isolation(recipe, run_dir, stages, queries)
     recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
     fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
 NOTES_MIN_WIDTH = 80  # narrower terminals get the table without its notes column
+PIPED_WIDTH = 80  # the table's width when stdout is not a terminal (| cat, CI logs) and COLUMNS is not set
+# the stat that counts a stage's output rows, for stages that give no rows_out
+OUT_KEYS = {"tag": "rows", "solve": "attempts", "train": "train"}
+# completions per unit of a stage's bar, for the stages whose bar may move with the engine's finished
+# completions before the rows are written (solve is not among them: several roles answer per query)
+LIVE_STAGES = {"tag": 1, "sample": 1, "judge": 2, "eval": 1}
+
+_generated = 0
+_generated_lock = threading.Lock()
+
+
+def generated(n: int = 1) -> None:
+    """An engine finished ``n`` completions (called as they finish, mid-batch where the engine can tell):
+    the bar of a stage in ``LIVE_STAGES`` moves before the stage writes their rows."""
+    global _generated
+    with _generated_lock:
+        _generated += n
+
+
+def generated_so_far() -> int:
+    """Completions the engines of this process reported finished (``generated``)."""
+    return _generated
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "", unit: str = "row"):
@@ -32,11 +57,19 @@ def _tokens(st: dict) -> Optional[int]:
     return tok if isinstance(tok, (int, float)) else None
 
 
+def rows_out(stage: str, st: dict):
+    """A stage's output rows: ``rows_out``, else the stat that counts them (tags written, solver attempts
+    written, records trained on)."""
+    return st.get("rows_out", st.get(OUT_KEYS.get(stage, "rows_out")))
+
+
 def summary_rows(data: dict) -> list[tuple[str, ...]]:
     """(stage, rows in, rows out, seconds, tokens, notes) per stage; notes are the stage's scalar stats."""
     rows = []
-    skip = {"rows_in", "rows_out", "seconds", "done", "tokens"}
     for stage, st in data.get("stages", {}).items():
+        skip = {"rows_in", "rows_out", "seconds", "done", "tokens"}
+        if "rows_out" not in st:
+            skip.add(OUT_KEYS.get(stage, "rows_out"))  # shown as the out column
         notes = balance_notes(st) + [f"{k}={_fmt(v)}" for k, v in st.items()
                  if k not in skip and isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) < 40]
         for model, m in (st.get("models") or {}).items():  # the eval stage: headline figures per model
@@ -46,7 +79,7 @@ def summary_rows(data: dict) -> list[tuple[str, ...]]:
         rejects = st.get("rejects")
         if isinstance(rejects, dict) and rejects:
             notes.append("rejects: " + ", ".join(f"{k} {v}" for k, v in rejects.items()))
-        rows.append((stage, _fmt(st.get("rows_in")), _fmt(st.get("rows_out")), _fmt(st.get("seconds")),
+        rows.append((stage, _fmt(st.get("rows_in")), _fmt(rows_out(stage, st)), _fmt(st.get("seconds")),
                      _fmt(_tokens(st)), "; ".join(notes[:8])))
     return rows
 
@@ -149,19 +182,69 @@ def rounds_lines(data: dict, run_dir: Path) -> list[str]:
     return out
 
 
-def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
-    """The end-of-run table: counts, time and tokens per stage, then the dataset and where things are.
-
-    The table fits the terminal: the notes wrap, and below ``NOTES_MIN_WIDTH`` columns they are left
-    out (summary.json has them all).
-    """
+def table_width() -> int:
+    """The summary's width: ``COLUMNS`` when set, else the terminal's when stdout is one, else ``PIPED_WIDTH``."""
     import shutil
 
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((PIPED_WIDTH, 24)).columns
+    return PIPED_WIDTH
+
+
+def _later_rounds(run_dir: Path, recipes: Path) -> list[Path]:
+    """Recipes in ``recipes`` whose ``previous_round`` is this run folder and whose own folder is not made yet."""
+    import yaml
+
+    here, found = Path(run_dir).resolve(), []
+    for path in sorted(recipes.glob("*.yaml")) if recipes.is_dir() else []:
+        try:
+            doc = yaml.safe_load(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        prev = doc.get("previous_round") if isinstance(doc, dict) else None
+        if isinstance(prev, str) and Path(prev).resolve() == here:
+            own = doc.get("run_dir")
+            if not (isinstance(own, str) and Path(own.format(name=doc.get("name", ""))).exists()):
+                found.append(path)
+    return found
+
+
+def next_steps(data: dict, run_dir: Path, recipes: Optional[Path] = None) -> list[tuple[str, str]]:
+    """(command, what it does) for the commands that take what this run made further, its folder filled in
+    (quoted for the shell where needed): human review of the records (not reviewed yet), the dataset to the
+    Hub (exported, not pushed), the adapter behind a server, and the next round (a recipe in ``recipes``,
+    default the packaged ones, whose ``previous_round`` is this folder and whose own folder is not made)."""
+    from katdata.recipe_registry import RECIPES_DIR, command_arg
+
+    run = shlex.quote(str(run_dir))
+    steps = []
+    if (run_dir / "records.jsonl").is_file() and not (run_dir / "review").exists():
+        steps.append((f"katdata review push {run}", "human review in Argilla"))
+    if (run_dir / "export").is_dir() and not data.get("stages", {}).get("export", {}).get("pushed"):
+        steps.append((f"katdata export {run} --push-to-hub USER/NAME", "the dataset to the Hub"))
+    if (run_dir / "train" / "adapter").is_dir():
+        steps.append((f"katdata serve {run}", "the adapter behind an OpenAI-compatible server"))
+        steps += [(f"katdata run {shlex.quote(command_arg(r))}", "the next round, with this adapter")
+                  for r in _later_rounds(run_dir, recipes or RECIPES_DIR)]
+    return steps
+
+
+def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
+    """The end-of-run table: counts, time and tokens per stage, then the dataset, where things are and
+    the next commands.
+
+    The table fits ``table_width()``: the notes wrap, and below ``NOTES_MIN_WIDTH`` columns they are
+    left out (summary.json has them all).
+    """
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
 
-    width = shutil.get_terminal_size((150, 24)).columns
-    console = Console(width=width)
+    width = table_width()
+    console = Console(width=width, markup=False, highlight=False)  # paths and notes are printed as they are
     notes = width >= NOTES_MIN_WIDTH
     table = Table(title=f"katdata run: {run_dir}  ({wall_s:.0f} s)")
     for col in ("stage", "in", "out", "seconds", "tokens"):
@@ -185,6 +268,12 @@ def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
     for what, path in where.items():
         if path.exists():
             console.print(f"{what}: {path}", soft_wrap=True)  # a path stays whole, to copy
+    steps = next_steps(data, run_dir)
+    if steps:
+        console.print("next:")
+    for cmd, what in steps:  # a command stays whole on its line, to copy; its comment only where it fits
+        line = f"  {cmd}   # {what}"
+        console.print(line if cell_len(line) <= width else f"  {cmd}", soft_wrap=True)
 
 
 class FileProgress:
@@ -194,24 +283,40 @@ class FileProgress:
     distinct ids (``unit="query"``) or rows; nothing is shown when stderr is not a terminal. When the
     stage ends the bar takes its final count and stays on screen; a stage that ends normally below
     ``total`` (an upper bound, as for sampling) closes at ``n/n``, one that fails shows where it stopped.
+
+    ``live`` (default: the stage named ``desc`` is in ``LIVE_STAGES``): between polls the bar also moves
+    with the completions the engine reports finished (``generated``), ``live`` of them per unit, so a stage
+    whose rows are all written when one batch comes back does not sit at 0% until then. That estimate never
+    passes ``total``, and the rows written decide the final count.
     """
 
     def __init__(self, files: list[Path], total: Optional[int], desc: str, unit: str = "query",
-                 interval: float = 0.5, enabled: Optional[bool] = None, file=None):
-        import threading
-
+                 interval: float = 0.5, enabled: Optional[bool] = None, file=None, live: Optional[int] = None):
         self.files, self.unit, self.interval = [Path(f) for f in files], unit, interval
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.live = LIVE_STAGES.get(desc) if live is None else live
         self._offsets = {f: 0 for f in self.files}  # rows already there (a resumed stage) count as done
         self._ids: set = set()
         self._rows = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._start = self.count() if self.enabled else 0  # a disabled bar reads nothing
+        self._generated0 = generated_so_far()
+        self.total = total
         if self.enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=file, leave=True, dynamic_ncols=True,
-                            initial=self.count())  # from the rows already there; the rate counts only new ones
+                            initial=self._start)  # from the rows already there; the rate counts only new ones
+
+    def shown(self) -> int:
+        """What the bar shows now: the rows written, or more while the engine has finished completions whose
+        rows are not written yet (``live``)."""
+        n = self.count()
+        if self.live:
+            estimate = self._start + (generated_so_far() - self._generated0) // self.live
+            n = max(n, min(estimate, self.total) if self.total else estimate)
+        return n
 
     def count(self) -> int:
         """Read what was appended since the last call; returns the count so far."""
@@ -234,7 +339,7 @@ class FileProgress:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.bar.n = self.count()
+            self.bar.n = max(self.bar.n, self.shown())
             self.bar.refresh()
 
     def __enter__(self):

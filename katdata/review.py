@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from katdata import template
-from katdata.errors import EngineError, KatdataError, require
+from katdata.errors import EngineError, KatdataError, RunFolderError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
 from katdata.redact import scrub
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
@@ -149,6 +149,22 @@ def load_run(run_dir: Path) -> tuple[list[KatRecord], dict[str, Vote], dict[str,
         for a in _read(run_dir / name, Attempt):
             attempts.setdefault(a.id, []).append(a)
     return records, votes, attempts
+
+
+OUTPUTS = ("push.json", "changes.jsonl", "excluded.jsonl", "merged.jsonl", "pull.json")  # all review writes
+
+
+def check_review_folder(run_dir: Path) -> None:
+    """review writes only RUN/review/{OUTPUTS}, replacing katdata's own files; refuse before any server is asked
+    when something else stands there (a file named review, a folder named merged.jsonl)."""
+    folder = Path(run_dir) / "review"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise RunFolderError(f"{folder}: {'a symbolic link' if folder.is_symlink() else 'a file'}, not the folder "
+                             "where review writes its files; move it aside and rerun")
+    for name in OUTPUTS:
+        if (folder / name).is_dir() or (folder / name).is_symlink():
+            raise RunFolderError(f"{folder / name}: not a file katdata wrote (a folder or a link); review rewrites it: "
+                                 "move it aside and rerun")
 
 
 def _write_atomic(path: Path, rows: list[dict] | dict) -> None:
@@ -288,6 +304,7 @@ def to_argilla(rec: KatRecord, vote: Optional[Vote], verdict: dict, reasons: lis
 def push(cfg: ReviewConfig, run_dir: Path) -> dict:
     """Create the workspace and dataset if needed and log the routed records. Returns stats."""
     run_dir = Path(run_dir)
+    check_review_folder(run_dir)
     records, votes, attempts = load_run(run_dir)
     verdicts = verdict_index(records, votes, attempts)
     policy = cfg.model_copy(update={"route": "policy"})
@@ -364,6 +381,7 @@ def usernames(client) -> dict[str, str]:
 def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
     """Read the answers and (re)write review/merged.jsonl, changes.jsonl and excluded.jsonl."""
     run_dir = Path(run_dir)
+    check_review_folder(run_dir)
     records, votes, attempts = load_run(run_dir)
     layout = load_layout(cfg.settings)
     name = dataset_name(cfg, run_dir, layout)

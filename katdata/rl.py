@@ -229,6 +229,8 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
+    check_replaceable(out, run_dir=run_dir, kind="rl", label="rl.output")
     current = {"settings": fingerprint.section_settings("rl", cfg),
                "inputs": fingerprint.hash_inputs(input_paths(cfg, run_dir), run_dir)}
     fingerprint.check_folder(out, current, f"to redo RL, move {out} aside (in a pipeline: rerun with --from rl); to "
@@ -277,6 +279,8 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     cls = trainer_class()
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok,
                   peft_config=lora, kat=cfg, tag_ids=mode_tag_ids(tok))
+    from katdata.train_progress import attach
+    attach(trainer, "rl")  # a bar with step, loss, reward, ETA; TRL's printed dicts only with -v
     out.mkdir(parents=True, exist_ok=True)
     if trainer.accelerator.is_main_process:
         fingerprint.write_folder(out, current)
@@ -348,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     from katdata.train import _load_config, _main_rank
 
     cfg = _load_config(ns.config, ns.set, RLConfig, "rl")
-    if not ns.run_dir.is_dir():
-        raise KatdataError(f"{ns.run_dir}: no such run folder")
-    stats = run(cfg, ns.run_dir)
+    from katdata.preflight import run_folder, train_record
+
+    base = cfg.model or train_record(ns.run_dir).get("base_model")
+    run_folder(ns.run_dir, "rl", models={"model" if cfg.model else "train/train.json base_model": base})  # no torch yet
+    stats = run(cfg, ns.run_dir)  # (it checks the policy and its output folder before torch is imported)
     if _main_rank():
         print(json.dumps(stats, indent=1))
     return 0

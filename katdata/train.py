@@ -14,7 +14,8 @@ out for `katdata eval` and listed in ``train/split.json``.
 Output in ``RUN_DIR/train``: ``adapter/`` (peft adapter + tokenizer with the KAT chat template),
 optionally ``merged/``, ``log.jsonl`` (the trainer's log), ``train.json`` (stats). Checkpoints go to
 ``checkpoints/``; a rerun resumes from the last one, and a finished run is not trained again.
-Multi-GPU: ``accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m katdata.train RUN_DIR``.
+Multi-GPU: ``katdata cp accelerate/multi_gpu``, then
+``accelerate launch --config_file multi_gpu.yaml -m katdata.train RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
     path = Path(run_dir) / "train" / "split.json"
     if not path.is_file():
         raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
-    split = json.loads(path.read_text())
+    from katdata.preflight import read_split
+
+    split = read_split(path)  # an empty, cut-short or foreign split.json is one line naming it
     rows, test = load_examples(_split_data(split.get("data"), Path(run_dir)), Path(run_dir))
     wanted = set(split[part])
     rows = [r for r in rows + (test or []) if r["id"] in wanted]
@@ -338,6 +341,8 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
 
     run_dir = Path(run_dir)
     out = run_dir / cfg.output
+    from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
+    check_replaceable(out, run_dir=run_dir, kind="train", label="train.output")
     current = {"settings": fingerprint.section_settings("train", cfg),
                "inputs": fingerprint.hash_inputs([_source(cfg.data, run_dir)], run_dir)}
     fingerprint.check_folder(out, current, f"to retrain, move {out} aside (in a pipeline: rerun with --from train); "
@@ -387,6 +392,8 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     tok.pad_token = tok.pad_token or tok.eos_token
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    from katdata.train_progress import attach
+    attach(trainer, "train")  # a bar with step, loss, ETA; TRL's printed dicts only with -v
     resume = _last_checkpoint(ckpt)
     if resume:
         log.info("train: resuming from %s", resume)
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _load_config(ns.config, ns.set)
     from katdata.preflight import run_folder
 
-    run_folder(ns.run_dir, "train", data=cfg.data, model=cfg.model)  # before torch is imported
+    run_folder(ns.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported
     if ns.audit is not None:
         transformers = require("transformers", "local")
         from katdata.model import resolve

@@ -308,7 +308,10 @@ class Verifier:
     def check_code(self, answer: str, test: str, query=None) -> bool:
         prompt_text = (getattr(query, "meta", None) or {}).get("prompt")
         program = humaneval_program(extract_code(answer), test, prompt_text)
-        return run_python(program, self.sandbox).ok
+        result = run_python(program, self.sandbox)
+        if result.reason and result.reason.startswith("sandbox setup failed"):  # the program never ran
+            raise VerifyError(f"verify error: {result.reason}")
+        return result.ok
 
     def code_isolation(self, queries) -> Optional[str]:
         """Before any sampling: the isolation code checks will run under ("bwrap", or "unisolated" when

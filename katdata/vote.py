@@ -218,5 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.description)
     args = vars(p.parse_args(argv))
     run_dir = args.pop("run_dir")
+    from katdata.preflight import run_folder
+
+    run_folder(run_dir, "vote")
     print(run(VoteConfig(**args), run_dir))
     return 0

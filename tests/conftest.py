@@ -20,6 +20,11 @@ from pathlib import Path
 
 import pytest
 
+# No test asks the Hugging Face Hub (this machine, like CI, reaches no network; a name lookup would already
+# leave it): a test of katdata's behaviour with the Hub unreachable points HF_ENDPOINT at a closed local port.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 MAX_MODEL_LEN = 2048  # small context: quick to start, cheap KV cache, a long prompt is easy to build
 TEST_KEY_ENV = "KATDATA_TEST_KEY"
 

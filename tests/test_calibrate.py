@@ -64,7 +64,7 @@ def test_outcomes_count_only_labels_the_vote_evidence_decided(tmp_path):
 
 
 def test_fit_beats_a_miscalibrated_tagger_and_saves_plain_json(tmp_path):
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (the local extra installs it: a missing one is a failure, not a skip)
     rows = make_run(tmp_path, seed=1, extra_votes=[Vote(id="gone", label=None, reason="no correct sample; dropped")])
     data = calibrate.fit_run(tmp_path, think_off_threshold=0.7)
     assert data["fitted"] and data["n"] == len(rows) == 60
@@ -92,7 +92,7 @@ def test_fit_beats_a_miscalibrated_tagger_and_saves_plain_json(tmp_path):
 
 def test_tag_reads_a_fit_from_an_earlier_run(tmp_path):
     """Vote a sample, label the rest cheaply: run B's tagger uses run A's fit; B's votes only score it."""
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (the local extra installs it: a missing one is a failure, not a skip)
     make_run(tmp_path / "a", seed=1)
     assert calibrate.main([str(tmp_path / "a"), "--method", "logistic"]) == 0
     later = tmp_path / "b"
@@ -146,7 +146,7 @@ def test_bad_fit_file_is_one_clear_line_at_recipe_load(tmp_path, content, why):
 
 
 def test_card_section_and_cli(tmp_path, capsys):
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (the local extra installs it: a missing one is a failure, not a skip)
     from katdata.cli import main
 
     make_run(tmp_path, seed=3)
@@ -163,7 +163,7 @@ def test_card_section_and_cli(tmp_path, capsys):
 
 
 def test_export_card_shows_the_fit_and_its_plot(tmp_path):
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (the local extra installs it: a missing one is a failure, not a skip)
     from katdata.export import ExportConfig
     from katdata.export import run as export_run
     from demo_data import demo_records
@@ -181,7 +181,7 @@ def test_export_card_shows_the_fit_and_its_plot(tmp_path):
 
 def test_vote_stage_of_the_pipeline_fits_the_tagger(tmp_path):
     """The vote stage votes real-query samples (verdicts from the law) and ends with the fit."""
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (the local extra installs it: a missing one is a failure, not a skip)
     from katdata import pipeline
     from katdata.recipe import load_recipe
     from katdata.records import Attempt

@@ -67,7 +67,7 @@ def test_training_variant_only_adds_generation_markers():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from katdata.model import embedded_path
 
     return transformers.AutoTokenizer.from_pretrained(str(embedded_path()))

@@ -246,3 +246,26 @@ def test_train_and_eval_check_inputs_before_importing_torch(tmp_path):
             "print(codes, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.stdout.strip() == "[3, 3, 2, 3] False", proc.stdout + proc.stderr
+
+
+def test_os_errors_naming_paths_are_one_line(tmp_path, capsys):
+    """An OSError's filename may be a Path (shutil.rmtree raises with the Path it was given), bytes or a file
+    descriptor: describe() names it and never adds it to a str (that made such errors two chained tracebacks)."""
+    import shutil
+
+    from katdata.errors import describe, report
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError) as info:
+        shutil.rmtree(tmp_path / "afile")  # a real error whose filename is a Path
+    assert describe(info.value) == (3, f"{tmp_path / 'afile'}: Not a directory")
+    assert report(info.value) == 3
+    assert capsys.readouterr().err == f"katdata: error: {tmp_path / 'afile'}: Not a directory\n"
+    (tmp_path / "a-folder" / "x").mkdir(parents=True)
+    (tmp_path / "b-folder" / "y").mkdir(parents=True)
+    with pytest.raises(OSError) as info:
+        os.rename(tmp_path / "a-folder", tmp_path / "b-folder")  # two filenames
+    assert describe(info.value) == (3, f"{tmp_path / 'a-folder'} -> {tmp_path / 'b-folder'}: Directory not empty")
+    assert describe(FileNotFoundError(2, "No such file or directory", b"caf\xc3\xa9", None, tmp_path)) == (
+        3, f"caf\u00e9 -> {tmp_path}: No such file or directory")
+    assert describe(OSError(9, "Bad file descriptor", 7)) == (3, "7: Bad file descriptor")

@@ -224,7 +224,7 @@ def test_quickstart_adapter_keeps_the_template_and_follows_the_labels(tmp_path, 
     base model (the note reports the figures; printed with -s). About 8 minutes on an idle 2-core CPU."""
     from katdata.cli import main as cli
 
-    assert cli(["run", "recipes/quickstart.yaml", "--run-dir", str(tmp_path / "run")]) == 0
+    assert cli(["run", "quickstart", "--run-dir", str(tmp_path / "run")]) == 0
     result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     a, b = result["models"]["adapted"], result["models"]["base"]
     with capsys.disabled():

@@ -348,3 +348,16 @@ def test_bench_runs_small(tmp_path):
                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "records/s" in out.stdout and "peak RSS ratio" in out.stdout
+
+
+def test_card_licences_come_from_the_sources_table(tmp_path):
+    """Every packaged source's licence on the card is the one in katdata.sources (gsm8k-calc's sums are GSM8K's:
+    MIT); a source that is not packaged says unknown."""
+    names = [*sources.SOURCES, "my-file"]
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "source": s}) + "\n"
+                                                    for i, s in enumerate(names)), encoding="utf-8")
+    text = "\n".join(card._sources(tmp_path, card.CardStats(), export.ExportConfig()))
+    assert "| gsm8k-calc | 1 | MIT |" in text and "| fanoutqa-multihop | 1 | CC-BY-SA-4.0 |" in text
+    for name, src in sources.TABLE.items():
+        assert f"| {name} | 1 | {src.licence} |" in text
+    assert "| my-file | 1 | unknown |" in text

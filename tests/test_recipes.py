@@ -9,26 +9,38 @@ from katdata.cli import main
 from katdata.errors import KatdataError
 from katdata.pipeline import run
 from katdata.recipe import Recipe, describe, dump_recipe, load_recipe
+from katdata.recipe_registry import packaged
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(packaged().values())
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")  # what openai_server's first line sets
     if "previous_round:" in path.read_text("utf-8"):  # a later round reads round one's run folder and adapter
         monkeypatch.chdir(tmp_path)
-        (tmp_path / "runs/quickstart/train/adapter").mkdir(parents=True)
+        adapter = tmp_path / "runs/quickstart/train/adapter"
+        adapter.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # what the checks look for
+            (adapter / name).write_text("{}")
         for name in ("queries.jsonl", "tags.jsonl"):
             (tmp_path / "runs/quickstart" / name).write_text("")
-        path = path.resolve()
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
-    first = path.read_text("utf-8").splitlines()[0]
-    assert first.startswith("# ") and "katdata run recipes/" + path.name in first, "first line: the command that runs it"
+    first, second = path.read_text("utf-8").splitlines()[:2]
+    assert first.startswith("# ") and "katdata run" not in first, "first line: what it does (katdata ls shows it)"
+    assert second.startswith("# ") and f"katdata run {path.stem}" in second, "second line: the command that runs it"
+
+
+def test_recipes_are_in_the_package_and_the_top_level_folder_is_gone():
+    assert {p.stem for p in RECIPES} >= {"quickstart", "quickstart_round2", "rl_quickstart", "gsm8k_vllm",
+                                         "humaneval_vllm", "openai_server", "train_only"}
+    assert all(p.parent.name == "recipes" and p.parent.parent.name == "katdata" for p in RECIPES)
+    assert not (Path(__file__).parent.parent / "recipes").exists()
 
 
 def test_quickstart_is_every_stage_on_real_data():
-    r = load_recipe("recipes/quickstart.yaml")
+    r = load_recipe(packaged()["quickstart"])
     assert r.train is not None and r.eval is not None
     assert {s.name for s in r.data.sources} == {"gsm8k", "gsm8k-calc", "fanoutqa-hop"}
     assert 30 <= sum(s.limit for s in r.data.sources) <= 48
@@ -36,7 +48,7 @@ def test_quickstart_is_every_stage_on_real_data():
 
 
 def test_every_field_has_help_text():
-    missing = [key for key, text in describe() if not text]
+    missing = [key for key, text in describe(Recipe) if not text]
     assert missing == []
 
 
@@ -58,7 +70,8 @@ def test_misspelt_key_names_path_and_nearest(tmp_path):
 def test_set_overrides_parse_yaml_scalars(tmp_path):
     path = write(tmp_path, "data:\n  sources: [{name: gsm8k, limit: 2}]\n")
     r = load_recipe(path, ["sample.n=3", "vote.n=3", "tag.use_llm=false", "sample.delta=0.25", "vote.delta=0.25",
-                           "engines.default.model=org/m"])
+                           "engines.default.backend=openai", "engines.default.base_url=http://127.0.0.1:9/v1",
+                           "engines.default.model=org/m"])  # a served model's name: never looked up on the Hub
     assert (r.sample.n, r.tag.use_llm, r.vote.delta, r.engines["default"].model) == (3, False, 0.25, "org/m")
     with pytest.raises(KatdataError, match="sample.nn"):
         load_recipe(path, ["sample.nn=3"])

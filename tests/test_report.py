@@ -1,4 +1,5 @@
-"""The end-of-run summary: per-stage rows and the dataset line."""
+"""The end-of-run summary (per-stage rows, the out column, the dataset line, its width, the next commands)
+and the file-fed progress bars."""
 
 import json
 
@@ -207,3 +208,111 @@ def test_rounds_lines_give_label_sources_pass_rates_and_changes_per_round(tmp_pa
                         "labels changed since round 1: 1 of 3")
     print_summary(data, two, 1.0)
     assert "labels changed since round 1: 1 of 3" in capsys.readouterr().out
+
+
+def test_piped_summary_is_80_wide_and_follows_columns(tmp_path, capsys, monkeypatch):
+    """stdout not a terminal (| cat, CI logs) and no COLUMNS: the table is 80 wide, not 150; COLUMNS decides."""
+    from rich.cells import cell_len
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_summary(_stats(), tmp_path, 5.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(cell_len(line) for line in lines) == 80
+    assert any("notes" in line for line in lines[:4]) and sum("stat_6=0.738" in line for line in lines) == 5
+    monkeypatch.setenv("COLUMNS", "120")
+    print_summary(_stats(), tmp_path, 5.0)
+    assert max(cell_len(line) for line in capsys.readouterr().out.splitlines()) == 120
+
+
+def test_out_column_counts_the_rows_tag_solve_and_train_wrote():
+    data = {"stages": {
+        "tag": {"rows_in": 44, "rows": 44, "think_off_candidates": 20, "rows_new": 44},
+        "solve": {"rows_in": 44, "attempts": 30, "queries": 24, "accepted": 21, "skipped_off_candidates": 20},
+        "sample": {"rows_in": 44, "rows_out": 160, "samples_used": 150},
+        "train": {"rows_in": 40, "train": 36, "heldout": 4, "steps": 30, "train_loss": 1.25},
+        "rl": {"queries": 8, "steps": 4}}}
+    rows = {r[0]: r for r in summary_rows(data)}
+    assert [rows[s][2] for s in ("tag", "solve", "sample", "train", "rl")] == ["44", "30", "160", "36", "-"]
+    assert "rows=" not in rows["tag"][5] and "attempts=" not in rows["solve"][5] and "train=" not in rows["train"][5]
+    assert "accepted=21" in rows["solve"][5] and "heldout=4" in rows["train"][5] and "steps=30" in rows["train"][5]
+
+
+def _made(run_dir, *paths):
+    for p in paths:
+        (run_dir / p).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / p).write_text("") if "." in p else (run_dir / p).mkdir()  # a file, or a folder
+
+
+def test_next_steps_name_the_commands_for_what_the_run_made(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from katdata.report import next_steps
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/quick")
+    run.mkdir(parents=True)
+    assert next_steps({}, run) == []  # nothing made yet: nothing to suggest
+    _made(run, "records.jsonl", "export", "train/adapter")
+    recipes = tmp_path / "mine"
+    recipes.mkdir()
+    (recipes / "round2.yaml").write_text("name: r2\nrun_dir: runs/quick/round2\nprevious_round: runs/quick\n")
+    (recipes / "other.yaml").write_text("name: other\nprevious_round: runs/elsewhere\n")
+    data = {"stages": {"export": {"rows_out": 3}}}
+    assert [cmd for cmd, _ in next_steps(data, run, recipes)] == [
+        "katdata review push runs/quick", "katdata export runs/quick --push-to-hub USER/NAME",
+        "katdata serve runs/quick", f"katdata run {recipes / 'round2.yaml'}"]
+    print_summary(data, run, 3.0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[out.index("next:") + 1:] == [f"  {cmd}   # {what}" for cmd, what in next_steps(data, run)]
+    # reviewed, pushed, round two already made: only serving is left
+    _made(run, "review", "round2")
+    assert [cmd for cmd, _ in next_steps({"stages": {"export": {"pushed": "u/d"}}}, run, recipes)] == [
+        "katdata serve runs/quick"]
+    odd = tmp_path / "my runs" / "a"
+    _made(odd, "train/adapter")
+    assert next_steps({}, odd)[0][0] == f"katdata serve '{odd}'"  # quoted for the shell
+    monkeypatch.setenv("COLUMNS", "40")  # a command too long for its comment keeps the command, whole
+    print_summary({}, odd, 1.0)
+    assert capsys.readouterr().out.splitlines()[-1] == f"  katdata serve '{odd}'"
+
+
+def test_quickstart_suggests_its_packaged_round_two(tmp_path, capsys, monkeypatch):
+    """The quickstart's folder with its adapter: round two is the packaged quickstart_round2, named as such."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/quickstart")
+    _made(run, "records.jsonl", "export", "train/adapter", "eval/eval.json")
+    print_summary({"stages": {}}, run, 500.0)
+    out = capsys.readouterr().out.splitlines()
+    assert "  katdata run quickstart_round2   # the next round, with this adapter" in out
+    assert "adapter: runs/quickstart/train/adapter" in out and out[out.index("next:") + 1].startswith(
+        "  katdata review push runs/quickstart")
+
+
+def test_file_progress_moves_with_finished_completions_before_rows_are_written(tmp_path):
+    """A stage that fits one batch writes all its rows when the batch is back: the bar moves with the
+    completions the engine reports finished (report.generated), capped at the total, and ends at the rows."""
+    import io
+    import time
+
+    from katdata.report import FileProgress, generated
+
+    path = tmp_path / "tags.jsonl"
+    out = io.StringIO()
+    with FileProgress([path], total=4, desc="tag", enabled=True, interval=0.02, file=out) as bar:
+        generated(3)  # three of the batch's four rows finished, none written yet
+        deadline = time.time() + 5
+        while bar.bar.n < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        assert bar.bar.n == 3 and "3/4" in _bar_text(out)
+        generated(9)  # more completions than units (e.g. retries): never past the total
+        time.sleep(0.1)
+        assert bar.bar.n == 4
+        path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n{"id": "d"}\n')
+    assert "4/4" in _bar_text(out)
+    out = io.StringIO()  # solve: several roles answer per query, so its bar counts rows only
+    with FileProgress([tmp_path / "solve.jsonl"], total=4, desc="solve", enabled=True, interval=0.02, file=out) as bar:
+        generated(3)
+        time.sleep(0.1)
+        assert bar.bar.n == 0

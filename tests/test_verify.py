@@ -10,6 +10,7 @@ from katdata import sources
 from katdata.backends.scripted import ScriptedBackend
 from katdata.errors import KatdataError
 from katdata.records import Query
+from katdata.sandbox import SandboxConfig
 from katdata.verify import (INVALID, MathPool, Verifier, VerifyConfig, VerifyError, assign_class, canonical_number,
                             extract_code, extract_number, grader_prompt, normalize, normalize_choice, parse_verdict)
 
@@ -114,6 +115,18 @@ def test_code_verdicts_run_in_the_sandbox():
     assert v.correct("code", good, q.reference, q) is True
     assert v.correct("code", "```python\ndef " + q.meta["entry_point"] + "(*a):\n    return 0\n```", q.reference, q) is False
     assert extract_code("text\n```py\nx = 1\n```\nmore") == "x = 1\n"
+    assert v.code_isolation([q]) == "bwrap"  # isolated: there is no unisolated fallback by default
+
+
+def test_code_check_whose_sandbox_cannot_start_is_no_verdict():
+    """A sandbox that could not start (the program does not fit its tmpfs) ran nothing: no verdict, not wrong."""
+    q = sources.load("humaneval")[2]
+    v = Verifier(sandbox=SandboxConfig(tmp_size_mb=1))
+    good = "```python\n" + q.meta["prompt"] + q.meta["canonical_solution"] + "# " + "x" * (2 << 20) + "\n```"
+    with pytest.raises(VerifyError, match="verify error: sandbox setup failed"):
+        v.check("code", good, q.reference, q)
+    assert v.correct("code", good, q.reference, q) is None
+    assert Verifier().correct("code", good, q.reference, q) is True  # the control: it passes where it fits
 
 
 def test_llm_grader_reply_parsing_and_prompt():

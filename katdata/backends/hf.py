@@ -60,8 +60,11 @@ class TransformersBackend(Backend):
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **kw)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kw)
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot load model '{self.path}': {exc}") from exc
+        except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError for a corrupt file, ...
+            if isinstance(exc, (MemoryError, KeyboardInterrupt)):
+                raise
+            why = " ".join(str(exc).split())[:300]
+            raise EngineError(f"cannot load model '{self.path}': {type(exc).__name__}: {why}") from exc
         if config.lora_path:
             peft = require("peft", "train")
             self.model = peft.PeftModel.from_pretrained(self.model, config.lora_path)
@@ -160,6 +163,8 @@ class TransformersBackend(Backend):
             kw.update(logits_processor=_frequency_penalty(params.frequency_penalty, width))
         if stop_strings:
             kw.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        finished = _finish_counter(len(batch) * copies, self.eos_ids | stop_ids | {pad}, params.n // copies)
+        kw.update(stopping_criteria=finished)
         if params.logprobs:
             kw.update(output_logits=True, return_dict_in_generate=True)
         if params.seed is not None:  # seeded by the batch's content, so a resumed run redraws the same batch alike
@@ -168,6 +173,7 @@ class TransformersBackend(Backend):
         off = self.model.disable_adapter() if self._adapter and not self._adapter_active else contextlib.nullcontext()
         with torch.inference_mode(), off:
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        finished[0].rest()
         seqs = out.sequences if params.logprobs else out
         gen = seqs[:, width:].tolist()
         logits = out.logits if params.logprobs else None
@@ -250,3 +256,34 @@ def _frequency_penalty(penalty: float, prompt_width: int):
             return scores - penalty * counts
 
     return LogitsProcessorList([FrequencyPenalty()])
+
+
+def _finish_counter(rows: int, end_ids: set[int], weight: int):
+    """A stopping criterion that stops nothing: it reports each of the batch's ``rows`` sequences to
+    ``katdata.report.generated`` (``weight`` completions each) in the step it ends, its newest token an end
+    token (EOS, a stop token, or the pad that follows a stop string), so a stage's progress bar moves
+    before the whole batch is back; ``rest()`` reports the ones that ran to the token limit."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from katdata.report import generated
+
+    class FinishCounter(StoppingCriteria):
+        def __init__(self):
+            self.ended, self.counted, self.ids = None, 0, torch.tensor(sorted(end_ids))
+
+        def __call__(self, input_ids, scores, **kwargs):
+            ends = torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))
+            self.ended = ends if self.ended is None else self.ended | ends
+            self._report(int(self.ended.sum()))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        def rest(self):
+            self._report(rows)
+
+        def _report(self, n: int):
+            if n > self.counted:
+                generated((n - self.counted) * weight)
+                self.counted = n
+
+    return StoppingCriteriaList([FinishCounter()])
