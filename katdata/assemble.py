@@ -26,6 +26,7 @@ from katdata.balance import check_balance
 from katdata.errors import InputError
 from katdata.judge import JudgeRow
 from katdata.provenance import RunInfo
+from katdata.stage import Context, Stage
 from katdata.records import Attempt, KatRecord, Query, Tags, Vote
 from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
 
@@ -151,7 +152,7 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
                                  "review": vote.review})
 
 
-def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
+def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo] = None) -> dict:
     """queries + votes + judges (+ samples, solve, tags) -> records.jsonl and rejects.jsonl."""
     run_dir = Path(run_dir)
     if not (run_dir / "queries.jsonl").is_file():
@@ -164,7 +165,7 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None) -> dict:
     samples = RowIndex(run_dir / "samples.jsonl", Attempt)
     solve = RowIndex(run_dir / "solve.jsonl", Attempt)
     done = done_keys(run_dir / "records.jsonl") | done_keys(run_dir / "rejects.jsonl")
-    info = RunInfo.from_run(run_dir)
+    info = info or RunInfo(None)  # the engines and prompts of the run, for each record's provenance
     stats: Counter = Counter()
     rejects: Counter = Counter()
     with RowWriter(run_dir / "records.jsonl") as rec_out, RowWriter(run_dir / "rejects.jsonl") as rej_out:
@@ -212,5 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     from katdata.preflight import run_folder
 
     run_folder(args.run_dir, "assemble")
-    print(run(AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance), args.run_dir))
+    cfg = AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance)
+    print(run(cfg, args.run_dir, info=RunInfo.from_run(args.run_dir)))  # the run's saved recipe.yaml
     return 0
+
+
+def _stage_run(ctx: Context) -> dict:
+    from katdata.redact import redact
+
+    return run(ctx.cfg, ctx.folder.root, info=RunInfo(redact(ctx.recipe.model_dump(mode="json", include=set(
+        ctx.stage.sections)))))
+
+
+STAGE = Stage("assemble", "render the final KAT records", _stage_run, AssembleConfig,
+              reads=("votes", "queries"), may_read=("judges", "tags", "samples", "solve"), writes=("records", "rejects"),
+              sections=("engines", "tag", "solve", "sample", "judge"))

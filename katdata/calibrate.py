@@ -44,7 +44,7 @@ SURFACE = ("numbers", "operators", "math_notation", "code", "question", "multi_p
 def outcomes(run_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     """({query id: 1 for on, 0 for off} decided by vote evidence, {excluded reason: count})."""
     from katdata.runfiles import read_rows
-    from katdata.vote import decide
+    from katdata.records import decide
 
     path = Path(run_dir) / "votes.jsonl"
     if not path.is_file():

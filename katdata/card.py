@@ -24,6 +24,7 @@ from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
 from katdata.redact import redact
 from katdata.runfiles import read_rows
+from katdata.decontaminate import card_lines
 from katdata.sources import licence as source_licence  # the one table of packaged sources
 
 PLOT = "think_on_by_difficulty.png"
@@ -462,8 +463,9 @@ def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
     if srcs:
         out += ["The queries come from these sources (queries.jsonl); their licences apply to the query text:", "",
                 _table(["source", "queries", "licence"], [[s, c or "-", source_licence(s)]
-                                                          for s, c in sorted(srcs.items())])]
-    return out + [""]
+                                                          for s, c in sorted(srcs.items())]), ""]
+    stages = read_json(run_dir / "summary.json").get("stages", {}) if (run_dir / "summary.json").is_file() else {}
+    return out + card_lines(stages.get("decontaminate"), srcs)
 
 
 def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits: dict, feats, cfg) -> Path:

@@ -17,21 +17,14 @@ from typing import Optional
 
 from katdata import __version__
 from katdata.errors import EXIT_CHECK_FAILED, EXIT_CODES_HELP, InputError, KatdataError, RunFolderError, report
+from katdata.stages import STAGE_MODULES, all_stages
 
-# commands whose module has its own `main(argv) -> int`
+# commands whose module has its own `main(argv) -> int`: every stage that has one (its help from its
+# declaration, katdata.stages), and two commands that are not stages
 DELEGATED = {
-    "tag": ("katdata.tag", "tag a run's queries (rule prior + LLM tagger)"),
-    "solve": ("katdata.solve", "think-on traces from the solver / thinker / critic agents"),
-    "sample": ("katdata.sample", "sample N responses per mode per query (mode forced by the prefix)"),
-    "vote": ("katdata.vote", "majority vote over verified samples: the mode labels"),
+    **{s.name: (module, s.help) for module, s in zip(STAGE_MODULES, all_stages())
+       if hasattr(sys.modules[module], "main")},
     "calibrate": ("katdata.calibrate", "fit the tagger's p(needs reasoning) to a run's vote outcomes"),
-    "judge": ("katdata.judge", "write and check the judge rationales"),
-    "assemble": ("katdata.assemble", "render the final KAT records"),
-    "export": ("katdata.export", "write the Hub dataset folder (and card) of a run"),
-    "train": ("katdata.train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)"),
-    "rl": ("katdata.rl", "mode-aware GRPO after train: decision and answer rewards, step-level advantages"),
-    "eval": ("katdata.evaluate", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens"),
-    "review": ("katdata.review", "push records to Argilla for human review, pull annotations back"),
     "serve": ("katdata.servers", "serve a model, adapter or run folder with vLLM (KAT template, kat reasoning parser)"),
 }
 
@@ -137,7 +130,6 @@ def _validate(args) -> int:
 
 def _ls(args) -> int:
     from katdata import recipe_registry
-    from katdata.pipeline import STAGES
 
     root = Path(args.dir) if args.dir else None
     if root is not None and not root.is_dir():
@@ -163,7 +155,10 @@ def _ls(args) -> int:
         print(f"recipes in {root}:")
         for path in sorted(root.glob("*.yaml")):
             print(f"  {path}  {recipe_registry.description(path)}")
-    print("stages: " + " -> ".join(STAGES))
+    print("stages, in order (katdata run RECIPE --from NAME / --until NAME):")
+    for stage in all_stages():
+        written = ", ".join(stage.files(stage.writes))
+        print(f"  {stage.name:<13} {stage.help}{' (optional)' if stage.optional else ''} -> {written}")
     return 0
 
 

@@ -66,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from katdata.errors import InputError
 from katdata.inputs import FieldMap, read_queries
 from katdata.records import Query
+from katdata.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -355,12 +356,51 @@ def run(cfg: DecontaminateConfig, src: Path, kept: Path, dropped: Path,
     finally:
         for tmp in (tmp_kept, tmp_dropped):
             tmp.unlink(missing_ok=True)
-    stats = {"queries_in": n_in, "kept": n_kept, "dropped": n_in - n_kept, "dropped_by_benchmark": by_benchmark,
+    stats = {"rows_in": n_in, "rows_out": n_kept, "queries_in": n_in, "kept": n_kept, "dropped": n_in - n_kept,
+             "checked": [idx.name for idx in indexes] if cfg.active else [], "dropped_by_benchmark": by_benchmark,
              "dropped_by_kind": by_kind, "ngram": cfg.ngram, "threshold": cfg.threshold,
              "benchmarks": {idx.name: {"items": idx.items, "ngrams": len(idx.grams)} for idx in indexes}}
     logger.info("decontaminate: %d queries in, %d kept, %d dropped %s", n_in, n_kept, n_in - n_kept,
                 {k: v for k, v in by_benchmark.items() if v})
     return stats
+
+
+def card_lines(stats: Optional[dict], sources: dict[str, int]) -> list[str]:
+    """The card's word on decontamination: what the queries were checked against and what was dropped
+    (``stats``: the stage's entry in summary.json), and a warning for every benchmark whose own items the
+    data holds unchecked (``sources``: queries per source), since a model adapted on it cannot be evaluated
+    on that benchmark."""
+    out = ["## Decontamination", ""]
+    checked = (stats or {}).get("checked") or []
+    if not stats:
+        out += ["This run has no decontaminate stage (made by an older katdata): the queries were not checked.", ""]
+    elif not checked:
+        out += ["The queries were not checked against any evaluation set (no `decontaminate:` benchmarks).", ""]
+    else:
+        dropped = ", ".join(f"{n} {b}" for b, n in stats.get("dropped_by_benchmark", {}).items())
+        out += [f"Checked against {', '.join(checked)} (exact match, or at least {stats.get('threshold')} of a "
+                f"query's word {stats.get('ngram')}-grams in one benchmark): {stats.get('dropped', 0)} of "
+                f"{stats.get('queries_in', 0)} queries dropped ({dropped}; contaminated.jsonl names each).", ""]
+    for name, bench in PACKAGED.items():
+        held = sum(n for s, n in sources.items() if s in bench.indexed)
+        if held and name not in checked:
+            out += [f"**Warning:** {held} queries are {name} items ({', '.join(s for s in bench.indexed if s in sources)}"
+                    f"), not decontaminated: a model adapted on this dataset cannot be evaluated on {name}.", ""]
+    return out
+
+
+def _stage_run(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    if not cfg.active:
+        logger.warning("decontaminate: no benchmarks listed (decontaminate.benchmarks / files): the queries are "
+                       "not checked against any evaluation set")
+    return run(cfg, ctx.folder.loaded, ctx.folder.queries, ctx.folder.contaminated, benchmarks=ctx.prepared)
+
+
+STAGE = Stage("decontaminate", "drop queries that overlap evaluation sets (exact match, word n-grams)", _stage_run,
+              DecontaminateConfig, reads=("loaded",), writes=("queries", "contaminated"),
+              when_absent=lambda: DecontaminateConfig(benchmarks=[]),
+              prepare=lambda recipe: build_indexes(recipe.decontaminate) if recipe.decontaminate.active else [])
 
 
 __all__ = ["BENCHMARK_NAMES", "PACKAGED", "BenchmarkIndex", "DecontaminateConfig", "FileBenchmark", "Match",

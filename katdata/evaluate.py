@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
-from katdata.runfiles import RowWriter, done_keys
+from katdata.runfiles import RowWriter, done_keys, query_meta
+from katdata.stage import Stage
 from katdata.template import ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
 
 log = logging.getLogger(__name__)
@@ -85,23 +86,6 @@ class Item:
     reference: Optional[str]
     query: str = ""  # the user's query text (the open-answer verifier reads it)
     meta: dict = dataclasses.field(default_factory=dict)  # "prompt": what a code answer completes (HumanEval)
-
-
-def query_meta(run_dir: Path, rows: list[dict]) -> dict[str, dict]:
-    """Per held-out id, the verifier's view of the query: the run's queries.jsonl meta ("prompt": a
-    HumanEval signature); a code query missing from it keeps its own text, which is that prompt."""
-    from katdata.records import Query
-    from katdata.runfiles import read_rows
-
-    path = run_dir / "queries.jsonl"
-    known = {q.id: q.meta for q in read_rows(path, Query)} if path.is_file() else {}
-    out = {}
-    for r in rows:
-        meta = dict(known.get(r["id"]) or {})
-        if r["kind"] == "code" and not meta.get("prompt"):
-            meta["prompt"] = r["query"]
-        out[r["id"]] = meta
-    return out
 
 
 def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
@@ -339,10 +323,9 @@ def _set_threads(n: Optional[int]) -> Optional[int]:
     return before
 
 
-def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
+def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
     from katdata import fingerprint
-    from katdata.sandbox import run_sandbox
     from katdata.verify import Verifier
 
     run_dir = Path(run_dir)
@@ -362,7 +345,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine) -> dict:
 
     adapter = None if cfg.adapted_engine else cfg.adapter or str(run_dir / "train" / "adapter")
     check_adapters(run_dir, {"adapter": adapter, "rl_adapter": cfg.rl_adapter})
-    verifier = Verifier(sandbox=run_sandbox(run_dir))  # the run's own `sandbox:` section
+    verifier = Verifier(sandbox=sandbox)  # the recipe's `sandbox:` section
     isolation = verifier.code_isolation(items)  # refuses before any model loads if code can't be isolated
     out.mkdir(parents=True, exist_ok=True)
     fingerprint.write_folder(out, current)
@@ -440,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     engine.settings = lambda name: engine_settings(EngineConfig(backend=ns.backend, model=model))
 
     try:
-        result = run(cfg, ns.run_dir, engine)
+        from katdata.sandbox import run_sandbox
+
+        result = run(cfg, ns.run_dir, engine, sandbox=run_sandbox(ns.run_dir))  # the run's saved recipe.yaml
     finally:
         for b in built.values():
             b.close()
@@ -459,3 +444,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list:
+    from katdata.fingerprint import eval_input_paths
+
+    return eval_input_paths(cfg, run_dir)
+
+
+STAGE = Stage("eval", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens",
+              lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox")), EvalConfig,
+              reads=("split",), writes=("eval",), sections=("sandbox",), optional=True,
+              inputs=lambda recipe, run_dir: _eval_inputs(recipe.eval, run_dir))

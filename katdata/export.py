@@ -29,6 +29,7 @@ from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exporte
 from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.records import KatRecord
 from katdata.runfiles import invalid_row
+from katdata.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
     return getattr(info, "commit_url", None) or f"{endpoint}/datasets/{repo}"
 
 
-def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] = None) -> dict:
+def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] = None,
+        review: Optional[review_routing.ReviewConfig] = None) -> dict:
     """The export stage: write RUN_DIR/export (or cfg.out) atomically, then push when asked.
 
     ``out`` must be new, an empty folder or an earlier export of katdata (katdata.output_paths); anything else
@@ -354,7 +356,8 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        waits = review_routing.waiting(run_dir, src)  # bad input (recipe.yaml, a row) fails here, before writing
+        # the records the review policy holds back (the recipe's review: section; standalone: the run's recipe.yaml)
+        waits = review_routing.waiting(run_dir, src, review)  # a bad row fails here, before writing
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         stats = _write_dataset(tmp, src, run_dir, cfg, waits)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
@@ -417,3 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc, "katdata export")
     print(json.dumps(stats, indent=2))
     return 0
+
+
+STAGE = Stage("export", "write the Hub dataset folder (and card) of a run",
+              lambda ctx: run(ctx.cfg, ctx.folder.root, review=ctx.section("review") or review_routing.ReviewConfig()),
+              ExportConfig, reads=("records",), may_read=("merged",), writes=("export",), sections=("review",),
+              inputs=lambda recipe, run_dir: [input_file(run_dir)])

@@ -30,16 +30,6 @@ RUNTIME_KEYS = {"num_threads", "logging_steps", "save_steps"}
 ENGINE_RUNTIME_KEYS = {"batch_size", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
                        "enforce_eager", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "cache",
                        "num_threads"}
-# files a stage reads, relative to the run folder (load, export, train and eval are worked out below)
-STAGE_INPUTS = {
-    "tag": ["queries.jsonl"],
-    "solve": ["queries.jsonl", "tags.jsonl"],
-    "sample": ["queries.jsonl", "tags.jsonl"],
-    "vote": ["samples.jsonl", "tags.jsonl"],
-    "judge": ["queries.jsonl", "votes.jsonl", "tags.jsonl"],
-    "assemble": ["queries.jsonl", "votes.jsonl", "judges.jsonl", "tags.jsonl", "samples.jsonl", "solve.jsonl"],
-    "review": ["records.jsonl", "votes.jsonl", "samples.jsonl", "solve.jsonl"],
-}
 # in a folder input, files that describe the data rather than hold it (the card embeds timings)
 _NOT_DATA = {".md", ".png"}
 _UNSET = object()
@@ -112,41 +102,36 @@ def engine_names(section: Any) -> list[str]:
     return sorted({v for k, v in data.items() if (k == "engine" or k.endswith("_engine")) and isinstance(v, str)})
 
 
-def stage_settings(recipe: Any, stage: str) -> dict[str, Any]:
-    """The settings of one pipeline stage (see the module doc)."""
-    if stage == "load":
-        data = recipe.data.model_dump(mode="json") if recipe.data is not None else None
-        if data and data.get("path"):
-            data["path"] = str(Path(data["path"]).resolve())
-        return flatten({"data": data, "seed": recipe.seed})
-    section = getattr(recipe, stage)
-    out = section_settings(stage, section)
+def stage_settings(recipe: Any, decl: Any) -> dict[str, Any]:
+    """The settings of one pipeline stage (its declaration, katdata.stage.Stage; see the module doc): its
+    section, the sections it declares (``data`` with its path made absolute), and the engines its own
+    section names."""
+    stage = decl.name
+    out: dict[str, Any] = {}
+    for name in ((stage,) if decl.config is not None else ()) + decl.sections:
+        value = getattr(recipe, name)
+        if name == "engines":
+            value = {k: engine_settings(v) for k, v in value.items()}
+        elif name == "data" and value is not None:
+            value = value.model_dump(mode="json")
+            value["path"] = str(Path(value["path"]).resolve()) if value.get("path") else value.get("path")
+        out.update(section_settings(name, value) if hasattr(value, "model_dump") or isinstance(value, dict)
+                   else flatten({name: value}))
+    section = getattr(recipe, stage) if decl.config is not None else None
     for name in engine_names(section) if section is not None else []:
         if name in recipe.engines:
             out.update(flatten({"engines": {name: redact(engine_settings(recipe.engines[name]))}}))
     return out
 
 
-def stage_input_paths(recipe: Any, stage: str, run_dir: Path) -> list[Path]:
-    """The files a pipeline stage reads."""
+def stage_input_paths(recipe: Any, decl: Any, run_dir: Path) -> list[Path]:
+    """The files a pipeline stage (its declaration) reads: its fingerprint hashes them."""
     run_dir = Path(run_dir)
-    if stage == "load":
+    if decl.name == "load":
         return [Path(recipe.data.path)] if recipe.data is not None and recipe.data.path else []
-    if stage == "export":
-        from katdata.export import input_file
-
-        return [input_file(run_dir)]
-    if stage == "train":
-        from katdata.train import _source
-
-        return [_source(recipe.train.data if recipe.train else None, run_dir)]
-    if stage == "rl":
-        from katdata.rl import input_paths
-
-        return input_paths(recipe.rl, run_dir) if recipe.rl is not None else []
-    if stage == "eval":
-        return eval_input_paths(recipe.eval, run_dir) if recipe.eval is not None else []
-    return [run_dir / name for name in STAGE_INPUTS[stage]]
+    if decl.inputs is not None:
+        return [Path(p) for p in decl.inputs(recipe, run_dir)] if getattr(recipe, decl.name, None) is not None else []
+    return [run_dir / name for name in decl.files(decl.reads + decl.may_read)]
 
 
 def eval_input_paths(cfg: Any, run_dir: Path) -> list[Path]:
@@ -157,9 +142,9 @@ def eval_input_paths(cfg: Any, run_dir: Path) -> list[Path]:
     return paths
 
 
-def stage_fingerprint(recipe: Any, stage: str, run_dir: Path, memo: Optional[dict] = None) -> dict[str, Any]:
-    return {"settings": stage_settings(recipe, stage),
-            "inputs": hash_inputs(stage_input_paths(recipe, stage, run_dir), run_dir, memo)}
+def stage_fingerprint(recipe: Any, decl: Any, run_dir: Path, memo: Optional[dict] = None) -> dict[str, Any]:
+    return {"settings": stage_settings(recipe, decl),
+            "inputs": hash_inputs(stage_input_paths(recipe, decl, run_dir), run_dir, memo)}
 
 
 def _show(value: Any) -> str:
@@ -173,17 +158,21 @@ def compare(old: dict, new: dict) -> list[str]:
     """What differs between two fingerprints: ``key: old -> new`` and ``input NAME changed``.
 
     A key the old fingerprint lacks whose new value is off (None, False, 0, empty) is no change: it is a
-    setting katdata gained after the old run was made, at the value that keeps the old behaviour."""
+    setting katdata gained after the old run was made, at the value that keeps the old behaviour; so is a
+    whole section the old fingerprint did not cover (a stage declared it later)."""
     out = []
     old_s, new_s = old.get("settings", {}), new.get("settings", {})
+    recorded = {key.split(".")[0] for key in old_s}  # sections the old fingerprint covered
     for key in list(new_s) + [k for k in old_s if k not in new_s]:
         a, b = old_s.get(key, _UNSET), new_s.get(key, _UNSET)
-        if a is _UNSET and b in (None, False, 0, 0.0, "", [], {}):
-            continue
+        if a is _UNSET and (b in (None, False, 0, 0.0, "", [], {}) or key.split(".")[0] not in recorded):
+            continue  # a setting, or a whole section, that the katdata which made the output did not record
         if a != b:
             out.append(f"{key}: {_show(a)} -> {_show(b)}")
     old_i, new_i = old.get("inputs", {}), new.get("inputs", {})
     for name in list(new_i) + [k for k in old_i if k not in new_i]:
+        if name not in old_i and new_i[name] == "missing":
+            continue  # an optional input that is not there, and was not looked at before
         if old_i.get(name) != new_i.get(name):
             out.append(f"input {name} changed")
     return out

@@ -30,6 +30,7 @@ from katdata.errors import InputError
 from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Query, Tags, Vote
 from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
+from katdata.stage import Stage
 from katdata.prompt_files import read_prompt
 
 log = logging.getLogger(__name__)
@@ -316,3 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
         print(run(JudgeConfig(rationale_check=args.rationale_check), args.run_dir, lambda name: backend))
     return 0
+
+
+STAGE = Stage("judge", "write and check the judge rationales", lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines),
+              JudgeConfig, reads=("votes", "queries"), may_read=("tags",), writes=("judges",))

@@ -1,6 +1,9 @@
 """The pipeline: one stage after another, each reading the previous file and writing its own.
 
-    load -> tag -> solve -> sample -> vote -> judge -> assemble -> review -> export -> train -> rl -> eval
+    load -> decontaminate -> tag -> solve -> sample -> vote -> judge -> assemble -> review -> export -> train -> rl -> eval
+
+The stages and their order come from their declarations (katdata.stage, katdata.stages); this module
+runs them.
 
 Every stage appends rows to its file in the run folder and skips ids it already wrote, so a rerun
 of the same command after a crash (even kill -9) continues where it stopped. ``summary.json``
@@ -12,7 +15,6 @@ recipe that produced the files (only secrets redacted).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -24,27 +26,20 @@ from typing import Callable, Optional
 from katdata import fingerprint
 from katdata.errors import KatdataError
 from katdata.recipe import Recipe, dump_recipe, load_recipe
-from katdata.run_folder import MAYBE_WRITTEN, STAGE_FILES, Summary, check_inputs, holds_model_output
+from katdata.run_folder import RunFolder, Summary, check_inputs, holds_model_output
+from katdata.stage import Context
+from katdata.stages import all_stages, get, names
 
 log = logging.getLogger(__name__)
 
-# stage name -> module with `run(cfg, run_dir, engine) -> dict` (None: built in)
-STAGE_MODULES = {
-    "load": None,
-    "tag": "katdata.tag",
-    "solve": "katdata.solve",
-    "sample": "katdata.sample",
-    "vote": "katdata.vote",
-    "judge": "katdata.judge",
-    "assemble": "katdata.assemble",
-    "review": "katdata.review",
-    "export": "katdata.export",
-    "train": "katdata.train",
-    "rl": "katdata.rl",
-    "eval": "katdata.evaluate",
-}
-STAGES = list(STAGE_MODULES)
-OPTIONAL = {"review", "train", "rl", "eval"}
+STAGES = names()
+OPTIONAL = {s.name for s in all_stages() if s.optional}
+# what each stage writes in the run folder (from its declaration), and what it may leave unwritten
+STAGE_FILES = {s.name: s.files(s.writes) for s in all_stages()}
+MAYBE_WRITTEN = {name for s in all_stages() for name in s.files(s.maybe_writes)}
+PRODUCERS = {name: stage for stage, files in STAGE_FILES.items() for name in files}
+MODEL_FILES = [name for s in all_stages() if s.name not in ("load", "decontaminate") for name in STAGE_FILES[s.name]]
+ROUND_COPIES = ("load", "decontaminate", "tag", "solve")  # what previous_round copies in place of running it
 
 
 class Engines:
@@ -77,50 +72,19 @@ class Engines:
         self._built.clear()
 
 
-def load_queries(recipe: Recipe):
-    """The recipe's queries (file and packaged sources), validated before any model loads."""
-    from katdata import sources
-    from katdata.inputs import read_queries
-
-    if recipe.data is None:
-        raise KatdataError("recipe: the load stage needs a 'data' section (data.path or data.sources)")
-    queries = []
-    if recipe.data.path:
-        if not Path(recipe.data.path).exists():
-            raise KatdataError(f"recipe key data.path: input not found: {recipe.data.path}")
-        queries += read_queries(recipe.data.path, recipe.data.fields)
-    for spec in recipe.data.sources:
-        queries += sources.load(spec.name, spec.limit, seed=recipe.seed, max_solution_lines=spec.max_solution_lines)
-    if recipe.data.limit:
-        queries = queries[: recipe.data.limit]
-    ids = [q.id for q in queries]
-    if len(set(ids)) != len(ids):
-        raise KatdataError("data: the same query id comes from two inputs; give them distinct ids")
-    from katdata.query_length import check
-
-    return check(recipe, queries)
-
-
 def _copy_round(previous: Path, run_dir: Path, stage: str) -> dict:
-    """``previous_round``: the previous round's file of ``stage`` (queries, tags, solver traces) copied in."""
-    name = STAGE_FILES[stage][0]
-    if not (previous / name).is_file():  # a previous round without a solve stage
-        return {"rows_in": 0, "rows_out": 0, "copied_from": str(previous)}
-    tmp = run_dir / f"{name}.tmp"
-    shutil.copyfile(previous / name, tmp)
-    os.replace(tmp, run_dir / name)
-    rows = sum(1 for line in open(run_dir / name, "rb") if line.strip())
-    return {"rows_in": rows, "rows_out": rows, "copied_from": str(previous)}
-
-
-def _load(recipe: Recipe, run_dir: Path, queries) -> dict:
-    tmp = run_dir / "queries.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q in queries:
-            f.write(q.model_dump_json() + "\n")
-    os.replace(tmp, run_dir / "queries.jsonl")
-    cut = sum(1 for q in queries if "truncated_from_tokens" in (q.meta or {}))
-    return {"rows_in": len(queries), "rows_out": len(queries), **({"truncated": cut} if cut else {})}
+    """``previous_round``: the previous round's files of ``stage`` (queries, tags, solver traces) copied in."""
+    rows = 0
+    for name in STAGE_FILES[stage]:
+        if not (previous / name).is_file():  # a previous round without a solve stage, or made before the stage
+            continue
+        tmp = run_dir / f"{name}.tmp"
+        shutil.copyfile(previous / name, tmp)
+        os.replace(tmp, run_dir / name)
+        rows = rows or sum(1 for line in open(run_dir / name, "rb") if line.strip())
+    before = Summary(previous / "summary.json").data["stages"].get(stage, {})  # what the stage said there
+    before = {k: v for k, v in before.items() if k not in ("done", "seconds")}
+    return {**before, "rows_in": rows, "rows_out": rows, "copied_from": str(previous)}
 
 
 def _progress(recipe: Recipe, run_dir: Path, stage: str):
@@ -207,7 +171,7 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
         # started but wrote nothing (e.g. its engine failed): nothing to mix with
         started = not summary.done(stage) and stage in summary.data["stages"] and any(_wrote(p) for p in outputs)
         if old is not None and (finished or started):
-            diff = fingerprint.compare(old, fingerprint.stage_fingerprint(recipe, stage, run_dir, memo))
+            diff = fingerprint.compare(old, fingerprint.stage_fingerprint(recipe, get(stage), run_dir, memo))
             if diff:
                 stale.append(stage)
                 changes += [f"{stage}: {d}" if d.startswith("input ") else d for d in diff if d not in changes]
@@ -231,7 +195,8 @@ def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages:
         if stage not in redo and summary.done(stage) and _finished(recipe, run_dir, summary, stage, quiet=True):
             continue
         if stage not in copied:
-            check_inputs(summary, run_dir, stage, fingerprint.stage_input_paths(recipe, stage, run_dir), running)
+            paths = fingerprint.stage_input_paths(recipe, get(stage), run_dir)
+            check_inputs(summary, run_dir, stage, paths, running, PRODUCERS, get(stage).files(get(stage).reads))
         running.add(stage)
 
 
@@ -242,7 +207,7 @@ def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list
     """
     kept = [s for s in summary.data["fingerprints"] if STAGES.index(s) < STAGES.index(stages[0]) and s not in redo]
     recorded = summary.data["fingerprints"]
-    mixed = [s for s in kept if recorded[s].get("settings") != fingerprint.stage_settings(recipe, s)]
+    mixed = [s for s in kept if recorded[s].get("settings") != fingerprint.stage_settings(recipe, get(s))]
     if mixed:
         log.info("the outputs of %s were made with other settings: this recipe is saved as recipe.%s.yaml",
                  ", ".join(mixed), stages[0])
@@ -275,7 +240,7 @@ def _begin(recipe: Recipe, run_dir: Path, summary: Summary, stage: str, redo: li
     later = [s for s in STAGES[STAGES.index(stage) + 1:] if s in recorded]
     forget = list(dict.fromkeys(redo + later))
     _move_aside(recipe, run_dir, forget)
-    summary.begin(stage, forget, fingerprint.stage_fingerprint(recipe, stage, run_dir))
+    summary.begin(stage, forget, fingerprint.stage_fingerprint(recipe, get(stage), run_dir))
     tmp = run_dir / f".{recipe_name}.tmp"
     tmp.write_text(dump_recipe(recipe), "utf-8")
     os.replace(tmp, run_dir / recipe_name)
@@ -307,8 +272,10 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     before a model wrote anything into it (an engine that failed to load, a server that never answered).
     """
     stages = _selected(recipe, start, until)
-    copied = [s for s in ("load", "tag", "solve") if s in stages] if recipe.previous_round else []
-    queries = load_queries(recipe) if "load" in stages and not copied else None  # bad input fails here
+    copied = [s for s in ROUND_COPIES if s in stages] if recipe.previous_round else []
+    # each stage's own checks (the load stage reads and checks its input here): bad input fails now
+    prepared = {s: get(s).prepare(recipe) for s in stages if s not in copied and get(s).prepare is not None}
+    queries = prepared.get("load")
     run_dir = Path(run_dir)
     summary = Summary(run_dir / "summary.json")
     redo = STAGES[STAGES.index(start):] if start else []
@@ -333,20 +300,15 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             t0 = time.perf_counter()
             if stage in copied:
                 stats = _copy_round(Path(recipe.previous_round), run_dir, stage)
-            elif stage == "load":
-                stats = _load(recipe, run_dir, queries)
             else:
-                module = importlib.import_module(STAGE_MODULES[stage])
                 with _progress(recipe, run_dir, stage):
-                    stats = module.run(getattr(recipe, stage), run_dir, engines) or {}
-                if stage == "vote":  # the tagger fitted to the vote's outcomes (calibration.json)
-                    from katdata.calibrate import after_vote
-                    stats["calibration"] = after_vote(run_dir, recipe.tag.think_off_threshold)
-            summary.record(stage, stats, time.perf_counter() - t0)
+                    stats = get(stage).run(Context(recipe, RunFolder(run_dir), engines, get(stage), prepared.get(stage)))
+            summary.record(stage, stats or {}, time.perf_counter() - t0,
+                           [n for n in STAGE_FILES[stage] if n not in MAYBE_WRITTEN])
             if on_stage:
                 on_stage(stage, summary.data["stages"][stage])
     except BaseException:
-        if fresh is not None and fresh.is_dir() and not holds_model_output(run_dir):
+        if fresh is not None and fresh.is_dir() and not holds_model_output(run_dir, MODEL_FILES):
             shutil.rmtree(fresh, ignore_errors=True)
             log.info("removed %s: the run stopped before any model output", fresh)
         raise

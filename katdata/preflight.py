@@ -30,22 +30,6 @@ from katdata.errors import InputError, KatdataError, RunFolderError
 log = logging.getLogger(__name__)
 
 # what each command reads from a run folder: per requirement (any one of these paths, the stage that writes it)
-NEEDS: dict[str, list[tuple[list[str], str]]] = {
-    "tag": [(["queries.jsonl"], "load")],
-    "solve": [(["queries.jsonl"], "load")],
-    "sample": [(["queries.jsonl"], "load")],
-    "vote": [(["samples.jsonl"], "sample")],
-    "calibrate": [(["votes.jsonl"], "vote")],
-    "judge": [(["queries.jsonl"], "load"), (["votes.jsonl"], "vote")],
-    "assemble": [(["queries.jsonl"], "load"), (["votes.jsonl"], "vote")],
-    "export": [(["review/merged.jsonl", "records.jsonl"], "assemble")],
-    "review": [(["records.jsonl"], "assemble")],
-    "train": [(["export", "records.jsonl"], "assemble")],
-    "rl": [(["train/split.json"], "train")],
-    "eval": [(["train/split.json"], "train")],
-}
-FOLDERS = {"export"}  # the NEEDS entries that are folders; the others are files
-
 WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
 TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json",
              "*.tiktoken")
@@ -53,6 +37,22 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 HUB_TIMEOUT_S = 5.0
 HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")  # huggingface_hub's repo id rule (and no '--' or '..')
 _hub_answers: dict[tuple, tuple[str, str]] = {}  # (endpoint, repo, revision) or (endpoint,) -> (status, why)
+
+
+def needs(command: str) -> list[tuple[list[str], str]]:
+    """What a command reads from a run folder (any one file of each list) and the stage that writes it: a
+    stage command's declared reads (or, when it declares none, what it may read); calibrate reads votes."""
+    from katdata.stages import all_stages, get
+
+    if command == "calibrate":
+        return [(["votes.jsonl"], "vote")]
+    producers = {name: s.name for s in all_stages() for name in s.files(s.writes)}
+    stage = get(command)
+    made_by = lambda name: producers.get(name) or producers[name.split("/")[0]]  # noqa: E731
+    if stage.reads:
+        return [([name], made_by(name)) for name in stage.files(stage.reads)]
+    files = stage.files(stage.may_read)
+    return [(files, made_by(files[-1]))]
 
 
 def looks_local(ref: str) -> bool:
@@ -348,14 +348,14 @@ def run_folder(path: Path, command: str, data: Optional[str] = None, backend: Op
             raise KatdataError(f"{key}: {problem}")
     if data and not Path(data).exists():
         raise InputError(data, "no such file or folder (data)")
-    for files, stage in [] if data else NEEDS[command]:
+    for files, stage in [] if data else needs(command):
         found = [f for f in files if (path / f).exists()]
         if not found:
             raise RunFolderError(f"{path}: {' or '.join(files)} not found: run the {stage} stage first "
                                  f"(katdata run RECIPE --until {stage})")
-        wrong = [f for f in found if (path / f).is_dir() != (f in FOLDERS)]
+        wrong = [f for f in found if (path / f).is_dir() != ("." not in f)]  # run folders' folders have no suffix
         if len(wrong) == len(found):
-            kind = "a file, not a folder" if wrong[0] in FOLDERS else "a folder, not a file"
+            kind = "a file, not a folder" if "." not in wrong[0] else "a folder, not a file"
             raise RunFolderError(f"{path / wrong[0]}: {kind}; the {stage} stage writes it (katdata run RECIPE "
                                  f"--from {stage} makes it again)")
     if command in ("eval", "rl"):

@@ -10,27 +10,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from katdata.assemble import AssembleConfig
 from katdata.backends import BACKENDS, BackendConfig
 from katdata.errors import KatdataError
-from katdata.redact import redact
-from katdata.settings import Blame, describe, explain, parse_override, read_yaml, set_key  # noqa: F401 (re-exported)
-from katdata.evaluate import EvalConfig
-from katdata.export import ExportConfig
 from katdata.inputs import FieldMap
-from katdata.judge import JudgeConfig
-from katdata.review import ReviewConfig
-from katdata.rl import RLConfig
-from katdata.sample import SampleConfig
+from katdata.redact import redact
 from katdata.sandbox import SandboxConfig
-from katdata.solve import SolveConfig
+from katdata.settings import Blame, describe, explain, parse_override, read_yaml, set_key  # noqa: F401 (re-exported)
 from katdata import sources
 from katdata.sources import SOURCES
-from katdata.tag import TagConfig
-from katdata.train import TrainConfig
-from katdata.vote import VoteConfig
+from katdata.stages import all_stages
 
 
 class Strict(BaseModel):
@@ -115,30 +105,21 @@ class EngineConfig(Strict):
         return BackendConfig(**data, extra={**self.extra, **({"threads": self.num_threads} if self.num_threads else {})})
 
 
-class Recipe(Strict):
+class RecipeBase(Strict):
+    """The recipe's own keys; each stage's section is added below from its declaration (katdata.stages)."""
+
     name: str = Field("katdata", description="name of the run (used in dataset names)")
     seed: int = Field(0, description="seed for sampling, splits and exploration")
     run_dir: str = Field("runs/{name}", description="run folder; {name} is replaced; relative to the working directory")
     data: Optional[DataConfig] = Field(None, description="the input queries (needed by the load stage)")
     previous_round: Optional[str] = Field(
         None, description="a run folder whose queries, tags and solver traces this run copies in place of its own "
-        "load, tag and solve stages: the next round of an iterated cold start, which samples and votes again with "
-        "an engine that loads the previous round's adapter (the packaged recipe quickstart_round2)")
+        "load, decontaminate, tag and solve stages: the next round of an iterated cold start, which samples and "
+        "votes again with an engine that loads the previous round's adapter (the packaged recipe quickstart_round2)")
     engines: dict[str, EngineConfig] = Field(
         default_factory=lambda: {"default": EngineConfig()}, description="named engines the stages refer to")
-    tag: TagConfig = Field(default_factory=TagConfig, description="tagging system")
-    solve: SolveConfig = Field(default_factory=SolveConfig, description="multi-agent solver (think-on traces)")
-    sample: SampleConfig = Field(default_factory=SampleConfig, description="two-mode sampling for the vote")
-    vote: VoteConfig = Field(default_factory=VoteConfig, description="majority vote: mode labels")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="judge rationales")
-    assemble: AssembleConfig = Field(default_factory=AssembleConfig, description="final KAT records")
-    review: Optional[ReviewConfig] = Field(None, description="Argilla human review (optional stage)")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="Hub dataset folder and card")
-    train: Optional[TrainConfig] = Field(None, description="LoRA fine-tuning (optional stage)")
-    rl: Optional[RLConfig] = Field(None, description="mode-aware GRPO after train (optional stage)")
-    eval: Optional[EvalConfig] = Field(None, description="adaptive-thinking evaluation (optional stage)")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="isolation and limits of model-written "
-                                   "code run by the code verifier (solve and sample stages)")
+                                   "code run by the code verifier (solve, sample and eval)")
 
     @model_validator(mode="before")
     @classmethod
@@ -156,8 +137,18 @@ class Recipe(Strict):
         if (self.sample.n, self.sample.delta) != (self.vote.n, self.vote.delta):
             raise ValueError(f"vote.n and vote.delta ({self.vote.n}, {self.vote.delta}) must equal sample.n and "
                              f"sample.delta ({self.sample.n}, {self.sample.delta})")
-        self.solve.verify._sandbox = self.sample.verify._sandbox = self.sandbox
         return self
+
+
+def _section(stage) -> tuple:
+    """A stage's recipe section: its config class, optional (absent: not run) or with its default."""
+    if stage.optional:
+        return Optional[stage.config], Field(None, description=f"{stage.help} (optional stage)")
+    return stage.config, Field(default_factory=stage.when_absent or stage.config, description=stage.help)
+
+
+Recipe = create_model("Recipe", __base__=RecipeBase, __doc__="A recipe: the run's keys and every stage's section.",
+                      **{s.name: _section(s) for s in all_stages() if s.config is not None})
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -144,3 +144,8 @@ class KatRecord(Row):
         """The chat for SFT: optional system, the user query, the full KAT response."""
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": self.query}, {"role": "assistant", "content": self.response}]
+
+
+def decide(p_on: float, p_off: float, delta: float) -> str:
+    """The vote's rule: think-off when its pass rate is within delta of think-on's (ties go to the cheaper mode)."""
+    return "off" if p_off >= p_on - delta - 1e-12 else "on"

@@ -30,6 +30,7 @@ from katdata import template
 from katdata.errors import EngineError, KatdataError, RunFolderError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
 from katdata.redact import scrub
+from katdata.stage import Stage
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
     ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
 )
@@ -450,3 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc, f"katdata review {args.action}")
     print(json.dumps(stats, indent=1, sort_keys=True))
     return 0
+
+
+STAGE = Stage("review", "push records to Argilla for human review (pull merges the answers back)",
+              lambda ctx: run(ctx.cfg, ctx.folder.root), ReviewConfig, reads=("records",),
+              may_read=("votes", "samples", "solve"), writes=("review",), optional=True)

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from katdata.errors import KatdataError, require
 from katdata.rl_rewards import EVIDENCE, decision_length, mode_tag_ids, reward_functions, segment_advantages
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX
+from katdata.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class RLConfig(BaseModel):
 def load_queries(cfg: RLConfig, run_dir: Path) -> list[dict]:
     """The training queries of train/split.json as dataset rows (prompt text and the reward columns)."""
     from katdata.chat_template import render_chat
-    from katdata.evaluate import query_meta
+    from katdata.runfiles import query_meta
     from katdata.train import split_rows
 
     rows = split_rows(run_dir, "train", "rl starts from its adapter and split")
@@ -364,3 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # accelerate launch -m katdata.rl RUN_DIR
     raise SystemExit(main())
+
+
+STAGE = Stage("rl", "mode-aware GRPO after train: decision and answer rewards, step-level advantages",
+              lambda ctx: run(ctx.cfg, ctx.folder.root), RLConfig, reads=("split",), writes=("rl",), optional=True,
+              inputs=lambda recipe, run_dir: input_paths(recipe.rl, run_dir))

@@ -1,5 +1,4 @@
-"""The run folder's bookkeeping: what each stage writes, summary.json, and the checks made before a run
-changes anything.
+"""The run folder: its files by name, summary.json, and the checks made before a run changes anything.
 
 ``summary.json`` holds per stage its statistics and ``done``, and under ``fingerprints`` what made each
 stage's output (settings, input hashes) and the hashes of the files it wrote, so a file removed or
@@ -50,31 +49,6 @@ class RunFolder:
         return f"RunFolder({str(self.root)!r})"
 
 
-# what each stage writes in the run folder
-STAGE_FILES = {
-    "load": ["queries.jsonl"], "tag": ["tags.jsonl"], "solve": ["solve.jsonl"], "sample": ["samples.jsonl"],
-    "vote": ["votes.jsonl", "calibration.json", "calibration_reliability.png"],
-    "judge": ["judges.jsonl"], "assemble": ["records.jsonl", "rejects.jsonl"],
-    "review": ["review"], "export": ["export"], "train": ["train"], "rl": ["rl"], "eval": ["eval"],
-}
-MAYBE_WRITTEN = {"calibration_reliability.png"}  # the plot exists only when the vote gave enough labels to fit
-# run files whose content a model wrote (cache/ aside): a run folder holding any of them is never removed
-MODEL_FILES = [name for stage, names in STAGE_FILES.items() if stage != "load" for name in names]
-
-
-# the run files a stage cannot start without (its other inputs are read when present)
-REQUIRED = {"tag": ["queries.jsonl"], "solve": ["queries.jsonl"], "sample": ["queries.jsonl"],
-            "vote": ["samples.jsonl"], "judge": ["votes.jsonl"], "assemble": ["votes.jsonl"],
-            "review": ["records.jsonl"], "export": ["records.jsonl", "review/merged.jsonl"],
-            "train": ["export", "records.jsonl"], "rl": ["train/split.json"], "eval": ["train/split.json"]}
-
-
-def producer(name: str) -> Optional[str]:
-    """The stage that writes ``name`` (a path relative to the run folder), if any."""
-    top = name.split("/")[0]
-    return next((stage for stage, names in STAGE_FILES.items() if name in names or top in names), None)
-
-
 def _read_summary(path: Path) -> dict:
     """summary.json as katdata wrote it; a broken or foreign file is a RunFolderError naming it."""
     fix = "move it aside to resume, or give a new folder with --run-dir"
@@ -120,14 +94,13 @@ class Summary:
         self.data["fingerprints"][stage] = fp
         self._save()
 
-    def record(self, stage: str, stats: dict, seconds: float) -> None:
-        """``stage`` finished: its statistics, and the hashes of the run files it wrote."""
+    def record(self, stage: str, stats: dict, seconds: float, files: list[str] = ()) -> None:
+        """``stage`` finished: its statistics, and the hashes of its run ``files`` (those that are files)."""
         prev = self.data["stages"].get(stage, {})
         stats = dict(stats, done=True, seconds=round(prev.get("seconds", 0.0) + seconds, 2))
         self.data["stages"][stage] = stats
         run_dir = self.path.parent
-        written = {name: hash_path(run_dir / name) for name in STAGE_FILES.get(stage, [])
-                   if not (run_dir / name).is_dir() and name not in MAYBE_WRITTEN}
+        written = {name: hash_path(run_dir / name) for name in files if not (run_dir / name).is_dir()}
         if stage in self.data["fingerprints"] and written:
             self.data["fingerprints"][stage]["outputs"] = written
         self._save()
@@ -142,19 +115,21 @@ class Summary:
         os.replace(tmp, self.path)
 
 
-def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path], running: set[str]) -> None:
-    """Before anything changes: every run file ``stage`` reads was made by its stage (or is made by one of the
-    ``running`` stages before it), and is as that stage wrote it, not removed or edited by hand since."""
+def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path], running: set[str],
+                 producers: dict[str, str], required: list[str]) -> None:
+    """Before anything changes: every run file ``stage`` reads was made by its stage (``producers``: file name
+    -> stage), or is made by one of the ``running`` stages before it, and is as that stage wrote it, not
+    removed or edited by hand since; a ``required`` file that was never made stops the run."""
     for path in paths:
         try:
             name = Path(path).relative_to(run_dir).as_posix()
         except ValueError:
             continue  # outside the run folder: the fingerprint's input hash covers it
-        made_by = producer(name)
+        made_by = producers.get(name) or producers.get(name.split("/")[0])
         if made_by is None or made_by in running or made_by == stage:
             continue
         if not summary.done(made_by):
-            if not Path(path).exists() and name in REQUIRED.get(stage, ()):
+            if not Path(path).exists() and name in required:
                 raise RunFolderError(f"{run_dir}: {stage} reads {name}, which the {made_by} stage has not made; "
                                      f"run from that stage (--from {made_by}, or without --from)")
             continue
@@ -168,12 +143,12 @@ def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path],
                                  f"rerun with --from {made_by} to make it again, or use a new folder (--run-dir)")
 
 
-def holds_model_output(run_dir: Path) -> bool:
-    """True when anything in the folder came from a model (cached completions or a stage's rows)."""
+def holds_model_output(run_dir: Path, model_files: list[str]) -> bool:
+    """True when anything in the folder came from a model: cached completions, or one of ``model_files``."""
     cache = run_dir / "cache"
     if cache.is_dir() and any(p.is_file() and p.stat().st_size for p in cache.rglob("*")):
         return True
-    for name in MODEL_FILES:
+    for name in model_files:
         path = run_dir / name
         if path.is_file() and path.stat().st_size or path.is_dir() and any(path.iterdir()):
             return True

@@ -176,3 +176,19 @@ class RowIndex:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def query_meta(run_dir: Path, rows: list[dict]) -> dict[str, dict]:
+    """Per held-out id, the verifier's view of the query: the run's queries.jsonl meta ("prompt": a
+    HumanEval signature); a code query missing from it keeps its own text, which is that prompt."""
+    from katdata.records import Query
+
+    path = run_dir / "queries.jsonl"
+    known = {q.id: q.meta for q in read_rows(path, Query)} if path.is_file() else {}
+    out = {}
+    for r in rows:
+        meta = dict(known.get(r["id"]) or {})
+        if r["kind"] == "code" and not meta.get("prompt"):
+            meta["prompt"] = r["query"]
+        out[r["id"]] = meta
+    return out

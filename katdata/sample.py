@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from katdata import template
 from katdata.backends.base import WAIT, Backend, Completion, Job, Request, SamplingParams
 from katdata.records import Attempt, Query
+from katdata.sandbox import SandboxConfig
+from katdata.stage import Stage
 from katdata.runfiles import RowIndex, RowWriter, read_rows, repair_tail
 from katdata.prompt_files import read_prompt
 from katdata.verify import (INVALID, Verifier, VerifyConfig, VerifyError, assign_class, check_error_share,
@@ -255,7 +257,8 @@ def sample_queries(queries: Iterable[Query], cfg: SampleConfig, backend: Backend
     return states
 
 
-def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict:
+def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend],
+        sandbox: Optional[SandboxConfig] = None) -> dict:
     """queries.jsonl -> samples.jsonl, each request's rows written as they finish; a rerun
     continues from the rows it has (see :func:`sample_queries`)."""
     run_dir = Path(run_dir)
@@ -264,9 +267,9 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend]) -> d
     repair_tail(out_path)
     existing = RowIndex(out_path, Attempt)  # rows of a resumed run, read back query by query
     # refuses before any model loads if code can't be isolated
-    isolation = Verifier(cfg.verify).code_isolation(read_rows(queries_path, Query))
+    isolation = Verifier(cfg.verify, sandbox=sandbox).code_isolation(read_rows(queries_path, Query))
     grader = engine(cfg.grader_engine) if cfg.grader_engine else None
-    verifier = Verifier(cfg.verify, grader=grader)
+    verifier = Verifier(cfg.verify, grader=grader, sandbox=sandbox)
     backend = engine(cfg.engine)
     stats: Counter = Counter()
     with RowWriter(out_path) as out:
@@ -324,3 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
         print(run(cfg, args.run_dir, lambda name: backend))
     return 0
+
+
+STAGE = Stage("sample", "sample N responses per mode per query (mode forced by the prefix)",
+              lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox")), SampleConfig,
+              reads=("queries",), may_read=("tags",), writes=("samples",), sections=("sandbox",))

@@ -37,7 +37,8 @@ from katdata.backends.multi import stream_routed
 from katdata.records import Attempt, Query, Segment, Tags
 from katdata.runfiles import RowWriter, read_rows, repair_tail
 from katdata.prompt_files import read_prompt
-from katdata.tag import engine_factory
+from katdata.sandbox import SandboxConfig
+from katdata.stage import Stage
 from katdata.verify import Verifier, VerifyConfig, VerifyError, check_error_share
 from katdata.template import END_TOKENS, MARKERS, STOP_STRINGS
 
@@ -319,7 +320,8 @@ def solve_stats(rows: Iterable[Attempt], cfg: SolveConfig) -> dict[str, Any]:
             "reference_checked": checked, "verify_errors": rejects["verify_error"]}
 
 
-def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict[str, Any]:
+def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend],
+        sandbox: Optional[SandboxConfig] = None) -> dict[str, Any]:
     """Solve queries.jsonl (using tags.jsonl) into solve.jsonl, each query's rows written once it is
     finished; a rerun solves the queries that are not (resumable by (id, round)). The queries are
     read from the file as they are needed, never all at once."""
@@ -349,8 +351,10 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
             n_todo += 1
             if code_query is None and q.kind == "code" and q.reference is not None:
                 code_query = q
-    isolation = Verifier(cfg.verify).code_isolation([code_query] if code_query else []) if cfg.check_reference else None
-    verifier = Verifier(cfg.verify, grader=engine(cfg.grader_engine) if cfg.grader_engine and n_todo else None)
+    isolation = (Verifier(cfg.verify, sandbox=sandbox).code_isolation([code_query] if code_query else [])
+                 if cfg.check_reference else None)
+    verifier = Verifier(cfg.verify, grader=engine(cfg.grader_engine) if cfg.grader_engine and n_todo else None,
+                        sandbox=sandbox)
     requests, usage, seen = Counter(), Counter(), Counter()
     t0 = time.perf_counter()
     with RowWriter(out_path) as w:
@@ -392,5 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     run_folder(args.run_dir, "solve", backend=args.backend, models={"--model": args.model})  # before any model loads
     cfg = SolveConfig(rounds=args.rounds, threshold=args.threshold, max_tokens=args.max_tokens,
                       queries="not_off_candidates" if args.only_reasoning else "all")
+    from katdata.backends import engine_factory
+
     print(json.dumps(run(cfg, args.run_dir, engine_factory(args.backend, args.model)), indent=2))
     return 0
+
+
+STAGE = Stage("solve", "think-on traces from the solver / thinker / critic agents",
+              lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox")), SolveConfig,
+              reads=("queries",), may_read=("tags",), writes=("solve",), sections=("sandbox",))

@@ -38,6 +38,7 @@ from katdata.errors import KatdataError
 from katdata.preflight import run_folder
 from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
+from katdata.stage import Stage
 from katdata.template import STOP_STRINGS
 
 log = logging.getLogger(__name__)
@@ -460,19 +461,6 @@ def _batches(items, size: int):
         yield batch
 
 
-def engine_factory(backend: str, model: Optional[str]) -> Callable[[str], Backend]:
-    """One cached backend for every engine name (the CLI's stand-in for a recipe's engines table)."""
-    from katdata.backends import BackendConfig, get_backend
-
-    cache: dict[str, Backend] = {}
-
-    def engine(name: str) -> Backend:
-        if "b" not in cache:
-            cache["b"] = get_backend(backend, BackendConfig(model=model))
-        return cache["b"]
-    return engine
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="katdata tag", description="Tag a run folder's queries.jsonl into tags.jsonl.")
     ap.add_argument("run_dir", type=Path)
@@ -491,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         raise KatdataError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     run_folder(args.run_dir, "tag", backend=args.backend, models={"--model": args.model})  # before any model loads
+    from katdata.backends import engine_factory
+
     stats = run(cfg, args.run_dir, engine_factory(args.backend, args.model))
     print(json.dumps(stats, indent=2))
     return 0
+
+
+STAGE = Stage("tag", "tag a run's queries (rule prior + LLM tagger)", lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines),
+              TagConfig, reads=("queries",), writes=("tags",))

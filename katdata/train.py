@@ -33,6 +33,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import InputError, KatdataError, require
+from katdata.stage import Stage
 from katdata.template import MARKERS, parse
 
 log = logging.getLogger(__name__)
@@ -492,3 +493,8 @@ def _main_rank() -> bool:
 
 if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
     raise SystemExit(main())
+
+
+STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)",
+              lambda ctx: run(ctx.cfg, ctx.folder.root), TrainConfig, may_read=("export", "records"), writes=("train",),
+              optional=True, inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])

@@ -24,7 +24,7 @@ import string
 import threading
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import KatdataError
 from katdata.prompt_files import read_prompt
@@ -50,8 +50,6 @@ class VerifyConfig(BaseModel):
     grader_max_tokens: int = Field(8, ge=1, description="tokens the LLM grader may answer with")
     max_error_share: float = Field(0.2, ge=0.0, le=1.0, description="stop the run when more than this share of a "
                                    "stage's verifications failed (Math-Verify worker crashed or timed out)")
-    # the recipe's top-level `sandbox:` section (set by recipe.py; not a key of this section)
-    _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
 
 
 class VerifyError(Exception):
@@ -244,7 +242,7 @@ class Verifier:
 
     def __init__(self, cfg: Optional[VerifyConfig] = None, grader=None, sandbox: Optional[SandboxConfig] = None):
         self.cfg = cfg or VerifyConfig()
-        self.sandbox = sandbox or self.cfg._sandbox
+        self.sandbox = sandbox or SandboxConfig()  # the recipe's `sandbox:` section, handed over by the stage
         self.grader = grader  # a Backend that grades open answers (kind="open")
 
     def key(self, kind: Optional[str], answer: Optional[str], query=None) -> Optional[str]:

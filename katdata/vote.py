@@ -21,7 +21,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import InputError
-from katdata.records import Attempt, Tags, Vote
+from katdata.stage import Context, Stage
+from katdata.records import Attempt, Tags, Vote, decide  # noqa: F401 (decide: the vote rule, used here and re-exported)
 from katdata.runfiles import RowIndex, RowWriter, done_keys
 from katdata.verify import INVALID
 
@@ -86,11 +87,6 @@ def mode_stats(attempts: list[Attempt], ok: list[bool]) -> ModeStats:
     good = sum(ok)
     return ModeStats(n=n, correct=good, classes=classes, pass_rate=good / n if n else 0.0,
                      entropy=entropy(classes), tokens=tokens)
-
-
-def decide(p_on: float, p_off: float, delta: float) -> str:
-    """think-off when its pass rate is within delta of think-on's (ties go to the cheaper mode)."""
-    return "off" if p_off >= p_on - delta - 1e-12 else "on"
 
 
 def explore_mode(qid: str, share: float, seed: int) -> Optional[str]:
@@ -223,3 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     run_folder(run_dir, "vote")
     print(run(VoteConfig(**args), run_dir))
     return 0
+
+
+def _stage_run(ctx: Context) -> dict:
+    from katdata.calibrate import after_vote  # the tagger fitted to the vote's outcomes (calibration.json)
+
+    stats = run(ctx.cfg, ctx.folder.root)
+    stats["calibration"] = after_vote(ctx.folder.root, ctx.section("tag").think_off_threshold)
+    return stats
+
+
+STAGE = Stage("vote", "majority vote over verified samples: the mode labels", _stage_run, VoteConfig,
+              reads=("samples",), may_read=("tags",), writes=("votes", "calibration", "calibration_plot"),
+              maybe_writes=("calibration_plot",), sections=("tag",))

@@ -187,7 +187,7 @@ def test_good_data_is_read_as_written(tmp_path, monkeypatch, capsys):
     }
     for name, (content, ids, queries) in cases.items():
         write(tmp_path, data(name, content) | {"r.yaml": RECIPE.replace("q.jsonl", name)})
-        assert main(["run", "r.yaml", "--until", "load", "--run-dir", f"run-{name}"]) == 0, capsys.readouterr().err
+        assert main(["run", "r.yaml", "--until", "decontaminate", "--run-dir", f"run-{name}"]) == 0, capsys.readouterr().err
         rows = [json.loads(line) for line in (tmp_path / f"run-{name}" / "queries.jsonl").read_bytes().splitlines()]
         assert [r["id"] for r in rows] == ids and [r["query"] for r in rows] == queries, name
 

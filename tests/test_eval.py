@@ -147,7 +147,7 @@ def test_code_queries_keep_their_prompt_when_verified(tmp_path, wrap, queries_fi
 def test_eval_honours_the_runs_sandbox_section(tmp_path):
     """Code answers in eval run under the run's own `sandbox:` section: without an isolation layer
     eval refuses before any engine is built and writes nothing; with allow_unisolated it says so."""
-    from katdata.sandbox import SandboxUnavailable
+    from katdata.sandbox import SandboxUnavailable, run_sandbox
 
     by_query = code_run(tmp_path)
     (tmp_path / "recipe.yaml").write_text("sandbox:\n  bwrap: /nonexistent/bwrap\n")
@@ -157,12 +157,12 @@ def test_eval_honours_the_runs_sandbox_section(tmp_path):
         raise AssertionError("an engine was built before the isolation check")
 
     with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
-        run(cfg, tmp_path, no_engine)
+        run(cfg, tmp_path, no_engine, sandbox=run_sandbox(tmp_path))  # as `katdata eval RUN` reads it
     assert not (tmp_path / "eval").exists()
     (tmp_path / "recipe.yaml").write_text("sandbox:\n  bwrap: /nonexistent/bwrap\n  allow_unisolated: true\n")
     adapted = ScriptedBackend(script=lambda req, i: by_query[req.messages[-1]["content"]].response[len("<judge>\n"):])
     base = ScriptedBackend(script=lambda req, i: "no")
-    result = run(cfg, tmp_path, {"default": base, "adapted": adapted}.__getitem__)
+    result = run(cfg, tmp_path, {"default": base, "adapted": adapted}.__getitem__, sandbox=run_sandbox(tmp_path))
     assert result["sandbox"] == "unisolated"
     assert result["models"]["adapted"]["settings"]["auto"]["accuracy"] == 1.0
 

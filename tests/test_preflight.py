@@ -115,7 +115,7 @@ def test_a_stage_input_missing_is_exit_3_naming_the_stage(here, capsys, command,
 
 def test_a_folder_where_a_stage_file_should_be(here, capsys):
     (here / "run" / "queries.jsonl").mkdir(parents=True)
-    error_of(["tag", "run", "--no-llm"], 3, capsys, "run/queries.jsonl: a folder, not a file", "load stage")
+    error_of(["tag", "run", "--no-llm"], 3, capsys, "run/queries.jsonl: a folder, not a file", "decontaminate stage")
     (here / "run2").mkdir()
     (here / "run2" / "export").write_text("x")
     error_of(["train", "run2"], 3, capsys, "run2/export: a file, not a folder", "assemble stage")

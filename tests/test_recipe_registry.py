@@ -37,7 +37,8 @@ def test_ls_lists_the_packaged_recipes_from_any_folder(tmp_path, monkeypatch, ca
     for name in NAMES:
         assert f"  {name} " in out, name
     assert "Every stage but review on 44 real queries" in out  # the first comment line beside the name
-    assert "accelerate/multi_gpu" in out and out.rstrip().splitlines()[-1].startswith("stages: load -> tag")
+    stages = [line.split()[0] for line in out[out.index("stages, in order"):].splitlines()[1:]]
+    assert "accelerate/multi_gpu" in out and stages[:3] == ["load", "decontaminate", "tag"] and stages[-1] == "eval"
     assert sorted(packaged()) == NAMES and "accelerate/multi_gpu" in packaged(everything=True)
 
 
@@ -103,7 +104,7 @@ def test_validate_and_run_a_packaged_recipe_by_name_from_any_folder(tmp_path, mo
     assert main(["validate", "quickstart", "train_only.yaml"]) == 0
     out = capsys.readouterr().out
     assert f"ok  quickstart  (packaged: {QUICKSTART})" in out and "ok  train_only.yaml" in out
-    assert main(["run", "quickstart", "--until", "load"]) == 0
+    assert main(["run", "quickstart", "--until", "decontaminate"]) == 0
     capsys.readouterr()
     assert len((tmp_path / "runs/quickstart/queries.jsonl").read_text().splitlines()) == 44
     assert "name: quickstart" in (tmp_path / "runs/quickstart/recipe.yaml").read_text()

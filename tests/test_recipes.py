@@ -115,7 +115,7 @@ def test_cli_run_load_stage_and_validate(tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text(json.dumps({"id": "a", "query": "2+2?", "reference": "4"}) + "\n", "utf-8")
     path = write(tmp_path, "name: t\ndata:\n  path: q.jsonl\n")
     assert main(["validate", str(path)]) == 0
-    assert main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--until", "load"]) == 0
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--until", "decontaminate"]) == 0
     rows = (tmp_path / "run" / "queries.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["id"] == "a"
     assert (tmp_path / "run" / "recipe.yaml").is_file()

@@ -243,16 +243,17 @@ def test_a_setting_added_later_at_its_off_value_is_no_change():
 
 def test_fingerprint_names_changes_and_leaves_out_speed_knobs(tmp_path):
     from katdata.recipe import Recipe
+    from katdata.stages import get
 
     a = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 4}, "vote": {"n": 4}})
     b = Recipe.model_validate({"data": {"path": "q.jsonl"}, "sample": {"n": 6}, "vote": {"n": 6},
                                "engines": {"default": {"batch_size": 3, "concurrency": 2, "num_threads": 2,
                                                        "dtype": "float32"}}})
-    diff = fingerprint.compare({"settings": fingerprint.stage_settings(a, "sample")},
-                               {"settings": fingerprint.stage_settings(b, "sample")})
+    diff = fingerprint.compare({"settings": fingerprint.stage_settings(a, get("sample"))},
+                               {"settings": fingerprint.stage_settings(b, get("sample"))})
     assert diff == ["sample.n: 4 -> 6", 'engines.default.dtype: "auto" -> "float32"']
-    tag = fingerprint.compare({"settings": fingerprint.stage_settings(a, "tag")},
-                              {"settings": fingerprint.stage_settings(b, "tag")})
+    tag = fingerprint.compare({"settings": fingerprint.stage_settings(a, get("tag"))},
+                              {"settings": fingerprint.stage_settings(b, get("tag"))})
     assert tag == ['engines.default.dtype: "auto" -> "float32"']  # the tagger's engine changed, not its section
 
     f = tmp_path / "x.jsonl"

@@ -166,6 +166,7 @@ def test_force_marks_the_first_completions_of_each_group():
 
 def test_recipe_section_and_bad_settings_fail_before_a_model_loads(tmp_path):
     from katdata.pipeline import STAGES
+    from katdata.stages import get
     from katdata.recipe import Recipe
 
     assert STAGES.index("train") < STAGES.index("rl") < STAGES.index("eval")
@@ -188,14 +189,15 @@ def test_every_stage_of_the_rl_recipe_has_a_fingerprint_and_rl_refuses_other_set
 
     from katdata import fingerprint
     from katdata.pipeline import STAGES
+    from katdata.stages import get
     from katdata.recipe import Recipe
     from katdata.rl import run
 
     recipe = Recipe.model_validate(yaml.safe_load((Path(__file__).parents[1] / "katdata" / "recipes" / "rl_quickstart.yaml").read_text()))
     for stage in STAGES:
-        fp = fingerprint.stage_fingerprint(recipe, stage, tmp_path)
+        fp = fingerprint.stage_fingerprint(recipe, get(stage), tmp_path)
         assert isinstance(fp["inputs"], dict), stage
-    assert set(fingerprint.stage_fingerprint(recipe, "rl", tmp_path)["inputs"]) == {"train/split.json",
+    assert set(fingerprint.stage_fingerprint(recipe, get("rl"), tmp_path)["inputs"]) == {"train/split.json",
                                                                                    "train/adapter"}
     out = tmp_path / "rl"
     (out / "adapter").mkdir(parents=True)

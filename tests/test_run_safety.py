@@ -51,14 +51,14 @@ def test_field_map_naming_a_missing_column_is_refused(here, capsys, key, column)
 
 
 def test_field_map_naming_a_present_column_loads_it(here, capsys):
-    assert main(["run", "r.yaml", "--until", "load", "--set", "data.fields.reference=solution"]) == 0, capsys.readouterr()
+    assert main(["run", "r.yaml", "--until", "decontaminate", "--set", "data.fields.reference=solution"]) == 0, capsys.readouterr()
     rows = [json.loads(line) for line in (here / "runs/t/queries.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in rows] == ["4", "6"]
 
 
 def test_default_columns_stay_optional(here, capsys):
     """No 'reference' or 'kind' column and no field map: the queries load (references null), as before."""
-    assert main(["run", "r.yaml", "--until", "load"]) == 0, capsys.readouterr()
+    assert main(["run", "r.yaml", "--until", "decontaminate"]) == 0, capsys.readouterr()
     assert (here / "runs/t/queries.jsonl").is_file()
 
 
@@ -101,7 +101,7 @@ def test_query_longer_than_the_context_is_refused_at_load(here, capsys, embedded
 
 def test_query_longer_than_the_context_is_cut_when_the_recipe_says_so(here, capsys, embedded_model, tokenizer):
     long_files(here)
-    assert main(["run", "r.yaml", "--until", "load", "--set", "data.truncate_too_long=true"]) == 0
+    assert main(["run", "r.yaml", "--until", "decontaminate", "--set", "data.truncate_too_long=true"]) == 0
     rows = {r["id"]: r for r in map(json.loads, (here / "runs/t/queries.jsonl").read_text().splitlines())}
     assert rows["short"]["query"] == "2+2?" and "truncated_from_tokens" not in rows["short"]["meta"]
     budget = 600 - 384 - 64  # context - the longest reply (sample.max_tokens_on, solve.max_tokens) - template
@@ -143,19 +143,19 @@ def test_from_a_stage_whose_input_was_never_made_changes_nothing(here, capsys, s
 
 
 def test_stage_input_removed_or_edited_by_hand_is_named(here, capsys):
-    """load's queries.jsonl removed (then edited) after load finished: --from tag names the file."""
-    assert main(["run", "r.yaml", "--until", "load"]) == 0
+    """decontaminate's queries.jsonl edited (then removed) after it finished: --from tag names the file."""
+    assert main(["run", "r.yaml", "--until", "decontaminate"]) == 0
     queries = here / "runs/t/queries.jsonl"
     text = queries.read_text()
     queries.write_text(text.replace("2+2?", "2+3?"))
     before = tree(here / "runs")
     assert main(["run", "r.yaml", "--from", "tag"]) == 3
     line = one_line(capsys)
-    assert "queries.jsonl: changed since the load stage wrote it" in line and "--from load" in line
+    assert "queries.jsonl: changed since the decontaminate stage wrote it" in line and "--from decontaminate" in line
     assert tree(here / "runs") == before
     queries.unlink()
     assert main(["run", "r.yaml", "--from", "tag"]) == 3
-    assert "queries.jsonl: removed since the load stage wrote it" in one_line(capsys)
+    assert "queries.jsonl: removed since the decontaminate stage wrote it" in one_line(capsys)
     queries.write_text(text)  # put back as written: the check passes (the tag stage would now run)
     from katdata.pipeline import _check_stage_inputs
     from katdata.recipe import load_recipe

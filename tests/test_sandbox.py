@@ -289,7 +289,7 @@ def test_sample_stage_refuses_before_any_model_loads(tmp_path):
         raise AssertionError("no engine may load when code cannot be isolated")
 
     with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
-        sample_run(recipe.sample, tmp_path, engine)
+        sample_run(recipe.sample, tmp_path, engine, sandbox=recipe.sandbox)
     assert not (tmp_path / "samples.jsonl").exists()
 
 
@@ -315,16 +315,26 @@ def test_sample_stage_unisolated_when_allowed_records_it(tmp_path):
         return ("```python\n" + code + "```\n</answer>") if req.prefix.endswith(template.FORCE_PREFIX["off"]) \
             else "hmm\n</think>\n<answer>\nno\n</answer>"
 
-    stats = sample_run(recipe.sample, tmp_path, lambda name: ScriptedBackend(script=script))
+    stats = sample_run(recipe.sample, tmp_path, lambda name: ScriptedBackend(script=script), sandbox=recipe.sandbox)
     assert stats["sandbox"] == "unisolated"
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {r["correct"] for r in rows if r["mode"] == "off"} == {True}
 
 
 def test_recipe_sandbox_section_is_the_one_place(tmp_path):
+    """The stages that run code get the recipe's top-level `sandbox:` through their declared section (the
+    stage contract), not through a setting injected into their own section."""
+    from katdata.stage import Context
+    from katdata.stages import get
+
     recipe = load_recipe(_recipe(tmp_path, {"timeout_s": 3, "allow_unisolated": True}))
-    for stage in (recipe.sample, recipe.solve):
-        assert Verifier(stage.verify).sandbox == SandboxConfig(timeout_s=3, allow_unisolated=True)
+    for name in ("solve", "sample", "eval"):
+        assert "sandbox" in get(name).sections
+        assert Context(recipe, None, None, get(name)).section("sandbox") == SandboxConfig(timeout_s=3,
+                                                                                            allow_unisolated=True)
+    with pytest.raises(AttributeError, match="does not declare it"):
+        Context(recipe, None, None, get("tag")).section("sandbox")
+    assert Verifier(recipe.sample.verify).sandbox == SandboxConfig()  # nothing rides along in a stage's section
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"data": {"sources": [{"name": "humaneval"}]},
                                    "sample": {"verify": {"sandbox": {"timeout_s": 3}}}}))

@@ -7,6 +7,7 @@ it is for unit tests of pure logic, which construct ``ScriptedBackend`` directly
 from __future__ import annotations
 
 import importlib
+from typing import Callable, Optional
 
 from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
 from katdata.errors import EngineError, KatdataError
@@ -32,3 +33,14 @@ def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
     except ImportError as exc:
         raise EngineError(f"backend '{name}' needs {exc.name or exc}: install the '{extra}' extra") from exc
     return getattr(mod, cls)(config or BackendConfig())
+
+
+def engine_factory(backend: str, model: Optional[str]) -> Callable[[str], Backend]:
+    """One cached backend for every engine name (the CLI's stand-in for a recipe's engines table)."""
+    cache: dict[str, Backend] = {}
+
+    def engine(name: str) -> Backend:
+        if "b" not in cache:
+            cache["b"] = get_backend(backend, BackendConfig(model=model))
+        return cache["b"]
+    return engine

@@ -33,7 +33,7 @@ import threading
 from typing import Callable, Iterable, Iterator, Optional
 
 from katdata.backends.base import WAIT, Backend, BackendConfig, Completion, Job, Request, SamplingParams, SourceItem
-from katdata.backends.pool import Occupancy, ServerPool
+from katdata.backends.pool import Fatal as _Fatal, Occupancy, ServerPool
 from katdata.errors import EngineError, KatdataError, require
 from katdata.redact import scrub
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 OnDone = Callable[[int, list[Completion]], None]
 _CTX = re.compile(r"maximum context length is (\d+) tokens.*?(\d+) input tokens", re.S)
-
-
-class _Fatal(Exception):
-    """An error that fails the whole run (wrong key, wrong model, server unreachable)."""
 
 
 class OpenAIBackend(Backend):

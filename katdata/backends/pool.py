@@ -17,6 +17,10 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 
+class Fatal(Exception):
+    """An error that fails the whole run (wrong key, wrong model, no server answering)."""
+
+
 @dataclass
 class Server:
     client: Any  # openai.AsyncOpenAI
@@ -54,9 +58,8 @@ class ServerPool:
                 return best
             waited = time.monotonic() - self._last_answer
             if waited > self.unavailable_s:
-                from katdata.backends.openai_api import _Fatal
 
-                raise _Fatal(f"no server has answered for {waited:.0f} s (extra.unavailable_s = "
+                raise Fatal(f"no server has answered for {waited:.0f} s (extra.unavailable_s = "
                              f"{self.unavailable_s:g}): " + "; ".join(f"{s.name}: {s.why}" for s in self.servers))
             self._changed.clear()
             try:
