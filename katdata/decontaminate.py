@@ -61,11 +61,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from katdata.errors import InputError
 from katdata.inputs import FieldMap, read_queries
 from katdata.records import Query
+from katdata.runfiles import parse_row
 from katdata.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
@@ -306,18 +307,6 @@ def dropped_row(q: Query, m: Match) -> dict:
             "overlap": m.overlap, "ngrams_matched": m.matched, "ngrams": m.total}
 
 
-def _query(path: Path, n: int, raw: bytes) -> Query:
-    try:
-        return Query.model_validate(json.loads(raw.decode("utf-8")))
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"not UTF-8 ({exc.reason})", line=n) from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"broken JSON ({exc.msg})", line=n) from exc
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InputError(path, err["msg"], line=n, field=".".join(str(p) for p in err["loc"]) or None) from exc
-
-
 def run(cfg: DecontaminateConfig, src: Path, kept: Path, dropped: Path,
         benchmarks: Optional[Sequence[BenchmarkIndex]] = None) -> dict:
     """The stage: every query of ``src`` (a queries.jsonl) is copied byte for byte to ``kept`` or written as a
@@ -339,7 +328,7 @@ def run(cfg: DecontaminateConfig, src: Path, kept: Path, dropped: Path,
                 if not raw.strip():
                     continue
                 n_in += 1
-                q = _query(src, n, raw)
+                q = parse_row(src, n, raw, Query)
                 m = match_text(q.query, indexes, cfg) if cfg.active else None
                 if m is None:
                     fk.write(raw if raw.endswith(b"\n") else raw + b"\n")

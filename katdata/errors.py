@@ -62,7 +62,8 @@ def require(module: str, extra: str):
         ) from exc
 
 
-def _one_line(text: str) -> str:
+def one_line(text) -> str:
+    """``text`` (or an exception's message) on one line: its non-blank lines, stripped, joined by spaces."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
@@ -75,13 +76,13 @@ def _filename(name) -> str:
 def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for any exception, by class; never a traceback."""
     if isinstance(exc, KatdataError):
-        return exc.exit_code, _one_line(exc)
+        return exc.exit_code, one_line(exc)
     module = type(exc).__module__.split(".")[0]
     if module == "pydantic" and hasattr(exc, "errors"):
         parts = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
         return EXIT_USAGE, f"invalid {getattr(exc, 'title', 'settings')}: " + "; ".join(parts)
     if module == "yaml":
-        return EXIT_USAGE, "not valid YAML: " + _one_line(exc)
+        return EXIT_USAGE, "not valid YAML: " + one_line(exc)
     if isinstance(exc, UnicodeError):
         return EXIT_USAGE, f"not UTF-8 text ({exc})"
     if isinstance(exc, OSError):
@@ -89,10 +90,10 @@ def describe(exc: BaseException) -> tuple[int, str]:
         where += f" -> {_filename(exc.filename2)}" if exc.filename2 is not None else ""
         return EXIT_RUN_FOLDER, f"{where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, ImportError):
-        return EXIT_ENGINE, f"a package is missing or broken: {_one_line(exc)}"
+        return EXIT_ENGINE, f"a package is missing or broken: {one_line(exc)}"
     if module == "jinja2":
-        return EXIT_ENGINE, f"chat template error: {_one_line(exc)}"
-    return EXIT_INTERNAL, (f"internal error {type(exc).__name__}: {_one_line(exc)[:500]} "
+        return EXIT_ENGINE, f"chat template error: {one_line(exc)}"
+    return EXIT_INTERNAL, (f"internal error {type(exc).__name__}: {one_line(exc)[:500]} "
                            "(a bug in katdata; rerun with --debug for the traceback and report it)")
 
 

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Literal, NoReturn, Optional
 
 from katdata.errors import RunFolderError
+from katdata.run_folder import FILES
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["export", "train", "rl", "eval"]
 MARKER = ".katdata-export.json"
-# folders the stages keep in a run folder: no output of another command goes inside them
-RUN_FOLDERS = ("export", "review", "cache", "old", "train", "rl", "eval")
-STAGE_FOLDERS = ("export", "review", "train", "rl", "eval")
+# folders a run folder keeps (katdata.run_folder.FILES): no output of another command goes inside them
+RUN_FOLDERS = tuple(name for name in FILES.values() if "/" not in name and "." not in name)
+STAGE_FOLDERS = tuple(name for name in RUN_FOLDERS if name not in ("cache", "old"))  # the ones a stage writes
 # what an export folder from before the marker holds (top level); README.md or data/ must be there
 EXPORT_NAMES = {"README.md", "data", "dataset_info.json"}
 # files that show an older katdata made a train / rl / eval folder (accepted inside the run folder only)

@@ -160,9 +160,9 @@ def _wrote(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0 or path.is_dir() and any(path.iterdir())
 
 
-def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str]) -> None:
+def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str],
+                     memo: Optional[dict] = None) -> None:
     """Stop, before anything runs, when a started or finished stage was made with other settings or inputs."""
-    memo: dict = {}
     stale, changes = [], []
     for stage in stages:
         old = summary.data["fingerprints"].get(stage)  # None: not started, or recorded by an older katdata
@@ -187,7 +187,7 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
 
 
 def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str], redo: list[str],
-                        copied: list[str]) -> None:
+                        copied: list[str], memo: Optional[dict] = None) -> None:
     """Each stage that will run finds its run files made (by an earlier stage, or one running before it now)
     and unchanged since; checked before anything in the folder changes."""
     running: set[str] = set()
@@ -196,7 +196,7 @@ def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages:
             continue
         if stage not in copied:
             paths = fingerprint.stage_input_paths(recipe, get(stage), run_dir)
-            check_inputs(summary, run_dir, stage, paths, running, PRODUCERS, get(stage).files(get(stage).reads))
+            check_inputs(summary, run_dir, stage, paths, running, PRODUCERS, get(stage).files(get(stage).reads), memo)
         running.add(stage)
 
 
@@ -279,8 +279,9 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     run_dir = Path(run_dir)
     summary = Summary(run_dir / "summary.json")
     redo = STAGES[STAGES.index(start):] if start else []
-    _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo])
-    _check_stage_inputs(recipe, run_dir, summary, stages, redo, copied)
+    memo: dict = {}  # file hashes, each file read once by the checks below
+    _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo], memo)
+    _check_stage_inputs(recipe, run_dir, summary, stages, redo, copied, memo)
     if "export" in stages and recipe.export.out:  # a user's folder is refused now, not hours later
         from katdata.output_paths import check_replaceable
 

@@ -25,7 +25,8 @@ from typing import Iterator, Optional
 
 from pydantic import BaseModel
 
-from katdata.errors import InputError, KatdataError, RunFolderError
+from katdata.errors import InputError, KatdataError, RunFolderError, one_line
+from katdata.run_folder import read_json
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,12 @@ def _ask_hub(repo: str, revision: Optional[str]) -> tuple[str, str]:
     except OfflineModeIsEnabled:  # HF_HUB_OFFLINE was set when huggingface_hub was imported (in this process)
         answer = ("offline", "")
     except HfHubHTTPError as exc:  # it answered (rate limit, server error): let the loader try and say
-        log.warning("the Hub at %s did not answer for %s (%s)", hub_endpoint(), repo, _one_line(exc)[:200])
+        log.warning("the Hub at %s did not answer for %s (%s)", hub_endpoint(), repo, one_line(exc)[:200])
         answer = ("unknown", "")
     except Exception as exc:  # noqa: BLE001 - no network: DNS, refused, timeout, proxy (httpx or requests classes)
-        answer = _hub_answers[(hub_endpoint(),)] = ("unreachable", f"{type(exc).__name__}: {_one_line(exc)[:160]}")
+        answer = _hub_answers[(hub_endpoint(),)] = ("unreachable", f"{type(exc).__name__}: {one_line(exc)[:160]}")
     _hub_answers[key] = answer
     return answer
-
-
-def _one_line(exc) -> str:
-    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def hub_problem(repo: str, filename: str = "config.json", revision: Optional[str] = None) -> Optional[str]:
@@ -383,19 +380,9 @@ def read_split(path: Path) -> dict:
     path = Path(path)
     fix = f"train again to rewrite it (move {path.parent} aside, then katdata train {path.parent.parent})"
     try:
-        text = path.read_text("utf-8")
+        split = read_json(path, "the split `katdata train` wrote", fix)
     except FileNotFoundError:
         raise RunFolderError(f"{path}: not found; run `katdata train` first") from None
-    except IsADirectoryError:
-        raise RunFolderError(f"{path}: a folder, not train's split file; {fix}") from None
-    except UnicodeDecodeError:
-        raise RunFolderError(f"{path}: not UTF-8 text, so not the split `katdata train` wrote; {fix}") from None
-    if not text.strip():
-        raise RunFolderError(f"{path}: empty; {fix}")
-    try:
-        split = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunFolderError(f"{path}:{exc.lineno}: broken JSON ({exc.msg}; cut short?); {fix}") from None
     ok = (isinstance(split, dict) and isinstance(split.get("data"), (str, type(None)))
           and all(isinstance(split.get(k), list) and all(isinstance(i, str) for i in split[k])
                   for k in ("train", "heldout")))

@@ -49,18 +49,28 @@ class RunFolder:
         return f"RunFolder({str(self.root)!r})"
 
 
+def read_json(path: Path, what: str, fix: str):
+    """A JSON run file katdata wrote (``what`` names it in errors): a folder in its place, text that is not
+    UTF-8, an empty file or broken JSON is a RunFolderError naming the file (and line) and ``fix``. A
+    missing file raises FileNotFoundError, for the caller to word."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except IsADirectoryError:
+        raise RunFolderError(f"{path}: a folder, not {what}; {fix}") from None
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not UTF-8 text, so not {what}; {fix}") from None
+    if not text.strip():
+        raise RunFolderError(f"{path}: empty (broken JSON, cut short?); {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}:{exc.lineno}: broken JSON ({exc.msg}; cut short?); {fix}") from None
+
+
 def _read_summary(path: Path) -> dict:
     """summary.json as katdata wrote it; a broken or foreign file is a RunFolderError naming it."""
     fix = "move it aside to resume, or give a new folder with --run-dir"
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except IsADirectoryError:
-        raise RunFolderError(f"{path}: a folder, not katdata's summary file; {fix}") from None
-    except UnicodeDecodeError:
-        raise RunFolderError(f"{path}: not UTF-8 text, so not katdata's summary; {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise RunFolderError(f"{path}:{exc.lineno}: broken JSON ({exc.msg}; cut short?), not a summary katdata "
-                             f"wrote whole; {fix}") from None
+    data = read_json(path, "katdata's summary", fix)
     ok = (isinstance(data, dict) and isinstance(data.get("stages"), dict)
           and all(isinstance(v, dict) for v in data["stages"].values())
           and isinstance(data.get("fingerprints", {}), dict))
@@ -116,10 +126,12 @@ class Summary:
 
 
 def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path], running: set[str],
-                 producers: dict[str, str], required: list[str]) -> None:
+                 producers: dict[str, str], required: list[str], memo: Optional[dict] = None) -> None:
     """Before anything changes: every run file ``stage`` reads was made by its stage (``producers``: file name
     -> stage), or is made by one of the ``running`` stages before it, and is as that stage wrote it, not
-    removed or edited by hand since; a ``required`` file that was never made stops the run."""
+    removed or edited by hand since; a ``required`` file that was never made stops the run. ``memo``: file
+    hashes already computed (katdata.fingerprint.hash_inputs' memo)."""
+    memo = {} if memo is None else memo
     for path in paths:
         try:
             name = Path(path).relative_to(run_dir).as_posix()
@@ -136,7 +148,8 @@ def check_inputs(summary: Summary, run_dir: Path, stage: str, paths: list[Path],
         recorded = summary.written(made_by, name)
         if recorded in (None, "missing"):
             continue  # a folder, a file the stage did not write, or recorded by an older katdata
-        now = hash_path(path)
+        key = str(Path(path).resolve())
+        now = memo[key] if key in memo else memo.setdefault(key, hash_path(path))
         if now != recorded:
             how = "removed" if now == "missing" else "changed"
             raise RunFolderError(f"{path}: {how} since the {made_by} stage wrote it, and {stage} reads it; "

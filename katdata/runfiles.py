@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Type, TypeVar
+from typing import Any, Iterable, Iterator, Optional, Type, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -24,6 +24,20 @@ def invalid_row(path: Path, line: int, exc: ValidationError) -> InputError:
     return InputError(path, err["msg"], line=line, field=".".join(str(p) for p in err["loc"]) or None)
 
 
+def parse_row(path: Path, line: Optional[int], raw: bytes, model: Type[T]) -> T:
+    """One line of a stage file as ``model``; a broken one raises InputError naming file, line and field."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not UTF-8 ({exc.reason})", line=line) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"broken JSON ({exc.msg})", line=line) from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_row(path, line, exc) from exc
+
+
 def read_rows(path: Path, model: Type[T]) -> Iterator[T]:
     """Validated rows of a stage file; a broken line raises InputError naming file, line and field."""
     path = Path(path)
@@ -31,18 +45,8 @@ def read_rows(path: Path, model: Type[T]) -> Iterator[T]:
         raise InputError(path, "file not found")
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise InputError(path, f"not UTF-8 ({exc.reason})", line=n) from exc
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"broken JSON ({exc.msg})", line=n) from exc
-            try:
-                yield model.model_validate(data)
-            except ValidationError as exc:
-                raise invalid_row(path, n, exc) from exc
+            if raw.strip():
+                yield parse_row(path, n, raw, model)
 
 
 def repair_tail(path: Path) -> None:
@@ -135,14 +139,7 @@ class RowIndex:
                 offset += len(raw)
 
     def _parse(self, raw: bytes, line: int | None = None):
-        try:
-            return self.model.model_validate(json.loads(raw.decode("utf-8")))
-        except UnicodeDecodeError as exc:
-            raise InputError(self.path, f"not UTF-8 ({exc.reason})", line=line) from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(self.path, f"broken JSON ({exc.msg})", line=line) from exc
-        except ValidationError as exc:
-            raise invalid_row(self.path, line, exc) from exc
+        return parse_row(self.path, line, raw, self.model)
 
     def __contains__(self, key) -> bool:
         return key in self._at

@@ -114,10 +114,6 @@ def check_model(ref: str, origin: str = "") -> None:
         raise EngineError(f"{problem}{where}")
 
 
-def one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
 def failure_line(log_text: str) -> str:
     """The line of a vLLM server log that says why it failed, at most MAX_LINE characters.
 
