@@ -192,7 +192,7 @@ def main() -> int:
                      else None}
     import torch
 
-    from katdata.backends import BackendConfig, get_backend
+    from katdata.backends import EngineConfig, get_backend
     from katdata.evaluate import EvalConfig, generate, metrics
     from katdata.runfiles import RowWriter, done_keys
     from katdata.verify import Verifier
@@ -207,7 +207,7 @@ def main() -> int:
                      frequency_penalty=args.frequency_penalty,
                      think_reserve=args.think_reserve)
     settings = ["auto"] + (["on", "off"] if args.forced else [])
-    backend = get_backend("transformers", BackendConfig(model=None, lora_path=str(adapter), batch_size=48))
+    backend = get_backend("transformers", EngineConfig(model=None, lora_path=str(adapter), batch_size=48))
     t0 = time.perf_counter()
     try:
         with RowWriter(gen_path) as writer:

@@ -16,7 +16,7 @@ import asyncio
 import os
 import time
 
-from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
 
 QUESTIONS = [
     "What is {a} + {b}?", "Name a country that starts with the letter {l}.", "Give a synonym of '{w}'.",
@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ.setdefault("KATDATA_BENCH_KEY", "sk-bench-" + os.urandom(8).hex())
             server = servers.start(api_key_env="KATDATA_BENCH_KEY")
-            cfg = BackendConfig(model=server.served_name, base_url=server.base_url, api_key_env="KATDATA_BENCH_KEY",
+            cfg = EngineConfig(model=server.served_name, base_url=server.base_url, api_key_env="KATDATA_BENCH_KEY",
                                 concurrency=args.batch_size)
         else:
-            cfg = BackendConfig(batch_size=args.batch_size, max_model_len=2048, enforce_eager=True)
+            cfg = EngineConfig(batch_size=args.batch_size, max_model_len=2048, enforce_eager=True)
         backend = get_backend(name, cfg)
         try:
             measure(name, backend, reqs, params, args.rounds, args.path)

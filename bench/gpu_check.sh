@@ -33,9 +33,9 @@ print(f"gpu_check device: {torch.cuda.get_device_name(0) if cuda else 'cpu (dry 
       f"bf16={torch.cuda.is_bf16_supported() if cuda else True}", flush=True)
 
 # 1. transformers backend on CUDA
-from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
 
-backend = get_backend("transformers", BackendConfig(batch_size=64, extra={"device": device}))
+backend = get_backend("transformers", EngineConfig(batch_size=64, extra={"device": device}))
 assert backend.device == device, backend.device
 reqs = [Request([{"role": "user", "content": f"Write two sentences about the number {i}."}]) for i in range(n_req)]
 params = SamplingParams(max_tokens=n_tok, temperature=0.7, seed=0)

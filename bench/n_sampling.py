@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 
-from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-words", type=int, default=200, help="length of each prompt's context")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    backend = get_backend(args.backend, BackendConfig(max_model_len=2048, enforce_eager=True, batch_size=64))
+    backend = get_backend(args.backend, EngineConfig(max_model_len=2048, enforce_eager=True, batch_size=64))
     filler = " ".join(["The report lists figures for each region and year."] * (args.prompt_words // 9))
     reqs = [Request([{"role": "user", "content": f"{filler}\nQuestion {i}: summarise the report in one line."}])
             for i in range(args.prompts)]

@@ -29,13 +29,13 @@ def run_dir_with(queries, root: Path, name: str) -> Path:
 
 def bench_backend(name: str, queries, solve_n: int, args, root: Path) -> dict:
     from katdata import solve, tag
-    from katdata.backends import BackendConfig, get_backend
+    from katdata.backends import EngineConfig, get_backend
 
     extra = {"max_model_len": 2048}
     if name == "vllm":
         extra["enforce_eager"] = True
     t0 = time.perf_counter()
-    backend = get_backend(name, BackendConfig(batch_size=args.batch_size, **extra))
+    backend = get_backend(name, EngineConfig(batch_size=args.batch_size, **extra))
     out = {"load_s": round(time.perf_counter() - t0, 1), "model": backend.model_id}
     try:
         cfg = tag.TagConfig(max_tokens=args.tag_tokens, batch_size=len(queries))

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 from katdata import sources
-from katdata.backends import BackendConfig, SamplingParams, get_backend
+from katdata.backends import EngineConfig, SamplingParams, get_backend
 from katdata.prompt_files import read_prompt
 from katdata.sample import SampleConfig, request_for, sample_queries
 from katdata.template import STOP_STRINGS
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    backend = get_backend("transformers", BackendConfig())
+    backend = get_backend("transformers", EngineConfig())
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
     half = args.queries // 2
     queries = sources.load("gsm8k", limit=half, seed=0) + sources.load("fanoutqa-hop", limit=args.queries - half, seed=0)

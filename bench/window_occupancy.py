@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from katdata import sample, template  # noqa: E402
-from katdata.backends import BackendConfig, SamplingParams, get_backend  # noqa: E402
+from katdata.backends import EngineConfig, SamplingParams, get_backend  # noqa: E402
 from katdata.backends.pool import Occupancy  # noqa: E402
 from katdata.records import Query  # noqa: E402
 from katdata.runfiles import RowWriter, read_rows  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> int:
     results = {}
     try:
         for way in ("chunked", "streamed"):
-            backend = get_backend("openai", BackendConfig(model=model, base_url=base_url, concurrency=args.window,
+            backend = get_backend("openai", EngineConfig(model=model, base_url=base_url, concurrency=args.window,
                                                           extra={"server": "vllm"}))
             backend.occupancy = Trace()
             with tempfile.TemporaryDirectory() as tmp:

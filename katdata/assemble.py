@@ -12,7 +12,6 @@ with the mode-collapse check (katdata/balance.py), before anything is exported.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from collections import Counter
@@ -201,21 +200,6 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
     for index in (queries, judges, tags, samples, solve):
         index.close()
     return {"rows_in": n_votes, **stats, "rejects": dict(rejects), **check_balance(cfg, run_dir)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="katdata assemble", description="Render the cold-start KAT records.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--think-source", default="solver_then_vote",
-                   choices=["solver", "vote", "solver_then_vote", "vote_then_solver"], help="think-on content source")
-    p.add_argument("--accept-imbalance", action="store_true", help="keep going when a mode collapsed")
-    args = p.parse_args(argv)
-    from katdata.preflight import run_folder
-
-    run_folder(args.run_dir, "assemble")
-    cfg = AssembleConfig(think_source=args.think_source, accept_imbalance=args.accept_imbalance)
-    print(run(cfg, args.run_dir, info=RunInfo.from_run(args.run_dir)))  # the run's saved recipe.yaml
-    return 0
 
 
 def _stage_run(ctx: Context) -> dict:

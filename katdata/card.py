@@ -19,7 +19,7 @@ from typing import Any
 import pydantic_core
 import yaml
 
-from katdata import balance
+from katdata import balance, card_training
 from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
 from katdata.redact import redact
@@ -371,6 +371,7 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
            f"`{run_dir.name}`; layout `{cfg.format}`; split seed {cfg.seed}, test share {cfg.test_size} "
            "stratified by mode and domain.", "",
            f"```python\nfrom datasets import load_dataset\nds = load_dataset(\"{cfg.push_to_hub or 'path/to/export'}\")\n```", "",
+           *card_training.section(cfg.format, cfg.push_to_hub or "path/to/export"),
            "## Counts", "", *balance.card_lines(run_dir, stats.modes, stats.label_sources, stats.content_sources),
            _table(["split", "rows", "files"], [[s, v["rows"], v["files"]] for s, v in splits.items()]),
            "", f"Mode ratio overall: think-on {on} ({_pct(on, n)}), think-off {off} ({_pct(off, n)}). "
@@ -469,10 +470,11 @@ def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
 
 
 def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits: dict, feats, cfg) -> Path:
-    """Write README.md (and the plot) into the export folder."""
+    """Write README.md, chat_template.jinja (and the plot) into the export folder."""
     if cfg.pretty_name is None:
         cfg = cfg.model_copy(update={"pretty_name": f"katdata {Path(run_dir).resolve().name}"})
     stats.plotted = cfg.plot and plot(stats, folder / PLOT)
+    card_training.write_template(folder)  # chat_template.jinja, which the card's "Train on this" uses
     from katdata.calibrate import copy_plot
     copy_plot(run_dir, folder)  # the tagger's reliability plot, which card_lines shows
     head = yaml.safe_dump(header(stats, splits, feats, cfg), sort_keys=False, allow_unicode=True)

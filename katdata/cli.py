@@ -19,11 +19,11 @@ from katdata import __version__
 from katdata.errors import EXIT_CHECK_FAILED, EXIT_CODES_HELP, InputError, KatdataError, RunFolderError, report
 from katdata.stages import STAGE_MODULES, all_stages
 
-# commands whose module has its own `main(argv) -> int`: every stage that has one (its help from its
-# declaration, katdata.stages), and two commands that are not stages
+# commands handed to another module: every stage (its help from its declaration, katdata.stages; its
+# module's own `main(argv) -> int` where it has one, else the command katdata.stage_command makes from the
+# declaration), and two commands that are not stages
 DELEGATED = {
-    **{s.name: (module, s.help) for module, s in zip(STAGE_MODULES, all_stages())
-       if hasattr(sys.modules[module], "main")},
+    **{s.name: (module, s.help) for module, s in zip(STAGE_MODULES, all_stages())},
     "calibrate": ("katdata.calibrate", "fit the tagger's p(needs reasoning) to a run's vote outcomes"),
     "serve": ("katdata.servers", "serve a model, adapter or run folder with vLLM (KAT template, kat reasoning parser)"),
 }
@@ -234,10 +234,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     first = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), len(argv))
     if first < len(argv) and argv[first] in DELEGATED:  # `katdata [-v] train ...`
         argv = argv[first:] + argv[:first]
-        target = DELEGATED[argv[0]][0]
+        target = importlib.import_module(DELEGATED[argv[0]][0])
         _configure_logging("-v" in argv or "--verbose" in argv)
         rest = [a for a in argv[1:] if a not in ("-v", "--verbose")]
-        return _guard(lambda: importlib.import_module(target).main(rest), debug)
+        if hasattr(target, "main"):
+            return _guard(lambda: target.main(rest), debug)
+        from katdata import stage_command
+
+        return _guard(lambda: stage_command.main(argv[0], rest), debug)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -29,11 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys, query_meta
+from katdata.run_folder import RunFolder
+from katdata.settings import load_section, no_output_key
 from katdata.stage import Stage
 from katdata.template import ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _no_output = model_validator(mode="before")(classmethod(lambda cls, data: no_output_key(data, "eval")))
 
     engine: str = Field("default", description="recipe engine of the base model (the one the adapter was trained on)")
     adapted_engine: Optional[str] = Field(None, description="recipe engine that already loads the adapter; None = the "
@@ -52,7 +55,6 @@ class EvalConfig(BaseModel):
     adapter: Optional[str] = Field(None, description="adapter folder; default RUN_DIR/train/adapter")
     rl_adapter: Optional[str] = Field(None, description="RL adapter, evaluated as model 'rl' next to base and SFT "
                                       "('adapted'); default RUN_DIR/rl/adapter when it exists; 'none' = skip")
-    output: str = Field("eval", description="output folder, relative to the run folder")
     limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many held-out queries")
     forced: bool = Field(True, description="also run the adapted model in forced think-on and think-off modes")
     base_forced: bool = Field(False, description="also run the base model in the forced modes")
@@ -308,7 +310,7 @@ def _adapted(cfg: EvalConfig, run_dir: Path, engine, base, adapter: Optional[Pat
         view = getattr(base, "backend", base).with_adapter(str(adapter))
         if view is not None:
             return view, False
-    return get_backend(base.name, dataclasses.replace(base.config, lora_path=str(adapter))), True
+    return get_backend(base.name, base.config.model_copy(update={"lora_path": str(adapter)})), True
 
 
 def _set_threads(n: Optional[int]) -> Optional[int]:
@@ -329,9 +331,9 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     from katdata.verify import Verifier
 
     run_dir = Path(run_dir)
-    out = run_dir / cfg.output
+    out = RunFolder(run_dir).eval
     from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
-    check_replaceable(out, run_dir=run_dir, kind="eval", label="eval.output")
+    check_replaceable(out, run_dir=run_dir, kind="eval")
     settings = fingerprint.section_settings("eval", cfg)
     described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
     for name in fingerprint.engine_names(cfg) if described else []:
@@ -339,7 +341,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     inputs = fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)
     current = {"settings": settings, "inputs": inputs}
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
-                             "eval); to keep it, write to a new folder (--set output=NAME) or use another run folder")
+                             "eval); to keep it, copy the run folder and evaluate in the copy")
     items = heldout(run_dir, cfg.limit)  # checked before the folder is made
     from katdata.preflight import check_adapters  # loaded after the base model's generations: checked now
 
@@ -403,24 +405,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="transformers", help="engine for both models: transformers or vllm")
     ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
     ns = ap.parse_args(argv)
-    from katdata.backends import BackendConfig, get_backend
+    from katdata.backends import EngineConfig, get_backend
     from katdata.preflight import run_folder, train_record
     from katdata.fingerprint import engine_settings
-    from katdata.recipe import EngineConfig
-    from katdata.train import _load_config
 
-    cfg = _load_config(ns.config, ns.set, EvalConfig, "eval")
+    cfg = load_section(ns.config, ns.set, EvalConfig, "eval")
     model = ns.model or train_record(ns.run_dir).get("base_model")
     run_folder(ns.run_dir, "eval", backend=ns.backend,  # before torch is imported or any folder is made
                models={"--model" if ns.model else "train/train.json base_model": model})
-    built = {}
+    built, config = {}, EngineConfig(backend=ns.backend, model=model)
 
     def engine(name):
         if name not in built:
-            built[name] = get_backend(ns.backend, BackendConfig(model=model))
+            built[name] = get_backend(ns.backend, config)
         return built[name]
 
-    engine.settings = lambda name: engine_settings(EngineConfig(backend=ns.backend, model=model))
+    engine.settings = lambda name: engine_settings(config)
 
     try:
         from katdata.sandbox import run_sandbox
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             t = m["token_saving"]
             print(f"  auto saves {t['saving']} of always-think's tokens (accuracy {t['accuracy_auto']} against "
                   f"{t['accuracy_always_think']})")
-    print(f"wrote {ns.run_dir / cfg.output / 'eval.json'}")
+    print(f"wrote {RunFolder(ns.run_dir).eval / 'eval.json'}")
     return 0
 
 

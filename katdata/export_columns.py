@@ -56,6 +56,35 @@ def _struct_array(dicts: list[dict], types: dict[str, str], typ, cache: dict):
         return pa.array([card.typed(d, types) for d in dicts], type=typ)
 
 
+_NONE = type(None)
+
+
+def _struct_columns(dicts: list[dict], types: dict[str, str], typ):
+    """The struct column built a field at a time (no dict per row through arrow's converter); None when a
+    value does not fit its typed column or an int overflows (then `_struct_array` takes the batch)."""
+    import pyarrow as pa
+
+    keys = types.keys()
+    extra: list = [None] * len(dicts)
+    for i in [i for i, d in enumerate(dicts) if not d.keys() <= keys]:
+        d = dicts[i]
+        extra[i] = card.dumps({k: v for k, v in d.items() if k not in types})
+    arrays = []
+    try:
+        for f in typ:
+            if f.name == "extra":
+                arrays.append(pa.array(extra, pa.string()))
+                continue
+            k = f.name
+            vals = [d.get(k) for d in dicts]
+            if not set(map(type, vals)) <= {_NONE, *card.COLUMN_TYPES[types[k]]}:
+                return None
+            arrays.append(pa.array(vals, type=f.type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    return pa.StructArray.from_arrays(arrays, fields=list(typ))
+
+
 def _list_array(offsets: list[int], fields: dict[str, list], typ):
     import pyarrow as pa
 
@@ -65,9 +94,10 @@ def _list_array(offsets: list[int], fields: dict[str, list], typ):
 
 
 class Batch:
-    """One row group in the hf layout: records appended column by column, arrays built at once.
+    """One row group in the hf layout: records collected, then each column built at once from them.
 
-    Several times faster than a dict per row through ``pa.Table.from_pylist``.
+    Several times faster than a dict per row through ``pa.Table.from_pylist``; the columns are
+    gathered by list comprehensions over the batch, not appended to a row at a time.
     """
 
     FLAT = ("id", "query", "system", "response", "mode", "judge", "think", "answer", "reference", "kind",
@@ -76,55 +106,71 @@ class Batch:
 
     def __init__(self) -> None:
         self.n, self.test = 0, []
-        self.flat = {k: [] for k in self.FLAT}
-        self.msg_offsets, self.msgs = [0], {"role": [], "content": []}
-        self.tags: list[dict] = []
-        self.vote: list[dict] = []
-        self.source, self.extra = [], []
-        self.model_offsets, self.models = [0], {"role": [], "model": []}
-        self.change_offsets, self.changes = [0], {k: [] for k in ("field", "old", "new", "annotator", "at")}
+        self.recs: list[dict] = []
 
     def add(self, rec: KatRecord, test: bool) -> None:
         self.n += 1
         self.test.append(test)
-        d = rec.__dict__
-        for k, col in self.flat.items():
-            col.append(d[k])
-        roles, contents = self.msgs["role"], self.msgs["content"]
-        if rec.system:
-            roles.append("system")
-            contents.append(rec.system)
-        roles += ("user", "assistant")
-        contents += (rec.query, rec.response)
-        self.msg_offsets.append(len(roles))
-        self.tags.append(rec.tags)
-        self.vote.append(rec.vote)
-        source, models, extra = _provenance(rec.provenance)
-        self.source.append(source)
-        self.extra.append(extra)
-        self.models["role"] += models.keys()
-        self.models["model"] += models.values()
-        self.model_offsets.append(len(self.models["role"]))
-        for c in rec.changes:
-            for col, v in zip(self.changes.values(), _change(c)):
-                col.append(v)
-        self.change_offsets.append(len(self.changes["field"]))
+        self.recs.append(rec.__dict__)
+
+    def _messages(self, typ):
+        roles: list = []
+        contents: list = []
+        offsets = [0]
+        if any(d["system"] for d in self.recs):
+            for d in self.recs:
+                if d["system"]:
+                    roles.append("system")
+                    contents.append(d["system"])
+                roles += ("user", "assistant")
+                contents += (d["query"], d["response"])
+                offsets.append(len(roles))
+        else:  # no system prompt in this batch: user, assistant per row
+            roles = ["user", "assistant"] * len(self.recs)
+            contents = [x for d in self.recs for x in (d["query"], d["response"])]
+            offsets = list(range(0, 2 * len(self.recs) + 1, 2))
+        return _list_array(offsets, {"role": roles, "content": contents}, typ)
+
+    def _provenance(self, typ):
+        import pyarrow as pa
+
+        source, extra = [], []
+        models, model_offsets = {"role": [], "model": []}, [0]
+        changes, change_offsets = {k: [] for k in ("field", "old", "new", "annotator", "at")}, [0]
+        for d in self.recs:
+            s, mods, x = _provenance(d["provenance"])
+            source.append(s)
+            extra.append(x)
+            if mods:
+                models["role"] += mods.keys()
+                models["model"] += mods.values()
+            model_offsets.append(len(models["role"]))
+            for c in d["changes"]:
+                for col, v in zip(changes.values(), _change(c)):
+                    col.append(v)
+            change_offsets.append(len(changes["field"]))
+        kids = {"models": _list_array(model_offsets, models, typ.field("models").type),
+                "changes": _list_array(change_offsets, changes, typ.field("changes").type),
+                "source": pa.array(source, pa.string()), "extra": pa.array(extra, pa.string())}
+        return pa.StructArray.from_arrays([kids[x.name] for x in typ], fields=list(typ))
 
     def table(self, schema):
         import pyarrow as pa
 
         cols = []
         for f in schema:
-            if f.name in self.flat:
-                cols.append(pa.array(self.flat[f.name], type=f.type))
+            if f.name in self.FLAT:
+                k = f.name
+                cols.append(pa.array([d[k] for d in self.recs], type=f.type))
             elif f.name == "messages":
-                cols.append(_list_array(self.msg_offsets, self.msgs, f.type))
+                cols.append(self._messages(f.type))
             elif f.name in ("tags", "vote"):
                 types = card.TAG_TYPES if f.name == "tags" else card.VOTE_TYPES
-                cols.append(_struct_array(getattr(self, f.name), types, f.type, self._cache.setdefault(f.name, {})))
+                k = f.name
+                dicts = [d[k] for d in self.recs]
+                col = _struct_columns(dicts, types, f.type)
+                cols.append(col if col is not None else
+                            _struct_array(dicts, types, f.type, self._cache.setdefault(f.name, {})))
             else:
-                kids = {"models": _list_array(self.model_offsets, self.models, f.type.field("models").type),
-                        "changes": _list_array(self.change_offsets, self.changes, f.type.field("changes").type),
-                        "source": pa.array(self.source, pa.string()), "extra": pa.array(self.extra, pa.string())}
-                cols.append(pa.StructArray.from_arrays([kids[x.name] for x in f.type], fields=list(f.type)))
+                cols.append(self._provenance(f.type))
         return pa.Table.from_arrays(cols, schema=schema)

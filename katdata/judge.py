@@ -14,7 +14,6 @@ Every reply is kept in judges.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import logging
@@ -293,30 +292,6 @@ class _Tags:
 
     def close(self) -> None:
         self._index.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="katdata judge", description="Write and check judge rationales.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--backend", default="transformers", help="engine (transformers, vllm, openai)")
-    p.add_argument("--model", default=None, help="judge model (default: the embedded SmolLM2)")
-    p.add_argument("--rationale-check", default="llm", choices=["llm", "keywords", "none"],
-                   help="how the rationale check reads a rationale's stance")
-    p.add_argument("--writer", default="llm", choices=["llm", "tags"], help="who writes the rationales")
-    args = p.parse_args(argv)
-    from katdata.preflight import run_folder
-
-    llm = args.writer == "llm"  # the tags writer loads no model
-    run_folder(args.run_dir, "judge", backend=args.backend if llm else None,
-               models={"--model": args.model if llm else None})
-    if args.writer == "tags":
-        print(run(JudgeConfig(writer="tags"), args.run_dir, lambda name: None))
-        return 0
-    from katdata.backends import BackendConfig, get_backend
-
-    with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
-        print(run(JudgeConfig(rationale_check=args.rationale_check), args.run_dir, lambda name: backend))
-    return 0
 
 
 STAGE = Stage("judge", "write and check the judge rationales", lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines),

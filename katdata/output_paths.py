@@ -1,6 +1,6 @@
 """Where a command may write: katdata replaces or writes into only a folder it made itself for that purpose.
 
-The rule for every path the user gives (export's ``--out``, ``train.output``, ``rl.output``, ``eval.output``):
+The rule for every path the user gives (export's ``--out`` / ``export.out``; and the run folder's own train/, rl/ and eval/):
 
 * a path that does not exist yet, or an empty folder: used;
 * a folder katdata wrote for the same purpose: replaced (export) or written into (train, rl, eval). An export
@@ -39,9 +39,8 @@ STAGE_FOLDERS = tuple(name for name in RUN_FOLDERS if name not in ("cache", "old
 EXPORT_NAMES = {"README.md", "data", "dataset_info.json"}
 # files that show an older katdata made a train / rl / eval folder (accepted inside the run folder only)
 LEGACY = {"train": ("train.json", "split.json"), "rl": ("rl.json",), "eval": ("eval.json", "generations.jsonl")}
-HINT = {"export": "choose a new or empty folder", "train": "choose a new or empty folder (--set output=NAME)",
-        "rl": "choose a new or empty folder (--set output=NAME)",
-        "eval": "choose a new or empty folder (--set output=NAME)"}
+HINT = {"export": "choose a new or empty folder", "train": "move it out of the run folder",
+        "rl": "move it out of the run folder", "eval": "move it out of the run folder"}
 USES = {"export": "replaces only its own earlier exports"}  # train, rl, eval write into a folder: their wording
 USE = "writes only into a new or empty folder or its own earlier {kind} folder"
 

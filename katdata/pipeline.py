@@ -56,7 +56,7 @@ class Engines:
             from katdata.cache import CachedBackend
 
             cfg = self.recipe.engines[name]
-            backend = get_backend(cfg.backend, cfg.backend_config())
+            backend = get_backend(cfg.backend, cfg)
             if cfg.cache:
                 backend = CachedBackend(backend, self.run_dir / "cache" / f"{name}.jsonl")
             self._built[name] = backend
@@ -137,12 +137,9 @@ def _selected(recipe: Recipe, start: Optional[str], until: Optional[str]) -> lis
 
 
 def _outputs(recipe: Recipe, stage: str, run_dir: Path) -> list[Path]:
-    """What a stage writes (export may write outside the run folder; train and eval name their folder)."""
-    cfg = getattr(recipe, stage, None) if stage != "load" else None
-    if stage == "export" and cfg.out:
-        return [Path(cfg.out)]
-    if stage in ("train", "eval") and cfg is not None:
-        return [run_dir / cfg.output]
+    """What a stage writes (export may write outside the run folder)."""
+    if stage == "export" and recipe.export.out:
+        return [Path(recipe.export.out)]
     return [run_dir / name for name in STAGE_FILES[stage]]
 
 
@@ -161,7 +158,7 @@ def _wrote(path: Path) -> bool:
 
 
 def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str],
-                     memo: Optional[dict] = None) -> None:
+                     memo: Optional[dict] = None, redo_hint: Optional[str] = None) -> None:
     """Stop, before anything runs, when a started or finished stage was made with other settings or inputs."""
     stale, changes = [], []
     for stage in stages:
@@ -182,8 +179,9 @@ def _check_unchanged(recipe: Recipe, run_dir: Path, summary: Summary, stages: li
         state = "finished" if summary.done(first) else "started"
         raise KatdataError(
             f"{run_dir}: {first} ({state}) was made with other settings or inputs: {'; '.join(changes)}. "
-            f"To recompute, rerun with --from {first} (its outputs and the later ones move to {run_dir / 'old'}); "
-            f"to keep this run as it is, give a new folder with --run-dir")
+            f"To recompute, rerun with {redo_hint or '--from ' + first} (its outputs and the later ones move to {run_dir / 'old'}); "
+            f"to keep this run as it is, " + ("copy the run folder and run the stage in the copy" if redo_hint else
+                                             "give a new folder with --run-dir"))
 
 
 def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages: list[str], redo: list[str],
@@ -263,14 +261,18 @@ def _check_isolation(recipe: Recipe, run_dir: Path, stages: list[str], queries) 
 
 
 def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optional[str] = None,
-        on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
+        on_stage: Optional[Callable[[str, dict], None]] = None, recompute: Optional[bool] = None) -> dict:
     """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content.
 
     Everything is checked before the run folder is touched: the stages, the input queries, and that
     no started or finished stage was made with other settings, and that every run file a stage reads
     is there, as its stage wrote it. A run folder this call created is removed again when the run fails
     before a model wrote anything into it (an engine that failed to load, a server that never answered).
+
+    ``start`` recomputes from that stage on (``--from``); with ``recompute=False`` (a stage command
+    without ``--redo``) it resumes there instead, under the same checks.
     """
+    recompute = bool(start) if recompute is None else recompute
     stages = _selected(recipe, start, until)
     copied = [s for s in ROUND_COPIES if s in stages] if recipe.previous_round else []
     # each stage's own checks (the load stage reads and checks its input here): bad input fails now
@@ -278,9 +280,10 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     queries = prepared.get("load")
     run_dir = Path(run_dir)
     summary = Summary(run_dir / "summary.json")
-    redo = STAGES[STAGES.index(start):] if start else []
+    redo = STAGES[STAGES.index(start):] if start and recompute else []
     memo: dict = {}  # file hashes, each file read once by the checks below
-    _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo], memo)
+    _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo], memo,
+                     redo_hint="--redo" if start and start == until and not recompute else None)
     _check_stage_inputs(recipe, run_dir, summary, stages, redo, copied, memo)
     if "export" in stages and recipe.export.out:  # a user's folder is refused now, not hours later
         from katdata.output_paths import check_replaceable

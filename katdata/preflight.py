@@ -1,9 +1,9 @@
 """Checks that need no model: a recipe's engine names, models, adapters, servers and run_dir; a run folder's inputs.
 
 `katdata validate` and `katdata run` check a recipe with ``recipe_problems`` (through ``load_recipe``)
-before any folder exists or any model loads; every stage command (`katdata tag / solve / sample / vote /
-judge / assemble / calibrate / export / review / train / rl / eval`) checks its run folder, its ``--model``
-and ``--backend`` with ``run_folder`` before it imports torch or loads a model (eval checks its adapters
+before any folder exists or any model loads; every stage command (`katdata STAGE RUN`, and calibrate)
+checks its run folder with ``run_folder`` before it reads a recipe, imports torch or loads a model (eval
+also its ``--model`` and ``--backend``) (eval checks its adapters
 with ``check_adapters`` too, as the pipeline's eval stage does). So `validate` finds what `run` would find,
 and a missing run folder is exit 3 (RunFolderError) in every command.
 

@@ -225,20 +225,34 @@ _FLAG = re.compile(rb'"review"\s*:\s*true')
 def _flagged(src: Path) -> set[str]:
     """Ids the vote flagged and no reviewer answered; lines that do not parse are left to the readers
     that name them (export, train)."""
-    out = set()
+    out: set[str] = set()
     if not Path(src).is_file():
         return out
     with open(src, "rb") as f:
-        for raw in f:
-            if not _FLAG.search(raw):  # most records: no review flag set anywhere, nothing to parse
-                continue
-            try:
-                r = _Flagged.model_validate_json(raw)
-            except ValidationError:
-                continue
-            if r.vote.review is True and not isinstance(r.provenance.review, dict):
-                out.add(r.id)
+        while True:
+            block = f.read(_BLOCK)
+            if not block:
+                break
+            if not block.endswith(b"\n"):
+                block += f.readline()  # whole lines only
+            if _FLAG.search(block):  # most blocks: no review flag anywhere, no line to look at
+                _flagged_lines(block.split(b"\n"), out)
     return out
+
+
+_BLOCK = 1 << 22
+
+
+def _flagged_lines(lines: list[bytes], out: set[str]) -> None:
+    for raw in lines:
+        if not _FLAG.search(raw):
+            continue
+        try:
+            r = _Flagged.model_validate_json(raw)
+        except ValidationError:
+            continue
+        if r.vote.review is True and not isinstance(r.provenance.review, dict):
+            out.add(r.id)
 
 
 def _rows(path: Path, model) -> Iterable:

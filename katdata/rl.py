@@ -35,11 +35,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from katdata.errors import KatdataError, require
 from katdata.rl_rewards import EVIDENCE, decision_length, mode_tag_ids, reward_functions, segment_advantages
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX
+from katdata.run_folder import RunFolder
+from katdata.settings import load_section, no_output_key
 from katdata.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,12 @@ log = logging.getLogger(__name__)
 
 class RLConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _no_output = model_validator(mode="before")(classmethod(lambda cls, data: no_output_key(data, "rl")))
 
     model: Optional[str] = Field(None, description="base model; None = the base_model train.json names (else the "
                                  "embedded SmolLM2)")
     policy: Optional[str] = Field(None, description="the SFT policy: an adapter folder (trained further) or a merged "
                                   "model folder (a fresh LoRA goes on it); default RUN_DIR/train/adapter")
-    output: str = Field("rl", description="output folder, relative to the run folder")
     limit: Optional[int] = Field(None, ge=1, description="use at most this many training queries")
     num_generations: int = Field(4, ge=2, description="completions per query (one GRPO group)")
     forced_per_mode: int = Field(1, ge=0, description="completions per group forced to think-on, and as many to "
@@ -229,13 +231,13 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     from katdata import fingerprint
 
     run_dir = Path(run_dir)
-    out = run_dir / cfg.output
+    out = RunFolder(run_dir).rl
     from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
-    check_replaceable(out, run_dir=run_dir, kind="rl", label="rl.output")
+    check_replaceable(out, run_dir=run_dir, kind="rl")
     current = {"settings": fingerprint.section_settings("rl", cfg),
                "inputs": fingerprint.hash_inputs(input_paths(cfg, run_dir), run_dir)}
     fingerprint.check_folder(out, current, f"to redo RL, move {out} aside (in a pipeline: rerun with --from rl); to "
-                             "keep it, write into a new folder (--set output=NAME) or another run folder")
+                             "keep it, copy the run folder and run rl in the copy")
     if (out / "rl.json").is_file() and (out / "adapter").is_dir():
         log.info("rl: %s already holds a finished adapter made with these settings, skipping", out)
         return json.loads((out / "rl.json").read_text())
@@ -350,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="a YAML file: the recipe (its `rl:` section is used) or rl settings alone")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     ns = ap.parse_args(argv)
-    from katdata.train import _load_config, _main_rank
+    from katdata.train import _main_rank
 
-    cfg = _load_config(ns.config, ns.set, RLConfig, "rl")
+    cfg = load_section(ns.config, ns.set, RLConfig, "rl")
     from katdata.preflight import run_folder, train_record
 
     base = cfg.model or train_record(ns.run_dir).get("base_model")

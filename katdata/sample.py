@@ -14,7 +14,6 @@ Every sample becomes an ``Attempt`` row (source="vote") in samples.jsonl, parsed
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter, defaultdict, deque
 from pathlib import Path
@@ -304,29 +303,6 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend],
             "samples_saved": 2 * cfg.n * stats["queries"] - stats["used"], "tokens": stats["tokens"],
             "no_answer": stats["no_answer"], "verify_errors": stats["verify_errors"], "skipped_think_on": len(skip_on),
             "closed_at_stop": stats["closed_at_stop"], "stopped_early": stats["stopped_early"]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="katdata sample", description="Sample N responses per mode per query.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--backend", default="transformers", help="engine to use (transformers, vllm, openai)")
-    p.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2)")
-    p.add_argument("--n", type=int, default=8, help="samples per mode")
-    p.add_argument("--rounds", default="2,4,8", help="cumulative per-mode counts, comma-separated ('' = none)")
-    p.add_argument("--confidence", type=float, default=0.95, help="early-stop confidence")
-    args = p.parse_args(argv)
-    from katdata.backends import BackendConfig, get_backend
-    from katdata.errors import KatdataError
-    from katdata.preflight import run_folder
-
-    run_folder(args.run_dir, "sample", backend=args.backend, models={"--model": args.model})  # before any model loads
-    if not all(x.strip().isdigit() for x in args.rounds.split(",") if x.strip()):
-        raise KatdataError(f"--rounds {args.rounds!r}: whole numbers, comma-separated (e.g. 2,4,8)")
-    cfg = SampleConfig(n=args.n, rounds=[int(x) for x in args.rounds.split(",") if x.strip()],
-                       confidence=args.confidence)
-    with get_backend(args.backend, BackendConfig(model=args.model)) as backend:
-        print(run(cfg, args.run_dir, lambda name: backend))
-    return 0
 
 
 STAGE = Stage("sample", "sample N responses per mode per query (mode forced by the prefix)",

@@ -117,7 +117,7 @@ def explain(exc: ValidationError, blame, model: Any, style: str = "key") -> Katd
             lines.append(f"{where}{name}: {err['input']!r} is out of range (allowed: {_bounds(model, loc) or err['msg']})")
         else:
             got = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
-            lines.append(f"{where}{name}: {err['msg']}{got}")
+            lines.append(f"{where}{name}: {err['msg'].removeprefix('Value error, ')}{got}")
     return KatdataError("; ".join(lines))
 
 
@@ -216,3 +216,32 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
         if sub:
             out.extend(describe(sub[0], key + "."))
     return out
+
+
+def no_output_key(data: Any, stage: str) -> Any:
+    """A section's ``output`` key, removed (the stage writes RUN/STAGE, katdata.run_folder.FILES): named in one
+    line rather than as an unknown key (pydantic's ``mode="before"`` validator of the train, rl and eval sections)."""
+    if isinstance(data, dict) and "output" in data:
+        raise ValueError(f"'output' was removed: the {stage} stage always writes RUN_DIR/{stage}/ (to keep an "
+                         "earlier one, copy the run folder); delete the key")
+    return data
+
+
+def load_section(path: Optional[str], sets: list[str], model: type[BaseModel], section: str) -> BaseModel:
+    """A stage's config from a YAML file (a recipe, whose ``section`` is used, or the settings alone) plus
+    KEY=VALUE overrides (the --config / --set of the train, rl and eval commands)."""
+    data: dict = {}
+    in_recipe = False
+    if path:
+        doc = read_yaml(path, "config")
+        in_recipe = section in doc or "engines" in doc or "data" in doc
+        data = dict(doc.get(section) or {}) if in_recipe else doc
+    origin = {}
+    for item in sets:
+        key, value = parse_override(item)
+        set_key(data, key, value, item)
+        origin[key] = item
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise explain(exc, Blame(Path(path) if path else None, origin, (section,) if in_recipe else ()), model) from None

@@ -20,8 +20,6 @@ model, raw text) as provenance.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
 import time
@@ -379,27 +377,6 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend],
     if isolation:
         stats = {"sandbox": isolation, **stats}
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="katdata solve", description="Write think-on traces with the multi-agent solver.")
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--backend", default="transformers", help="transformers | vllm | openai")
-    ap.add_argument("--model", default=None, help="model name or folder (default: the embedded model)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threshold", type=float, default=7.0)
-    ap.add_argument("--max-tokens", type=int, default=384)
-    ap.add_argument("--only-reasoning", action="store_true", help="skip the think-off candidates of tags.jsonl")
-    args = ap.parse_args(argv)
-    from katdata.preflight import run_folder
-
-    run_folder(args.run_dir, "solve", backend=args.backend, models={"--model": args.model})  # before any model loads
-    cfg = SolveConfig(rounds=args.rounds, threshold=args.threshold, max_tokens=args.max_tokens,
-                      queries="not_off_candidates" if args.only_reasoning else "all")
-    from katdata.backends import engine_factory
-
-    print(json.dumps(run(cfg, args.run_dir, engine_factory(args.backend, args.model)), indent=2))
-    return 0
 
 
 STAGE = Stage("solve", "think-on traces from the solver / thinker / critic agents",

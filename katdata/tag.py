@@ -19,7 +19,6 @@ decides both, and the tagger's own p is kept as ``p_uncalibrated``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -35,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from katdata.backends.base import Backend, Completion, Job, Request, SamplingParams
 from katdata.prompt_files import read_prompt
 from katdata.errors import KatdataError
-from katdata.preflight import run_folder
 from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.stage import Stage
@@ -459,31 +457,6 @@ def _batches(items, size: int):
     items = iter(items)
     while batch := list(islice(items, size)):
         yield batch
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="katdata tag", description="Tag a run folder's queries.jsonl into tags.jsonl.")
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--backend", default="transformers", help="transformers | vllm | openai")
-    ap.add_argument("--model", default=None, help="model name or folder (default: the embedded model)")
-    ap.add_argument("--no-llm", action="store_true", help="rule prior only")
-    ap.add_argument("--threshold", type=float, default=0.7, help="think-off candidate confidence threshold")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--calibration", help="calibration.json (or a run folder with one) from `katdata calibrate`")
-    args = ap.parse_args(argv)
-    from pydantic import ValidationError
-
-    try:
-        cfg = TagConfig(use_llm=not args.no_llm, think_off_threshold=args.threshold, batch_size=args.batch_size,
-                        calibration=args.calibration)
-    except ValidationError as exc:
-        raise KatdataError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
-    run_folder(args.run_dir, "tag", backend=args.backend, models={"--model": args.model})  # before any model loads
-    from katdata.backends import engine_factory
-
-    stats = run(cfg, args.run_dir, engine_factory(args.backend, args.model))
-    print(json.dumps(stats, indent=2))
-    return 0
 
 
 STAGE = Stage("tag", "tag a run's queries (rule prior + LLM tagger)", lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines),

@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from katdata.errors import InputError, KatdataError, require
+from katdata.run_folder import RunFolder
+from katdata.settings import load_section, no_output_key
 from katdata.stage import Stage
 from katdata.template import MARKERS, parse
 
@@ -46,12 +48,12 @@ MARKER_WORDS = {"<judge>": "judge", "</judge>": "end judge", "<think_on>": "thin
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _no_output = model_validator(mode="before")(classmethod(lambda cls, data: no_output_key(data, "train")))
 
     model: Optional[str] = Field(None, description="base model folder or hub id; None or 'embedded' = the embedded "
                                  "SmolLM2")
     data: Optional[str] = Field(None, description="a Hub dataset folder or a records.jsonl; default RUN_DIR/export, "
                                 "else RUN_DIR/records.jsonl")
-    output: str = Field("train", description="output folder, relative to the run folder")
     holdout: int = Field(32, ge=0, description="records held out for `katdata eval` (seeded, stratified by mode) "
                          "when the data has no test split; never trained on")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
@@ -341,13 +343,13 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
     from katdata import fingerprint
 
     run_dir = Path(run_dir)
-    out = run_dir / cfg.output
+    out = RunFolder(run_dir).train
     from katdata.output_paths import check_replaceable  # new, empty or its own: never a user's folder
-    check_replaceable(out, run_dir=run_dir, kind="train", label="train.output")
+    check_replaceable(out, run_dir=run_dir, kind="train")
     current = {"settings": fingerprint.section_settings("train", cfg),
                "inputs": fingerprint.hash_inputs([_source(cfg.data, run_dir)], run_dir)}
     fingerprint.check_folder(out, current, f"to retrain, move {out} aside (in a pipeline: rerun with --from train); "
-                             "to keep it, train into a new folder (--set output=NAME) or another run folder")
+                             "to keep it, copy the run folder and train in the copy")
     if (out / "train.json").is_file() and (out / "adapter").is_dir():
         log.info("train: %s already holds a finished adapter made with these settings, skipping", out)
         return json.loads((out / "train.json").read_text())
@@ -434,30 +436,6 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
 
 
 # ---------------------------------------------------------------- the command
-def _load_config(path: Optional[str], sets: list[str], model=TrainConfig, section: str = "train"):
-    """A stage config from a YAML file (a recipe's section, or the settings alone) plus KEY=VALUE overrides."""
-    from pydantic import ValidationError
-
-    from katdata.recipe import Blame, explain, parse_override, read_yaml, set_key
-
-    data: dict = {}
-    in_recipe = False
-    if path:
-        doc = read_yaml(path, "config")
-        in_recipe = section in doc or "engines" in doc or "data" in doc
-        data = dict(doc.get(section) or {}) if in_recipe else doc
-    origin = {}
-    for item in sets:
-        key, value = parse_override(item)
-        set_key(data, key, value, item)
-        origin[key] = item
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        blame = Blame(Path(path) if path else None, origin, (section,) if in_recipe else ())
-        raise explain(exc, blame, model) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="katdata train", description="LoRA fine-tuning on a run folder's KAT records.")
     ap.add_argument("run_dir", type=Path, help="the run folder (reads export/ or records.jsonl, writes train/)")
@@ -466,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audit", type=int, metavar="N", help="print N examples with loss spans marked and per-span "
                     "loss-token counts, then exit without training")
     ns = ap.parse_args(argv)
-    cfg = _load_config(ns.config, ns.set)
+    cfg = load_section(ns.config, ns.set, TrainConfig, "train")
     from katdata.preflight import run_folder
 
     run_folder(ns.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported

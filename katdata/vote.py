@@ -8,7 +8,6 @@ sample is correct the recipe drops the query, uses the tagger's prior, or sends 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -205,20 +204,6 @@ def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
     samples.close()
     tags.close()
     return {"rows_in": stats.pop("rows_in", 0), **stats}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="katdata vote", description="Label each query's mode from its samples.")
-    p.add_argument("run_dir", type=Path)
-    for name, f in VoteConfig.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.description)
-    args = vars(p.parse_args(argv))
-    run_dir = args.pop("run_dir")
-    from katdata.preflight import run_folder
-
-    run_folder(run_dir, "vote")
-    print(run(VoteConfig(**args), run_dir))
-    return 0
 
 
 def _stage_run(ctx: Context) -> dict:

@@ -45,19 +45,19 @@ def tokenizer(embedded_model):
 
 @pytest.fixture(scope="session")
 def hf_backend(embedded_model):
-    from katdata.backends import BackendConfig, get_backend
+    from katdata.backends import EngineConfig, get_backend
 
-    backend = get_backend("transformers", BackendConfig(max_model_len=MAX_MODEL_LEN, batch_size=16))
+    backend = get_backend("transformers", EngineConfig(max_model_len=MAX_MODEL_LEN, batch_size=16))
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="session")
 def vllm_backend(embedded_model):
-    from katdata.backends import BackendConfig, get_backend
+    from katdata.backends import EngineConfig, get_backend
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    backend = get_backend("vllm", BackendConfig(max_model_len=MAX_MODEL_LEN, enforce_eager=True))
+    backend = get_backend("vllm", EngineConfig(max_model_len=MAX_MODEL_LEN, enforce_eager=True))
     yield backend
     backend.close()
 
@@ -87,20 +87,20 @@ def vllm_server(embedded_model, api_key):
 
 
 def _openai_config(server, **extra):
-    """A BackendConfig for the openai backend on ``server`` (test defaults: short backoff)."""
-    from katdata.backends import BackendConfig
+    """A EngineConfig for the openai backend on ``server`` (test defaults: short backoff)."""
+    from katdata.backends import EngineConfig
 
     opts = {"server": "vllm", "retry_base_s": 0.2, "retry_cap_s": 2.0}
     opts.update(extra.pop("extra", {}))
     fields = dict(model=server.served_name, base_url=server.base_url, api_key_env=TEST_KEY_ENV,
                   concurrency=8, timeout_s=120)
     fields.update(extra)
-    return BackendConfig(extra=opts, **fields)
+    return EngineConfig(extra=opts, **fields)
 
 
 @pytest.fixture(scope="session")
 def openai_config():
-    """``openai_config(server, **BackendConfig fields)`` -> a config for the openai backend on it."""
+    """``openai_config(server, **EngineConfig fields)`` -> a config for the openai backend on it."""
     return _openai_config
 
 

@@ -1,6 +1,6 @@
 """Eval's one engine: a LoRA adapter switched on for adapted requests only, on the same weights."""
 
-from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
 
 
 def test_transformers_adapter_view_shares_the_weights_and_switches(tmp_path, embedded_model):
@@ -18,7 +18,7 @@ def test_transformers_adapter_view_shares_the_weights_and_switches(tmp_path, emb
                 p.mul_(50.0)  # an adapter strong enough to change greedy text
     lora.save_pretrained(tmp_path / "adapter")
 
-    backend = get_backend("transformers", BackendConfig(max_model_len=512, batch_size=4))
+    backend = get_backend("transformers", EngineConfig(max_model_len=512, batch_size=4))
     reqs = [Request([{"role": "user", "content": f"Name a fruit, number {i}."}]) for i in range(2)]
     p = SamplingParams(max_tokens=12)
     before = [c[0].text for c in backend.generate(reqs, p)]

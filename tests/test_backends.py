@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
 from katdata.errors import KatdataError
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS
 
@@ -156,7 +156,7 @@ def test_wrong_model_path_is_named(tmp_path):
     missing = str(tmp_path / "no-such-model")
     for name in ("transformers", "vllm"):
         with pytest.raises(KatdataError, match="no-such-model"):
-            get_backend(name, BackendConfig(model=missing))
+            get_backend(name, EngineConfig(model=missing))
 
 
 def test_scripted_backend_is_not_a_recipe_engine(tmp_path):
@@ -200,7 +200,7 @@ def test_no_key_in_reprs_logs_errors_or_the_cache(tmp_path, caplog, monkeypatch)
     assert key in log_path.read_text() and "my key is <redacted>" in str(died.value)
     texts = [str(died.value), repr(server)]
 
-    cfg = BackendConfig(model="m", base_url=f"http://user:{password}@127.0.0.1:{servers.free_port()}/v1",
+    cfg = EngineConfig(model="m", base_url=f"http://user:{password}@127.0.0.1:{servers.free_port()}/v1",
                         api_key_env="KATDATA_UNIT_KEY", max_retries=1, timeout_s=10,
                         extra={"retry_base_s": 0.01, "retry_cap_s": 0.05, "api_key": key})
     backend = CachedBackend(get_backend("openai", cfg), tmp_path / "cache.jsonl")

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from katdata.backends import BackendConfig, Completion, Request, SamplingParams
+from katdata.backends import EngineConfig, Completion, Request, SamplingParams
 from katdata.backends.scripted import ScriptedBackend
 from katdata.cache import CachedBackend, cache_key
 
@@ -23,7 +23,7 @@ def counting_backend():
     """Replies name the query, the sample index and the seed, so a wrong sample is visible."""
     def script(req: Request, i: int) -> str:
         return f"{req.messages[-1]['content']}#{i}"
-    return ScriptedBackend(BackendConfig(model="scripted", batch_size=2), script=script)
+    return ScriptedBackend(EngineConfig(model="scripted", batch_size=2), script=script)
 
 
 def generated(backend) -> int:
@@ -56,7 +56,7 @@ def test_key_covers_prompt_params_and_index(tmp_path):
                    {"logprobs": 1}, {"repetition_penalty": 1.1}, {"frequency_penalty": 0.3}):
         assert k != cache_key(b, "p", base.with_(**change), 0), change
     assert k == cache_key(b, "p", base.with_(n=5), 0)  # n is not part of the key
-    other = ScriptedBackend(BackendConfig(model="other"))
+    other = ScriptedBackend(EngineConfig(model="other"))
     assert k != cache_key(other, "p", base, 0)
 
 
@@ -74,17 +74,17 @@ def test_more_samples_generate_only_the_missing_ones(tmp_path):
 
 def test_errors_are_not_cached_and_torn_tail_is_repaired(tmp_path):
     path = tmp_path / "c.jsonl"
-    failing = ScriptedBackend(BackendConfig(model="m"), script=lambda r, i: Completion("", "error", error="boom"))
+    failing = ScriptedBackend(EngineConfig(model="m"), script=lambda r, i: Completion("", "error", error="boom"))
     cache = CachedBackend(failing, path)
     cache.generate([chat("a")], SamplingParams())
     cache.close()
     assert not path.exists() or path.read_text() == ""
-    ok = CachedBackend(ScriptedBackend(BackendConfig(model="m"), script=lambda r, i: "fine"), path)
+    ok = CachedBackend(ScriptedBackend(EngineConfig(model="m"), script=lambda r, i: "fine"), path)
     ok.generate([chat("a"), chat("b")], SamplingParams())
     ok.close()
     with open(path, "a") as f:
         f.write('{"key": "torn')  # a crash mid-line
-    reopened = CachedBackend(ScriptedBackend(BackendConfig(model="m")), path)
+    reopened = CachedBackend(ScriptedBackend(EngineConfig(model="m")), path)
     assert [r[0].text for r in reopened.generate([chat("a"), chat("b")], SamplingParams())] == ["fine", "fine"]
     assert reopened.hits == 2
     assert path.read_text().endswith("\n")
@@ -92,10 +92,10 @@ def test_errors_are_not_cached_and_torn_tail_is_repaired(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from katdata.backends import BackendConfig, Request, SamplingParams, get_backend
+    from katdata.backends import EngineConfig, Request, SamplingParams, get_backend
     from katdata.cache import CachedBackend
     if __name__ == "__main__":
-        backend = get_backend("transformers", BackendConfig(batch_size=4, max_model_len=1024))
+        backend = get_backend("transformers", EngineConfig(batch_size=4, max_model_len=1024))
         cache = CachedBackend(backend, sys.argv[1])
         reqs = [Request([{"role": "user", "content": f"Write a sentence about the number {i}."}]) for i in range(12)]
         cache.generate(reqs, SamplingParams(n=2, temperature=0.9, max_tokens=24, seed=3))

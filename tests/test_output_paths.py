@@ -190,30 +190,35 @@ def test_export_honours_the_umask(tmp_path, run, umask, folder, file):
 # ---------------------------------------------------------------- train / rl / eval output folders
 
 
-@pytest.mark.parametrize("cmd, output, texts", [
-    ("train", "..", ["train.output", "contains the run folder"]),
-    ("train", ".", ["the run folder itself"]),
-    ("train", "{mine}", ["a folder katdata did not write", "train fingerprint.json"]),
-    ("train", "export", ["the run folder's own export/ folder"]),
-    ("train", "cache/train", ["inside", "cache"]),
-    ("eval", "{afile}", ["eval.output", "a file"]),
-    ("eval", "train", ["the run folder's own train/ folder"]),
-    ("eval", "{mine}", ["a folder katdata did not write"]),
-    ("rl", "{mine}", ["rl.output", "a folder katdata did not write"]),
-    ("rl", "train", ["the run folder's own train/ folder"]),
-    ("rl", "{link}", ["a symbolic link"]),
+@pytest.mark.parametrize("cmd, what, texts", [
+    ("train", "user folder", ["a folder katdata did not write"]),
+    ("eval", "file", ["a file"]),
+    ("eval", "user folder", ["a folder katdata did not write"]),
+    ("rl", "user folder", ["a folder katdata did not write"]),
+    ("rl", "link", ["a symbolic link"]),
 ])
-def test_train_rl_eval_refuse_a_folder_they_did_not_write(tmp_path, run, capsys, cmd, output, texts):
+def test_train_rl_eval_refuse_a_folder_they_did_not_write(tmp_path, run, capsys, cmd, what, texts):
+    """train, rl and eval write RUN/train, RUN/rl and RUN/eval (run_folder.FILES): never over what a user put there."""
     (run / "export").mkdir()
     (run / "export" / "README.md").write_text("# card\n")
-    (run / "train").mkdir()
-    (run / "train" / "split.json").write_text('{"train": [], "heldout": []}')
-    (run / "cache").mkdir()
-    mine = user_folder(tmp_path / "mine")
-    (tmp_path / "afile").write_text("x")
-    (tmp_path / "link").symlink_to(mine)
-    output = output.format(mine=mine, afile=tmp_path / "afile", link=tmp_path / "link")
-    refused(capsys, [cmd, str(run), "--set", f"output={output}"], tmp_path, *texts)
+    if cmd != "train":
+        (run / "train").mkdir()
+        (run / "train" / "split.json").write_text('{"train": [], "heldout": []}')
+    target = run / cmd
+    if what == "user folder":
+        user_folder(target)
+    elif what == "file":
+        target.write_text("x")
+    else:
+        target.symlink_to(user_folder(tmp_path / "mine"))
+    refused(capsys, [cmd, str(run)], tmp_path, *[str(target), *texts])
+
+
+def test_the_removed_output_key_is_one_line(tmp_path, run, capsys):
+    for cmd in ("train", "rl", "eval"):
+        assert main([cmd, str(run), "--set", "output=elsewhere"]) == 2
+        line = error_line(capsys)
+        assert f"the {cmd} stage always writes RUN_DIR/{cmd}/" in line and "Value error" not in line, line
 
 
 def test_stage_folders_katdata_wrote_are_its_own(tmp_path, run):

@@ -115,7 +115,7 @@ def test_a_stage_input_missing_is_exit_3_naming_the_stage(here, capsys, command,
 
 def test_a_folder_where_a_stage_file_should_be(here, capsys):
     (here / "run" / "queries.jsonl").mkdir(parents=True)
-    error_of(["tag", "run", "--no-llm"], 3, capsys, "run/queries.jsonl: a folder, not a file", "decontaminate stage")
+    error_of(["tag", "run", "--no-use-llm"], 3, capsys, "run/queries.jsonl: a folder, not a file", "decontaminate stage")
     (here / "run2").mkdir()
     (here / "run2" / "export").write_text("x")
     error_of(["train", "run2"], 3, capsys, "run2/export: a file, not a folder", "assemble stage")
@@ -155,7 +155,11 @@ def test_eval_with_an_unknown_backend_names_the_flag_and_the_valid_ones(here, ca
     split_run(here)
     error_of(["eval", "run", "--backend", "foo"], 2, capsys, "--backend foo", "valid: transformers, vllm")
     error_of(["eval", "run", "--backend", "openai"], 2, capsys, "--backend openai", "valid: transformers, vllm")
-    error_of(["tag", "run", "--backend", "foo"], 2, capsys, "--backend foo", "valid: openai, transformers, vllm")
+    (here / "run" / "recipe.yaml").write_text(RECIPE)
+    (here / "run" / "queries.jsonl").write_text(Q)
+    (here / "q.jsonl").write_text(Q)
+    error_of(["tag", "run", "--set", "engines.default.backend=foo"], 2, capsys, "engines.default.backend",
+             "'transformers', 'vllm' or 'openai' (got 'foo')")
 
 
 def test_eval_checks_its_adapters_before_a_model_loads(here, capsys):
@@ -194,16 +198,23 @@ def test_a_broken_train_json_is_one_line(here, capsys):
 
 
 def test_stage_flags_are_checked_before_a_model_loads(here, capsys):
+    """A stage command reads the run's recipe.yaml; its flags and --set are recipe keys, checked as `run` checks
+    them, before a model loads."""
     (here / "run").mkdir()
     (here / "run" / "queries.jsonl").write_text(Q)
+    (here / "q.jsonl").write_text(Q)
+    (here / "run" / "recipe.yaml").write_text(RECIPE)
     model_folder(here / "weightless", "config.json", "tokenizer.json")
-    error_of(["tag", "run", "--model", "weightless"], 2, capsys, "--model: weightless holds no loadable model",
-             "no weights (*.safetensors")
-    error_of(["sample", "run", "--model", "./nope"], 2, capsys, "--model: no such file or folder: ./nope")
-    error_of(["sample", "run", "--rounds", "2,x"], 2, capsys, "--rounds '2,x'", "whole numbers")
-    error_of(["solve", "run", "--backend", "openai"], 2, capsys, "--backend openai", "OPENAI_BASE_URL")
-    error_of(["tag", "run", "--no-llm", "--calibration", "nope.json"], 2, capsys, "nope.json: not found")
+    error_of(["tag", "run", "--set", "engines.default.model=weightless"], 2, capsys,
+             "engines.default.model: weightless holds no loadable model", "no weights (*.safetensors")
+    error_of(["sample", "run", "--n", "x"], 2, capsys, "sample.n: Input should be a valid integer", "(got 'x')")
+    error_of(["sample", "run", "--set", "rounds=[2, x]"], 2, capsys, "sample.rounds.1", "(got 'x')")
+    error_of(["solve", "run", "--set", "engines.default.backend=openai"], 2, capsys, "OPENAI_BASE_URL")
+    error_of(["tag", "run", "--no-use-llm", "--calibration", "nope.json"], 2, capsys, "nope.json: not found")
     assert "Value error" not in error_of(["tag", "run", "--calibration", "nope.json"], 2, capsys)
+    error_of(["tag", "run", "--config", "nope.yaml"], 2, capsys, "nope.yaml")
+    (here / "run" / "recipe.yaml").unlink()
+    error_of(["tag", "run"], 2, capsys, "run/recipe.yaml: not found: give the recipe with --config RECIPE")
     (here / "run" / "records.jsonl").write_text("")
     error_of(["train", "run", "--set", "model=weightless"], 2, capsys, "model: weightless holds no loadable model")
 

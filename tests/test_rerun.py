@@ -263,3 +263,42 @@ def test_fingerprint_names_changes_and_leaves_out_speed_knobs(tmp_path):
     assert fingerprint.hash_path(f) != one and fingerprint.hash_path(tmp_path / "nope") == "missing"
     assert fingerprint.compare({"inputs": {"x.jsonl": one}}, {"inputs": {"x.jsonl": fingerprint.hash_path(f)}}) == [
         "input x.jsonl changed"]
+
+
+def test_stage_commands_resume_refuse_and_redo_like_run(project):
+    """`katdata STAGE RUN` goes through run's checks: a finished stage with the same settings is left as it
+    is, other settings are refused before anything changes, and --redo recomputes (the old files kept)."""
+    run = copy_run(project, "stagecmd")
+    before = snapshot(run)
+    ok(katdata("vote", run, cwd=project))  # the run's own recipe.yaml, same settings: done already
+    assert snapshot(run) == before
+    line = error_line(katdata("vote", run, "--none-correct", "drop", "--set", "explore_share=0.5", cwd=project))
+    assert "vote (finished) was made with other settings" in line and "rerun with --redo" in line
+    assert "--run-dir" not in line  # the stage command has none: copy the folder to keep it
+    assert 'vote.none_correct: "prior" -> "drop"' in line and "vote.explore_share" in line
+    line = error_line(katdata("sample", run, "--temperature", "0.5", cwd=project))  # refused before a model loads
+    assert "sample (finished)" in line and "sample.temperature: 0.8 -> 0.5" in line
+    assert snapshot(run) == before
+    proc = ok(katdata("vote", run, "--none-correct", "drop", "--redo", cwd=project))
+    assert json.loads(proc.stdout)["rows_in"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["fingerprints"]["vote"]["settings"]["vote.none_correct"] == "drop"
+    assert "judge" not in summary["stages"] and not (run / "records.jsonl").exists()  # later stages moved aside
+    kept = {p.name for p in (run / "old").rglob("*.jsonl")}
+    assert {"votes.jsonl", "judges.jsonl", "records.jsonl"} <= kept
+    ok(katdata("judge", run, cwd=project))
+    ok(katdata("assemble", run, cwd=project))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"]["assemble"]["done"] and (run / "records.jsonl").is_file()
+    before = snapshot(run)
+    assert "done already" in ok(katdata("assemble", run, cwd=project)).stderr
+    assert snapshot(run) == before
+
+
+def test_stage_command_needs_a_recipe(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "queries.jsonl").write_text('{"id": "a", "query": "2+2?"}\n')
+    line = error_line(katdata("tag", "r", cwd=tmp_path))
+    assert "recipe.yaml" in line and "--config" in line
+    proc = katdata("tag", "nowhere", cwd=tmp_path)
+    assert proc.returncode == 3 and "nowhere: no such run folder" in proc.stderr  # a run-folder error

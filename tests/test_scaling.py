@@ -21,7 +21,7 @@ def test_tensor_parallel_only_on_vllm(tmp_path):
     with pytest.raises(KatdataError, match="tensor_parallel_size applies to backend: vllm"):
         load_recipe(recipe(tmp_path, "{backend: transformers, tensor_parallel_size: 2}"))
     ok = load_recipe(recipe(tmp_path, "{backend: vllm, tensor_parallel_size: 2}"))
-    assert ok.engines["default"].backend_config().tensor_parallel_size == 2
+    assert ok.engines["default"].tensor_parallel_size == 2
 
 
 def test_serve_passes_parallel_flags_to_vllm(monkeypatch):
@@ -40,11 +40,16 @@ def test_serve_passes_parallel_flags_to_vllm(monkeypatch):
     assert seen["extra_args"] == ["--tensor-parallel-size", "2", "--host", "0.0.0.0"]
 
 
-def test_engine_threads_reach_the_transformers_backend(tmp_path):
+def test_engine_threads_reach_the_transformers_backend(tmp_path, monkeypatch):
     """``num_threads`` of an engine goes to the backend (torch threads while generating); unset, the backend
     picks (1 on a machine of two cores or fewer)."""
-    two = load_recipe(recipe(tmp_path, "{backend: transformers, num_threads: 2}")).engines["default"]
-    assert two.backend_config().extra == {"threads": 2}
-    assert load_recipe(recipe(tmp_path, "{backend: transformers}")).engines["default"].backend_config().extra == {}
+    import katdata.backends
+    from katdata.pipeline import Engines
+
+    built = []
+    monkeypatch.setattr(katdata.backends, "get_backend", lambda name, config: built.append((name, config)) or object())
+    for yaml_engine in ("{backend: transformers, num_threads: 2, cache: false}", "{backend: transformers, cache: false}"):
+        Engines(load_recipe(recipe(tmp_path, yaml_engine)), tmp_path)("default")
+    assert [(name, config.num_threads) for name, config in built] == [("transformers", 2), ("transformers", None)]
     with pytest.raises(KatdataError, match="num_threads"):
         load_recipe(recipe(tmp_path, "{backend: transformers, num_threads: 0}"))

@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from katdata import solve
-from katdata.backends.base import BackendConfig, Completion, SamplingParams
+from katdata.backends.base import EngineConfig, Completion, SamplingParams
 from katdata.backends.scripted import ScriptedBackend
 from katdata.records import Attempt, Query, Tags
 from katdata.runfiles import RowWriter, read_rows
@@ -31,7 +31,7 @@ class Agents:
     def __init__(self, critic_scores, answers=None, critic_text=None):
         self.scores, self.answers, self.critic_text = critic_scores, answers or {}, critic_text
         self.critic_round: dict[str, int] = {}
-        self.backends = {role: ScriptedBackend(BackendConfig(model=f"{role}-model"), script=self.reply)
+        self.backends = {role: ScriptedBackend(EngineConfig(model=f"{role}-model"), script=self.reply)
                          for role in ("solver", "thinker", "critic")}
 
     def qid(self, req):
@@ -334,10 +334,10 @@ def test_streamed_rows_equal_the_round_by_round_rows(tmp_path, engines):
         w.write_all(queries)
     cfg = config(rounds=2, chunk_size=4, seed=11, threshold=6)
     if engines == "one engine":
-        one = Hashed(BackendConfig(model="m"))
+        one = Hashed(EngineConfig(model="m"))
         backends = {"solver": one, "thinker": one, "critic": one}
     else:
-        backends = {role: Hashed(BackendConfig(model=f"{role}-model")) for role in solve.ROLES}
+        backends = {role: Hashed(EngineConfig(model=f"{role}-model")) for role in solve.ROLES}
     stats = solve.run(cfg, tmp_path, backends.get)
     want = round_by_round(queries, cfg, {role: Hashed(b.config) for role, b in backends.items()}.get)
     got = rows(tmp_path)

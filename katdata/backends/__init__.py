@@ -7,9 +7,9 @@ it is for unit tests of pure logic, which construct ``ScriptedBackend`` directly
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.backends.base import Backend, Completion, Request, SamplingParams
+from katdata.backends.config import BACKEND_NAMES, EngineConfig
 from katdata.errors import EngineError, KatdataError
 
 BACKENDS = {
@@ -17,11 +17,12 @@ BACKENDS = {
     "vllm": ("katdata.backends.vllm_engine:VLLMBackend", "vllm' (GPU) or 'cpu"),
     "openai": ("katdata.backends.openai_api:OpenAIBackend", "openai"),
 }
+assert tuple(BACKENDS) == BACKEND_NAMES
 
-__all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Request", "SamplingParams", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "EngineConfig", "Completion", "Request", "SamplingParams", "get_backend"]
 
 
-def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
+def get_backend(name: str, config: EngineConfig | None = None) -> Backend:
     """Build the backend called ``name``; a missing engine names the extra that installs it."""
     if name not in BACKENDS:
         hint = " (the scripted backend is for unit tests only)" if name == "scripted" else ""
@@ -32,15 +33,5 @@ def get_backend(name: str, config: BackendConfig | None = None) -> Backend:
         mod = importlib.import_module(module)
     except ImportError as exc:
         raise EngineError(f"backend '{name}' needs {exc.name or exc}: install the '{extra}' extra") from exc
-    return getattr(mod, cls)(config or BackendConfig())
+    return getattr(mod, cls)(config or EngineConfig())
 
-
-def engine_factory(backend: str, model: Optional[str]) -> Callable[[str], Backend]:
-    """One cached backend for every engine name (the CLI's stand-in for a recipe's engines table)."""
-    cache: dict[str, Backend] = {}
-
-    def engine(name: str) -> Backend:
-        if "b" not in cache:
-            cache["b"] = get_backend(backend, BackendConfig(model=model))
-        return cache["b"]
-    return engine

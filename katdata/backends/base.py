@@ -17,9 +17,10 @@ very batches of an uninterrupted one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+from katdata.backends.config import EngineConfig
 from katdata.chat_template import render_chat
 
 
@@ -59,46 +60,6 @@ class Completion:
     error: Optional[str] = None  # why the request failed (finish_reason == "error")
 
 
-@dataclass
-class BackendConfig:
-    """What a recipe says about an engine; each backend reads the fields it needs."""
-
-    model: Optional[str] = None  # None / "embedded" = the embedded SmolLM2
-    revision: Optional[str] = None
-    dtype: str = "auto"
-    chat_template: str = "kat"  # "kat" (ChatML, katdata's template) or "model" (the tokenizer's own)
-    batch_size: int = 32
-    max_model_len: Optional[int] = None
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: Optional[float] = None
-    enforce_eager: Optional[bool] = None
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 16
-    timeout_s: float = 600.0
-    max_retries: int = 6
-    lora_path: Optional[str] = None
-    trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        """Secret-named entries (``extra``'s included) and a password in ``base_url`` are masked."""
-        from dataclasses import fields
-        from urllib.parse import urlsplit
-
-        from katdata.redact import redact, scrub
-
-        shown = redact({f.name: getattr(self, f.name) for f in fields(self)})
-        text = "BackendConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
-        for url in (self.base_url or "").split(","):
-            try:
-                text = scrub(text, [urlsplit(url.strip()).password or ""])
-            except ValueError:
-                pass
-        return text
-
-
 @dataclass(frozen=True)
 class Job:
     """One request of a stage's stream: ``key`` is the stage's own handle on it (returned as is)."""
@@ -118,7 +79,7 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self.model_id = config.model or "embedded"
 
@@ -184,9 +145,7 @@ class AdapterView(Backend):
     """``parent`` with a LoRA adapter switched on for its own calls (``parent.adapter_on(path)``)."""
 
     def __init__(self, parent: Backend, path: str):
-        from dataclasses import replace as _replace
-
-        super().__init__(_replace(parent.config, lora_path=path))
+        super().__init__(parent.config.model_copy(update={"lora_path": path}))
         self.parent, self.path = parent, path
         self.name, self.model_id = parent.name, parent.model_id
 

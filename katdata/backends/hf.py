@@ -2,7 +2,7 @@
 
 - prompt: ``Request.prompt()`` (the KAT ChatML) for ``chat_template="kat"``, the tokenizer's own chat
   template plus the prefix for ``"model"``;
-- threads: ``config.extra["threads"]`` or ``KATDATA_THREADS``; on a 2-core CPU without
+- threads: ``config.num_threads`` (or ``extra["threads"]``, or ``KATDATA_THREADS``); on a 2-core CPU without
   ``OMP_NUM_THREADS`` it uses 1 torch thread (2 threads thrash as soon as another process runs);
 - bf16 on CPU by default (2.5-3x faster than fp32 there), the model's own dtype on GPU;
 - requests are sorted by length and cut into batches of about ``config.batch_size`` sequences; ``n``
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.backends.base import Backend, EngineConfig, Completion, Request, SamplingParams
 from katdata.errors import EngineError, require
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class TransformersBackend(Backend):
 
     name = "transformers"
 
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: EngineConfig):
         super().__init__(config)
         torch = require("torch", "local")
         transformers = require("transformers", "local")
@@ -69,7 +69,7 @@ class TransformersBackend(Backend):
             peft = require("peft", "train")
             self.model = peft.PeftModel.from_pretrained(self.model, config.lora_path)
         self.model.to(device).eval()
-        threads = config.extra.get("threads") or os.environ.get("KATDATA_THREADS")
+        threads = config.num_threads or config.extra.get("threads") or os.environ.get("KATDATA_THREADS")
         if threads is None and device == "cpu" and (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
             threads = 1  # on 2 shared cores, 2 torch threads thrash when anything else runs (16 tokens: 45 s vs 3 s)
         if threads:

@@ -32,7 +32,7 @@ import re
 import threading
 from typing import Callable, Iterable, Iterator, Optional
 
-from katdata.backends.base import WAIT, Backend, BackendConfig, Completion, Job, Request, SamplingParams, SourceItem
+from katdata.backends.base import WAIT, Backend, EngineConfig, Completion, Job, Request, SamplingParams, SourceItem
 from katdata.backends.pool import Fatal as _Fatal, Occupancy, ServerPool
 from katdata.errors import EngineError, KatdataError, require
 from katdata.redact import scrub
@@ -48,7 +48,7 @@ class OpenAIBackend(Backend):
 
     name = "openai"
 
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: EngineConfig):
         super().__init__(config)
         require("openai", "openai")
         urls = config.base_url or os.environ.get("OPENAI_BASE_URL") or ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Request, SamplingParams
+from katdata.backends.base import Backend, EngineConfig, Completion, Request, SamplingParams
 
 Reply = Union[str, Completion]
 
@@ -17,9 +17,9 @@ class ScriptedBackend(Backend):
 
     name = "scripted"
 
-    def __init__(self, config: Optional[BackendConfig] = None,
+    def __init__(self, config: Optional[EngineConfig] = None,
                  script: Optional[Callable[[Request, int], Reply]] = None):
-        super().__init__(config or BackendConfig(model="scripted"))
+        super().__init__(config or EngineConfig(model="scripted"))
         self.script = script or (lambda req, i: "")
         self.calls: list[tuple[list[Request], SamplingParams]] = []
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from typing import Callable, Optional
 
-from katdata.backends.base import Backend, BackendConfig, Completion, Job, Request, SamplingParams
+from katdata.backends.base import Backend, EngineConfig, Completion, Job, Request, SamplingParams
 from katdata.backends.hf import check_model_path
 from katdata.errors import EngineError, require
 
@@ -43,7 +43,7 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: EngineConfig):
         super().__init__(config)
         from katdata.model import resolve
 
