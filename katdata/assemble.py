@@ -28,6 +28,7 @@ from katdata.provenance import RunInfo
 from katdata.stage import Context, Stage
 from katdata.records import Attempt, KatRecord, Query, Tags, Vote
 from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +155,25 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
 def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo] = None) -> dict:
     """queries + votes + judges (+ samples, solve, tags) -> records.jsonl and rejects.jsonl."""
     run_dir = Path(run_dir)
-    if not (run_dir / "queries.jsonl").is_file():
-        raise InputError(run_dir / "queries.jsonl", "file not found")
+    if not (RunFolder(run_dir).queries).is_file():
+        raise InputError(RunFolder(run_dir).queries, "file not found")
     # votes are streamed; every other file is an index (rows read back by id), each checked here, before any work
-    queries = RowIndex(run_dir / "queries.jsonl", Query)
-    n_votes = sum(1 for _ in _rows(run_dir / "votes.jsonl", Vote))
-    judges = RowIndex(run_dir / "judges.jsonl", JudgeRow)
-    tags = RowIndex(run_dir / "tags.jsonl", Tags)
-    samples = RowIndex(run_dir / "samples.jsonl", Attempt)
-    solve = RowIndex(run_dir / "solve.jsonl", Attempt)
-    done = done_keys(run_dir / "records.jsonl") | done_keys(run_dir / "rejects.jsonl")
+    queries = RowIndex(RunFolder(run_dir).queries, Query)
+    n_votes = sum(1 for _ in _rows(RunFolder(run_dir).votes, Vote))
+    judges = RowIndex(RunFolder(run_dir).judges, JudgeRow)
+    tags = RowIndex(RunFolder(run_dir).tags, Tags)
+    samples = RowIndex(RunFolder(run_dir).samples, Attempt)
+    solve = RowIndex(RunFolder(run_dir).solve, Attempt)
+    done = done_keys(RunFolder(run_dir).records) | done_keys(RunFolder(run_dir).rejects)
     info = info or RunInfo(None)  # the engines and prompts of the run, for each record's provenance
     stats: Counter = Counter()
     rejects: Counter = Counter()
-    with RowWriter(run_dir / "records.jsonl") as rec_out, RowWriter(run_dir / "rejects.jsonl") as rej_out:
+    with RowWriter(RunFolder(run_dir).records) as rec_out, RowWriter(RunFolder(run_dir).rejects) as rej_out:
         def reject(qid: str, stage: str, reason: str, raw=None) -> None:
             rej_out.write({"id": qid, "stage": stage, "reason": reason, "raw": raw})
             rejects[f"{stage}: {reason.split(':')[0]}"] += 1
 
-        for vote in _rows(run_dir / "votes.jsonl", Vote):
+        for vote in _rows(RunFolder(run_dir).votes, Vote):
             if vote.id in done or vote.id not in queries:
                 continue
             q = queries.one(vote.id)

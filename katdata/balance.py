@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from katdata.errors import InputError, KatdataError
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,18 @@ def counts(run_dir: Path) -> dict:
     sources (records.jsonl), and per labelled mode the reject reasons of the queries it lost (rejects.jsonl)."""
     run_dir = Path(run_dir)
     labels, label_of, vote_sources = Counter(), {}, Counter()
-    for v in _json_rows(run_dir / "votes.jsonl"):
+    for v in _json_rows(RunFolder(run_dir).votes):
         if v.get("label") in MODES:
             labels[v["label"]] += 1
             label_of[v["id"]] = v["label"]
             vote_sources[v.get("label_source") or "-"] += 1
     records, label_sources, content_sources = Counter(), Counter(), Counter()
-    for r in _json_rows(run_dir / "records.jsonl"):
+    for r in _json_rows(RunFolder(run_dir).records):
         records[r["mode"]] += 1
         label_sources[r.get("label_source") or "-"] += 1
         content_sources[r.get("content_source") or (r.get("provenance") or {}).get("content_source") or "-"] += 1
     lost: dict[str, Counter] = defaultdict(Counter)
-    for r in _json_rows(run_dir / "rejects.jsonl"):
+    for r in _json_rows(RunFolder(run_dir).rejects):
         mode = label_of.get(r.get("id"))
         if mode:
             lost[mode][f"{r.get('stage', '-')}: {str(r.get('reason', '-')).split(':')[0]}"] += 1
@@ -135,15 +136,15 @@ def card_lines(run_dir: Path, exported: dict, label_sources: dict, content_sourc
     run_dir = Path(run_dir)
     out = [f"Labels of the exported records: {share_line(label_sources, LABEL_NAMES)}. "
            f"Their content: {share_line(content_sources, CONTENT_NAMES)}.", ""]
-    if (run_dir / "votes.jsonl").is_file():
+    if (RunFolder(run_dir).votes).is_file():
         labels, sources = Counter(), Counter()
-        for v in _json_rows(run_dir / "votes.jsonl"):
+        for v in _json_rows(RunFolder(run_dir).votes):
             if v.get("label") in MODES:
                 labels[v["label"]] += 1
                 sources[v.get("label_source") or "-"] += 1
         out += [f"Mode shares, vote labels -> exported records: {mode_line(labels, exported)}. "
                 f"All labels of the vote stage: {share_line(sources, LABEL_NAMES)}.", ""]
-    summary = run_dir / "summary.json"
+    summary = RunFolder(run_dir).summary
     if summary.is_file():
         try:
             accepted = json.loads(summary.read_text("utf-8"))["stages"].get("assemble", {}).get("imbalance_accepted")

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Optional
 
 from katdata.errors import KatdataError, RunFolderError, require
 from katdata.records import Tags, Vote
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def outcomes(run_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     from katdata.runfiles import read_rows
     from katdata.records import decide
 
-    path = Path(run_dir) / "votes.jsonl"
+    path = RunFolder(run_dir).votes
     if not path.is_file():
         raise RunFolderError(f"{path} not found: run the vote stage first")  # before anything in the folder changes
     out, skipped = {}, {"no correct sample (fallback label)": 0, "one mode not sampled": 0}
@@ -171,7 +172,7 @@ def fit_run(run_dir: Path, folds: int = 5, seed: int = 0, think_off_threshold: f
     run_dir = Path(run_dir)
     labels, skipped = outcomes(run_dir)
     (run_dir / PLOT_FILE).unlink(missing_ok=True)  # an earlier fit's plot would describe another fit
-    tags_path = run_dir / "tags.jsonl"
+    tags_path = RunFolder(run_dir).tags
     tags = {t.id: t for t in read_rows(tags_path, Tags)} if tags_path.is_file() else {}
     skipped["no tags row"] = sum(1 for q in labels if q not in tags)
     ids = sorted(q for q in labels if q in tags)

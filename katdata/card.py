@@ -26,6 +26,7 @@ from katdata.redact import redact
 from katdata.runfiles import read_rows
 from katdata.decontaminate import card_lines
 from katdata.sources import licence as source_licence  # the one table of packaged sources
+from katdata.run_folder import RunFolder
 
 PLOT = "think_on_by_difficulty.png"
 BY = ("domain", "difficulty", "task_type", "kind", "source")
@@ -377,7 +378,7 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
            "", f"Mode ratio overall: think-on {on} ({_pct(on, n)}), think-off {off} ({_pct(off, n)}). "
            f"Mean response length: think-on {stats.chars['on'] // max(on, 1)} chars, "
            f"think-off {stats.chars['off'] // max(off, 1)} chars.", ""]
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary = read_json(RunFolder(run_dir).summary) if (RunFolder(run_dir).summary).is_file() else {}
     if any(isinstance(st, dict) and st.get("sandbox") == "unisolated" for st in summary.get("stages", {}).values()):
         out += ["> **Warning:** model-written code was verified WITHOUT isolation (`sandbox.allow_unisolated: true`): "
                 "it could reach the network and the files of the machine that built this data.", ""]
@@ -418,8 +419,8 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     out += [_table(["file", "mode", "attempts", "parsed", "verified", "pass rate", "truncated"], rows)
             if rows else "No attempt files (samples.jsonl, solve.jsonl) in the run folder.", ""]
     out += ["## Rejects", ""]
-    if (run_dir / "rejects.jsonl").is_file():
-        rej = count_json(run_dir / "rejects.jsonl", lambda r: (str(r.get("stage", "-")), str(r.get("reason", "-"))))
+    if (RunFolder(run_dir).rejects).is_file():
+        rej = count_json(RunFolder(run_dir).rejects, lambda r: (str(r.get("stage", "-")), str(r.get("reason", "-"))))
         total = sum(rej.values())
         out += [f"{total} rows rejected along the way ({_pct(total, total + stats.n)} of exported + rejected).", "",
                 _table(["stage", "reason", "rows"], [[s, r, c] for (s, r), c in rej.most_common()]), ""]
@@ -447,8 +448,8 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     out += (["<details><summary>recipe.yaml (secrets redacted)</summary>", "", "```yaml",
              yaml.safe_dump(redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
             if recipe is not None else ["No recipe.yaml in the run folder.", ""])
-    if (run_dir / "summary.json").is_file():
-        summary = {k: v for k, v in read_json(run_dir / "summary.json").items() if k != "fingerprints"}
+    if (RunFolder(run_dir).summary).is_file():
+        summary = {k: v for k, v in read_json(RunFolder(run_dir).summary).items() if k != "fingerprints"}
         out += ["<details><summary>summary.json (stage statistics)</summary>", "", "```json",
                 json.dumps(redact(summary), indent=2, ensure_ascii=False), "```", "", "</details>", ""]
     return out
@@ -456,7 +457,7 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
 
 def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
     out = ["## Licence", "", f"Card licence: `{cfg.license}`.", ""]
-    queries = run_dir / "queries.jsonl"
+    queries = RunFolder(run_dir).queries
     srcs = count_json(queries, lambda r: str(r.get("source") or "-")) if queries.is_file() else Counter()
     for s in stats.by["source"]:
         srcs[s] += 0
@@ -465,7 +466,7 @@ def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
         out += ["The queries come from these sources (queries.jsonl); their licences apply to the query text:", "",
                 _table(["source", "queries", "licence"], [[s, c or "-", source_licence(s)]
                                                           for s, c in sorted(srcs.items())]), ""]
-    stages = read_json(run_dir / "summary.json").get("stages", {}) if (run_dir / "summary.json").is_file() else {}
+    stages = read_json(RunFolder(run_dir).summary).get("stages", {}) if (RunFolder(run_dir).summary).is_file() else {}
     return out + card_lines(stages.get("decontaminate"), srcs)
 
 

@@ -30,6 +30,7 @@ from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.records import KatRecord
 from katdata.runfiles import invalid_row
 from katdata.stage import Stage
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class ExportConfig(BaseModel):
 
 def input_file(run_dir: Path) -> Path:
     """review/merged.jsonl when a review was merged, else records.jsonl."""
-    merged = Path(run_dir) / "review" / "merged.jsonl"
-    return merged if merged.is_file() else Path(run_dir) / "records.jsonl"
+    merged = RunFolder(run_dir).merged
+    return merged if merged.is_file() else RunFolder(run_dir).records
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

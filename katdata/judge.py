@@ -31,6 +31,7 @@ from katdata.records import Query, Tags, Vote
 from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
 from katdata.stage import Stage
 from katdata.prompt_files import read_prompt
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -232,21 +233,21 @@ def run(cfg: JudgeConfig, run_dir: Path, engine: Callable[[str], Backend]) -> di
     Votes are streamed from their file and queries and tags looked up by id in an index of their
     files, so memory holds offsets and the rows in progress, not the files."""
     run_dir = Path(run_dir)
-    if not (run_dir / "queries.jsonl").is_file():
-        raise InputError(run_dir / "queries.jsonl", "file not found")
-    queries = RowIndex(run_dir / "queries.jsonl", Query)  # every file is checked here, before any model loads
+    if not (RunFolder(run_dir).queries).is_file():
+        raise InputError(RunFolder(run_dir).queries, "file not found")
+    queries = RowIndex(RunFolder(run_dir).queries, Query)  # every file is checked here, before any model loads
     tags = _Tags(run_dir, queries) if "tags" in (cfg.writer, cfg.fallback) else None
-    labelled = sum(v.label is not None for v in read_rows(run_dir / "votes.jsonl", Vote))
-    done = done_keys(run_dir / "judges.jsonl")
+    labelled = sum(v.label is not None for v in read_rows(RunFolder(run_dir).votes, Vote))
+    done = done_keys(RunFolder(run_dir).judges)
     stats: Counter = Counter()
 
     def todo() -> Iterator[tuple[Query, str]]:
-        for v in read_rows(run_dir / "votes.jsonl", Vote):
+        for v in read_rows(RunFolder(run_dir).votes, Vote):
             if v.label is not None and v.id not in done and v.id in queries:
                 stats["rows_out"] += 1
                 yield queries.one(v.id), v.label
 
-    with RowWriter(run_dir / "judges.jsonl") as out:
+    with RowWriter(RunFolder(run_dir).judges) as out:
         def write(row: JudgeRow) -> None:
             if not row.ok and cfg.fallback == "tags":
                 _tags_row(row, tags[row.id], f"fallback after: {row.reason}")
@@ -277,7 +278,7 @@ class _Tags:
     def __init__(self, run_dir: Path, queries: RowIndex):
         from katdata.tag import TagConfig
 
-        self._index = RowIndex(run_dir / "tags.jsonl", Tags)
+        self._index = RowIndex(RunFolder(run_dir).tags, Tags)
         self._queries = queries
         self._cfg = TagConfig()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal, NoReturn, Optional
 
 from katdata.errors import RunFolderError
-from katdata.run_folder import FILES
+from katdata.run_folder import FILES, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _inside(path: Path, folder: Path) -> bool:
 def _run_folder_above(path: Path) -> Optional[Path]:
     """The nearest folder above ``path`` that holds summary.json (a run folder), if any."""
     for parent in path.parents:
-        if (parent / "summary.json").is_file():
+        if (RunFolder(parent).summary).is_file():
             return parent
     return None
 

@@ -82,7 +82,7 @@ def _copy_round(previous: Path, run_dir: Path, stage: str) -> dict:
         shutil.copyfile(previous / name, tmp)
         os.replace(tmp, run_dir / name)
         rows = rows or sum(1 for line in open(run_dir / name, "rb") if line.strip())
-    before = Summary(previous / "summary.json").data["stages"].get(stage, {})  # what the stage said there
+    before = Summary(RunFolder(previous).summary).data["stages"].get(stage, {})  # what the stage said there
     before = {k: v for k, v in before.items() if k not in ("done", "seconds")}
     return {**before, "rows_in": rows, "rows_out": rows, "copied_from": str(previous)}
 
@@ -101,17 +101,17 @@ def _progress(recipe: Recipe, run_dir: Path, stage: str):
     files = [run_dir / f for f in STAGE_FILES[stage] if f.endswith(".jsonl")]
     if not files or not sys.stderr.isatty():
         return nullcontext()
-    queries = _ids(run_dir / "queries.jsonl")
-    off = _ids(run_dir / "tags.jsonl", lambda t: t.get("think_off_candidate")) & queries
+    queries = _ids(RunFolder(run_dir).queries)
+    off = _ids(RunFolder(run_dir).tags, lambda t: t.get("think_off_candidate")) & queries
     if stage == "sample":
         skipped = off if recipe.sample.skip_on_for_off_candidates else set()
         return FileProgress(files, recipe.sample.n * (2 * len(queries) - len(skipped)), stage, unit="sample")
     if stage == "solve" and recipe.solve.queries == "not_off_candidates":
         queries -= off
     elif stage == "vote":
-        queries = _ids(run_dir / "samples.jsonl", lambda a: a.get("source") == "vote")
+        queries = _ids(RunFolder(run_dir).samples, lambda a: a.get("source") == "vote")
     elif stage in ("judge", "assemble"):
-        queries &= _ids(run_dir / "votes.jsonl", lambda v: stage == "assemble" or v.get("label") is not None)
+        queries &= _ids(RunFolder(run_dir).votes, lambda v: stage == "assemble" or v.get("label") is not None)
     return FileProgress(files, len(queries), stage, unit="query")
 
 
@@ -253,7 +253,7 @@ def _check_isolation(recipe: Recipe, run_dir: Path, stages: list[str], queries) 
         from katdata.records import Query
         from katdata.runfiles import read_rows
 
-        path = run_dir / "queries.jsonl"
+        path = RunFolder(run_dir).queries
         queries = read_rows(path, Query) if path.is_file() else []
     from katdata.verify import Verifier
 
@@ -279,7 +279,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     prepared = {s: get(s).prepare(recipe) for s in stages if s not in copied and get(s).prepare is not None}
     queries = prepared.get("load")
     run_dir = Path(run_dir)
-    summary = Summary(run_dir / "summary.json")
+    summary = Summary(RunFolder(run_dir).summary)
     redo = STAGES[STAGES.index(start):] if start and recompute else []
     memo: dict = {}  # file hashes, each file read once by the checks below
     _check_unchanged(recipe, run_dir, summary, [s for s in stages if s not in redo], memo,

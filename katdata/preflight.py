@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 from pydantic import BaseModel
 
 from katdata.errors import InputError, KatdataError, RunFolderError, one_line
-from katdata.run_folder import read_json
+from katdata.run_folder import RunFolder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def run_folder(path: Path, command: str, data: Optional[str] = None, backend: Op
             raise RunFolderError(f"{path / wrong[0]}: {kind}; the {stage} stage writes it (katdata run RECIPE "
                                  f"--from {stage} makes it again)")
     if command in ("eval", "rl"):
-        read_split(path / "train" / "split.json")
+        read_split(RunFolder(path).split)
 
 
 def check_adapters(run_dir: Path, adapters: dict[str, Optional[str]]) -> None:

@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
+from katdata.run_folder import RunFolder
+
 NOTES_MIN_WIDTH = 80  # narrower terminals get the table without its notes column
 PIPED_WIDTH = 80  # the table's width when stdout is not a terminal (| cat, CI logs) and COLUMNS is not set
 # the stat that counts a stage's output rows, for stages that give no rows_out
@@ -116,7 +118,7 @@ def dataset_line(run_dir: Path) -> Optional[str]:
     """Mode ratio and vote pass rates of the final records."""
     from katdata.balance import CONTENT_NAMES, LABEL_NAMES, share_line
 
-    path = run_dir / "records.jsonl"
+    path = RunFolder(run_dir).records
     if not path.is_file():
         return None
     modes, p_on, p_off, sources, labelled = Counter(), [], [], Counter(), Counter()
@@ -144,12 +146,12 @@ def _round_folders(data: dict, run_dir: Path) -> list[Path]:
         if not prev:
             break
         folder = Path(prev)
-        if not (folder / "votes.jsonl").is_file() or folder.resolve() in seen:
+        if not (RunFolder(folder).votes).is_file() or folder.resolve() in seen:
             break
         seen.add(folder.resolve())
         chain.append(folder)
         try:
-            current = json.loads((folder / "summary.json").read_text("utf-8"))
+            current = json.loads((RunFolder(folder).summary).read_text("utf-8"))
         except (OSError, ValueError):
             break
     return chain[::-1]
@@ -165,7 +167,7 @@ def rounds_lines(data: dict, run_dir: Path) -> list[str]:
         return []
     out, before = [], None
     for i, folder in enumerate(folders, 1):
-        path = folder / "votes.jsonl"
+        path = RunFolder(folder).votes
         if not path.is_file():
             break
         votes = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
@@ -221,7 +223,7 @@ def next_steps(data: dict, run_dir: Path, recipes: Optional[Path] = None) -> lis
 
     run = shlex.quote(str(run_dir))
     steps = []
-    if (run_dir / "records.jsonl").is_file() and not (run_dir / "review").exists():
+    if (RunFolder(run_dir).records).is_file() and not (run_dir / "review").exists():
         steps.append((f"katdata review push {run}", "human review in Argilla"))
     if (run_dir / "export").is_dir() and not data.get("stages", {}).get("export", {}).get("pushed"):
         steps.append((f"katdata export {run} --push-to-hub USER/NAME", "the dataset to the Hub"))

@@ -31,6 +31,7 @@ from katdata.errors import EngineError, KatdataError, RunFolderError, require
 from katdata.records import Attempt, Change, KatRecord, Vote
 from katdata.redact import scrub
 from katdata.stage import Stage
+from katdata.run_folder import RunFolder
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
     ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
 )
@@ -141,10 +142,10 @@ def _read(path: Path, model):
 
 def load_run(run_dir: Path) -> tuple[list[KatRecord], dict[str, Vote], dict[str, list[Attempt]]]:
     run_dir = Path(run_dir)
-    records = _read(run_dir / "records.jsonl", KatRecord)
-    if not (run_dir / "records.jsonl").is_file():
+    records = _read(RunFolder(run_dir).records, KatRecord)
+    if not (RunFolder(run_dir).records).is_file():
         raise KatdataError(f"{run_dir / 'records.jsonl'}: file not found (run the assemble stage first)")
-    votes = {v.id: v for v in _read(run_dir / "votes.jsonl", Vote)}
+    votes = {v.id: v for v in _read(RunFolder(run_dir).votes, Vote)}
     attempts: dict[str, list[Attempt]] = {}
     for name in ("samples.jsonl", "solve.jsonl"):
         for a in _read(run_dir / name, Attempt):

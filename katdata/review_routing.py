@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from katdata.errors import InputError
 from katdata.records import Attempt, Vote
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def waiting(run_dir: Path, src: Path, cfg: Optional[ReviewConfig] = None) -> set
     cfg = (cfg or run_review_config(run_dir)).model_copy(update={"route": "policy"})
     if not cfg.blocking:  # the vote's flag alone: one light pass over the records (assemble copied the vote in)
         return _flagged(src)
-    votes = {v.id: v for v in _rows(run_dir / "votes.jsonl", Vote)}
+    votes = {v.id: v for v in _rows(RunFolder(run_dir).votes, Vote)}
     attempts: dict[str, list[Attempt]] = {}
     if {"verifier_conflict", "audit"} & set(cfg.blocking):  # only these read the attempts
         for name in ("samples.jsonl", "solve.jsonl"):

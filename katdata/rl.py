@@ -223,7 +223,7 @@ def _load_policy(cfg: RLConfig, run_dir: Path, torch, transformers, peft):
 
 def input_paths(cfg: RLConfig, run_dir: Path) -> list[Path]:
     """What rl reads: the split of train/ and the SFT policy (its fingerprint covers both)."""
-    return [Path(run_dir) / "train" / "split.json", _policy_path(cfg, Path(run_dir))]
+    return [RunFolder(run_dir).split, _policy_path(cfg, Path(run_dir))]
 
 
 def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:

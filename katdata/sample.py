@@ -31,6 +31,7 @@ from katdata.prompt_files import read_prompt
 from katdata.verify import (INVALID, Verifier, VerifyConfig, VerifyError, assign_class, check_error_share,
                             is_verify_error)
 from katdata.vote import settled, verdicts
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,8 @@ def run(cfg: SampleConfig, run_dir: Path, engine: Callable[[str], Backend],
     """queries.jsonl -> samples.jsonl, each request's rows written as they finish; a rerun
     continues from the rows it has (see :func:`sample_queries`)."""
     run_dir = Path(run_dir)
-    queries_path = run_dir / "queries.jsonl"
-    out_path = run_dir / "samples.jsonl"
+    queries_path = RunFolder(run_dir).queries
+    out_path = RunFolder(run_dir).samples
     repair_tail(out_path)
     existing = RowIndex(out_path, Attempt)  # rows of a resumed run, read back query by query
     # refuses before any model loads if code can't be isolated

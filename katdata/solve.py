@@ -39,6 +39,7 @@ from katdata.sandbox import SandboxConfig
 from katdata.stage import Stage
 from katdata.verify import Verifier, VerifyConfig, VerifyError, check_error_share
 from katdata.template import END_TOKENS, MARKERS, STOP_STRINGS
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -324,10 +325,10 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend],
     finished; a rerun solves the queries that are not (resumable by (id, round)). The queries are
     read from the file as they are needed, never all at once."""
     run_dir = Path(run_dir)
-    out_path = run_dir / "solve.jsonl"
+    out_path = RunFolder(run_dir).solve
     off: set[str] = set()
     if cfg.queries == "not_off_candidates":
-        off = {t.id for t in read_rows(run_dir / "tags.jsonl", Tags) if t.think_off_candidate}
+        off = {t.id for t in read_rows(RunFolder(run_dir).tags, Tags) if t.think_off_candidate}
     existing: set[tuple[str, int]] = set()
     done: set[str] = set()
     if out_path.is_file():
@@ -338,11 +339,11 @@ def run(cfg: SolveConfig, run_dir: Path, engine: Callable[[str], Backend],
                 done.add(a.id)
 
     def pending():
-        return (q for q in read_rows(run_dir / "queries.jsonl", Query) if q.id not in off and q.id not in done)
+        return (q for q in read_rows(RunFolder(run_dir).queries, Query) if q.id not in off and q.id not in done)
 
     rows_in = skipped_off = n_todo = 0
     code_query = None  # one code query with tests, for the sandbox check before any model loads
-    for q in read_rows(run_dir / "queries.jsonl", Query):
+    for q in read_rows(RunFolder(run_dir).queries, Query):
         rows_in += 1
         skipped_off += q.id in off
         if q.id not in off and q.id not in done:

@@ -38,6 +38,7 @@ from katdata.records import Query, Tags
 from katdata.runfiles import RowWriter, done_keys, read_rows
 from katdata.stage import Stage
 from katdata.template import STOP_STRINGS
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -403,18 +404,18 @@ def tag_stats(rows: Iterable[Tags], cfg: TagConfig) -> dict[str, Any]:
 
 def think_off_candidates(run_dir: Path) -> set[str]:
     """Ids of the think-off candidates in a run's tags.jsonl (for sample.skip_on_for_off_candidates)."""
-    return {t.id for t in read_rows(Path(run_dir) / "tags.jsonl", Tags) if t.think_off_candidate}
+    return {t.id for t in read_rows(RunFolder(run_dir).tags, Tags) if t.think_off_candidate}
 
 
 def run(cfg: TagConfig, run_dir: Path, engine: Callable[[str], Backend]) -> dict[str, Any]:
     """Tag queries.jsonl into tags.jsonl, skipping ids already there; returns the stage stats."""
     run_dir = Path(run_dir)
-    out_path = run_dir / "tags.jsonl"
+    out_path = RunFolder(run_dir).tags
     done = done_keys(out_path)
     rows_in = n_todo = 0
-    for q in read_rows(run_dir / "queries.jsonl", Query):  # counted here, read again as they are tagged
+    for q in read_rows(RunFolder(run_dir).queries, Query):  # counted here, read again as they are tagged
         rows_in, n_todo = rows_in + 1, n_todo + (q.id not in done)
-    batches = _batches((q for q in read_rows(run_dir / "queries.jsonl", Query) if q.id not in done), cfg.batch_size)
+    batches = _batches((q for q in read_rows(RunFolder(run_dir).queries, Query) if q.id not in done), cfg.batch_size)
     fit = None
     if cfg.calibration:
         from katdata.calibrate import load_fit

@@ -97,7 +97,7 @@ def _jsonish(value: Any) -> Any:
 def _source(cfg_data: Optional[str], run_dir: Path) -> Path:
     if cfg_data:
         return Path(cfg_data)
-    return run_dir / "export" if (run_dir / "export").is_dir() else run_dir / "records.jsonl"
+    return run_dir / "export" if (run_dir / "export").is_dir() else RunFolder(run_dir).records
 
 
 def _split_data(data: Optional[str], run_dir: Path) -> Optional[str]:
@@ -122,7 +122,7 @@ def _split_record(src: Path, run_dir: Path) -> str:
 def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
     """The rows train/split.json lists under ``part`` ("train" or "heldout"), read from the same data as
     training; ``needed_by`` says in the error who needs them."""
-    path = Path(run_dir) / "train" / "split.json"
+    path = RunFolder(run_dir).split
     if not path.is_file():
         raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
     from katdata.preflight import read_split

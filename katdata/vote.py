@@ -24,6 +24,7 @@ from katdata.stage import Context, Stage
 from katdata.records import Attempt, Tags, Vote, decide  # noqa: F401 (decide: the vote rule, used here and re-exported)
 from katdata.runfiles import RowIndex, RowWriter, done_keys
 from katdata.verify import INVALID
+from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,14 @@ def settled(s_on: int, n_on: int, s_off: int, n_off: int, n_max: int, delta: flo
 def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
     """samples.jsonl (+ tags.jsonl when present) -> votes.jsonl; skips ids already voted."""
     run_dir = Path(run_dir)
-    if not (run_dir / "samples.jsonl").is_file():
-        raise InputError(run_dir / "samples.jsonl", "file not found")
+    if not (RunFolder(run_dir).samples).is_file():
+        raise InputError(RunFolder(run_dir).samples, "file not found")
     # indexes of the files, not their rows: each query's samples are read back when it is voted
-    samples = RowIndex(run_dir / "samples.jsonl", Attempt)
-    tags = RowIndex(run_dir / "tags.jsonl", Tags)
-    done = done_keys(run_dir / "votes.jsonl")
+    samples = RowIndex(RunFolder(run_dir).samples, Attempt)
+    tags = RowIndex(RunFolder(run_dir).tags, Tags)
+    done = done_keys(RunFolder(run_dir).votes)
     stats = Counter()
-    with RowWriter(run_dir / "votes.jsonl") as out:
+    with RowWriter(RunFolder(run_dir).votes) as out:
         for qid in samples.keys():
             attempts = [a for a in samples.get(qid) if a.source == "vote"]
             if not attempts:

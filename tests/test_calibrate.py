@@ -142,7 +142,8 @@ def test_bad_fit_file_is_one_clear_line_at_recipe_load(tmp_path, content, why):
     recipe.write_text("name: r\n")
     with pytest.raises(KatdataError, match=f"tag.calibration.*{why}"):
         load_recipe(recipe, [f"tag.calibration={fit}"])
-    with pytest.raises(KatdataError, match=why):
+    (tmp_path / "queries.jsonl").write_text('{"id": "a", "query": "2+2?"}\n')
+    with pytest.raises(KatdataError, match=f"tag.calibration.*{why}"):
         stage_command.main("tag", [str(tmp_path), "--config", str(recipe), "--no-use-llm", "--calibration", str(fit)])
 
 
