@@ -10,7 +10,9 @@ Besides ``messages``, ``tools`` and ``add_generation_prompt`` the template reads
 fixed neutral judge (``prompts/judge_neutral.txt``, the text the sampler forces modes with) and the
 mode tag, so the model answers in that mode. A vLLM client sends it per request as
 ``extra_body={"chat_template_kwargs": {"think_mode": "off"}}``; transformers takes
-``tokenizer.apply_chat_template(messages, think_mode="off", ...)``.
+``tokenizer.apply_chat_template(messages, think_mode="off", ...)``. The switch Qwen3-style clients
+already send works as well: ``enable_thinking`` ``true`` -> ``on``, ``false`` -> ``off``, absent ->
+``auto`` (``think_mode`` wins when both are given); see :func:`think_mode_of`.
 
 Tools follow section 1b: JSON through transformers' ``tojson`` (``", "`` and ``": "``, keys in
 order, non-ASCII kept); tool-call arguments given as a JSON string are inserted as they are (vLLM
@@ -73,6 +75,23 @@ def chat_template_kwargs(think_mode: str = "auto") -> dict:
     return {"think_mode": think_mode}
 
 
+def think_mode_of(kwargs: Optional[dict]) -> str:
+    """The mode that chat-template variables select, as ``kat.jinja`` reads them.
+
+    ``think_mode`` when given (and not None); else ``enable_thinking``: ``True`` -> ``"on"``,
+    ``False`` -> ``"off"``; else ``"auto"``. Raises ValueError on any other value.
+    """
+    kwargs = kwargs or {}
+    mode = kwargs.get("think_mode")
+    if mode is None:
+        thinking = kwargs.get("enable_thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise ValueError(f"enable_thinking must be true or false, got {thinking!r}")
+        mode = "auto" if thinking is None else ("on" if thinking else "off")
+    chat_template_kwargs(mode)
+    return mode
+
+
 def _check_call(i: int, j: int, call) -> None:
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str))):
@@ -101,14 +120,17 @@ def _check(messages: list[dict], tools: Optional[list], think_mode: str) -> None
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, prefill_judge: bool = True,
-                tools: Optional[list[dict]] = None, think_mode: str = "auto") -> str:
+                tools: Optional[list[dict]] = None, think_mode: Optional[str] = None,
+                enable_thinking: Optional[bool] = None) -> str:
     """Render a chat exactly as ``tokenizer.apply_chat_template(..., tokenize=False)`` would.
 
     ``tools`` are JSON schemas (kat-format.md section 1b); ``think_mode`` is ``auto``, ``on`` or
     ``off`` (see the module docstring). With ``prefill_judge=False`` the generation prompt stops at
     ``<|im_start|>assistant\\n``: a plain chat turn, for agents (solver, critic, tagger) whose
     replies are not KAT responses; it cannot be combined with a forced ``think_mode``.
+    ``enable_thinking`` is the Qwen3-style switch (``think_mode`` wins when both are given).
     """
+    think_mode = think_mode_of({"think_mode": think_mode, "enable_thinking": enable_thinking})
     _check(messages, tools, think_mode)
     if add_generation_prompt and not prefill_judge and think_mode != "auto":
         raise ValueError(f"think_mode={think_mode!r} pre-fills a judge, so it needs prefill_judge=True")

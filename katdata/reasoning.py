@@ -1,20 +1,26 @@
 """Split a KAT completion into reasoning and content, whole or delta by delta (no vLLM needed).
 
-The split point is just after the answer opener ``<answer>`` (and its newline): everything before it
-(the judge rationale, the mode tag, the think block and the markers) is *reasoning*, everything
-after it is *content*, so ``reasoning + content`` is the text exactly. The opener counts only where
-the layout allows it: after ``</judge>``, and in think-on mode after ``</think>``. Until the opener
-has arrived (a truncated response, or one that never writes it) everything is reasoning.
+Content is the answer alone, as vLLM's reasoning parsers hand it to clients (DeepSeek-R1's parser
+drops ``</think>`` the same way): the text after the answer opener ``<answer>`` (and its newline) up
+to the closing ``</answer>`` (and the newline before it), both markers excluded. Reasoning is
+everything before the opener: the judge rationale, the mode tag, the think block and their markers,
+so a client still learns the mode. The opener counts only where the layout allows it: after
+``</judge>``, and in think-on mode after ``</think>``. Until it has arrived (a reply cut before
+``<answer>``, or one that never writes it) everything is reasoning and the content is empty.
+
+After ``</answer>``, ``<tool_call>...</tool_call>`` blocks stay in the content, right after the
+answer, for a tool parser (vLLM's ``hermes`` reads the text before the first ``<tool_call>`` as the
+message content); any other text there is dropped, and :attr:`Split.dropped` holds it.
 
 A completion continues a prompt: ``prefix`` is the assistant turn as far as the prompt wrote it
 (``"<judge>\\n"`` with KAT's generation prompt, more when a mode is forced by a pre-fill, ``""`` when
 the prompt pre-fills nothing). ``mode`` is read from the mode tag, in the prefix or the completion.
 
-Streaming needs no look-ahead: every character before the split is reasoning whether or not a
-marker it may belong to completes, and the split is only placed once the character after
-``<answer>`` has arrived (a newline there still belongs to the opener). So a marker split across
-deltas, or a ``>`` fused with its newline into one token, needs nothing special, and the deltas
-join to the same two strings as :func:`split` of the whole text.
+Streaming: reasoning needs no look-ahead (every character before the opener is reasoning whether or
+not a marker it may belong to completes; the split is placed once the character after ``<answer>``
+has arrived). Content holds back only a tail that may still become ``\\n</answer>`` (or, after the
+answer, ``<tool_call>``). The deltas join to the same strings as :func:`split` of the whole text,
+which likewise leaves out such an unfinished tail of a cut-off reply.
 
 Used by the vLLM plugin (``katdata.vllm_reasoning``) and by clients of any other server.
 """
@@ -27,9 +33,11 @@ from typing import Optional
 from katdata.template import (ANSWER_CLOSE, ANSWER_OPEN, GENERATION_PREFIX, JUDGE_CLOSE, THINK_CLOSE, THINK_OFF,
                               THINK_ON)
 
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 # phases of the layout, in order
 JUDGE, MODE, THINK, ANSWER, OPENED, CONTENT = "judge", "mode", "think", "answer", "opened", "content"
-# what ends each phase, and the phase it leads to
+AFTER, CALL = "after", "call"  # after </answer>; inside a <tool_call> block after it
+# what ends each reasoning phase, and the phase it leads to
 _NEXT = {
     JUDGE: ((JUDGE_CLOSE, MODE),),
     MODE: ((THINK_ON, THINK), (THINK_OFF, ANSWER), (ANSWER_OPEN, OPENED)),
@@ -37,16 +45,30 @@ _NEXT = {
     ANSWER: ((ANSWER_OPEN, OPENED),),
 }
 _LONGEST = max(len(m) for pairs in _NEXT.values() for m, _ in pairs)
+_ENDED = (CONTENT, AFTER, CALL)
+
+
+def _held(text: str, *markers: str) -> int:
+    """The length of the longest tail of ``text`` that is a proper beginning of one of ``markers``."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if marker.startswith(text[-n:]):
+                best = n
+                break
+    return best
 
 
 @dataclass
 class Split:
-    """One completion split: ``reasoning + content`` is the completion text exactly."""
+    """One completion split: ``reasoning`` (judge, mode tag, think block), ``content`` (the answer)."""
 
     reasoning: str
     content: str
     mode: Optional[str]  # "on", "off", or None while no mode tag has been seen
     ended: bool  # the answer has opened: later text is content
+    closed: bool = False  # the answer's closing </answer> has arrived
+    dropped: str = ""  # text after </answer> outside <tool_call> blocks: in neither field
 
 
 class StreamSplitter:
@@ -59,14 +81,21 @@ class StreamSplitter:
         self.text = ""  # prefix + completion so far
         self.phase = JUDGE
         self.mode: Optional[str] = None
-        self.split_at: Optional[int] = None  # index in self.text where content starts
+        self.split_at: Optional[int] = None  # index in self.text where the answer starts
         self._pos = 0  # where the search for the current phase's marker starts
-        self._advance(prefix)
-        self._prefix_len = len(self.text)
+        self._out = 0  # index in self.text up to which content and dropped text are decided
+        self._call = 0  # where the current <tool_call> block's body starts
+        self.reasoning = self.content = self.dropped = ""
+        self.feed(prefix)
+        self.reasoning = self.content = self.dropped = ""
 
     @property
     def ended(self) -> bool:
-        return self.phase == CONTENT
+        return self.phase in _ENDED
+
+    @property
+    def closed(self) -> bool:
+        return self.phase in (AFTER, CALL)
 
     def _advance(self, delta: str) -> None:
         start = len(self.text)
@@ -76,7 +105,7 @@ class StreamSplitter:
                 if len(self.text) <= self._pos:
                     return  # the character after <answer> decides where content starts
                 self.split_at = self._pos + (self.text[self._pos] == "\n")
-                self.phase = CONTENT
+                self.phase, self._out = CONTENT, self.split_at
                 return
             found = None
             for marker, nxt in _NEXT[self.phase]:
@@ -90,22 +119,59 @@ class StreamSplitter:
                 self.mode = "on" if marker == THINK_ON else "off"
             self.phase, self._pos = nxt, at + len(marker)
 
+    def _content(self) -> tuple[str, str]:
+        """(content, dropped) decided by the text that has arrived since the last call."""
+        content = dropped = ""
+        text = self.text
+        while True:
+            if self.phase == CONTENT:
+                at = text.find(ANSWER_CLOSE, self._out)
+                if at < 0:
+                    end = len(text) - _held(text[self._out:], "\n" + ANSWER_CLOSE, ANSWER_CLOSE)
+                    content += text[self._out:end]
+                    self._out = end
+                    return content, dropped
+                end = at - (at - 1 >= max(self._out, self.split_at) and text[at - 1] == "\n")
+                content += text[self._out:end]
+                self._out, self.phase = at + len(ANSWER_CLOSE), AFTER
+            elif self.phase == AFTER:
+                at = text.find(TOOL_OPEN, self._out)
+                end = len(text) - _held(text[self._out:], TOOL_OPEN) if at < 0 else at
+                dropped += text[self._out:end]
+                self._out = end
+                if at < 0:
+                    return content, dropped
+                self.phase, self._call = CALL, at + len(TOOL_OPEN)
+            elif self.phase == CALL:  # emitted as it comes: the close may straddle earlier deltas
+                at = text.find(TOOL_CLOSE, max(self._call, self._out - len(TOOL_CLOSE)))
+                end = len(text) if at < 0 else at + len(TOOL_CLOSE)
+                content += text[self._out:end]
+                self._out = end
+                if at < 0:
+                    return content, dropped
+                self.phase = AFTER
+            else:
+                return content, dropped
+
     def feed(self, delta: str) -> tuple[str, str]:
-        """The reasoning part and the content part of ``delta`` (either may be empty)."""
+        """The reasoning part and the content part of ``delta`` (either may be empty).
+
+        Text the content holds back arrives with a later delta; text dropped after ``</answer>``
+        is in neither part (see :attr:`dropped`).
+        """
         begin = len(self.text)
         self._advance(delta)
-        if self.split_at is None or self.split_at >= len(self.text):
-            return delta, ""
-        cut = max(self.split_at - begin, 0)
-        return delta[:cut], delta[cut:]
+        cut = len(self.text) if self.split_at is None else min(max(self.split_at, begin), len(self.text))
+        reasoning = self.text[begin:cut]
+        content, dropped = self._content()
+        self.reasoning += reasoning
+        self.content += content
+        self.dropped += dropped
+        return reasoning, content
 
     def result(self) -> Split:
         """The split of everything fed so far (the prefix excluded)."""
-        out = self.text[self._prefix_len:]
-        if self.split_at is None:
-            return Split(out, "", self.mode, False)
-        cut = max(self.split_at - self._prefix_len, 0)
-        return Split(out[:cut], out[cut:], self.mode, True)
+        return Split(self.reasoning, self.content, self.mode, self.ended, self.closed, self.dropped)
 
 
 def split(text: str, prefix: str = GENERATION_PREFIX) -> Split:
@@ -116,12 +182,12 @@ def split(text: str, prefix: str = GENERATION_PREFIX) -> Split:
 
 
 def answer_text(content: str) -> str:
-    """The answer without the closing ``\\n</answer>`` a complete response ends with (when present).
+    """The answer without a closing ``\\n</answer>`` (and what follows it), when ``content`` has one.
 
-    ``katdata serve`` stops generation at that closing tag, so its content is the bare answer already;
-    other servers return it, and this drops it.
+    :func:`split` returns the bare answer already; this is for content a server split another way
+    (a server without the ``kat`` parser, or an older katdata).
     """
-    for tail in ("\n" + ANSWER_CLOSE, ANSWER_CLOSE):
-        if content.rstrip().endswith(tail):
-            return content.rstrip()[: -len(tail)]
-    return content
+    at = content.find(ANSWER_CLOSE)
+    if at < 0:
+        return content
+    return content[:at - 1] if at and content[at - 1] == "\n" else content[:at]

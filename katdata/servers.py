@@ -38,6 +38,9 @@ __all__ = ["Server", "free_port", "group_alive", "kat_args", "lora_args", "main"
 log = logging.getLogger(__name__)
 
 
+TOOL_PARSER = "hermes"  # reads the <tool_call> JSON blocks KAT's template writes (kat-format.md section 1b)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
@@ -213,12 +216,14 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
           max_model_len: Optional[int] = 2048, dtype: Optional[str] = None, enforce_eager: bool = True,
           api_key_env: Optional[str] = None, extra_args: Optional[list[str]] = None,
           log_path: Optional[str] = None, ready_timeout: float = 300.0, kat: bool = False,
-          adapter: Optional[str] = None, adapter_name: str = "kat", data_parallel_size: int = 1) -> Server:
+          adapter: Optional[str] = None, adapter_name: str = "kat", data_parallel_size: int = 1,
+          tool_parser: Optional[str] = TOOL_PARSER) -> Server:
     """Start a vLLM server of ``model`` (default: the embedded model) and wait until it is ready.
 
     On CPU the dtype defaults to float32 and the KV cache to ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB)
     unless the environment sets it. ``api_key_env`` names an env var whose value becomes the key.
-    ``kat=True`` adds katdata's chat template and the ``kat`` reasoning parser; ``adapter`` serves a
+    ``kat=True`` adds katdata's chat template, the ``kat`` reasoning parser and (unless ``tool_parser``
+    is None) ``--enable-auto-tool-choice --tool-call-parser TOOL_PARSER``; ``adapter`` serves a
     LoRA adapter (un-merged) as ``adapter_name`` beside the base model.
 
     The model, the port (on ``--host`` in ``extra_args``, else 127.0.0.1), the log path and the adapter are
@@ -270,7 +275,7 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
             fd, template = tempfile.mkstemp(prefix="katdata-chat-template-", suffix=".jinja")
             os.close(fd)
             temp_files.append(Path(template))
-            args += kat_args(Path(template))
+            args += kat_args(Path(template), tool_parser)
         server = _spawn(model, port, args, env, served_name, Path(log_path))
         server.temp_files, server.log_is_temp = temp_files, log_is_temp
         wait_ready(server, ready_timeout)
@@ -295,15 +300,18 @@ def _flag(args: list[str], name: str) -> Optional[str]:
     return value
 
 
-def kat_args(template_path: Path) -> list[str]:
-    """Server flags for KAT: katdata's chat template (written to ``template_path``) and the ``kat``
-    reasoning parser, loaded from its file (so it works whether or not the entry point is installed)."""
+def kat_args(template_path: Path, tool_parser: Optional[str] = TOOL_PARSER) -> list[str]:
+    """Server flags for KAT: katdata's chat template (written to ``template_path``), the ``kat``
+    reasoning parser, loaded from its file (so it works whether or not the entry point is installed),
+    and, unless ``tool_parser`` is None, automatic tool choice with that tool-call parser (requests
+    with ``tools`` then get ``tool_calls``)."""
     from katdata.chat_template import template_text
 
     template_path.write_text(template_text(), encoding="utf-8")
     plugin = Path(__file__).with_name("vllm_reasoning.py")
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser] if tool_parser else []
     return ["--chat-template", str(template_path), "--reasoning-parser-plugin", str(plugin),
-            "--reasoning-parser", "kat"]
+            "--reasoning-parser", "kat", *tools]
 
 
 def _cpu() -> bool:
@@ -332,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
     ap.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for other nodes)")
+    ap.add_argument("--tool-call-parser", default=TOOL_PARSER,
+                    help=f"vLLM tool-call parser for requests with tools (default {TOOL_PARSER}, which reads KAT's "
+                    "<tool_call> blocks); 'none' serves without tool calling")
     args = ap.parse_args(argv)
+    tool_parser = None if args.tool_call_parser.lower() == "none" else args.tool_call_parser
     extra = (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
         + (["--host", args.host] if args.host else [])
     # everything that can be checked without vLLM, before anything starts or any file is made
@@ -357,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                        api_key_env=args.api_key_env, log_path=args.log, kat=True, adapter=adapter,
                        served_name=None if adapter else args.adapter_name,
                        adapter_name=args.adapter_name, data_parallel_size=args.data_parallel_size,
-                       extra_args=extra or None)
+                       extra_args=extra or None, tool_parser=tool_parser)
         names = f"'{args.adapter_name}' (adapter) or '{server.served_name}'" if adapter else f"'{server.served_name}'"
-        print(f"ready: {server.base_url}  model {names}, reasoning parser kat\n"
+        tools = f", tool parser {tool_parser}" if tool_parser else ", no tool parser"
+        print(f"ready: {server.base_url}  model {names}, reasoning parser kat{tools}\n"
               f"server pid {server.pid}, log {server.log_path}\n"
               f"stop it with Ctrl-C here, or: kill {os.getpid()}", flush=True)
         server.process.wait()

@@ -222,14 +222,15 @@ def history_answer(content: str) -> str:
     """What an earlier assistant turn is reduced to in the chat history (kat-format.md section 3).
 
     The text between the last ``<answer>\\n`` and the following ``\\n</answer>``; without those
-    tags, the text after ``<think_off>`` (leading newlines stripped), then after ``</think>``.
+    tags, the text after ``<think_off>`` (leading newlines stripped), then after ``</think>``; without
+    any marker, the whole text. Every case ends by stripping leading newlines (``"\\nHello"`` -> ``Hello``).
     """
     if ANSWER_OPEN + "\n" in content:
         tail = content.split(ANSWER_OPEN + "\n")[-1]
         if "\n" + ANSWER_CLOSE in tail:
-            return tail.split("\n" + ANSWER_CLOSE)[0]
+            return tail.split("\n" + ANSWER_CLOSE)[0].lstrip("\n")
     if THINK_OFF in content:
         content = content.split(THINK_OFF)[-1].lstrip("\n")
     if THINK_CLOSE in content:
-        content = content.split(THINK_CLOSE)[-1].lstrip("\n")
-    return content
+        content = content.split(THINK_CLOSE)[-1]
+    return content.lstrip("\n")

@@ -8,18 +8,27 @@ Load it either way vLLM supports:
   (katdata must be importable there; the module registers the parser when it is imported).
 
 What goes where (``katdata.reasoning``): the judge rationale, the mode tag and the think block are
-``reasoning``, the answer is ``content``, and the two join to the generated text exactly. The
-mode stays readable in the reasoning text (``<think_on>`` / ``<think_off>``). Requests without
-tools also stop at the answer's closing ``\\n</answer>`` (added to ``stop``), so ``content`` is the
-bare answer; ``stop_reason`` then shows that string.
+``reasoning`` (the mode stays readable there: ``<think_on>`` / ``<think_off>``), and ``content`` is
+the answer alone, without ``<answer>`` / ``</answer>``, whole and streamed (a streamed tail that may
+still become ``</answer>`` is held back). A ``<tool_call>`` block after ``</answer>`` stays in the
+content for the tool parser (``--enable-auto-tool-choice --tool-call-parser hermes``); any other
+text after ``</answer>`` is dropped, and this module's logger counts it. A reply cut off before
+``<answer>`` has empty content. Requests without tools also stop at the answer's closing
+``\\n</answer>`` (added to ``stop``), so such text is not even generated; ``stop_reason`` then shows
+that string.
+
+Streamed, the reasoning phase lasts until a ``<tool_call>`` block starts (then vLLM's tool parser
+takes the rest) or to the end: vLLM passes text after the reasoning phase to the client unfiltered,
+so ending it at ``<answer>`` would let ``</answer>`` through.
 
 The split is found on decoded text: KAT's markers are plain multi-token text, not special tokens.
 Where the completion starts is read from the prompt (streaming: its token ids) or from the request
-(a continued final assistant message, or the ``think_mode`` chat-template variable).
+(a continued final assistant message, or the ``think_mode`` / ``enable_thinking`` chat-template variable).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
@@ -30,13 +39,31 @@ try:
 except ImportError:  # older vLLM
     from vllm.entrypoints.openai.protocol import DeltaMessage
 
-from katdata.reasoning import StreamSplitter, split
+from katdata.chat_template import think_mode_of
+from katdata.reasoning import CALL, StreamSplitter, split
 from katdata.template import ANSWER_CLOSE, ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, JUDGE_CLOSE
 
 NAME = "kat"
 ANSWER_STOP = "\n" + ANSWER_CLOSE
 TURN_START = "<|im_start|>"
 _WINDOW = 12  # tokens before a step that can hold the rest of a split answer opener
+logger = logging.getLogger(__name__)
+DROPPED = {"replies": 0, "chars": 0}  # text after </answer> that was not a tool call, since start
+
+
+def _count_dropped(text: str, first: bool) -> None:
+    """Count text dropped after ``</answer>`` (non-space characters: whitespace between blocks is layout).
+
+    Logged once per reply (streamed replies: when the first such text arrives), counted throughout.
+    """
+    chars = sum(not c.isspace() for c in text)
+    if not chars:
+        return
+    DROPPED["chars"] += chars
+    DROPPED["replies"] += first
+    (logger.warning if first else logger.debug)(
+        "kat parser: dropped text after </answer> that is not a tool call (%d non-space characters in "
+        "%d replies since start)", DROPPED["chars"], DROPPED["replies"])
 
 
 def _text(content) -> str:
@@ -84,7 +111,10 @@ class KatReasoningParser(ReasoningParser):
         if not getattr(request, "add_generation_prompt", True):
             return ""
         kwargs = {**self._template_kwargs, **(getattr(request, "chat_template_kwargs", None) or {})}
-        mode = kwargs.get("think_mode")
+        try:
+            mode = think_mode_of(kwargs)  # think_mode, or enable_thinking true/false
+        except ValueError:
+            mode = "auto"  # the template refuses such a request before anything is generated
         if mode in FORCE_PREFIX:
             return f"{GENERATION_PREFIX}.\n{JUDGE_CLOSE}\n\n{FORCE_PREFIX[mode]}"
         return GENERATION_PREFIX
@@ -93,6 +123,7 @@ class KatReasoningParser(ReasoningParser):
     def extract_reasoning(self, model_output: str, request) -> tuple[Optional[str], Optional[str]]:
         self._prefix = self._request_prefix(request)
         parts = split(model_output, self._prefix)
+        _count_dropped(parts.dropped, True)
         return parts.reasoning or None, parts.content or None
 
     def adjust_request(self, request):
@@ -113,7 +144,9 @@ class KatReasoningParser(ReasoningParser):
                                     current_token_ids, delta_token_ids):
         if self._stream is None:
             self._stream = StreamSplitter(self._prefix if self._prefix is not None else GENERATION_PREFIX)
+        before = self._stream.dropped
         reasoning, content = self._stream.feed(delta_text)
+        _count_dropped(self._stream.dropped[len(before):], not before.strip())
         self._last_content = content
         if not reasoning and not content:
             return None
@@ -128,8 +161,8 @@ class KatReasoningParser(ReasoningParser):
         return split(self._decode(input_ids), prefix).ended
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Iterable[int]) -> bool:
-        if self._stream is not None:  # the server's streaming parser: the text it split decides
-            return self._stream.ended
+        if self._stream is not None:  # the server's streaming parser: see the module doc
+            return self._stream.phase == CALL
         delta = list(delta_ids)
         window = self._decode(list(input_ids)[-(len(delta) + _WINDOW):])
         if ANSWER_OPEN not in window:  # the opener cannot have completed in this step

@@ -6,7 +6,7 @@ Expected strings are written by hand from /work/shared/kat-format.md sections 1,
 import pytest
 
 from katdata.chat_template import (GENERATION_PROMPT, NEUTRAL_JUDGE_PROMPT, chat_template_kwargs, render_chat,
-                                   template_text)
+                                   template_text, think_mode_of)
 from katdata.prompt_files import read_prompt
 from katdata.sample import SampleConfig, mode_prefix
 from katdata.template import history_answer, parse, render
@@ -153,7 +153,7 @@ def test_vllm_keeps_think_mode_among_the_request_kwargs():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     names = meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(template_text()))
-    assert {"think_mode", "tools", "messages", "add_generation_prompt"} <= names
+    assert {"think_mode", "enable_thinking", "tools", "messages", "add_generation_prompt"} <= names
 
 
 @pytest.mark.parametrize("mode", ["on", "off", "auto"])
@@ -163,6 +163,41 @@ def test_tokenizer_takes_think_mode(tokenizer, mode, training):
                                          add_generation_prompt=True, think_mode=mode)
     assert text == ASK_TEXT + FORCED.get(mode, GENERATION_PROMPT)
     assert text == render_chat(ASK, add_generation_prompt=True, think_mode=mode)
+
+
+ENABLE_THINKING = {True: "on", False: "off", None: "auto"}  # Qwen3-style switch -> KAT mode
+
+
+@pytest.mark.parametrize("thinking", [True, False, None])
+@pytest.mark.parametrize("training", [False, True])
+def test_enable_thinking_is_accepted_like_think_mode(tokenizer, thinking, training):
+    """chat_template_kwargs={"enable_thinking": false} (Qwen3-style clients): true -> on, false -> off,
+    absent -> auto, in the template as a tokenizer (and vLLM) renders it and in render_chat."""
+    mode = ENABLE_THINKING[thinking]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    text = tokenizer.apply_chat_template(ASK, chat_template=template_text(training), tokenize=False,
+                                         add_generation_prompt=True, **kwargs)
+    assert text == ASK_TEXT + FORCED.get(mode, GENERATION_PROMPT)
+    assert render_chat(ASK, add_generation_prompt=True, enable_thinking=thinking) == text
+    assert think_mode_of(kwargs) == mode
+
+
+def test_think_mode_wins_over_enable_thinking_and_bad_values_are_refused(tokenizer):
+    import jinja2
+
+    both = {"think_mode": "on", "enable_thinking": False}
+    assert think_mode_of(both) == "on" and think_mode_of({"think_mode": None, "enable_thinking": False}) == "off"
+    assert render_chat(ASK, add_generation_prompt=True, **both) == ASK_TEXT + FORCED["on"]
+    assert tokenizer.apply_chat_template(ASK, chat_template=template_text(), tokenize=False,
+                                         add_generation_prompt=True, **both) == ASK_TEXT + FORCED["on"]
+    for bad in ("false", 0):
+        with pytest.raises(ValueError, match="enable_thinking"):
+            think_mode_of({"enable_thinking": bad})
+        with pytest.raises(ValueError, match="enable_thinking"):
+            render_chat(ASK, add_generation_prompt=True, enable_thinking=bad)
+        with pytest.raises((jinja2.TemplateError, ValueError), match="enable_thinking"):
+            tokenizer.apply_chat_template(ASK, chat_template=template_text(), tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=bad)
 
 
 def test_tokenizer_refuses_an_unknown_think_mode(tokenizer):
@@ -244,7 +279,7 @@ TOOL_CHATS = {
         + "<|im_start|>assistant\n" + render("off", "Needs live data.", "Looking.") + CALL_PARIS_TEXT
         + "<|im_end|>\n",
     ),
-    "earlier turn reduced to nothing: no newline before its calls; a leading newline kept before them": (
+    "earlier turn reduced to nothing: no newline before its calls; leading newlines stripped before them": (
         U + [{"role": "assistant", "content": "<judge>\nNeeds live data.\n</judge>\n\n<think_off>\n",
               "tool_calls": [CALL_PARIS]},
              {"role": "tool", "content": "sunny"},
@@ -253,7 +288,7 @@ TOOL_CHATS = {
         TOOLS_SYS + U_TEXT
         + "<|im_start|>assistant" + CALL_PARIS_TEXT + "<|im_end|>\n"
         + "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
-        + "<|im_start|>assistant\n\nOne more." + CALL_ADD_TEXT + "<|im_end|>\n"
+        + "<|im_start|>assistant\nOne more." + CALL_ADD_TEXT + "<|im_end|>\n"  # section 3: "\nOne more." -> "One more."
         + "<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n"
         + "<|im_start|>assistant\n<judge>\n",
     ),
@@ -313,18 +348,21 @@ def test_bad_messages_and_tools_are_refused(messages, tools, match):
 # --- history reduction and leading whitespace (kat-format.md section 3) ---------------------------
 
 # an earlier assistant turn -> what the history keeps of it, written by hand from section 3 (not from
-# katdata.template.history_answer, which must agree with both)
+# katdata.template.history_answer, which must agree with both); every reduction ends by stripping
+# leading newlines, a turn without markers included
 PAST = {
-    "\nSure, here it is.": "\nSure, here it is.",  # no markers: kept as written, leading newline included
-    "\n\nTwo blank lines first.\n": "\n\nTwo blank lines first.\n",
+    "\nSure, here it is.": "Sure, here it is.",  # no markers: the whole text, leading newline stripped
+    "\n\nTwo blank lines first.\n": "Two blank lines first.\n",  # trailing newlines stay
+    "\n": "",
     "  indented": "  indented",
     "": "",
     "<think_off>\n\n\nAfter the mode tag": "After the mode tag",  # after <think_off>: leading newlines stripped
     "<think>\nsteps\n</think>\n\n\nAfter think": "After think",  # after </think>: leading newlines stripped
     "<judge>\nj\n</judge>\n\n<think_off>\n<answer>\n\nAnswer starting with a newline\n</answer>":
-        "\nAnswer starting with a newline",  # between the tags: the newline after "<answer>\n" is the answer's
+        "Answer starting with a newline",  # between the tags, then leading newlines stripped too
     "\n<answer>\nfirst\n</answer> and <answer>\nsecond\n</answer>": "second",  # the last <answer>
     "<answer>\nnever closed": "<answer>\nnever closed",  # no closing tag, no mode tag: kept
+    "\n<answer>\nnever closed": "<answer>\nnever closed",  # ... and its leading newline stripped
     "<think_off>\n  spaces stay": "  spaces stay",  # only newlines are stripped
     "<think_off>\n<think>\nx\n</think>\n\ny": "y",  # both reductions in turn
 }
@@ -352,10 +390,17 @@ def test_final_turn_without_markers_is_rendered_as_written(tokenizer, training):
         assert tokenizer.apply_chat_template(messages, chat_template=template_text(training), tokenize=False) == expected
 
 
-def test_past_turn_without_markers_keeps_its_leading_newline():
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\nSure."},
+def test_past_turn_without_markers_loses_its_leading_newlines():
+    """kat-format.md section 3: ``"\\nHello"`` in the history renders as ``Hello``."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\nHello"},
                 {"role": "user", "content": "b"}]
-    assert history_answer("\nSure.") == "\nSure."
-    assert history_answer("<think_off>\n\nSure.") == "Sure."
-    assert ("<|im_start|>assistant\n\nSure.<|im_end|>\n<|im_start|>user\nb"
-            in render_chat(messages, add_generation_prompt=True))
+    assert history_answer("\nHello") == "Hello"
+    assert history_answer("<think_off>\n\nHello") == "Hello"
+    text = render_chat(messages, add_generation_prompt=True)
+    assert "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nb" in text
+    assert "assistant\n\nHello" not in text
+    # a past turn with tool calls and a marker-less content: the content's leading newlines go too
+    calls = [{"name": "f", "arguments": {}}]
+    messages[1] = {"role": "assistant", "content": "\n\nHello", "tool_calls": calls}
+    assert ('<|im_start|>assistant\nHello\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|im_end|>'
+            in render_chat(messages + [{"role": "assistant", "content": "<judge>\nx"}]))

@@ -420,57 +420,61 @@ def test_think_mode_request_kwarg_forces_the_mode(kat_server, mode):
         assert split(reasoning + content).mode == want.mode == "on" and "<think_on>" in reasoning
 
 
-# ---------------------------------------------------------------- the parser class without a server
-def test_parser_class_on_token_ids(tokenizer):
-    """The vLLM class on the real tokenizer: reasoning end found on the prompt's and the output's ids
-    (markers are several tokens), forced modes read from the request, the stop added without tools."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    from katdata.vllm_reasoning import ANSWER_STOP, KatReasoningParser
-
-    parser = KatReasoningParser(tokenizer)
-    query, response = RECORDS[0]
-    msgs = [{"role": "user", "content": query}]
-    prompt = tokenizer(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    output = tokenizer(response[len(GENERATION_PREFIX):], add_special_tokens=False)["input_ids"]
-    assert not parser.is_reasoning_end(prompt)
-    assert parser.is_reasoning_end(prompt + output)
-    k = next(i for i in range(len(output) + 1) if parser.is_reasoning_end(prompt + output[:i]))
-    assert tokenizer.decode(output[:k]).endswith("<answer>\n")  # ends right after the opener
-    assert not parser.is_reasoning_end_streaming(prompt + output[:k - 1], output[k - 2:k - 1])
-    assert parser.is_reasoning_end_streaming(prompt + output[:k], output[k - 1:k])
-    forced = prompt[:-len(tokenizer("<judge>\n", add_special_tokens=False)["input_ids"])] + tokenizer(
-        response[:response.index("<answer>\n") + 9], add_special_tokens=False)["input_ids"]
-    assert parser.is_reasoning_end(forced)  # a pre-fill that opened the answer: all content
-    assert parser.count_reasoning_tokens(output) == k
-    request = ChatCompletionRequest(model="m", messages=msgs)
-    assert parser.extract_reasoning(response[len(GENERATION_PREFIX):], request) == (
-        response[len(GENERATION_PREFIX):response.index("<answer>\n") + 9], "42\n</answer>")
-    prefill_off = f"{GENERATION_PREFIX}{JUDGE_OFF}\n</judge>\n\n{FORCE_PREFIX['off']}"
-    cont = ChatCompletionRequest(model="m", messages=msgs + [{"role": "assistant", "content": prefill_off}],
-                                 continue_final_message=True, add_generation_prompt=False)
-    assert parser.extract_reasoning("Paris", cont) == (None, "Paris")
-    assert ANSWER_STOP in parser.adjust_request(request).stop
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    assert not parser.adjust_request(ChatCompletionRequest(model="m", messages=msgs, tools=tools)).stop
+@pytest.mark.slow  # the module's server (see above)
+@pytest.mark.parametrize("thinking", [False, True])
+def test_enable_thinking_works_like_think_mode(kat_server, thinking):
+    """Qwen3-style clients send chat_template_kwargs={"enable_thinking": false}: the same reply, plain and
+    streamed, as think_mode off (true: on), and the content is the answer alone."""
+    mode = "on" if thinking else "off"
+    messages = [{"role": "user", "content": THINK_MODE_QUERIES[mode]}]
+    body = {"model": "kat", "messages": messages, "max_tokens": 80, "temperature": 0}
+    want = _post(kat_server, "/chat/completions", {**body, "chat_template_kwargs": chat_template_kwargs(mode)})
+    want = want["choices"][0]["message"]
+    body["chat_template_kwargs"] = {"enable_thinking": thinking}
+    msg = _post(kat_server, "/chat/completions", body)["choices"][0]["message"]
+    assert ((msg.get("reasoning") or ""), msg.get("content")) == ((want.get("reasoning") or ""), want["content"])
+    chunks = _post(kat_server, "/chat/completions", {**body, "stream": True}, stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    assert ("".join(d.get("reasoning") or "" for d in deltas), "".join(d.get("content") or "" for d in deltas)) == (
+        msg.get("reasoning") or "", msg["content"])
+    assert msg["content"] == ("Paris" if mode == "off" else "42") and "</answer>" not in msg["content"]
+    if mode == "off":
+        assert not msg.get("reasoning")
+    else:
+        assert msg["reasoning"].endswith("</think>\n<answer>\n")
 
 
-def test_entry_point_registers_the_parser(tmp_path):
-    """vLLM's general-plugin loader finds the `vllm.general_plugins` entry point and registers `kat`
-    (a stand-in distribution carries pyproject's entry point, as an installed katdata would)."""
-    dist = tmp_path / "katdata_entry_point_check-0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: katdata-entry-point-check\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nkat = katdata.vllm_reasoning:register\n")
-    code = ("from vllm.plugins import load_general_plugins\nfrom vllm.reasoning import ReasoningParserManager\n"
-            "assert 'kat' not in ReasoningParserManager.list_registered()\nload_general_plugins()\n"
-            "print(ReasoningParserManager.get_reasoning_parser('kat').__module__)")
-    root = str(Path(__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
-    env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "katdata.vllm_reasoning"
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+@pytest.mark.slow  # the module's server (see above)
+def test_tool_call_after_the_answer_returns_tool_calls(kat_server):
+    """With tools, the hermes tool parser gets the <tool_call> block after </answer>: the message has
+    tool_calls, plain and streamed. The tiny model would not write a call itself, so the pre-fill ends the
+    answer and a regex (structured output) forces the call's text."""
+    prefill = f"{GENERATION_PREFIX}{JUDGE_OFF}\n</judge>\n\n<think_off>\n<answer>\nAdding.\n</answer>\n"
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 17, "b": 25}}\n</tool_call>'
+    body = {"model": "kat", "messages": [{"role": "user", "content": "What is 17 + 25?"},
+                                         {"role": "assistant", "content": prefill}],
+            "tools": [ADD_TOOL], "continue_final_message": True, "add_generation_prompt": False,
+            "max_tokens": 60, "temperature": 0,
+            "structured_outputs": {"regex": call.replace("{", "\\{").replace("}", "\\}")}}
+    msg = _post(kat_server, "/chat/completions", body)["choices"][0]["message"]
+    calls = msg.get("tool_calls") or []
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("add", {"a": 17, "b": 25})], msg
+    assert not msg.get("content") and "<tool_call>" not in (msg.get("reasoning") or "")
+    chunks = _post(kat_server, "/chat/completions", {**body, "stream": True}, stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    names = [tc["function"]["name"] for d in deltas for tc in d.get("tool_calls") or [] if tc.get("function", {}).get("name")]
+    args = "".join(tc["function"].get("arguments") or "" for d in deltas for tc in d.get("tool_calls") or []
+                   if tc.get("function"))
+    assert names == ["add"] and json.loads(args) == {"a": 17, "b": 25}
+    assert "<tool_call>" not in "".join(d.get("content") or "" for d in deltas)
+
+
+# the parser class without a server, its entry point, serve's tool flags: tests/test_reasoning_parser.py
 
 
 @pytest.mark.slow
