@@ -32,12 +32,12 @@ from typing import Any, Iterable, Optional
 
 from katdata.errors import KatdataError, RunFolderError, require
 from katdata.records import Tags, Vote
-from katdata.run_folder import RunFolder
+from katdata.run_folder import FILES, RunFolder
 
 log = logging.getLogger(__name__)
 
-FIT_FILE = "calibration.json"
-PLOT_FILE = "calibration_reliability.png"
+FIT_FILE = FILES["calibration"]
+PLOT_FILE = FILES["calibration_plot"]
 MIN_PER_CLASS = 3  # fewer vote-decided labels of either mode: no fit (nothing to cross-validate)
 SURFACE = ("numbers", "operators", "math_notation", "code", "question", "multi_part", "reasoning_words")
 

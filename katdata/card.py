@@ -14,7 +14,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pydantic_core
 import yaml
@@ -252,15 +252,6 @@ def read_json(path: Path) -> Any:
         raise InputError(path, f"broken JSON ({exc.msg})", line=exc.lineno) from exc
 
 
-def read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text("utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InputError(path, f"broken YAML ({getattr(exc, 'problem', exc)})",
-                         line=mark.line + 1 if mark else None) from exc
-
-
 def attempt_stats(path: Path, models: Counter) -> dict[str, dict[str, int]]:
     """Per mode: attempts, parsed, verified, passed, truncated (solve.jsonl or samples.jsonl); counts
     the (role, model) of the attempts' agent segments into ``models``."""
@@ -359,8 +350,8 @@ def _order(key: str):
     return lambda kv: (-sum(kv[1].values()), kv[0])
 
 
-def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
-    """The card's markdown body, from the run's records and files."""
+def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg, recipe: Optional[dict] = None) -> str:
+    """The card's markdown body, from the run's records and files and the recipe it ran under (None: unknown)."""
     on, off, n = stats.modes["on"], stats.modes["off"], stats.n
     out = [f"# {cfg.pretty_name}", "",
            "Adaptive-thinking (KAT / AutoThink style) supervised fine-tuning data built with katdata. Each "
@@ -403,18 +394,18 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg) -> str:
         out += ["No record carries a vote margin.", ""]
     from katdata.calibrate import card_lines  # the tagger fitted to the vote (calibration.json), when there is one
     out += card_lines(run_dir)
-    out += _run_files(run_dir, stats)
+    out += _run_files(run_dir, stats, recipe)
     out += _sources(run_dir, stats, cfg)
     return "\n".join(out).rstrip() + "\n"
 
 
-def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
+def _run_files(run_dir: Path, stats: CardStats, recipe: Optional[dict]) -> list[str]:
     out = ["## Verifier pass rates and truncation", ""]
     rows, seg_models = [], Counter()
-    for name in ("samples.jsonl", "solve.jsonl"):
-        if (run_dir / name).is_file():
-            for mode, c in sorted(attempt_stats(run_dir / name, seg_models).items()):
-                rows.append([name, mode, c["attempts"], _pct(c["parsed"], c["attempts"]), c["verified"],
+    for path in (RunFolder(run_dir).samples, RunFolder(run_dir).solve):
+        if path.is_file():
+            for mode, c in sorted(attempt_stats(path, seg_models).items()):
+                rows.append([path.name, mode, c["attempts"], _pct(c["parsed"], c["attempts"]), c["verified"],
                              _pct(c["passed"], c["verified"]), _pct(c["truncated"], c["attempts"])])
     out += [_table(["file", "mode", "attempts", "parsed", "verified", "pass rate", "truncated"], rows)
             if rows else "No attempt files (samples.jsonl, solve.jsonl) in the run folder.", ""]
@@ -427,7 +418,6 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     else:
         out += ["No rejects.jsonl in the run folder.", ""]
     out += ["## Models per role", ""]
-    recipe = read_yaml(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     roles = recipe_roles(recipe)
     if roles:
         out += ["From recipe.yaml:", "", _table(["role", "engine", "backend", "model"], roles), ""]
@@ -438,7 +428,7 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
         out += ["From the records' provenance:", "",
                 _table(["role", "model", "records"], [[r, m, c] for (r, m), c in sorted(stats.models.items())]), ""]
     if not (roles or seg_models or stats.models):
-        out += ["No model information (no recipe.yaml, agent segments or provenance.models).", ""]
+        out += ["No model information (no recipe, agent segments or provenance.models).", ""]
     out += ["## Human review", ""] if stats.reviewed or stats.review_note else []
     if stats.reviewed:
         fields = ", ".join(f"{f} ({c})" for f, c in stats.changed_fields.most_common())
@@ -447,7 +437,7 @@ def _run_files(run_dir: Path, stats: CardStats) -> list[str]:
     out += ["## Recipe", ""]
     out += (["<details><summary>recipe.yaml (secrets redacted)</summary>", "", "```yaml",
              yaml.safe_dump(redact(recipe), sort_keys=False).rstrip(), "```", "", "</details>", ""]
-            if recipe is not None else ["No recipe.yaml in the run folder.", ""])
+            if recipe is not None else ["No recipe: these records were exported without one.", ""])
     if (RunFolder(run_dir).summary).is_file():
         summary = {k: v for k, v in read_json(RunFolder(run_dir).summary).items() if k != "fingerprints"}
         out += ["<details><summary>summary.json (stage statistics)</summary>", "", "```json",
@@ -470,8 +460,10 @@ def _sources(run_dir: Path, stats: CardStats, cfg) -> list[str]:
     return out + card_lines(stages.get("decontaminate"), srcs)
 
 
-def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits: dict, feats, cfg) -> Path:
-    """Write README.md, chat_template.jinja (and the plot) into the export folder."""
+def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits: dict, feats, cfg,
+               recipe: Optional[dict] = None) -> Path:
+    """Write README.md, chat_template.jinja (and the plot) into the export folder; ``recipe``: the resolved recipe
+    (secrets redacted, as recipe.yaml holds it) the export ran under, shown in the card."""
     if cfg.pretty_name is None:
         cfg = cfg.model_copy(update={"pretty_name": f"katdata {Path(run_dir).resolve().name}"})
     stats.plotted = cfg.plot and plot(stats, folder / PLOT)
@@ -479,7 +471,7 @@ def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits:
     from katdata.calibrate import copy_plot
     copy_plot(run_dir, folder)  # the tagger's reliability plot, which card_lines shows
     head = yaml.safe_dump(header(stats, splits, feats, cfg), sort_keys=False, allow_unicode=True)
-    text = f"---\n{head}---\n\n{body(Path(run_dir), src, stats, splits, cfg)}"
+    text = f"---\n{head}---\n\n{body(Path(run_dir), src, stats, splits, cfg, recipe)}"
     path = folder / "README.md"
     path.write_text(text, encoding="utf-8")
     return path

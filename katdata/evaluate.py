@@ -92,7 +92,7 @@ class Item:
 
 def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
     """The held-out rows named in train/split.json, read from the same data as training."""
-    from katdata.train import split_rows
+    from katdata.train_data import split_rows
 
     rows = split_rows(run_dir, "heldout", "it lists the held-out ids")
     metas = query_meta(run_dir, rows)
@@ -298,10 +298,10 @@ def _adapted(cfg: EvalConfig, run_dir: Path, engine, base, adapter: Optional[Pat
         return engine(cfg.adapted_engine), False
     from katdata.backends import get_backend
 
-    adapter = adapter or (Path(cfg.adapter) if cfg.adapter else run_dir / "train" / "adapter")
+    adapter = adapter or (Path(cfg.adapter) if cfg.adapter else RunFolder(run_dir).adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise KatdataError(f"no adapter at {adapter}: run `katdata train` first, or set eval.adapter")
-    train_json = run_dir / "train" / "train.json"
+    train_json = RunFolder(run_dir).train_record
     markers = train_json.is_file() and json.loads(train_json.read_text()).get("marker_tokens")
     if markers and base.name == "vllm":
         raise KatdataError("this adapter adds marker tokens: vLLM cannot serve it un-merged; evaluate the merged model "
@@ -338,7 +338,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     described = getattr(engine, "settings", None)  # the engines' own settings, where the caller can say them
     for name in fingerprint.engine_names(cfg) if described else []:
         settings |= fingerprint.flatten({"engines": {name: described(name)}})
-    inputs = fingerprint.hash_inputs(fingerprint.eval_input_paths(cfg, run_dir), run_dir)
+    inputs = fingerprint.hash_inputs(_eval_inputs(cfg, run_dir), run_dir)
     current = {"settings": settings, "inputs": inputs}
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
                              "eval); to keep it, copy the run folder and evaluate in the copy")
@@ -423,9 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     engine.settings = lambda name: engine_settings(config)
 
     try:
-        from katdata.sandbox import run_sandbox
+        from katdata.run_folder import saved_recipe
+        from katdata.sandbox import SandboxConfig
+        from katdata.settings import recipe_section
 
-        result = run(cfg, ns.run_dir, engine, sandbox=run_sandbox(ns.run_dir))  # the run's saved recipe.yaml
+        sandbox = recipe_section(saved_recipe(ns.run_dir), "sandbox", SandboxConfig)  # as the run's stages had it
+        result = run(cfg, ns.run_dir, engine, sandbox=sandbox)
     finally:
         for b in built.values():
             b.close()
@@ -446,10 +449,10 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list:
-    from katdata.fingerprint import eval_input_paths
-
-    return eval_input_paths(cfg, run_dir)
+def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list[Path]:
+    """What eval reads: the held-out split and, unless an engine already loads it, the adapter."""
+    folder = RunFolder(run_dir)
+    return [folder.split] + ([] if cfg.adapted_engine else [Path(cfg.adapter) if cfg.adapter else folder.adapter])
 
 
 STAGE = Stage("eval", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens",

@@ -9,7 +9,6 @@ new, an empty folder or katdata's own earlier export (katdata.output_paths), not
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -251,7 +250,7 @@ class SplitWriter:
             self.writer = None
 
 
-def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str]) -> dict:
+def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None) -> dict:
     import pyarrow as pa
 
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
@@ -291,7 +290,7 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
     if cfg.format == "llamafactory":
         card.llamafactory_info(tmp, splits)
     stats.review_note = _review_note(len(waits), cfg.require_review)
-    card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg)
+    card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
     return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
             "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
 
@@ -343,8 +342,10 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
 
 
 def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] = None,
-        review: Optional[review_routing.ReviewConfig] = None) -> dict:
-    """The export stage: write RUN_DIR/export (or cfg.out) atomically, then push when asked.
+        review: Optional[review_routing.ReviewConfig] = None, recipe: Optional[dict] = None) -> dict:
+    """The export stage: write RUN_DIR/export (or cfg.out) atomically, then push when asked. ``review``: the
+    policy records wait for review under (defaults: None); ``recipe``: the recipe as recipe.yaml holds it (secrets
+    redacted), for the card.
 
     ``out`` must be new, an empty folder or an earlier export of katdata (katdata.output_paths); anything else
     is refused before anything is written. ``label`` names the setting in errors (default: export.out)."""
@@ -357,10 +358,10 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        # the records the review policy holds back (the recipe's review: section; standalone: the run's recipe.yaml)
-        waits = review_routing.waiting(run_dir, src, review)  # a bad row fails here, before writing
+        # the records the review policy (the recipe's review: section, its defaults without one) holds back
+        waits = review_routing.waiting(run_dir, src, review or review_routing.ReviewConfig())  # bad rows fail here
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        stats = _write_dataset(tmp, src, run_dir, cfg, waits)
+        stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
         output_paths.honour_umask(tmp)  # mkdtemp made it 0700
         _replace(tmp, out, run_dir, label)
@@ -387,43 +388,64 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="katdata export", description="Write a run's records as a Hub dataset "
-                                "folder (README.md card + data/*.parquet) and optionally upload it.")
-    p.add_argument("run_dir", type=Path, help="the run folder (reads review/merged.jsonl or records.jsonl)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export): new, empty or an earlier "
-                   "katdata export, which is replaced; anything else is refused")
-    p.add_argument("--format", choices=["hf", "trl", "llamafactory"], default="hf", help="column layout")
-    p.add_argument("--test-size", type=float, default=0.1, help="share of rows in the test split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    p.add_argument("--license", default="other", help="licence id for the card header")
-    p.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hub dataset repo (token: HF_TOKEN)")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    p.add_argument("--include-unreviewed", action="store_true",
-                   help="include records that wait for review (as export.require_review: false in the run's "
-                        "recipe.yaml does)")
-    a = p.parse_args(argv)
-    if a.private and not a.push_to_hub:
-        p.error("--private needs --push-to-hub REPO")
+    """`katdata export RUN_DIR`: the export stage as every stage command runs it (the run's recipe, its checks and
+    fingerprints, --redo); with --out, a further copy outside the run (the run's files checked, nothing recorded);
+    on a folder of records with no recipe.yaml, the records alone (defaults and flags)."""
+    from katdata import stage_command
     from katdata.errors import report
-    from katdata.preflight import run_folder
-    from katdata.recipe import explain
+
+    def extra(p):
+        p.add_argument("--include-unreviewed", action="store_true", help="include records that wait for review "
+                       "(as --no-require-review)")
 
     try:
-        try:
-            cfg = ExportConfig(out=a.out, format=a.format, test_size=a.test_size, seed=a.seed, license=a.license,
-                               push_to_hub=a.push_to_hub, private=a.private)
-        except ValidationError as exc:
-            raise explain(exc, None, ExportConfig, style="option") from None
-        run_folder(a.run_dir, "export")
-        cfg.require_review = not a.include_unreviewed and review_routing.run_requires_review(a.run_dir)
-        stats = run(cfg, a.run_dir, None, label="--out" if a.out else None)
+        return stage_command.main("export", list(sys.argv[1:] if argv is None else argv), extra=extra,
+                                  after=_side_export, bare=_bare_export)
     except KatdataError as exc:
         return report(exc, "katdata export")
+
+
+def _checked(args) -> None:
+    if args.setting_private and not args.setting_push_to_hub:
+        raise KatdataError("--private needs --push-to-hub REPO")
+    if args.include_unreviewed:
+        args.setting_require_review = False
+
+
+def _side_export(args, recipe, run_dir: Path) -> Optional[int]:
+    """--out: a copy outside the run folder, from files the run's stages wrote and nobody changed since."""
+    _checked(args)
+    if args.setting_out is None:
+        return None  # RUN/export: the stage, through the pipeline
+    from katdata.pipeline import check_stage_files
+
+    check_stage_files(recipe, run_dir, "export")
+    stats = run(recipe.export, run_dir, review=recipe.review, label="--out", recipe=_shown(recipe))
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _shown(recipe) -> dict:
+    """The recipe as the card shows it: as recipe.yaml holds it (secrets redacted)."""
+    import yaml
+
+    from katdata.recipe import dump_recipe
+
+    return yaml.safe_load(dump_recipe(recipe))
+
+
+def _bare_export(args) -> int:
+    """A folder of records that no recipe made: the export section from the flags, the review defaults."""
+    from katdata import stage_command, stages
+
+    _checked(args)
+    cfg = stage_command.section(stages.get("export"), args)
+    stats = run(cfg, args.run_dir, label="--out" if cfg.out else None)
     print(json.dumps(stats, indent=2))
     return 0
 
 
 STAGE = Stage("export", "write the Hub dataset folder (and card) of a run",
-              lambda ctx: run(ctx.cfg, ctx.folder.root, review=ctx.section("review") or review_routing.ReviewConfig()),
+              lambda ctx: run(ctx.cfg, ctx.folder.root, review=ctx.section("review"), recipe=_shown(ctx.recipe)),
               ExportConfig, reads=("records",), may_read=("merged",), writes=("export",), sections=("review",),
               inputs=lambda recipe, run_dir: [input_file(run_dir)])

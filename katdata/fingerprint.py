@@ -134,14 +134,6 @@ def stage_input_paths(recipe: Any, decl: Any, run_dir: Path) -> list[Path]:
     return [run_dir / name for name in decl.files(decl.reads + decl.may_read)]
 
 
-def eval_input_paths(cfg: Any, run_dir: Path) -> list[Path]:
-    """What eval reads: the held-out split and, unless an engine already loads it, the adapter."""
-    paths = [Path(run_dir) / "train" / "split.json"]
-    if not cfg.adapted_engine:
-        paths.append(Path(cfg.adapter) if cfg.adapter else Path(run_dir) / "train" / "adapter")
-    return paths
-
-
 def stage_fingerprint(recipe: Any, decl: Any, run_dir: Path, memo: Optional[dict] = None) -> dict[str, Any]:
     return {"settings": stage_settings(recipe, decl),
             "inputs": hash_inputs(stage_input_paths(recipe, decl, run_dir), run_dir, memo)}

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from katdata import fingerprint
 from katdata.errors import KatdataError
 from katdata.recipe import Recipe, dump_recipe, load_recipe
-from katdata.run_folder import RunFolder, Summary, check_inputs, holds_model_output
+from katdata.run_folder import FILES, RunFolder, Summary, check_inputs, holds_model_output
 from katdata.stage import Context
 from katdata.stages import all_stages, get, names
 
@@ -198,6 +198,12 @@ def _check_stage_inputs(recipe: Recipe, run_dir: Path, summary: Summary, stages:
         running.add(stage)
 
 
+def check_stage_files(recipe: Recipe, run_dir: Path, stage: str) -> None:
+    """For a command that reads a stage's run files without running the stage (an export copied outside the
+    run): every file it reads is there and as its stage wrote it (else one line naming the file)."""
+    _check_stage_inputs(recipe, Path(run_dir), Summary(RunFolder(run_dir).summary), [stage], [stage], [])
+
+
 def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list[str]) -> str:
     """recipe.yaml, or recipe.STAGE.yaml when earlier outputs in the folder came from other settings (--from).
 
@@ -210,7 +216,7 @@ def _recipe_file(recipe: Recipe, summary: Summary, stages: list[str], redo: list
         log.info("the outputs of %s were made with other settings: this recipe is saved as recipe.%s.yaml",
                  ", ".join(mixed), stages[0])
         return f"recipe.{stages[0]}.yaml"
-    return "recipe.yaml"
+    return FILES["recipe"]
 
 
 def _move_aside(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
@@ -290,7 +296,7 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
 
         check_replaceable(Path(recipe.export.out), run_dir=run_dir, kind="export", label="export.out")
     _check_isolation(recipe, run_dir, stages, queries)
-    recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else "recipe.yaml"
+    recipe_name = _recipe_file(recipe, summary, stages, redo) if stages else FILES["recipe"]
     fresh = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # what we create
     engines = Engines(recipe, run_dir)
     try:

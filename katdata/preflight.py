@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 from pydantic import BaseModel
 
 from katdata.errors import InputError, KatdataError, RunFolderError, one_line
-from katdata.run_folder import RunFolder, read_json
+from katdata.run_folder import FILES, RunFolder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def needs(command: str) -> list[tuple[list[str], str]]:
     from katdata.stages import all_stages, get
 
     if command == "calibrate":
-        return [(["votes.jsonl"], "vote")]
+        return [([FILES["votes"]], "vote")]
     producers = {name: s.name for s in all_stages() for name in s.files(s.writes)}
     stage = get(command)
     made_by = lambda name: producers.get(name) or producers[name.split("/")[0]]  # noqa: E731
@@ -306,7 +306,7 @@ def recipe_problems(recipe) -> list[tuple[str, str]]:
         if ref and Path(ref).expanduser().exists():
             add(f"eval.{key}", adapter_problem(ref))
     prev = Path(recipe.previous_round) if recipe.previous_round else None
-    for name in ("queries.jsonl", "tags.jsonl") if prev else ():
+    for name in (FILES["queries"], FILES["tags"]) if prev else ():
         if not (prev / name).is_file():
             out.append(("previous_round", f"{prev} has no {name}: run the previous round first"))
     if recipe.data is not None and recipe.data.path and not Path(recipe.data.path).exists():
@@ -395,7 +395,7 @@ def read_split(path: Path) -> dict:
 def train_record(run_dir: Path) -> dict:
     """train/train.json (what `katdata train` made: base_model, marker_tokens...), {} when there is none; a
     broken one is a RunFolderError naming it."""
-    path = Path(run_dir) / "train" / "train.json"
+    path = RunFolder(run_dir).train_record
     if not path.is_file():
         return {}
     try:

@@ -1,7 +1,7 @@
 """Where a record came from: the engines and models of the roles that shaped it, and the prompts' hashes.
 
-The assemble stage builds one `RunInfo` from the run folder's ``recipe.yaml`` (the resolved recipe the
-pipeline wrote) and asks it, per record, for the provenance of the roles that chose the label, wrote
+The assemble stage builds one `RunInfo` from the run's recipe (the sections it declares: engines, tag,
+solve, sample, judge) and asks it, per record, for the provenance of the roles that chose the label, wrote
 the content and wrote the judge rationale. A model is named with a short fingerprint: for a local
 folder a hash of its config.json and of its weight files' names, sizes and modification times (cheap:
 no weight is read); for a hub id or a server's model id the id itself.
@@ -78,17 +78,6 @@ class RunInfo:
             "judge": [sec["judge"].get("prompt", "judge_rationale.txt"), sec["judge"].get("rationale_check_prompt", "rationale_check.txt")]}
         self.judge_writer = sec["judge"].get("writer", "llm")
         self.known = bool(r)
-
-    @classmethod
-    def from_run(cls, run_dir: Path) -> "RunInfo":
-        import yaml
-
-        path = Path(run_dir) / "recipe.yaml"
-        try:
-            return cls(yaml.safe_load(path.read_text("utf-8")) if path.is_file() else None)
-        except yaml.YAMLError as exc:
-            log.warning("%s: unreadable (%s); records get no engine provenance", path, exc)
-            return cls(None)
 
     def engine(self, role: str) -> tuple[str, str, str]:
         """(engine name, backend, model identity) of a role."""

@@ -266,7 +266,8 @@ def print_summary(data: dict, run_dir: Path, wall_s: float) -> None:
         console.print(line)
     for line in rounds_lines(data, run_dir):
         console.print(line, soft_wrap=True)
-    where = {"dataset": run_dir / "export", "adapter": run_dir / "train" / "adapter", "report": run_dir / "eval" / "eval.json"}
+    folder = RunFolder(run_dir)
+    where = {"dataset": folder.export, "adapter": folder.adapter, "report": folder.eval / "eval.json"}
     for what, path in where.items():
         if path.exists():
             console.print(f"{what}: {path}", soft_wrap=True)  # a path stays whole, to copy

@@ -33,7 +33,7 @@ from katdata.redact import scrub
 from katdata.stage import Stage
 from katdata.run_folder import RunFolder
 from katdata.review_routing import (  # noqa: F401  (re-exported: the routing policy and its config)
-    ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, run_review_config, verdict_index, waiting,
+    ANNOTATION_DIR, ReviewConfig, answered, blocks, mode_confidence, route, verdict_index, waiting,
 )
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,11 @@ def load_run(run_dir: Path) -> tuple[list[KatRecord], dict[str, Vote], dict[str,
     run_dir = Path(run_dir)
     records = _read(RunFolder(run_dir).records, KatRecord)
     if not (RunFolder(run_dir).records).is_file():
-        raise KatdataError(f"{run_dir / 'records.jsonl'}: file not found (run the assemble stage first)")
+        raise KatdataError(f"{RunFolder(run_dir).records}: file not found (run the assemble stage first)")
     votes = {v.id: v for v in _read(RunFolder(run_dir).votes, Vote)}
     attempts: dict[str, list[Attempt]] = {}
-    for name in ("samples.jsonl", "solve.jsonl"):
-        for a in _read(run_dir / name, Attempt):
+    for path in (RunFolder(run_dir).samples, RunFolder(run_dir).solve):
+        for a in _read(path, Attempt):
             attempts.setdefault(a.id, []).append(a)
     return records, votes, attempts
 
@@ -399,7 +399,7 @@ def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
     _write_atomic(out / "changes.jsonl", changes)
     _write_atomic(out / "excluded.jsonl", excluded)
     _write_atomic(out / "merged.jsonl", [r.model_dump(mode="json") for r in merged])
-    waits = waiting(run_dir, out / "merged.jsonl")  # the run's own policy, as export applies it
+    waits = waiting(run_dir, out / "merged.jsonl", cfg)  # the policy export applies
     stats |= {"dataset": name, "records": len(records), "merged": len(merged), "waiting": len(waits)}
     _write_atomic(out / "pull.json", stats)
     log.info("merged %d records (%d changed, %d excluded); %d still wait for review", len(merged),
@@ -411,17 +411,13 @@ def pull(cfg: ReviewConfig, run_dir: Path) -> dict:
 
 
 def _config(recipe: Optional[str], run_dir: Path) -> ReviewConfig:
-    path = Path(recipe) if recipe else None
-    if path is None:
-        return run_review_config(run_dir)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise KatdataError(f"{path}: cannot read the recipe ({exc})") from exc
-    try:
-        return ReviewConfig.model_validate(data.get("review") or {})
-    except Exception as exc:
-        raise KatdataError(f"{path}: bad 'review' section: {exc}") from None
+    """The ``review:`` section of ``recipe``, else of the recipe the run was made with (whose copy of a key is
+    redacted: the key then comes from ARGILLA_API_KEY)."""
+    from katdata.run_folder import saved_recipe
+    from katdata.settings import recipe_section
+
+    cfg = recipe_section(recipe or saved_recipe(run_dir), "review", ReviewConfig)
+    return cfg if recipe else cfg.model_copy(update={"api_key": None})
 
 
 def main(argv: list[str] | None = None) -> int:

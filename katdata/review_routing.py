@@ -19,10 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from katdata.errors import InputError
 from katdata.records import Attempt, Vote
 from katdata.run_folder import RunFolder
 
@@ -163,33 +161,19 @@ def answered(rec) -> bool:
 # ---------------------------------------------------------------- the run's policy and its waiting records
 
 
-def _run_recipe(run_dir: Path) -> dict:
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(path, f"cannot read the recipe ({exc})") from None
-    return data if isinstance(data, dict) else {}
+def hold_policy(review: Optional[ReviewConfig], require_review: bool) -> Optional[ReviewConfig]:
+    """The policy records wait for review under before export and train take them (the recipe's ``review:``
+    section, its defaults without one); None when ``export.require_review`` is false: nothing waits."""
+    return (review or ReviewConfig()) if require_review else None
 
 
-def run_review_config(run_dir: Path) -> ReviewConfig:
-    """The run's ``review:`` section (RUN_DIR/recipe.yaml), defaults when it has none; no credentials."""
-    section = dict(_run_recipe(run_dir).get("review") or {})
-    section.pop("api_key", None)  # redacted in the copy; the key comes from ARGILLA_API_KEY
-    try:
-        return ReviewConfig.model_validate(section)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(["review", *map(str, err["loc"])])
-        raise InputError(Path(run_dir) / "recipe.yaml", err["msg"], field=key) from None
+def recipe_hold(path: Optional[Path]) -> Optional[ReviewConfig]:
+    """:func:`hold_policy` of a recipe file (defaults when None): its ``review:`` section and
+    ``export.require_review`` (for commands on a run folder; a stage gets both from its recipe)."""
+    from katdata.settings import read_yaml, recipe_section
 
-
-def run_requires_review(run_dir: Path) -> bool:
-    """``export.require_review`` of the run's recipe (true when the recipe does not say)."""
-    value = (_run_recipe(run_dir).get("export") or {}).get("require_review", True)
-    return value is not False
+    export = (read_yaml(path).get("export") or {}) if path else {}
+    return hold_policy(recipe_section(path, "review", ReviewConfig), export.get("require_review", True) is not False)
 
 
 class _Routed(BaseModel):
@@ -262,17 +246,20 @@ def _rows(path: Path, model) -> Iterable:
     return read_rows(path, model) if Path(path).is_file() else []
 
 
-def waiting(run_dir: Path, src: Path, cfg: Optional[ReviewConfig] = None) -> set[str]:
-    """Ids of the records in ``src`` that a blocking reason routed and no reviewer answered yet."""
+def waiting(run_dir: Path, src: Path, cfg: Optional[ReviewConfig]) -> set[str]:
+    """Ids of the records in ``src`` that a blocking reason of ``cfg`` routed and no reviewer answered yet (none
+    when ``cfg`` is None: see :func:`hold_policy`)."""
+    if cfg is None:
+        return set()
     run_dir = Path(run_dir)
-    cfg = (cfg or run_review_config(run_dir)).model_copy(update={"route": "policy"})
+    cfg = cfg.model_copy(update={"route": "policy"})
     if not cfg.blocking:  # the vote's flag alone: one light pass over the records (assemble copied the vote in)
         return _flagged(src)
     votes = {v.id: v for v in _rows(RunFolder(run_dir).votes, Vote)}
     attempts: dict[str, list[Attempt]] = {}
     if {"verifier_conflict", "audit"} & set(cfg.blocking):  # only these read the attempts
-        for name in ("samples.jsonl", "solve.jsonl"):
-            for a in _rows(run_dir / name, Attempt):
+        for path in (RunFolder(run_dir).samples, RunFolder(run_dir).solve):
+            for a in _rows(path, Attempt):
                 attempts.setdefault(a.id, []).append(a)
     out = set()
     for rec in _rows(src, _Routed):

@@ -100,7 +100,7 @@ def load_queries(cfg: RLConfig, run_dir: Path) -> list[dict]:
     """The training queries of train/split.json as dataset rows (prompt text and the reward columns)."""
     from katdata.chat_template import render_chat
     from katdata.runfiles import query_meta
-    from katdata.train import split_rows
+    from katdata.train_data import split_rows
 
     rows = split_rows(run_dir, "train", "rl starts from its adapter and split")
     if cfg.limit:
@@ -180,7 +180,7 @@ def trainer_class():
 
 # ---------------------------------------------------------------- the stage
 def _base_model(cfg: RLConfig, run_dir: Path) -> Optional[str]:
-    train_json = run_dir / "train" / "train.json"
+    train_json = RunFolder(run_dir).train_record
     if cfg.model:
         return cfg.model
     return json.loads(train_json.read_text()).get("base_model") if train_json.is_file() else None

@@ -23,7 +23,7 @@ FILES = {
     "votes": "votes.jsonl", "calibration": "calibration.json", "calibration_plot": "calibration_reliability.png",
     "judges": "judges.jsonl", "records": "records.jsonl", "rejects": "rejects.jsonl",
     "review": "review", "merged": "review/merged.jsonl", "export": "export",
-    "train": "train", "split": "train/split.json", "adapter": "train/adapter", "merged_model": "train/merged",
+    "train": "train", "split": "train/split.json", "train_record": "train/train.json", "adapter": "train/adapter", "merged_model": "train/merged",
     "rl": "rl", "rl_adapter": "rl/adapter", "eval": "eval",
 }
 
@@ -47,6 +47,13 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r})"
+
+
+def saved_recipe(run_dir) -> Optional[Path]:
+    """RUN_DIR/recipe.yaml, the recipe the run was made with (None when the folder has none): what a command on
+    a run folder reads its settings from when it is not given a recipe."""
+    path = RunFolder(run_dir).recipe
+    return path if path.is_file() else None
 
 
 def read_json(path: Path, what: str, fix: str):

@@ -179,8 +179,9 @@ def query_meta(run_dir: Path, rows: list[dict]) -> dict[str, dict]:
     """Per held-out id, the verifier's view of the query: the run's queries.jsonl meta ("prompt": a
     HumanEval signature); a code query missing from it keeps its own text, which is that prompt."""
     from katdata.records import Query
+    from katdata.run_folder import RunFolder
 
-    path = run_dir / "queries.jsonl"
+    path = RunFolder(run_dir).queries
     known = {q.id: q.meta for q in read_rows(path, Query)} if path.is_file() else {}
     out = {}
     for r in rows:

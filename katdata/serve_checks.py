@@ -26,6 +26,7 @@ from typing import Optional
 
 from katdata.errors import EngineError, InputError, KatdataError, RunFolderError
 from katdata.preflight import missing_path, model_problem
+from katdata.run_folder import FILES
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ PROC_PREFIX = re.compile(r"^\(\w+(?: pid=\d+)?\)\s?")  # vLLM's "(APIServer pid=
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure|Fault)\b(?::\s.*)?$")
 ERROR_LOG = re.compile(r"^(?:ERROR|CRITICAL)\s+\d\d-\d\d [\d:.]+\s+\[[^\]]*\]\s*(.+)$")
 GENERIC = ("root cause", "see stack trace")  # vLLM's wrappers that point at the real exception above them
-RUN_FILES = ("summary.json", "recipe.yaml", "queries.jsonl", "records.jsonl")  # what shows a folder is a run folder
+RUN_FILES = tuple(FILES[k] for k in ("summary", "recipe", "queries", "records"))  # what shows a folder is a run folder
 
 
 def check_port(port: Optional[int], host: str = "127.0.0.1") -> None:

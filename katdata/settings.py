@@ -227,6 +227,19 @@ def no_output_key(data: Any, stage: str) -> Any:
     return data
 
 
+def recipe_section(path: Optional[str | Path], section: str, model: type[BaseModel]) -> BaseModel:
+    """Section ``section`` of the YAML file ``path`` as ``model``; its defaults when the file (None) or the section
+    is absent. A bad key is one line naming the file, its line and the key."""
+    from pydantic import create_model
+
+    data = dict(read_yaml(path).get(section) or {}) if path else {}
+    holder = create_model("Recipe", **{section: (model, ...)})  # errors then name the key from the section on
+    try:
+        return getattr(holder.model_validate({section: data}), section)
+    except ValidationError as exc:
+        raise explain(exc, Blame(Path(path) if path else None, {}), holder) from None
+
+
 def load_section(path: Optional[str], sets: list[str], model: type[BaseModel], section: str) -> BaseModel:
     """A stage's config from a YAML file (a recipe, whose ``section`` is used, or the settings alone) plus
     KEY=VALUE overrides (the --config / --set of the train, rl and eval commands)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from katdata.errors import InputError
+from katdata.run_folder import RunFolder
 from katdata.stage import Stage
 
 _SCALARS = (int, float, str, bool, Path)
@@ -97,15 +98,33 @@ def recipe_path(run_dir: Path, config: Optional[str]) -> Path:
         from katdata import recipe_registry
 
         return Path(recipe_registry.resolve(config))
-    path = run_dir / "recipe.yaml"
+    path = RunFolder(run_dir).recipe
     if not path.is_file():
         raise InputError(path, "not found: give the recipe with --config RECIPE")
     return path
 
 
-def main(name: str, argv: list[str], extra=None, after=None) -> int:
+def section(stage: Stage, args: argparse.Namespace):
+    """The stage's section from the command line alone (its flags and ``--set`` on the defaults), for a folder
+    without a recipe; a bad value is one line naming the flag."""
+    from pydantic import ValidationError
+
+    from katdata.settings import explain, parse_override, set_key
+
+    data: dict = {}
+    for item in overrides(stage, args):
+        key, value = parse_override(item)
+        set_key(data, key, value, item)
+    try:
+        return stage.config.model_validate(data.get(stage.name) or {})
+    except ValidationError as exc:
+        raise explain(exc, None, stage.config, style="option") from None
+
+
+def main(name: str, argv: list[str], extra=None, after=None, bare=None) -> int:
     """Run stage ``name`` on a run folder. ``extra(parser)`` adds a stage's own options; ``after(args, recipe,
-    run_dir)`` may act instead of running the stage (returning an exit code) or return None to run it."""
+    run_dir)`` may act instead of running the stage (returning an exit code) or return None to run it;
+    ``bare(args)`` acts on a folder with no recipe.yaml when no --config is given (else that is refused)."""
     from katdata import pipeline, stages
     from katdata.recipe import load_recipe
 
@@ -114,6 +133,8 @@ def main(name: str, argv: list[str], extra=None, after=None) -> int:
     from katdata.preflight import run_folder
 
     run_folder(args.run_dir, name)  # the folder and the run files the stage reads, before the recipe or a model
+    if bare is not None and not args.config and not RunFolder(args.run_dir).recipe.is_file():
+        return bare(args)
     recipe = load_recipe(recipe_path(args.run_dir, args.config), overrides(stage, args))
     if after is not None:
         code = after(args, recipe, args.run_dir)

@@ -8,8 +8,8 @@ including ``<|im_end|>`` carries loss. The template's own assistant mask (``{% g
 computed too, as a cross-check. Nothing is masked by pad id (SmolLM2's pad is its EOS).
 
 Data: ``RUN_DIR/export`` (a Hub dataset folder, ``data/*.parquet`` with ``messages``) when present,
-else ``RUN_DIR/records.jsonl`` (KatRecord rows). A seeded, mode-stratified share of the ids is held
-out for `katdata eval` and listed in ``train/split.json``.
+else ``RUN_DIR/records.jsonl`` (KatRecord rows), read by katdata.train_data. A seeded, mode-stratified share
+of the ids is held out for `katdata eval` and listed in ``train/split.json``.
 
 Output in ``RUN_DIR/train``: ``adapter/`` (peft adapter + tokenizer with the KAT chat template),
 optionally ``merged/``, ``log.jsonl`` (the trainer's log), ``train.json`` (stats). Checkpoints go to
@@ -21,22 +21,25 @@ Multi-GPU: ``katdata cp accelerate/multi_gpu``, then
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from katdata.errors import InputError, KatdataError, require
+from katdata.errors import KatdataError, require
+from katdata.review_routing import hold_policy
 from katdata.run_folder import RunFolder
 from katdata.settings import load_section, no_output_key
 from katdata.stage import Stage
-from katdata.template import MARKERS, parse
+from katdata.train_data import (  # noqa: F401  (split_rows, load_examples: re-exported)
+    _source, _split_record, balance, load_examples, split, split_rows,
+)
+from katdata.template import MARKERS
 
 log = logging.getLogger(__name__)
 
@@ -85,140 +88,6 @@ class TrainConfig(BaseModel):
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch during training; None = torch's "
                                        "default. On a CPU shared with other jobs, 1 avoids thread contention (measured "
                                        "4-8x faster there)")
-
-
-# ---------------------------------------------------------------- data
-def _jsonish(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value
-
-
-def _source(cfg_data: Optional[str], run_dir: Path) -> Path:
-    if cfg_data:
-        return Path(cfg_data)
-    return run_dir / "export" if (run_dir / "export").is_dir() else RunFolder(run_dir).records
-
-
-def _split_data(data: Optional[str], run_dir: Path) -> Optional[str]:
-    """split.json's data path, found wherever the run folder now is: relative to the run folder (how
-    train writes it), else as written; a run folder moved or used from another working directory
-    whose data was its own export/ or records.jsonl reads them from where it is now."""
-    if not data or Path(data).is_absolute() and Path(data).exists():
-        return data
-    if (run_dir / data).exists():
-        return str(run_dir / data)
-    if not Path(data).exists() and Path(data).name == _source(None, run_dir).name:
-        return None  # the run's own default source
-    return data
-
-
-def _split_record(src: Path, run_dir: Path) -> str:
-    """The data path as split.json records it: relative to the run folder when inside it."""
-    src_abs, run_abs = src.resolve(), run_dir.resolve()
-    return src_abs.relative_to(run_abs).as_posix() if src_abs.is_relative_to(run_abs) else str(src)
-
-
-def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
-    """The rows train/split.json lists under ``part`` ("train" or "heldout"), read from the same data as
-    training; ``needed_by`` says in the error who needs them."""
-    path = RunFolder(run_dir).split
-    if not path.is_file():
-        raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
-    from katdata.preflight import read_split
-
-    split = read_split(path)  # an empty, cut-short or foreign split.json is one line naming it
-    rows, test = load_examples(_split_data(split.get("data"), Path(run_dir)), Path(run_dir))
-    wanted = set(split[part])
-    rows = [r for r in rows + (test or []) if r["id"] in wanted]
-    if not rows:
-        raise KatdataError(f"{path}: none of the {part} ids is in {split.get('data') or 'the run folder'}")
-    return rows
-
-
-def load_examples(data: Optional[str], run_dir: Path) -> tuple[list[dict], Optional[list[dict]]]:
-    """(rows, held-out rows or None) as {id, messages, mode, tags, vote, reference, kind, query}.
-
-    A Hub dataset folder with ``data/train-*`` and ``data/test-*`` parquet files gives both (the
-    export's own stratified split); a single set of files, or a records.jsonl, gives held-out None.
-    """
-    src = _source(data, run_dir)
-    if not src.is_dir():
-        from katdata.records import KatRecord
-        from katdata.runfiles import read_rows
-
-        from katdata.review_routing import WAIT_HINT, run_requires_review, waiting
-
-        held = waiting(run_dir, src) if run_requires_review(run_dir) else set()  # records that wait for review
-        if held:
-            log.warning("%d records wait for review and are not trained on (%s)", len(held), WAIT_HINT)
-        rows = [_check({**r.model_dump(), "messages": r.messages()}, src, n)
-                for n, r in enumerate(read_rows(src, KatRecord), 1) if r.id not in held]
-        if not rows:
-            raise InputError(src, "no training rows")
-        return rows, None
-    pq = require("pyarrow.parquet", "local")
-    root = src / "data" if (src / "data").is_dir() else src
-    parts = {"train": sorted(root.glob("train-*.parquet")) + sorted(root.glob("train/*.parquet")),
-             "test": sorted(root.glob("test-*.parquet")) + sorted(root.glob("test/*.parquet"))}
-    if not parts["train"]:
-        parts = {"train": sorted(root.glob("*.parquet")), "test": []}
-    if not parts["train"]:
-        raise InputError(src, "no parquet files in the dataset folder")
-    out = {}
-    for name, files in parts.items():
-        out[name] = [_check(row, path, n) for path in files for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
-    if not out["train"]:
-        raise InputError(src, "no training rows")
-    return out["train"], (out["test"] if parts["test"] else None)
-
-
-def _plain(struct: Any) -> dict:
-    """A tags/vote value as a dict: JSON text, or the export's typed struct (nulls dropped, `extra` JSON folded in)."""
-    struct = _jsonish(struct) or {}
-    out = {k: v for k, v in struct.items() if k != "extra" and v is not None}
-    return out | (json.loads(struct["extra"]) if isinstance(struct.get("extra"), str) else {})
-
-
-def _check(row: dict, path: Path, line: int) -> dict:
-    from katdata.records import stable_id
-
-    row = {**row, "tags": _plain(row.get("tags")), "vote": _plain(row.get("vote"))}
-    msgs = _jsonish(row.get("messages"))
-    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-        raise InputError(path, "needs a chat ending in an assistant message", line=line, field="messages")
-    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    parsed = parse(msgs[-1]["content"])
-    if not msgs[-1]["content"].startswith("<judge>\n") or not parsed.ok:
-        why = ", ".join(parsed.errors) or "no leading <judge>"
-        raise InputError(path, f"the assistant message is not a valid KAT response ({why})", line=line, field="messages")
-    user = next((m["content"] for m in msgs if m["role"] == "user"), "")
-    return {"id": row.get("id") or stable_id(user), "messages": msgs, "mode": parsed.mode,
-            "tags": row["tags"], "vote": row["vote"],
-            "reference": row.get("reference"), "kind": row.get("kind"), "query": user}
-
-
-def split(rows: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out): per mode, the ids with the smallest seeded hash, in proportion to the mode's share."""
-    def key(r):
-        return hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()
-
-    held: list[dict] = []
-    for mode in ("on", "off"):
-        group = sorted((r for r in rows if r["mode"] == mode), key=key)
-        held += group[: round(holdout * len(group) / len(rows))]
-    ids = {r["id"] for r in held}
-    return [r for r in rows if r["id"] not in ids], held
-
-
-def balance(rows: list[dict], encs: list[dict]) -> tuple[list[dict], list[dict], int]:
-    """Both modes equally often: the rarer mode's examples repeated in turn (the trainer shuffles)."""
-    by_mode = {m: [i for i, r in enumerate(rows) if r["mode"] == m] for m in ("on", "off")}
-    if not all(by_mode.values()):
-        return rows, encs, 0
-    most = max(len(v) for v in by_mode.values())
-    extra = [idx[k % len(idx)] for idx in by_mode.values() for k in range(most - len(idx))]
-    return rows + [rows[i] for i in extra], encs + [encs[i] for i in extra], len(extra)
 
 
 # ---------------------------------------------------------------- tokens and spans
@@ -281,11 +150,12 @@ def audit(tok, examples: list[dict], encoded: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
-def prepare(cfg: TrainConfig, run_dir: Path, tok) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """(train rows, their encodings, held-out rows, stats); over-long rows are skipped and counted."""
+def prepare(cfg: TrainConfig, run_dir: Path, tok, hold=None) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(train rows, their encodings, held-out rows, stats); over-long rows are skipped and counted; records that
+    wait for review under ``hold`` (review_routing.hold_policy) are left out of a records.jsonl."""
     from katdata.chat_template import template_text
 
-    rows, held = load_examples(cfg.data, run_dir)
+    rows, held = load_examples(cfg.data, run_dir, hold)
     train, held = split(rows, cfg.holdout, cfg.seed) if held is None else (rows, held)
     kept, encs, too_long = [], [], 0
     for r in train:
@@ -325,6 +195,12 @@ def _marker_tokens(tok, model) -> list[int]:
     return ids
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def _save_atomic(save, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -338,8 +214,9 @@ def _last_checkpoint(ckpt: Path) -> Optional[str]:
     return str(max(steps)[1]) if steps else None
 
 
-def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
-    """Train the LoRA adapter; returns the stats for summary.json (also written to OUTPUT/train.json)."""
+def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
+    """Train the LoRA adapter; returns the stats for summary.json (also written to OUTPUT/train.json). ``hold``:
+    the review policy records of a records.jsonl wait under (review_routing.hold_policy; None: none wait)."""
     from katdata import fingerprint
 
     run_dir = Path(run_dir)
@@ -350,9 +227,9 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
                "inputs": fingerprint.hash_inputs([_source(cfg.data, run_dir)], run_dir)}
     fingerprint.check_folder(out, current, f"to retrain, move {out} aside (in a pipeline: rerun with --from train); "
                              "to keep it, copy the run folder and train in the copy")
-    if (out / "train.json").is_file() and (out / "adapter").is_dir():
+    if RunFolder(run_dir).train_record.is_file() and RunFolder(run_dir).adapter.is_dir():
         log.info("train: %s already holds a finished adapter made with these settings, skipping", out)
-        return json.loads((out / "train.json").read_text())
+        return json.loads(RunFolder(run_dir).train_record.read_text())
     torch = require("torch", "local")
     transformers = require("transformers", "local")
     peft = require("peft", "train")
@@ -363,18 +240,19 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
 
     base = resolve(cfg.model)
     tok = transformers.AutoTokenizer.from_pretrained(base)
-    train_rows, encs, held, stats = prepare(cfg, run_dir, tok)
+    train_rows, encs, held, stats = prepare(cfg, run_dir, tok, hold)
     out.mkdir(parents=True, exist_ok=True)
     if _main_rank():
         fingerprint.write_folder(out, current)
     split_doc = {"seed": cfg.seed, "data": _split_record(_source(cfg.data, run_dir), run_dir), "holdout": cfg.holdout,
                  "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
     if _main_rank():  # under torchrun / accelerate launch every process gets here; one writes
-        (out / ".split.json.tmp").write_text(json.dumps(split_doc, indent=1))
-        os.replace(out / ".split.json.tmp", out / "split.json")
+        _write_json(RunFolder(run_dir).split, split_doc)
+
+    from katdata.backends.hf import native_bf16_cpu
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else (
-        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
+        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else native_bf16_cpu())
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     modules_to_save = None
     if cfg.add_marker_tokens:
@@ -430,8 +308,7 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None) -> dict:
               "adapter": str(out / "adapter"), "merged": str(out / "merged") if cfg.merge else None,
               "processes": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
-        (out / ".train.json.tmp").write_text(json.dumps(stats, indent=1))
-        os.replace(out / ".train.json.tmp", out / "train.json")
+        _write_json(RunFolder(run_dir).train_record, stats)
     return stats
 
 
@@ -448,20 +325,31 @@ def main(argv: list[str] | None = None) -> int:
     from katdata.preflight import run_folder
 
     run_folder(ns.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported
+    hold = _hold(ns.config, ns.run_dir)
     if ns.audit is not None:
         transformers = require("transformers", "local")
         from katdata.model import resolve
 
         tok = transformers.AutoTokenizer.from_pretrained(resolve(cfg.model))
-        rows, encs, _, stats = prepare(cfg, ns.run_dir, tok)
+        rows, encs, _, stats = prepare(cfg, ns.run_dir, tok, hold)
         print(audit(tok, rows, encs, ns.audit))
         print(f"train rows {stats['train']}, held out {stats['heldout']}, "
               f"skipped (> max_length) {stats['skipped_too_long']}")
         return 0
-    stats = run(cfg, ns.run_dir)
+    stats = run(cfg, ns.run_dir, hold=hold)
     if _main_rank():
         print(json.dumps(stats, indent=1))
     return 0
+
+
+def _hold(config: Optional[str], run_dir: Path):
+    """`katdata train RUN`'s review hold: from the recipe given with --config, else the one the run was made with."""
+    from katdata.review_routing import recipe_hold
+    from katdata.run_folder import saved_recipe
+    from katdata.settings import read_yaml
+
+    recipe = config if config and {"engines", "data", "export", "review"} & set(read_yaml(config)) else None
+    return recipe_hold(recipe or saved_recipe(run_dir))
 
 
 def _main_rank() -> bool:
@@ -474,5 +362,6 @@ if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
 
 
 STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)",
-              lambda ctx: run(ctx.cfg, ctx.folder.root), TrainConfig, may_read=("export", "records"), writes=("train",),
-              optional=True, inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])
+              lambda ctx: run(ctx.cfg, ctx.folder.root, hold=hold_policy(ctx.section("review"),
+                                                                         ctx.section("export").require_review)),
+              TrainConfig, may_read=("export", "records"), writes=("train",), sections=("review", "export"), optional=True, inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])

@@ -2,7 +2,9 @@
 
 - ``math``: Math-Verify, in a pool of worker processes with its own timeout (Math-Verify's
   signal-based timeouts only work in a main thread; pool workers run tasks in theirs);
-- ``numeric``: GSM8K ``#### N`` references, ``\\boxed{}`` or the last number of an answer;
+- ``numeric``: strict answers (:mod:`katdata.answers`): a marked number (``#### N``, ``\\boxed{N}``, "the answer
+  is N") or the one number of the answer, else no answer (invalid); the last number of an answer only when a
+  recipe sets ``sample.verify.numeric_extraction: last_number`` (then counted apart); references: ``#### N``;
 - ``choice`` / ``exact``: normalised strings (case, whitespace, punctuation, "016" equals "16");
 - ``code``: HumanEval program run in :mod:`katdata.sandbox`;
 - ``open``: an LLM grader (prompt in ``prompts/grade_open.txt``);
@@ -26,6 +28,7 @@ from typing import Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from katdata.answers import Extraction, canonical_number, last_number, numeric_answer
 from katdata.errors import KatdataError
 from katdata.prompt_files import read_prompt
 from katdata.sandbox import SandboxConfig, humaneval_program, require_isolation, run_python
@@ -48,6 +51,11 @@ class VerifyConfig(BaseModel):
     grader_prompt: str = Field("grade_open.txt", description="prompt file (katdata/prompts) of the LLM grader of "
                                "open answers")
     grader_max_tokens: int = Field(8, ge=1, description="tokens the LLM grader may answer with")
+    numeric_extraction: Extraction = Field(
+        "strict", description="kind=numeric: 'strict' takes an answer's number only when marked (#### N, \\boxed{N}, "
+        "'the answer is N', 'answer: N') or when it is the answer's one number, else the answer is invalid; "
+        "'last_number' also takes the last number of any other answer (the old rule; such answers are counted apart "
+        "as last_number_answers in the vote stage's statistics); the rule in full: katdata/answers.py")
     max_error_share: float = Field(0.2, ge=0.0, le=1.0, description="stop the run when more than this share of a "
                                    "stage's verifications failed (Math-Verify worker crashed or timed out)")
 
@@ -73,35 +81,17 @@ def check_error_share(errors: int, checked: int, cfg: VerifyConfig, stage: str) 
 
 # ---------------------------------------------------------------- normalisation
 
-_NUM = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
 _PUNCT = str.maketrans("", "", string.punctuation.replace(".", "").replace("-", ""))
 
 
-def canonical_number(text: str) -> Optional[str]:
-    """'016' -> '16', '1,000' -> '1000', '2.50' -> '2.5', '3.0' -> '3'; None when not a number."""
-    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        value = float(t)
-    except ValueError:
-        return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return None
-    if value == int(value) and abs(value) < 1e16:
-        return str(int(value))
-    return repr(value)
+def extract_number(text: Optional[str], rule: Extraction = "strict") -> Optional[str]:
+    """The number of a numeric answer under ``rule`` (:func:`katdata.answers.numeric_answer`); None: no answer."""
+    return numeric_answer(text, rule).number
 
 
-def extract_number(text: Optional[str]) -> Optional[str]:
-    """The answer number: after ``####``, else inside ``\\boxed{}``, else the last number."""
-    if not text:
-        return None
-    if "####" in text:
-        text = text.split("####")[-1]
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        text = boxed[-1]
-    nums = _NUM.findall(text)
-    return canonical_number(nums[-1]) if nums else None
+def taken_by_last_number(kind: Optional[str], answer: Optional[str]) -> bool:
+    """Whether a numeric answer has a number only by the last-number rule (no marked number, not the one number)."""
+    return kind == "numeric" and numeric_answer(answer, "last_number").how == "last_number"
 
 
 def normalize(text: Optional[str]) -> Optional[str]:
@@ -250,7 +240,7 @@ class Verifier:
         if answer is None or not answer.strip():
             return None
         if kind == "numeric":
-            return extract_number(answer)
+            return extract_number(answer, self.cfg.numeric_extraction)
         if kind == "choice":
             return normalize_choice(answer)
         if kind == "math":
@@ -293,7 +283,7 @@ class Verifier:
             return self.check_code(answer, reference, query)
         if kind == "open":
             return self.grade_open(query, answer, reference)
-        ref_key = extract_number(reference) if kind == "numeric" else self.key(kind, reference)
+        ref_key = last_number(reference) if kind == "numeric" else self.key(kind, reference)  # a reference is trusted
         got = self.key(kind, answer)
         if got is None or ref_key is None:
             return False

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from katdata.errors import InputError
 from katdata.stage import Context, Stage
-from katdata.records import Attempt, Tags, Vote, decide  # noqa: F401 (decide: the vote rule, used here and re-exported)
+from katdata.records import Attempt, Query, Tags, Vote, decide  # noqa: F401 (decide: the vote rule, re-exported)
 from katdata.runfiles import RowIndex, RowWriter, done_keys
-from katdata.verify import INVALID
+from katdata.verify import INVALID, taken_by_last_number
 from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
     # indexes of the files, not their rows: each query's samples are read back when it is voted
     samples = RowIndex(RunFolder(run_dir).samples, Attempt)
     tags = RowIndex(RunFolder(run_dir).tags, Tags)
+    queries = RowIndex(RunFolder(run_dir).queries, Query)  # the kinds, to count last-number answers apart
     done = done_keys(RunFolder(run_dir).votes)
     stats = Counter()
     with RowWriter(RunFolder(run_dir).votes) as out:
@@ -202,8 +203,13 @@ def run(cfg: VoteConfig, run_dir: Path, engine=None) -> dict:
             stats["review"] += v.review
             stats["samples_used"] += v.samples_used
             stats["samples_saved"] += v.samples_saved
+            q = queries.one(qid)
+            taken = [a for a in attempts if valid(a) and taken_by_last_number(q and q.kind, a.answer)]
+            stats["last_number_answers"] += len(taken)  # numeric answers valid only by verify.numeric_extraction
+            stats["last_number_correct"] += sum(bool(a.correct) for a in taken)  # = last_number: counted apart
     samples.close()
     tags.close()
+    queries.close()
     return {"rows_in": stats.pop("rows_in", 0), **stats}
 
 
@@ -216,5 +222,5 @@ def _stage_run(ctx: Context) -> dict:
 
 
 STAGE = Stage("vote", "majority vote over verified samples: the mode labels", _stage_run, VoteConfig,
-              reads=("samples",), may_read=("tags",), writes=("votes", "calibration", "calibration_plot"),
+              reads=("samples",), may_read=("tags", "queries"), writes=("votes", "calibration", "calibration_plot"),
               maybe_writes=("calibration_plot",), sections=("tag",))

@@ -9,6 +9,8 @@ from katdata.provenance import RunInfo
 
 import json
 
+import yaml
+
 
 def _write(path, rows):
     with RowWriter(path) as w:
@@ -101,7 +103,7 @@ def test_solver_content_names_the_agent_roles_and_their_models(tmp_path):
                 segments=[Segment(role=r, model="embedded", text="t") for r in ("solver", "thinker", "critic")])])
     (tmp_path / "recipe.yaml").write_text("engines:\n  default: {backend: transformers}\n  big: {backend: openai, "
                                           "model: Qwen/Qwen3-32B}\nsolve: {thinker_engine: big}\n", "utf-8")
-    run(AssembleConfig(accept_imbalance=True), tmp_path, info=RunInfo.from_run(tmp_path))  # as `katdata assemble RUN`
+    run(AssembleConfig(accept_imbalance=True), tmp_path, info=RunInfo(yaml.safe_load((tmp_path / "recipe.yaml").read_text())))
     on = {r.id: r for r in read_rows(tmp_path / "records.jsonl", KatRecord)}["on"]
     assert on.content_source == "solver" and on.provenance["agents"] == ["solver", "thinker", "critic"]
     assert on.provenance["models"]["thinker"] == "Qwen/Qwen3-32B"  # a server's model id, as served

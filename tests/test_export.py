@@ -125,7 +125,8 @@ def make_run(path: Path, records: list[KatRecord], extras: bool = True) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, records):
     run = make_run(tmp_path_factory.mktemp("run"), records)
-    stats = export.run(export.ExportConfig(), run, None)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text("utf-8"))  # as the stage passes it
+    stats = export.run(export.ExportConfig(), run, None, recipe=recipe)
     return run, stats
 
 
@@ -332,8 +333,8 @@ def test_main_prints_stats_and_checks_flags(tmp_path, records, capsys):
     assert export.main([str(run), "--out", str(tmp_path / "o"), "--test-size", "0.2", "--seed", "3"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["splits"] == {"train": 56, "test": 14} and stats["on"] + stats["off"] == len(records)
-    with pytest.raises(SystemExit):
-        export.main([str(run), "--private"])
+    assert export.main([str(run), "--private"]) == 2
+    assert capsys.readouterr().err.strip() == "katdata export: error: --private needs --push-to-hub REPO"
 
 
 def test_import_stays_light():

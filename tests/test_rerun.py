@@ -302,3 +302,43 @@ def test_stage_command_needs_a_recipe(tmp_path):
     assert "recipe.yaml" in line and "--config" in line
     proc = katdata("tag", "nowhere", cwd=tmp_path)
     assert proc.returncode == 3 and "nowhere: no such run folder" in proc.stderr  # a run-folder error
+
+
+def export_error(proc: subprocess.CompletedProcess) -> str:
+    """The one error line of a refused `katdata export` (exit 2 settings, 3 run folder; no traceback)."""
+    assert proc.returncode in (2, 3) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("katdata export: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_export_command_is_the_stage_and_copies_only_checked_files(project):
+    """`katdata export RUN` is the export stage with the pipeline's checks: done already with the same settings,
+    refused with others (a changed `review:` policy in the recipe included: export's fingerprint covers the
+    sections it declares), recomputed with --redo. `--out DIR` writes a further copy outside the run, and only
+    from run files as their stages wrote them."""
+    run = copy_run(project, "exportcmd")
+    before = snapshot(run)
+    assert "done already" in ok(katdata("export", run, cwd=project)).stderr
+    line = export_error(katdata("export", run, "--format", "trl", cwd=project))
+    assert "export (finished) was made with other settings" in line and 'export.format: "hf" -> "trl"' in line
+    changed = yaml.safe_load((run / "recipe.yaml").read_text("utf-8"))
+    changed["review"] = {"blocking": ["low_margin"]}
+    (project / "blocking.yaml").write_text(yaml.safe_dump(changed), "utf-8")
+    line = export_error(katdata("export", run, "--config", project / "blocking.yaml", cwd=project))
+    assert "export (finished) was made with other settings" in line and "review" in line and "low_margin" in line
+    assert snapshot(run) == before
+
+    ok(katdata("export", run, "--format", "trl", "--redo", cwd=project))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["fingerprints"]["export"]["settings"]["export.format"] == "trl"
+    assert (run / "old").is_dir() and any((run / "old").glob("*/export/README.md"))  # the old export kept
+
+    recorded = (run / "summary.json").read_bytes()
+    ok(katdata("export", run, "--out", project / "copy", "--format", "llamafactory", cwd=project))
+    assert (project / "copy" / "dataset_info.json").is_file() and (run / "summary.json").read_bytes() == recorded
+    with open(run / "records.jsonl", "a", encoding="utf-8") as f:  # edited by hand since assemble wrote it
+        f.write((run / "records.jsonl").read_text("utf-8").splitlines(keepends=True)[0])
+    line = export_error(katdata("export", run, "--out", project / "copy2", cwd=project))
+    assert "records.jsonl: changed since the assemble stage wrote it" in line
+    assert not (project / "copy2").exists()

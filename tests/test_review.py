@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from katdata import review, review_routing, sources, template
+from katdata.run_folder import saved_recipe
 from katdata import vote as vote_stage
 from katdata.errors import KatdataError
 from katdata.records import Attempt, KatRecord, Vote
@@ -422,7 +423,8 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     assert f"{len(flagged)} records wait for review" in caplog.text
     card = (run / "export" / "README.md").read_text()
     assert f"Held back for review: {len(flagged)} records" in card
-    rows, _ = train.load_examples(str(run / "records.jsonl"), run)  # train without an export holds them back too
+    hold = review_routing.recipe_hold(saved_recipe(run))  # no recipe: the defaults hold the vote's flag
+    rows, _ = train.load_examples(str(run / "records.jsonl"), run, hold)  # train without an export holds them back too
     assert {r["id"] for r in rows} == {r.id for r in records} - set(flagged)
 
     # require_review: false keeps the old behaviour, and the card says so
@@ -430,7 +432,8 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     everything = export.run(export.ExportConfig(plot=False, require_review=False, out=tmp_path / "all"), run)
     assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
     assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
-    assert len(train.load_examples(str(run / "records.jsonl"), run)[0]) == len(records)
+    assert review_routing.recipe_hold(saved_recipe(run)) is None
+    assert len(train.load_examples(str(run / "records.jsonl"), run, None)[0]) == len(records)
     assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0  # the CLI reads the run's recipe.yaml
     assert json.loads(capsys.readouterr().out)["unreviewed_included"] == len(flagged)
     (run / "recipe.yaml").unlink()
@@ -461,7 +464,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
 
 def test_blocking_rules_from_the_recipe(tmp_path):
     from katdata import export
-    from katdata.errors import InputError
+    from katdata.errors import KatdataError
 
     run = make_run(tmp_path / "run", n_on=8, n_off=8)
     records = list(read_rows(run / "records.jsonl", KatRecord))
@@ -469,13 +472,14 @@ def test_blocking_rules_from_the_recipe(tmp_path):
     (run / "recipe.yaml").write_text("review:\n  blocking: [low_margin]\n")
     near = {r.id for r in records if abs(review_routing.boundary_distance(r.vote)) < 0.2}
     assert 0 < len(near) < len(records)
-    assert review_routing.waiting(run, run / "records.jsonl") == near
-    assert export.run(export.ExportConfig(plot=False), run)["held_back"] == len(near)
-    pushed_reasons = {r.id: review.route(r, None, {}, review.run_review_config(run)) for r in records}
+    policy = review._config(None, run)  # as `katdata review push RUN` and `katdata export RUN` read it
+    assert review_routing.waiting(run, run / "records.jsonl", policy) == near
+    assert export.run(export.ExportConfig(plot=False), run, review=policy)["held_back"] == len(near)
+    pushed_reasons = {r.id: review.route(r, None, {}, policy) for r in records}
     assert all("low_margin" in pushed_reasons[i] for i in near)  # push routes every record export waits for
     (run / "recipe.yaml").write_text("review:\n  explored: false\n  blocking: [explored]\n")
-    with pytest.raises(InputError, match=r"recipe.yaml field 'review'.*switched off"):
-        export.run(export.ExportConfig(plot=False), run)
+    with pytest.raises(KatdataError, match=r"recipe.yaml:1: review.*switched off"):
+        review._config(None, run)
 
 
 @pytest.mark.argilla

