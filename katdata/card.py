@@ -3,7 +3,7 @@
 The tags and vote dicts become typed structs; keys or values that do not fit are kept, JSON-encoded,
 in the struct's ``extra`` field. `CardStats` counts each batch while the export streams (counters
 only, so memory stays flat); `write_card` adds what the other run files say (summary.json,
-recipe.yaml, rejects.jsonl, queries.jsonl, the vote and solver attempts), draws the think-on share
+rejects.jsonl, queries.jsonl, the vote and solver attempts) and the recipe the export ran under, draws the think-on share
 by difficulty, and writes README.md. Missing optional files are noted in the card; corrupt ones
 raise InputError with file and line.
 """

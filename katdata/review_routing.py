@@ -167,15 +167,6 @@ def hold_policy(review: Optional[ReviewConfig], require_review: bool) -> Optiona
     return (review or ReviewConfig()) if require_review else None
 
 
-def recipe_hold(path: Optional[Path]) -> Optional[ReviewConfig]:
-    """:func:`hold_policy` of a recipe file (defaults when None): its ``review:`` section and
-    ``export.require_review`` (for commands on a run folder; a stage gets both from its recipe)."""
-    from katdata.settings import read_yaml, recipe_section
-
-    export = (read_yaml(path).get("export") or {}) if path else {}
-    return hold_policy(recipe_section(path, "review", ReviewConfig), export.get("require_review", True) is not False)
-
-
 class _Routed(BaseModel):
     """What routing reads of a record; the texts are skipped unparsed."""
 

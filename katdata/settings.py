@@ -240,6 +240,11 @@ def recipe_section(path: Optional[str | Path], section: str, model: type[BaseMod
         raise explain(exc, Blame(Path(path) if path else None, {}), holder) from None
 
 
+def is_recipe(doc: dict, section: str) -> bool:
+    """Whether a config file is a whole recipe (its ``section`` is used) rather than the section's settings alone."""
+    return section in doc or "engines" in doc or "data" in doc
+
+
 def load_section(path: Optional[str], sets: list[str], model: type[BaseModel], section: str) -> BaseModel:
     """A stage's config from a YAML file (a recipe, whose ``section`` is used, or the settings alone) plus
     KEY=VALUE overrides (the --config / --set of the train, rl and eval commands)."""
@@ -247,7 +252,7 @@ def load_section(path: Optional[str], sets: list[str], model: type[BaseModel], s
     in_recipe = False
     if path:
         doc = read_yaml(path, "config")
-        in_recipe = section in doc or "engines" in doc or "data" in doc
+        in_recipe = is_recipe(doc, section)
         data = dict(doc.get(section) or {}) if in_recipe else doc
     origin = {}
     for item in sets:

@@ -343,13 +343,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hold(config: Optional[str], run_dir: Path):
-    """`katdata train RUN`'s review hold: from the recipe given with --config, else the one the run was made with."""
-    from katdata.review_routing import recipe_hold
+    """`katdata train RUN`'s review hold (``review:`` and ``export.require_review``, as the train stage gets them):
+    from the recipe given with --config when it is a whole recipe, else from the one the run was made with."""
+    from katdata.export import ExportConfig
+    from katdata.review_routing import ReviewConfig
     from katdata.run_folder import saved_recipe
-    from katdata.settings import read_yaml
+    from katdata.settings import is_recipe, read_yaml, recipe_section
 
-    recipe = config if config and {"engines", "data", "export", "review"} & set(read_yaml(config)) else None
-    return recipe_hold(recipe or saved_recipe(run_dir))
+    path = config if config and is_recipe(read_yaml(config, "config"), "train") else saved_recipe(run_dir)
+    return hold_policy(recipe_section(path, "review", ReviewConfig),
+                       recipe_section(path, "export", ExportConfig).require_review)
 
 
 def _main_rank() -> bool:
@@ -364,4 +367,5 @@ if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
 STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)",
               lambda ctx: run(ctx.cfg, ctx.folder.root, hold=hold_policy(ctx.section("review"),
                                                                          ctx.section("export").require_review)),
-              TrainConfig, may_read=("export", "records"), writes=("train",), sections=("review", "export"), optional=True, inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])
+              TrainConfig, may_read=("export", "records"), writes=("train",), sections=("review", "export"), optional=True,
+              inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])

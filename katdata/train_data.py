@@ -29,7 +29,8 @@ def _jsonish(value: Any) -> Any:
 def _source(cfg_data: Optional[str], run_dir: Path) -> Path:
     if cfg_data:
         return Path(cfg_data)
-    return run_dir / "export" if (run_dir / "export").is_dir() else RunFolder(run_dir).records
+    folder = RunFolder(run_dir)
+    return folder.export if folder.export.is_dir() else folder.records
 
 
 def _split_data(data: Optional[str], run_dir: Path) -> Optional[str]:

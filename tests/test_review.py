@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from katdata import review, review_routing, sources, template
-from katdata.run_folder import saved_recipe
 from katdata import vote as vote_stage
 from katdata.errors import KatdataError
 from katdata.records import Attempt, KatRecord, Vote
@@ -423,7 +422,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     assert f"{len(flagged)} records wait for review" in caplog.text
     card = (run / "export" / "README.md").read_text()
     assert f"Held back for review: {len(flagged)} records" in card
-    hold = review_routing.recipe_hold(saved_recipe(run))  # no recipe: the defaults hold the vote's flag
+    hold = train._hold(None, run)  # as `katdata train RUN`: no recipe, the defaults hold the vote's flag
     rows, _ = train.load_examples(str(run / "records.jsonl"), run, hold)  # train without an export holds them back too
     assert {r["id"] for r in rows} == {r.id for r in records} - set(flagged)
 
@@ -432,7 +431,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     everything = export.run(export.ExportConfig(plot=False, require_review=False, out=tmp_path / "all"), run)
     assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
     assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
-    assert review_routing.recipe_hold(saved_recipe(run)) is None
+    assert train._hold(None, run) is None
     assert len(train.load_examples(str(run / "records.jsonl"), run, None)[0]) == len(records)
     assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0  # the CLI reads the run's recipe.yaml
     assert json.loads(capsys.readouterr().out)["unreviewed_included"] == len(flagged)
