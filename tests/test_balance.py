@@ -9,6 +9,7 @@ import json
 from importlib import resources
 
 import pytest
+import yaml
 
 from katdata.assemble import AssembleConfig, run
 from katdata.errors import KatdataError
@@ -84,7 +85,7 @@ def test_reference_fallback_keeps_the_mode_and_records_its_provenance(tmp_path):
     math, facts, _ = _weak_model_run(tmp_path)
     from katdata.provenance import RunInfo
 
-    stats = run(AssembleConfig(reference_fallback=True), tmp_path, info=RunInfo(None))  # no recipe: engines unknown
+    stats = run(AssembleConfig(reference_fallback=True), tmp_path, info=RunInfo(yaml.safe_load((tmp_path / "recipe.yaml").read_text())))  # as the pipeline
     assert stats["records_by_mode"] == {"on": len(math), "off": len(facts)} and "imbalance_accepted" not in stats
     assert stats["label_sources"] == {"prior": len(math), "vote": len(facts)}
     assert stats["content_sources"] == {"reference": len(math), "sample": len(facts)}
