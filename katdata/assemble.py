@@ -3,7 +3,8 @@
 For each labelled vote with an accepted judge rationale: think-off takes the answer of the vote's
 chosen (shortest correct) sample; think-on takes its think text and answer from the solver's
 accepted attempts (solve.jsonl) or from the vote samples, as ``think_source`` says. The response is
-``template.render``-ed, then ``template.parse``-d back: any difference rejects the record. Every
+``template.render``-ed, then checked to parse back to the same fields (katdata.kat_bulk, exact; the
+parser names what is wrong): any difference rejects the record. Every
 query that yields no record lands in rejects.jsonl with its stage and reason. Each record says who
 chose its label (``label_source``) and where its text came from (``content_source``), and its
 ``provenance`` names the engines, models and prompts behind it (katdata/provenance.py). The stage ends
@@ -20,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from katdata import template
+from katdata import kat_bulk, template
 from katdata.balance import check_balance
 from katdata.errors import InputError
 from katdata.judge import JudgeRow
@@ -133,11 +134,7 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
     """Render and re-check one record; raises template.TemplateError with the reason."""
     answer = pick.answer.strip("\n")
     think = pick.think.strip("\n") if vote.label == "on" and pick.think else None
-    response = template.render(vote.label, judge.rationale, answer, think)
-    back = template.parse(response)
-    same = back.ok and (back.mode, back.judge, back.answer, back.think) == (vote.label, judge.rationale, answer, think)
-    if not same or template.render(back.mode, back.judge, back.answer, back.think) != response:
-        raise template.TemplateError(f"render check failed: {back.errors or 'fields differ after parsing'}")
+    response = kat_bulk.render_checked(vote.label, judge.rationale, answer, think)  # parses back to the same fields
     labelled_by = label_source(vote)
     roles = (info or RunInfo(None)).record(labelled_by, source, agents(pick, source), tags.source if tags else None)
     return KatRecord(id=q.id, query=q.query, system=q.system, mode=vote.label, judge=judge.rationale, think=think,
@@ -168,7 +165,8 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
     info = info or RunInfo(None)  # the engines and prompts of the run, for each record's provenance
     stats: Counter = Counter()
     rejects: Counter = Counter()
-    with RowWriter(RunFolder(run_dir).records) as rec_out, RowWriter(RunFolder(run_dir).rejects) as rej_out:
+    with RowWriter(RunFolder(run_dir).records) as rec_out, RowWriter(RunFolder(run_dir).rejects) as rej_out, \
+            kat_bulk.gc_paused():
         def reject(qid: str, stage: str, reason: str, raw=None) -> None:
             rej_out.write({"id": qid, "stage": stage, "reason": reason, "raw": raw})
             rejects[f"{stage}: {reason.split(':')[0]}"] += 1

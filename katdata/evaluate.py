@@ -20,7 +20,6 @@ backend rebuilt with ``lora_path`` (transformers: peft; vLLM: a LoRARequest).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -35,7 +34,7 @@ from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys, query_meta
 from katdata.run_folder import RunFolder
-from katdata.settings import load_section, no_output_key
+from katdata.settings import no_output_key
 from katdata.stage import Stage
 from katdata.template import ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
 
@@ -398,40 +397,59 @@ def _read(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="katdata eval", description="Base vs adapted model on held-out queries.")
-    ap.add_argument("run_dir", type=Path, help="the run folder (reads train/, writes eval/)")
-    ap.add_argument("--config", help="a YAML file: the recipe (its `eval:` section is used) or eval settings alone")
-    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    ap.add_argument("--backend", default="transformers", help="engine for both models: transformers or vllm")
-    ap.add_argument("--model", help="base model (default: the one train.json names, else the embedded model)")
-    ns = ap.parse_args(argv)
-    from katdata.backends import EngineConfig, get_backend
-    from katdata.preflight import run_folder, train_record
-    from katdata.fingerprint import engine_settings
+    """`katdata eval RUN_DIR`: the eval stage as a stage command (katdata.stage_command), on the recipe's engines
+    (``--backend`` / ``--model`` set the base engine's); a folder without recipe.yaml (a `katdata train` folder)
+    runs from the flags alone, on the base model train.json names."""
+    import sys
 
-    cfg = load_section(ns.config, ns.set, EvalConfig, "eval")
-    model = ns.model or train_record(ns.run_dir).get("base_model")
-    run_folder(ns.run_dir, "eval", backend=ns.backend,  # before torch is imported or any folder is made
-               models={"--model" if ns.model else "train/train.json base_model": model})
-    built, config = {}, EngineConfig(backend=ns.backend, model=model)
+    from katdata import stage_command
+
+    def extra(p):
+        p.add_argument("--backend", help="the base engine's backend: transformers or vllm (no recipe: transformers)")
+        p.add_argument("--model", help="the base engine's model (no recipe: the one train.json names, else the "
+                       "embedded model)")
+
+    def engine_sets(args):
+        name = args.setting_engine or "default"
+        return [f"engines.{name}.{key}={value}" for key, value in (("backend", args.backend), ("model", args.model))
+                if value]
+
+    return stage_command.main("eval", list(sys.argv[1:] if argv is None else argv), extra=extra, bare=_bare,
+                              sets=engine_sets, show=print_result)
+
+
+def _bare(args) -> int:
+    """`katdata eval` on a folder without recipe.yaml: one engine from --backend / --model for both models."""
+    from katdata import stage_command
+    from katdata.backends import EngineConfig, get_backend
+    from katdata.fingerprint import engine_settings
+    from katdata.preflight import run_folder, train_record
+
+    cfg = stage_command.section(STAGE, args)
+    backend = args.backend or "transformers"
+    model = args.model or train_record(args.run_dir).get("base_model")
+    run_folder(args.run_dir, "eval", backend=backend,  # before torch is imported or any folder is made
+               models={"--model" if args.model else "train/train.json base_model": model})
+    built, config = {}, EngineConfig(backend=backend, model=model)
 
     def engine(name):
         if name not in built:
-            built[name] = get_backend(ns.backend, config)
+            built[name] = get_backend(backend, config)
         return built[name]
 
     engine.settings = lambda name: engine_settings(config)
-
     try:
-        from katdata.run_folder import saved_recipe
         from katdata.sandbox import SandboxConfig
-        from katdata.settings import recipe_section
 
-        sandbox = recipe_section(saved_recipe(ns.run_dir), "sandbox", SandboxConfig)  # as the run's stages had it
-        result = run(cfg, ns.run_dir, engine, sandbox=sandbox)
+        result = run(cfg, args.run_dir, engine, sandbox=SandboxConfig())
     finally:
         for b in built.values():
             b.close()
+    print_result(result, args.run_dir)
+    return 0
+
+
+def print_result(result: dict, run_dir: Path) -> None:
     for name, m in result["models"].items():
         print(f"{name}: validity {m['template_validity']}, think-on {m['think_on_rate']}, "
               f"mode agreement {m['mode_agreement']}, accuracy {m['settings'].get('auto', {}).get('accuracy')}")
@@ -441,12 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             t = m["token_saving"]
             print(f"  auto saves {t['saving']} of always-think's tokens (accuracy {t['accuracy_auto']} against "
                   f"{t['accuracy_always_think']})")
-    print(f"wrote {RunFolder(ns.run_dir).eval / 'eval.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    print(f"wrote {RunFolder(run_dir).eval / 'eval.json'}")
 
 
 def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list[Path]:
@@ -459,3 +472,7 @@ STAGE = Stage("eval", "evaluate base vs adapted model: think rate, mode choice, 
               lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox")), EvalConfig,
               reads=("split",), writes=("eval",), sections=("sandbox",), optional=True,
               inputs=lambda recipe, run_dir: _eval_inputs(recipe.eval, run_dir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,10 +1,13 @@
 """katdata export: a run's records as a Hub dataset folder (README.md card + data/*.parquet).
 
-Reads review/merged.jsonl when a review was merged, else records.jsonl, in two streaming passes
-(memory flat in the row count): 1. rows per (mode, domain) stratum; 2. validate each row, assign it
-to train/test by selection sampling (exact, seeded, stratified; one pair of counters per stratum),
-write parquet row groups. All goes to a temporary folder renamed into place at the end; the place must be
-new, an empty folder or katdata's own earlier export (katdata.output_paths), nothing else is replaced.
+Reads review/merged.jsonl when a review was merged, else records.jsonl, in two streaming passes a block
+at a time (memory flat in the row count; katdata.export_arrow decodes each line once): 1. rows per
+(mode, domain) stratum; 2. validate each row, assign it to train/test by selection sampling (exact,
+seeded, stratified; one pair of counters per stratum), build the columns as Arrow arrays a row group at a
+time (katdata.export_columns), write parquet row groups. The reading is done span by span
+(katdata.export_spans), in worker processes when KATDATA_EXPORT_WORKERS allows. All goes to a temporary
+folder renamed into place at the end; the place must be new, an empty folder or katdata's own earlier
+export (katdata.output_paths), nothing else is replaced.
 """
 
 from __future__ import annotations
@@ -17,17 +20,16 @@ import random
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from katdata import card, output_paths, review_routing
+from katdata import card, export_arrow, export_spans, kat_bulk, output_paths, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
 from katdata.errors import EngineError, InputError, KatdataError, require
-from katdata.records import KatRecord
-from katdata.runfiles import invalid_row
 from katdata.stage import Stage
 from katdata.run_folder import RunFolder
 
@@ -71,54 +73,14 @@ def input_file(run_dir: Path) -> Path:
     return merged if merged.is_file() else RunFolder(run_dir).records
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    if not path.is_file():
-        raise InputError(path, "file not found (run the earlier stages first)")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                yield n, raw
-
-
 def _stratum(mode: Any, tags: Any) -> str:
-    domain = tags.get("domain") if isinstance(tags, dict) else None
-    return f"{mode}|{domain if domain is not None else 'unknown'}"
-
-
-class _Domain(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    domain: Any = None
-
-
-class _Key(BaseModel):
-    """Just what pass 1 needs; pydantic's JSON parser skips the rest without building it."""
-
-    model_config = ConfigDict(extra="ignore")
-    id: Any = None
-    mode: Any = None
-    tags: Optional[_Domain] = None
+    return export_arrow.stratum(mode, tags)
 
 
 def count_strata(path: Path, skip: frozenset | set = frozenset()) -> dict[str, int]:
-    """Pass 1: rows per (mode, domain) stratum, ids in ``skip`` left out; broken JSON raises
-    InputError with the line."""
-    counts: dict[str, int] = {}
-    for n, raw in _lines(path):
-        try:
-            k = _Key.model_validate_json(raw)
-            rid, key = k.id, _stratum(k.mode, {"domain": k.tags.domain} if k.tags else None)
-        except ValidationError:
-            try:
-                d = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(path, f"broken JSON ({exc})", line=n) from exc
-            if not isinstance(d, dict):
-                raise InputError(path, "not a JSON object", line=n)
-            rid, key = d.get("id"), _stratum(d.get("mode"), d.get("tags"))  # bad tags: pass 2 names the field
-        if skip and isinstance(rid, str) and rid in skip:
-            continue
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    """Pass 1: rows per (mode, domain) stratum, ids in ``skip`` left out; broken JSON raises InputError
+    with the line (katdata.export_arrow: a block at a time)."""
+    return export_arrow.count_strata(path, skip)
 
 
 def allocate(counts: dict[str, int], test_size: float) -> dict[str, int]:
@@ -131,62 +93,44 @@ def allocate(counts: dict[str, int], test_size: float) -> dict[str, int]:
     return alloc
 
 
-def _validate_one(path: Path, n: int, raw: bytes) -> KatRecord:
-    try:
-        return KatRecord.model_validate_json(raw)
-    except ValidationError as exc:
-        raise invalid_row(path, n, exc) from exc
+def read_records(path: Path) -> Iterator:
+    """Pass 2: validated records (KatRecord's attributes), in file order; a bad row raises InputError naming
+    file, line and field."""
+    for recs in export_arrow.record_blocks(path):
+        yield from recs
 
 
-def read_records(path: Path, chunk: int = 1000) -> Iterator[KatRecord]:
-    """Pass 2: validated KatRecord rows; a bad row raises InputError naming file, line and field.
-
-    Rows are validated ``chunk`` at a time as one JSON array (a quarter faster than row by row);
-    a chunk that fails is validated again row by row to name the line."""
-    from pydantic import TypeAdapter
-
-    many = TypeAdapter(list[KatRecord])
-    nums: list[int] = []
-    raws: list[bytes] = []
-    for n, raw in _lines(path):
-        nums.append(n)
-        raws.append(raw)
-        if len(raws) >= chunk:
-            yield from _validate_chunk(path, many, nums, raws)
-            nums, raws = [], []
-    yield from _validate_chunk(path, many, nums, raws)
-
-
-def _validate_chunk(path: Path, many, nums: list[int], raws: list[bytes]) -> list[KatRecord]:
-    if not raws:
-        return []
-    try:
-        recs = many.validate_json(b"[" + b",".join(raws) + b"]")
-        if len(recs) == len(raws):
-            return recs
-    except ValidationError:
-        pass
-    return [_validate_one(path, n, raw) for n, raw in zip(nums, raws)]
-
-
-def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int] | None = None,
-                  skip: frozenset | set = frozenset()) -> Iterator[tuple[str, KatRecord]]:
-    """(split, record) pairs: an exact stratified split by selection sampling, seeded, in file order;
-    the ids in ``skip`` are left out."""
+def split_blocks(path: Path, test_size: float, seed: int, counts: dict[str, int] | None = None,
+                 skip: frozenset | set = frozenset()) -> Iterator[tuple[list, list[bool]]]:
+    """(records, their test flags) a block at a time: an exact stratified split by selection sampling, seeded,
+    in file order; the ids in ``skip`` are left out."""
     counts = count_strata(path, skip) if counts is None else counts
     alloc = allocate(counts, test_size)
     left = {s: [counts[s], alloc[s]] for s in counts}  # rows left, test rows left
-    rng = random.Random(seed)
-    for rec in read_records(path):
-        if skip and rec.id in skip:
-            continue
-        state = left.get(_stratum(rec.mode, rec.tags))
-        if state is None or state[0] <= 0:
-            raise InputError(path, f"record {rec.id} not seen in the first pass: the file changed during export")
-        test = rng.random() * state[0] < state[1]
-        state[0] -= 1
-        state[1] -= test
-        yield ("test" if test else "train"), rec
+    rand = random.Random(seed).random
+    for recs in export_arrow.record_blocks(path):
+        keep, tests = [], []
+        for rec in recs:
+            if skip and rec.id in skip:
+                continue
+            domain = rec.tags.get("domain")
+            state = left.get(f"{rec.mode}|{domain if domain is not None else 'unknown'}")
+            if state is None or state[0] <= 0:
+                raise InputError(path, f"record {rec.id} not seen in the first pass: the file changed during export")
+            test = rand() * state[0] < state[1]
+            state[0] -= 1
+            state[1] -= test
+            keep.append(rec)
+            tests.append(test)
+        yield keep, tests
+
+
+def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int] | None = None,
+                  skip: frozenset | set = frozenset()) -> Iterator[tuple[str, Any]]:
+    """(split, record) pairs of `split_blocks`."""
+    for recs, tests in split_blocks(path, test_size, seed, counts, skip):
+        for rec, test in zip(recs, tests):
+            yield ("test" if test else "train"), rec
 
 
 # ---------------------------------------------------------------- writing
@@ -250,39 +194,64 @@ class SplitWriter:
             self.writer = None
 
 
-def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None) -> dict:
+def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None,
+                   reader: Optional[export_spans.Reader] = None) -> dict:
     import pyarrow as pa
 
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
     skip = waits if cfg.require_review else frozenset()
-    counts = count_strata(src, skip)
+    export_arrow._check(src)
+    reader = reader or export_spans.Reader(src, workers=1)
+    counts: Counter = Counter()
+    starts = [0]  # kept records before each span
+    for part in reader.map(export_spans.count_span, skip):
+        counts.update(part)
+        starts.append(starts[-1] + sum(part.values()))
     total = sum(counts.values())
     if total == 0:
         why = f"all {len(skip)} records wait for review ({review_routing.WAIT_HINT})" if skip else "no records to export"
         raise InputError(src, why)
-    n_test = sum(allocate(counts, cfg.test_size).values())
+    alloc = allocate(counts, cfg.test_size)
+    n_test = sum(alloc.values())
     sizes = {"train": total - n_test, "test": n_test}
     writers = {s: SplitWriter(tmp, cfg.format, s, sizes[s], schema, cfg.shard_rows, cfg.batch_rows)
                for s in SPLITS if sizes[s]}
     stats = card.CardStats()
 
-    def flush(batch: Batch) -> None:
-        table = batch.table(hf_schema)
-        test = pa.array(batch.test, pa.bool_())
+    def flush(table, tests: list[bool]) -> None:
+        table = table.combine_chunks()  # one chunk per row group, as the writers always got it
+        test = pa.array(tests, pa.bool_())
         stats.add_table(table, test)
         table = card.view(table, cfg.format, schema)
         for split, mask in (("train", pa.compute.invert(test)), ("test", test)):
             if split in writers:
                 writers[split].add(table.filter(mask))
 
-    batch = Batch()
-    for split, rec in split_records(src, cfg.test_size, cfg.seed, counts, skip):
-        batch.add(rec, split == "test")
-        if batch.n >= cfg.batch_rows:
-            flush(batch)
-            batch = Batch()
-    if batch.n:
-        flush(batch)
+    # the split: exact, stratified selection sampling in file order (rows left, test rows left per stratum)
+    left = {s: [counts[s], alloc[s]] for s in counts}
+    rand = random.Random(cfg.seed).random
+    pieces, rows, tests = [], 0, []  # the row group being gathered
+    each = [(start, cfg.batch_rows) for start in starts[:-1]]
+    for strata, tables in reader.map(export_spans.table_span, skip, hf_schema, each=each):
+        for i, key in enumerate(strata):
+            state = left.get(key)
+            if state is None or state[0] <= 0:
+                raise InputError(src, f"record {_id(tables, i)} not seen in the first pass: the file changed during "
+                                 "export")
+            test = rand() * state[0] < state[1]
+            state[0] -= 1
+            state[1] -= test
+            tests.append(test)
+        for table in tables:  # cut at row group ends by the span (pass 1 counted the rows before it)
+            while table.num_rows:
+                take = min(table.num_rows, cfg.batch_rows - rows)
+                pieces.append(table if take == table.num_rows else table.slice(0, take))
+                table, rows = table.slice(take), rows + take
+                if rows == cfg.batch_rows:
+                    flush(pa.concat_tables(pieces), tests[:rows])
+                    pieces, tests, rows = [], tests[rows:], 0
+    if rows:
+        flush(pa.concat_tables(pieces), tests)
     for w in writers.values():
         w.close()
     splits = {s: {"rows": w.rows, "bytes": w.nbytes, "files": w.n_shards, "pattern": data_glob(cfg.format, s)}
@@ -293,6 +262,21 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
     card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
     return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
             "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
+
+
+def _id(tables: list, i: int) -> str:
+    for t in tables:
+        if i < t.num_rows:
+            return t.column("id")[i].as_py()
+        i -= t.num_rows
+    return "?"
+
+
+def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path, policy: review_routing.ReviewConfig) -> set[str]:
+    """review_routing.waiting: with the vote's flag alone (no blocking rules), the flagged ids, read span by span."""
+    if policy.blocking:
+        return review_routing.waiting(run_dir, src, policy)
+    return set().union(*reader.map(export_spans.flag_span))
 
 
 def _review_note(waits: int, required: bool) -> str:
@@ -356,16 +340,21 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
     output_paths.check_replaceable(out, run_dir=run_dir, kind="export", label=label)
     made = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]  # removed again if export fails
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    tmp = reader = None
     try:
         # the records the review policy (the recipe's review: section, its defaults without one) holds back
-        waits = review_routing.waiting(run_dir, src, review or review_routing.ReviewConfig())  # bad rows fail here
+        reader = export_spans.Reader(src)  # worker processes for a large file
+        waits = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig())  # bad rows fail here
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe)
+        with kat_bulk.gc_paused():
+            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
         output_paths.honour_umask(tmp)  # mkdtemp made it 0700
+        reader.close()
         _replace(tmp, out, run_dir, label)
     except BaseException:
+        if reader is not None:
+            reader.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # innermost first

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+from operator import attrgetter, itemgetter
 from typing import Optional
 
 from katdata import card
-from katdata.records import Change, KatRecord
+from katdata.records import Change
 
 
 def _provenance(prov: dict) -> tuple[Optional[str], dict, Optional[str]]:
@@ -65,6 +66,9 @@ def _struct_columns(dicts: list[dict], types: dict[str, str], typ):
     import pyarrow as pa
 
     keys = types.keys()
+    sigs = set(map(tuple, dicts))
+    if len(sigs) == 1:
+        return _one_signature(dicts, next(iter(sigs)), types, typ)
     extra: list = [None] * len(dicts)
     for i in [i for i, d in enumerate(dicts) if not d.keys() <= keys]:
         d = dicts[i]
@@ -85,6 +89,73 @@ def _struct_columns(dicts: list[dict], types: dict[str, str], typ):
     return pa.StructArray.from_arrays(arrays, fields=list(typ))
 
 
+def _one_signature(dicts: list[dict], sig: tuple, types: dict[str, str], typ):
+    """`_struct_columns` for dicts that all have the keys ``sig`` in this order: each key's values in one
+    ``itemgetter`` pass; None as there (a value that does not fit its column, an int out of range)."""
+    import pyarrow as pa
+
+    n = len(dicts)
+    if not sig:
+        values: dict = {}
+    elif len(sig) == 1:
+        values = {sig[0]: [d[sig[0]] for d in dicts]}
+    else:
+        values = dict(zip(sig, map(list, zip(*map(itemgetter(*sig), dicts)))))
+    untyped = [k for k in sig if k not in types]
+    if untyped:
+        extra = [card.dumps({k: d[k] for k in untyped}) for d in dicts]
+    else:
+        extra = None
+    arrays = []
+    try:
+        for f in typ:
+            if f.name == "extra":
+                arrays.append(pa.array(extra, pa.string()) if extra is not None else pa.nulls(n, pa.string()))
+                continue
+            vals = values.get(f.name)
+            if vals is None:
+                arrays.append(pa.nulls(n, f.type))
+                continue
+            if not set(map(type, vals)) <= {_NONE, *card.COLUMN_TYPES[types[f.name]]}:
+                return None
+            arrays.append(pa.array(vals, type=f.type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    return pa.StructArray.from_arrays(arrays, fields=list(typ))
+
+
+def _plain_provenance(provs: list[dict]) -> Optional[tuple[list, dict, list]]:
+    """(source, models columns, model offsets) when every provenance holds just a string ``source`` and a
+    non-empty ``models`` dict of strings (the common case: no extra); None otherwise (the row-wise path)."""
+    if set(map(tuple, provs)) not in ({("source", "models")}, {("models", "source")}):
+        return None
+    source = [p["source"] for p in provs]
+    if set(map(type, source)) != {str}:
+        return None
+    models = [p["models"] for p in provs]
+    if set(map(type, models)) != {dict}:
+        return None
+    try:
+        kinds = set(map(tuple, map(dict.items, models)))  # the distinct (role, model) lists
+    except TypeError:  # a value that is no string (a list, a dict): the row-wise path names it
+        return None
+    if not all(pairs and all(type(k) is str and type(v) is str for k, v in pairs) for pairs in kinds):
+        return None
+    if len(kinds) == 1:  # one (role, model) list for the whole batch
+        pairs = next(iter(kinds))
+        k = len(pairs)
+        return source, {"role": [r for r, _ in pairs] * len(models), "model": [m for _, m in pairs] * len(models)}, \
+            list(range(0, k * len(models) + 1, k))
+    roles: list = []
+    names: list = []
+    offsets = [0]
+    for m in models:
+        roles += m.keys()
+        names += m.values()
+        offsets.append(len(roles))
+    return source, {"role": roles, "model": names}, offsets
+
+
 def _list_array(offsets: list[int], fields: dict[str, list], typ):
     import pyarrow as pa
 
@@ -96,8 +167,9 @@ def _list_array(offsets: list[int], fields: dict[str, list], typ):
 class Batch:
     """One row group in the hf layout: records collected, then each column built at once from them.
 
-    Several times faster than a dict per row through ``pa.Table.from_pylist``; the columns are
-    gathered by list comprehensions over the batch, not appended to a row at a time.
+    A record is anything with KatRecord's attributes (a KatRecord, or export_arrow.Rec as the fast reader
+    decodes it). Several times faster than a dict per row through ``pa.Table.from_pylist``: the flat columns
+    come out of one ``attrgetter`` pass, the struct columns a field at a time.
     """
 
     FLAT = ("id", "query", "system", "response", "mode", "judge", "think", "answer", "reference", "kind",
@@ -106,49 +178,66 @@ class Batch:
 
     def __init__(self) -> None:
         self.n, self.test = 0, []
-        self.recs: list[dict] = []
+        self.recs: list = []
 
-    def add(self, rec: KatRecord, test: bool) -> None:
+    def add(self, rec, test: bool) -> None:
         self.n += 1
         self.test.append(test)
-        self.recs.append(rec.__dict__)
+        self.recs.append(rec)
 
-    def _messages(self, typ):
-        roles: list = []
-        contents: list = []
-        offsets = [0]
-        if any(d["system"] for d in self.recs):
-            for d in self.recs:
-                if d["system"]:
+    def extend(self, recs: list, test: list[bool]) -> None:
+        self.n += len(recs)
+        self.test += test
+        self.recs += recs
+
+    def _messages(self, typ, cols: dict):
+        system, query, response = cols["system"], cols["query"], cols["response"]
+        if any(system):
+            roles: list = []
+            contents: list = []
+            offsets = [0]
+            for s, q, r in zip(system, query, response):
+                if s:
                     roles.append("system")
-                    contents.append(d["system"])
+                    contents.append(s)
                 roles += ("user", "assistant")
-                contents += (d["query"], d["response"])
+                contents += (q, r)
                 offsets.append(len(roles))
         else:  # no system prompt in this batch: user, assistant per row
-            roles = ["user", "assistant"] * len(self.recs)
-            contents = [x for d in self.recs for x in (d["query"], d["response"])]
-            offsets = list(range(0, 2 * len(self.recs) + 1, 2))
+            roles = ["user", "assistant"] * len(query)
+            contents = [None] * (2 * len(query))
+            contents[::2], contents[1::2] = query, response
+            offsets = list(range(0, 2 * len(query) + 1, 2))
         return _list_array(offsets, {"role": roles, "content": contents}, typ)
 
     def _provenance(self, typ):
         import pyarrow as pa
 
-        source, extra = [], []
-        models, model_offsets = {"role": [], "model": []}, [0]
+        provs = [r.provenance for r in self.recs]
+        fast = _plain_provenance(provs)
+        if fast is not None:
+            source, models, model_offsets = fast
+            extra = [None] * len(provs)
+        else:
+            source, extra = [], []
+            models, model_offsets = {"role": [], "model": []}, [0]
+            for p in provs:
+                s, mods, x = _provenance(p)
+                source.append(s)
+                extra.append(x)
+                if mods:
+                    models["role"] += mods.keys()
+                    models["model"] += mods.values()
+                model_offsets.append(len(models["role"]))
         changes, change_offsets = {k: [] for k in ("field", "old", "new", "annotator", "at")}, [0]
-        for d in self.recs:
-            s, mods, x = _provenance(d["provenance"])
-            source.append(s)
-            extra.append(x)
-            if mods:
-                models["role"] += mods.keys()
-                models["model"] += mods.values()
-            model_offsets.append(len(models["role"]))
-            for c in d["changes"]:
-                for col, v in zip(changes.values(), _change(c)):
-                    col.append(v)
-            change_offsets.append(len(changes["field"]))
+        if any(r.changes for r in self.recs):
+            for r in self.recs:
+                for c in r.changes:
+                    for col, v in zip(changes.values(), _change(c)):
+                        col.append(v)
+                change_offsets.append(len(changes["field"]))
+        else:
+            change_offsets = [0] * (len(provs) + 1)
         kids = {"models": _list_array(model_offsets, models, typ.field("models").type),
                 "changes": _list_array(change_offsets, changes, typ.field("changes").type),
                 "source": pa.array(source, pa.string()), "extra": pa.array(extra, pa.string())}
@@ -157,20 +246,22 @@ class Batch:
     def table(self, schema):
         import pyarrow as pa
 
-        cols = []
+        flat = [f.name for f in schema if f.name in self.FLAT]
+        need = list(dict.fromkeys(flat + ["system", "query", "response"]))
+        cols = dict(zip(need, map(list, zip(*map(attrgetter(*need), self.recs))))) if self.recs else \
+            {k: [] for k in need}
+        arrays = []
         for f in schema:
             if f.name in self.FLAT:
-                k = f.name
-                cols.append(pa.array([d[k] for d in self.recs], type=f.type))
+                arrays.append(pa.array(cols[f.name], type=f.type))
             elif f.name == "messages":
-                cols.append(self._messages(f.type))
+                arrays.append(self._messages(f.type, cols))
             elif f.name in ("tags", "vote"):
                 types = card.TAG_TYPES if f.name == "tags" else card.VOTE_TYPES
-                k = f.name
-                dicts = [d[k] for d in self.recs]
+                dicts = list(map(attrgetter(f.name), self.recs))
                 col = _struct_columns(dicts, types, f.type)
-                cols.append(col if col is not None else
-                            _struct_array(dicts, types, f.type, self._cache.setdefault(f.name, {})))
+                arrays.append(col if col is not None else
+                              _struct_array(dicts, types, f.type, self._cache.setdefault(f.name, {})))
             else:
-                cols.append(self._provenance(f.type))
-        return pa.Table.from_arrays(cols, schema=schema)
+                arrays.append(self._provenance(f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)

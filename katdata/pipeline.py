@@ -267,7 +267,8 @@ def _check_isolation(recipe: Recipe, run_dir: Path, stages: list[str], queries) 
 
 
 def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optional[str] = None,
-        on_stage: Optional[Callable[[str, dict], None]] = None, recompute: Optional[bool] = None) -> dict:
+        on_stage: Optional[Callable[[str, dict], None]] = None, recompute: Optional[bool] = None,
+        worker: bool = False, sync: Optional[Callable[[], None]] = None) -> dict:
     """Run (or resume) the recipe's stages in ``run_dir``; returns summary.json's content.
 
     Everything is checked before the run folder is touched: the stages, the input queries, and that
@@ -277,9 +278,15 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
 
     ``start`` recomputes from that stage on (``--from``); with ``recompute=False`` (a stage command
     without ``--redo``) it resumes there instead, under the same checks.
+
+    Under a launch of several processes (``accelerate launch``, torchrun), rank 0 checks, moves aside and
+    records; ``sync`` is the launch's barrier, passed once rank 0 has begun (or skipped) the first stage; the
+    other ranks (``worker``) wait there and then run the stages' bodies only.
     """
     recompute = bool(start) if recompute is None else recompute
     stages = _selected(recipe, start, until)
+    if worker:
+        return _work(recipe, Path(run_dir), stages, sync)
     copied = [s for s in ROUND_COPIES if s in stages] if recipe.previous_round else []
     # each stage's own checks (the load stage reads and checks its input here): bad input fails now
     prepared = {s: get(s).prepare(recipe) for s in stages if s not in copied and get(s).prepare is not None}
@@ -301,11 +308,16 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
     engines = Engines(recipe, run_dir)
     try:
         for stage in stages:
-            if stage not in redo and _finished(recipe, run_dir, summary, stage):
+            done = stage not in redo and _finished(recipe, run_dir, summary, stage)
+            if not done:
+                _begin(recipe, run_dir, summary, stage, redo, recipe_name)
+                redo = []
+            if sync:  # the other ranks of a launch go on once rank 0 has begun (or skipped) the first stage
+                sync()
+                sync = None
+            if done:
                 log.info("%s: done already, skipped", stage)
                 continue
-            _begin(recipe, run_dir, summary, stage, redo, recipe_name)
-            redo = []
             log.info("%s: running", stage)
             t0 = time.perf_counter()
             if stage in copied:
@@ -322,6 +334,25 @@ def run(recipe: Recipe, run_dir: Path, start: Optional[str] = None, until: Optio
             shutil.rmtree(fresh, ignore_errors=True)
             log.info("removed %s: the run stopped before any model output", fresh)
         raise
+    finally:
+        engines.close()
+    if sync:  # no stage selected: the other ranks still wait
+        sync()
+    return summary.data
+
+
+def _work(recipe: Recipe, run_dir: Path, stages: list[str], sync: Optional[Callable[[], None]]) -> dict:
+    """A rank other than 0 of a launch: after rank 0 has checked the folder and begun the stage, run the bodies
+    of the stages rank 0 runs (not those it found done); write nothing of the pipeline's own."""
+    if sync:
+        sync()
+    summary = Summary(RunFolder(run_dir).summary)
+    engines = Engines(recipe, run_dir)
+    try:
+        for stage in stages:
+            if summary.done(stage) and _finished(recipe, run_dir, summary, stage, quiet=True):
+                continue
+            get(stage).run(Context(recipe, RunFolder(run_dir), engines, get(stage), None))
     finally:
         engines.close()
     return summary.data

@@ -26,7 +26,6 @@ GPU: ``use_vllm`` (TRL's colocate or server mode) and ``accelerate launch -m kat
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from katdata.errors import KatdataError, require
 from katdata.rl_rewards import EVIDENCE, decision_length, mode_tag_ids, reward_functions, segment_advantages
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX
 from katdata.run_folder import RunFolder
-from katdata.settings import load_section, no_output_key
+from katdata.settings import no_output_key
 from katdata.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -347,28 +346,30 @@ def side_by_side(models: dict[str, dict]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="katdata rl", description="Mode-aware GRPO on a run folder after `train`.")
-    ap.add_argument("run_dir", type=Path, help="the run folder (reads train/, writes rl/)")
-    ap.add_argument("--config", help="a YAML file: the recipe (its `rl:` section is used) or rl settings alone")
-    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    ns = ap.parse_args(argv)
-    from katdata.train import _main_rank
+    """`katdata rl RUN_DIR`: the rl stage as a stage command (katdata.stage_command); a folder without recipe.yaml
+    (a `katdata train` folder) runs from the flags alone."""
+    import sys
 
-    cfg = load_section(ns.config, ns.set, RLConfig, "rl")
-    from katdata.preflight import run_folder, train_record
+    from katdata import stage_command
 
-    base = cfg.model or train_record(ns.run_dir).get("base_model")
-    run_folder(ns.run_dir, "rl", models={"model" if cfg.model else "train/train.json base_model": base})  # no torch yet
-    stats = run(cfg, ns.run_dir)  # (it checks the policy and its output folder before torch is imported)
-    if _main_rank():
-        print(json.dumps(stats, indent=1))
-    return 0
+    def bare(args):
+        from katdata.preflight import run_folder, train_record
 
+        cfg = stage_command.section(STAGE, args)
+        base = cfg.model or train_record(args.run_dir).get("base_model")
+        run_folder(args.run_dir, "rl", models={"model" if cfg.model else "train/train.json base_model": base})
+        stats = run(cfg, args.run_dir)  # (it checks the policy and its output folder before torch is imported)
+        if stage_command.main_rank():
+            print(json.dumps(stats, indent=1))
+        return 0
 
-if __name__ == "__main__":  # accelerate launch -m katdata.rl RUN_DIR
-    raise SystemExit(main())
+    return stage_command.main("rl", list(sys.argv[1:] if argv is None else argv), bare=bare)
 
 
 STAGE = Stage("rl", "mode-aware GRPO after train: decision and answer rewards, step-level advantages",
               lambda ctx: run(ctx.cfg, ctx.folder.root), RLConfig, reads=("split",), writes=("rl",), optional=True,
               inputs=lambda recipe, run_dir: input_paths(recipe.rl, run_dir))
+
+
+if __name__ == "__main__":  # accelerate launch -m katdata.rl RUN_DIR
+    raise SystemExit(main())

@@ -20,7 +20,6 @@ Multi-GPU: ``katdata cp accelerate/multi_gpu``, then
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from katdata.errors import KatdataError, require
 from katdata.review_routing import hold_policy
 from katdata.run_folder import RunFolder
-from katdata.settings import load_section, no_output_key
+from katdata.settings import no_output_key
 from katdata.stage import Stage
+from katdata.stage_command import main_rank
 from katdata.train_data import (  # noqa: F401  (split_rows, load_examples: re-exported)
     _source, _split_record, balance, load_examples, split, split_rows,
 )
@@ -242,11 +242,11 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(base)
     train_rows, encs, held, stats = prepare(cfg, run_dir, tok, hold)
     out.mkdir(parents=True, exist_ok=True)
-    if _main_rank():
+    if main_rank():
         fingerprint.write_folder(out, current)
     split_doc = {"seed": cfg.seed, "data": _split_record(_source(cfg.data, run_dir), run_dir), "holdout": cfg.holdout,
                  "train": [r["id"] for r in train_rows], "heldout": [r["id"] for r in held]}
-    if _main_rank():  # under torchrun / accelerate launch every process gets here; one writes
+    if main_rank():  # under torchrun / accelerate launch every process gets here; one writes
         _write_json(RunFolder(run_dir).split, split_doc)
 
     from katdata.backends.hf import native_bf16_cpu
@@ -314,54 +314,50 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
 
 # ---------------------------------------------------------------- the command
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="katdata train", description="LoRA fine-tuning on a run folder's KAT records.")
-    ap.add_argument("run_dir", type=Path, help="the run folder (reads export/ or records.jsonl, writes train/)")
-    ap.add_argument("--config", help="a YAML file: the recipe (its `train:` section is used) or train settings alone")
-    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    ap.add_argument("--audit", type=int, metavar="N", help="print N examples with loss spans marked and per-span "
-                    "loss-token counts, then exit without training")
-    ns = ap.parse_args(argv)
-    cfg = load_section(ns.config, ns.set, TrainConfig, "train")
-    from katdata.preflight import run_folder
+    """`katdata train RUN_DIR`: the train stage as a stage command (katdata.stage_command: the checks and
+    fingerprints of `katdata run`, a flag per setting); a folder of records without recipe.yaml trains from the
+    flags alone. ``--audit N`` prints N examples with their loss spans instead of training."""
+    import sys
 
-    run_folder(ns.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported
-    hold = _hold(ns.config, ns.run_dir)
-    if ns.audit is not None:
-        transformers = require("transformers", "local")
-        from katdata.model import resolve
+    from katdata import stage_command
 
-        tok = transformers.AutoTokenizer.from_pretrained(resolve(cfg.model))
-        rows, encs, _, stats = prepare(cfg, ns.run_dir, tok, hold)
-        print(audit(tok, rows, encs, ns.audit))
-        print(f"train rows {stats['train']}, held out {stats['heldout']}, "
-              f"skipped (> max_length) {stats['skipped_too_long']}")
+    def extra(p):
+        p.add_argument("--audit", type=int, metavar="N", help="print N examples with loss spans marked and per-span "
+                       "loss-token counts, then exit without training")
+
+    def audited(args, recipe, run_dir):
+        if args.audit is None:
+            return None
+        return _audit(recipe.train, run_dir, hold_policy(recipe.review, recipe.export.require_review), args.audit)
+
+    def bare(args):  # no recipe: the review hold's defaults (a record the vote flagged waits for review)
+        from katdata.export import ExportConfig
+        from katdata.preflight import run_folder
+        from katdata.review_routing import ReviewConfig
+
+        cfg = stage_command.section(STAGE, args)
+        run_folder(args.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported
+        hold = hold_policy(ReviewConfig(), ExportConfig().require_review)
+        if args.audit is not None:
+            return _audit(cfg, args.run_dir, hold, args.audit)
+        stats = run(cfg, args.run_dir, hold=hold)
+        if main_rank():
+            print(json.dumps(stats, indent=1))
         return 0
-    stats = run(cfg, ns.run_dir, hold=hold)
-    if _main_rank():
-        print(json.dumps(stats, indent=1))
+
+    return stage_command.main("train", list(sys.argv[1:] if argv is None else argv), extra=extra, after=audited,
+                              bare=bare)
+
+
+def _audit(cfg: TrainConfig, run_dir: Path, hold, n: int) -> int:
+    transformers = require("transformers", "local")
+    from katdata.model import resolve
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve(cfg.model))
+    rows, encs, _, stats = prepare(cfg, run_dir, tok, hold)
+    print(audit(tok, rows, encs, n))
+    print(f"train rows {stats['train']}, held out {stats['heldout']}, skipped (> max_length) {stats['skipped_too_long']}")
     return 0
-
-
-def _hold(config: Optional[str], run_dir: Path):
-    """`katdata train RUN`'s review hold (``review:`` and ``export.require_review``, as the train stage gets them):
-    from the recipe given with --config when it is a whole recipe, else from the one the run was made with."""
-    from katdata.export import ExportConfig
-    from katdata.review_routing import ReviewConfig
-    from katdata.run_folder import saved_recipe
-    from katdata.settings import is_recipe, read_yaml, recipe_section
-
-    path = config if config and is_recipe(read_yaml(config, "config"), "train") else saved_recipe(run_dir)
-    return hold_policy(recipe_section(path, "review", ReviewConfig),
-                       recipe_section(path, "export", ExportConfig).require_review)
-
-
-def _main_rank() -> bool:
-    """True outside distributed launches and on rank 0 of one (torchrun / accelerate set RANK)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
-    raise SystemExit(main())
 
 
 STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)",
@@ -369,3 +365,7 @@ STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N sho
                                                                          ctx.section("export").require_review)),
               TrainConfig, may_read=("export", "records"), writes=("train",), sections=("review", "export"), optional=True,
               inputs=lambda recipe, run_dir: [_source(recipe.train.data, run_dir)])
+
+
+if __name__ == "__main__":  # accelerate launch -m katdata.train RUN_DIR
+    raise SystemExit(main())

@@ -58,7 +58,7 @@ CASES = [
     ("validate-missing", {}, ["template", "validate", "nope.jsonl"], 2, ["nope.jsonl", "not found"]),
     ("validate-folder", {"d/x": ""}, ["template", "validate", "d"], 2, ["d: a folder"]),
     ("validate-binary", {"b.jsonl": b"\x00\x01"}, ["template", "validate", "b.jsonl"], 2, ["b.jsonl:1", "binary"]),
-    ("train-typo", {}, ["train", ".", "--set", "maxsteps=1"], 2, ["--set 'maxsteps=1'", "did you mean 'max_steps'"]),
+    ("train-typo", {}, ["train", ".", "--set", "maxsteps=1"], 2, ["--set 'maxsteps=1'", "did you mean 'train.max_steps'"]),
     ("eval-limit-0", {}, ["eval", ".", "--set", "limit=0"], 2, ["--set 'limit=0'", "limit", ">= 1"]),
     ("export-on-a-file", {"afile": "x"}, ["export", "afile"], 3, ["afile", "not a folder"]),
     ("train-on-a-file", {"afile": "x"}, ["train", "afile"], 3, ["afile", "not a folder"]),

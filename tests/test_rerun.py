@@ -218,7 +218,7 @@ def test_train_and_eval_do_not_reuse_outputs_made_with_other_settings(project):
     adapter = snapshot(run / "train" / "adapter")
     ok(katdata("train", run, *train, cwd=project))  # same settings: the finished adapter is kept
     line = error_line(katdata("train", run, *train, "--set", "max_steps=3", cwd=project))
-    assert "train.max_steps: 2 -> 3" in line and "--from train" in line
+    assert "train.max_steps: 2 -> 3" in line and "--redo" in line
     assert snapshot(run / "train" / "adapter") == adapter
 
     evals = ["--set", "limit=1", "--set", "max_tokens=8", "--set", "forced=false", "--set", "plots=false"]

@@ -422,7 +422,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     assert f"{len(flagged)} records wait for review" in caplog.text
     card = (run / "export" / "README.md").read_text()
     assert f"Held back for review: {len(flagged)} records" in card
-    hold = train._hold(None, run)  # as `katdata train RUN`: no recipe, the defaults hold the vote's flag
+    hold = review_routing.hold_policy(review.ReviewConfig(), export.ExportConfig().require_review)  # no recipe
     rows, _ = train.load_examples(str(run / "records.jsonl"), run, hold)  # train without an export holds them back too
     assert {r["id"] for r in rows} == {r.id for r in records} - set(flagged)
 
@@ -431,7 +431,7 @@ def test_holdback_until_answered(tmp_path, caplog, capsys):
     everything = export.run(export.ExportConfig(plot=False, require_review=False, out=tmp_path / "all"), run)
     assert everything["rows_out"] == len(records) and everything["unreviewed_included"] == len(flagged)
     assert f"require_review is false: {len(flagged)} records" in (tmp_path / "all" / "README.md").read_text()
-    assert train._hold(None, run) is None
+    assert review_routing.hold_policy(review.ReviewConfig(), False) is None  # train, under require_review: false
     assert len(train.load_examples(str(run / "records.jsonl"), run, None)[0]) == len(records)
     assert export.main([str(run), "--out", str(tmp_path / "cli")]) == 0  # the CLI reads the run's recipe.yaml
     assert json.loads(capsys.readouterr().out)["unreviewed_included"] == len(flagged)

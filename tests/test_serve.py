@@ -42,7 +42,7 @@ RECORDS = [
 ]
 
 
-def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 12) -> dict:
+def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 24, lr: float = 5e-3) -> dict:
     """A LoRA adapter over the embedded model, trained (loss on the completion only) until it writes
     RECORDS' responses; saved as a katdata train output folder: adapter/, train.json, merged/."""
     import torch
@@ -65,12 +65,11 @@ def train_tiny_adapter(out_dir, merge: bool = False, steps: int = 12) -> dict:
         full = tok(render_chat(msgs + [{"role": "assistant", "content": response}]), add_special_tokens=False)["input_ids"]
         assert full[:len(prompt)] == prompt
         batch.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
         for ids, labels in batch:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=labels).loss
+            loss = model(input_ids=ids, labels=labels).loss  # float32: bf16 is emulated, slowly, on most CPUs
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -1,0 +1,186 @@
+"""Export's reading work, a span of whole lines at a time, in worker processes when the file is large.
+
+Each of the three reads of the records file (the hold-back flags, pass 1's rows per stratum, pass 2's
+typed records and their hf columns) is done per span: `spans` cuts the file at line ends every
+``BLOCK`` bytes, a span's work is a plain function of its bytes, and the results are taken in file order.
+Large files can go to a pool of spawned processes (one per CPU, at most ``MAX_WORKERS``, a few spans
+in flight so memory stays flat); small ones, and all by default, are read in this process. Either way
+the results, and so the exported bytes, are the same. A bad line is reported by the first span that holds one, with
+its line number in the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from katdata import export_arrow, review_routing
+from katdata.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BLOCK = export_arrow.BLOCK
+# worker processes at most (KATDATA_EXPORT_WORKERS; default 1: on the shared 2-core machine the pool's start-up and
+# transfers cost more than it won, see bench/export_scale.py --workers)
+MAX_WORKERS = int(os.environ.get("KATDATA_EXPORT_WORKERS", "1") or 1)
+MIN_SPANS = 8  # fewer spans than this: no worker processes (starting them costs more)
+IN_FLIGHT = 2  # spans submitted ahead per worker
+
+
+def spans(path: Path, size: int = BLOCK) -> list[tuple[int, int]]:
+    """(offset, length) of each span: ``size`` bytes, extended to the end of the line they stop in."""
+    if not Path(path).is_file():
+        return []
+    total = os.path.getsize(path)
+    out, off = [], 0
+    with open(path, "rb") as f:
+        while off < total:
+            end = off + size
+            if end < total:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.readline()
+                end = f.tell()
+            end = min(end, total)
+            out.append((off, end - off))
+            off = end
+    return out
+
+
+def _lines(path: str, off: int, length: int) -> list[bytes]:
+    with open(path, "rb") as f:
+        f.seek(off)
+        block = f.read(length)
+    lines = block.split(b"\n")
+    if not lines[-1]:
+        lines.pop()
+    return lines
+
+
+class _Failed:
+    """An InputError carried back from a worker (its line counted from the span's first line)."""
+
+    def __init__(self, exc: InputError):
+        self.path, self.line, self.field = exc.path, exc.line, exc.field
+        where = str(exc.path) + (f":{exc.line}" if exc.line is not None else "") + \
+            (f" field '{exc.field}'" if exc.field else "")
+        self.message = str(exc)[len(where) + 2:]
+
+    def raise_at(self, first: int) -> None:
+        line = None if self.line is None else self.line + first - 1
+        raise InputError(self.path, self.message, line=line, field=self.field)
+
+
+def _run(fn: Callable, path: str, off: int, length: int, *args) -> tuple[int, Any]:
+    """(lines in the span, fn's result or the _Failed of its InputError)."""
+    lines = _lines(path, off, length)
+    try:
+        return len(lines), fn(Path(path), lines, *args)
+    except InputError as exc:
+        return len(lines), _Failed(exc)
+
+
+def _flags(path: Path, lines: list[bytes]) -> set[str]:
+    out: set[str] = set()
+    block = b"\n".join(lines)
+    if block.count(b'"review"') != sum(map(block.count, export_arrow.SAFE)) and review_routing._FLAG.search(block):
+        review_routing._flagged_lines(lines, out)
+    return out
+
+
+def _counts(path: Path, lines: list[bytes], skip) -> Counter:
+    return export_arrow.count_lines(path, 1, b"\n".join(lines), lines, skip)
+
+
+def _tables(path: Path, lines: list[bytes], skip, schema, start: int, size: int) -> tuple[list[str], list]:
+    """The kept records' strata, and their hf tables (katdata.export_columns) cut where a row group of ``size``
+    rows ends (``start``: how many kept records come before this span), so that each row group is built from
+    fresh arrays exactly as when it is built at once."""
+    from katdata.export_columns import Batch
+
+    recs = export_arrow.decode_block(path, 1, lines)
+    if skip:
+        recs = [r for r in recs if r.id not in skip]
+    strata = [f"{r.mode}|{d if (d := r.tags.get('domain')) is not None else 'unknown'}" for r in recs]
+    tables, i = [], 0
+    while i < len(recs):
+        j = min(len(recs), i + size - (start + i) % size)
+        batch = Batch()
+        batch.extend(recs[i:j], [])
+        tables.append(batch.table(schema))
+        i = j
+    return strata, tables
+
+
+def flag_span(path: str, off: int, length: int):
+    """The ids of a span the vote flagged and no reviewer answered (review_routing's rule)."""
+    return _run(_flags, path, off, length)
+
+
+def count_span(path: str, off: int, length: int, skip):
+    """Pass 1 over a span: rows per stratum, ids in ``skip`` left out."""
+    return _run(_counts, path, off, length, skip)
+
+
+def table_span(path: str, off: int, length: int, skip, schema, start: int, size: int):
+    """Pass 2 over a span: the kept records' strata and their hf tables, cut at row group ends."""
+    return _run(_tables, path, off, length, skip, schema, start, size)
+
+
+class Reader:
+    """The spans of one file, mapped through a span function in order, by a process pool or here."""
+
+    def __init__(self, path: Path, workers: Optional[int] = None):
+        self.path = Path(path)
+        self.spans = spans(self.path, BLOCK)
+        n = workers if workers is not None else min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+        self.pool = None
+        if n > 1 and len(self.spans) >= MIN_SPANS:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            self.ahead = IN_FLIGHT * n
+            log.debug("reading %s in %d spans with %d worker processes", self.path, len(self.spans), n)
+
+    def map(self, fn: Callable, *args, each: Optional[list[tuple]] = None) -> Iterator:
+        """fn's result per span, in file order (``each``: further arguments per span); a span's InputError is
+        raised with its line in the file."""
+        first = 1
+        for n_lines, out in self._results(fn, args, each or [()] * len(self.spans)):
+            if isinstance(out, _Failed):
+                out.raise_at(first)
+            first += n_lines
+            yield out
+
+    def _results(self, fn: Callable, args: tuple, each: list[tuple]) -> Iterator:
+        calls = ((str(self.path), off, length, *args, *more) for (off, length), more in zip(self.spans, each))
+        if self.pool is None:
+            for call in calls:
+                yield fn(*call)
+            return
+        queue: deque = deque()
+        for call in calls:
+            queue.append(self.pool.submit(fn, *call))
+            if len(queue) >= self.ahead:
+                break
+        while queue:
+            result = queue.popleft().result()
+            call = next(calls, None)
+            if call is not None:
+                queue.append(self.pool.submit(fn, *call))
+            yield result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

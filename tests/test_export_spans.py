@@ -1,0 +1,92 @@
+"""Export read span by span in worker processes: the same bytes, the same errors, as read in one process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from katdata import export, export_arrow, export_spans
+from katdata.errors import InputError
+from katdata.records import Change
+from katdata.runfiles import RowWriter
+from test_export import make_records, make_run
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".katdata-export.json"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    recs = make_records()
+    odd = []
+    for i, r in enumerate(recs):  # flagged for review, answered, odd provenance and changes, as real runs hold
+        upd = {}
+        if i % 9 == 2:
+            upd["vote"] = dict(r.vote, review=True)
+        if i % 18 == 2:
+            upd["provenance"] = dict(r.provenance, review={"answer": "ok"})
+        if i % 13 == 6:
+            upd["provenance"] = {"source": 3, "models": {"a": 1}, "x": [1, "é"]}
+        if i % 17 == 8:
+            upd["changes"] = [Change(field="think", old=None, new={"a": [1, 2]})]
+        odd.append(r.model_copy(update=upd))
+    path = make_run(tmp_path_factory.mktemp("spans") / "run", recs)
+    (path / "records.jsonl").unlink()
+    with RowWriter(path / "records.jsonl") as w:
+        w.write_all(odd)
+    with open(path / "records.jsonl", "a") as f:  # a blank line, a line NaN (msgspec refuses it, pydantic not)
+        f.write("\n  \n" + json.dumps(odd[5].model_dump(mode="json") | {"id": "nan"})[:-1] + ', "tags": {"x": NaN}}\n')
+    return path
+
+
+def _export(run: Path, out: Path, monkeypatch, workers: int, **kw) -> dict:
+    monkeypatch.setattr(export_spans, "BLOCK", 4096)  # many spans
+    monkeypatch.setattr(export_spans, "MIN_SPANS", 2)
+    monkeypatch.setattr(export_spans, "MAX_WORKERS", workers)
+    stats = export.run(export.ExportConfig(out=out, plot=False, **kw), run)
+    return {k: v for k, v in stats.items() if k != "out"}
+
+
+@pytest.mark.parametrize("kw", [{}, {"format": "trl", "batch_rows": 7}, {"require_review": False, "batch_rows": 5}])
+def test_worker_processes_write_the_same_bytes(run, tmp_path, monkeypatch, kw):
+    one = _export(run, tmp_path / "one", monkeypatch, 1, **kw)
+    two = _export(run, tmp_path / "two", monkeypatch, 2, **kw)
+    assert one == two and one["rows_out"] > 60
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert len(export_spans.spans(run / "records.jsonl", 4096)) > 10
+
+
+def test_a_bad_line_in_a_later_span_is_named_with_its_line(run, tmp_path, monkeypatch):
+    lines = (run / "records.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n, text, msg in ((len(lines) - 3, "{oops", "broken JSON"), (len(lines) - 5, '{"id": 1}', "field 'id'")):
+        changed = lines[:n - 1] + [text] + lines[n:]
+        (bad / "records.jsonl").write_text("\n".join(changed) + "\n")
+        for workers in (1, 2):
+            with pytest.raises(InputError, match=re.escape(f"records.jsonl:{n}") + ".*" + re.escape(msg)):
+                _export(bad, tmp_path / f"out{workers}", monkeypatch, workers)
+
+
+def test_spans_cut_at_line_ends(run):
+    path = run / "records.jsonl"
+    data = path.read_bytes()
+    parts = export_spans.spans(path, 1000)
+    assert parts[0][0] == 0 and sum(length for _, length in parts) == len(data)
+    assert all(data[off + length - 1:off + length] == b"\n" for off, length in parts)
+    assert export_spans.spans(path.parent / "missing.jsonl") == []
+
+
+def test_the_hold_back_scan_finds_what_review_routing_finds(run):
+    from katdata import review_routing
+
+    src = run / "records.jsonl"
+    assert export_arrow.flagged(src) == review_routing._flagged(src) != set()
+    with export_spans.Reader(src, workers=1) as reader:
+        assert set().union(*reader.map(export_spans.flag_span)) == review_routing._flagged(src)
