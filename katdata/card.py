@@ -394,6 +394,8 @@ def body(run_dir: Path, src: Path, stats: CardStats, splits: dict, cfg, recipe: 
         out += ["No record carries a vote margin.", ""]
     from katdata.calibrate import card_lines  # the tagger fitted to the vote (calibration.json), when there is one
     out += card_lines(run_dir)
+    from katdata.benchmarks import card_section  # eval's benchmarks, when export runs after eval
+    out += card_section(run_dir)
     out += _run_files(run_dir, stats, recipe)
     out += _sources(run_dir, stats, cfg)
     return "\n".join(out).rstrip() + "\n"
@@ -470,6 +472,8 @@ def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits:
     card_training.write_template(folder)  # chat_template.jinja, which the card's "Train on this" uses
     from katdata.calibrate import copy_plot
     copy_plot(run_dir, folder)  # the tagger's reliability plot, which card_lines shows
+    from katdata import benchmarks
+    benchmarks.copy_plot(run_dir, folder)
     head = yaml.safe_dump(header(stats, splits, feats, cfg), sort_keys=False, allow_unicode=True)
     text = f"---\n{head}---\n\n{body(Path(run_dir), src, stats, splits, cfg, recipe)}"
     path = folder / "README.md"

@@ -28,15 +28,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from katdata import benchmarks
+from katdata.benchmarks import BenchmarkConfig
+from katdata.eval_items import Item, prefix  # noqa: F401  (Item: also katdata.evaluate's)
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys, query_meta
 from katdata.run_folder import RunFolder
 from katdata.settings import no_output_key
 from katdata.stage import Stage
-from katdata.template import ANSWER_OPEN, FORCE_PREFIX, GENERATION_PREFIX, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
+from katdata.template import ANSWER_OPEN, STOP_STRINGS, THINK_CLOSE, THINK_OPEN, parse
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +74,23 @@ class EvalConfig(BaseModel):
                                          "eval.json counts them")
     chunk: int = Field(16, ge=1, description="unused since eval streams its requests (kept so older recipes load)")
     plots: bool = Field(True, description="write the PNG plots")
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="benchmarks every model answers "
+                                              "too, each a packaged set by name (gsm8k, aime2025, humaneval, "
+                                              "fanoutqa) or a file, with its limit, k and settings "
+                                              "(katdata.benchmarks); [] = the held-out split alone")
+    grader_engine: Optional[str] = Field(None, description="engine of the LLM grader of open answers (FanOutQA); "
+                                         "None = open answers get no verdict (counted as unverified)")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch while generating; None = torch's "
                                        "default (1 avoids thread contention on a CPU shared with other jobs)")
 
-
-@dataclasses.dataclass
-class Item:
-    id: str
-    messages: list[dict]
-    label: Optional[str]
-    difficulty: Optional[int]
-    domain: str
-    task_type: str
-    kind: Optional[str]
-    reference: Optional[str]
-    query: str = ""  # the user's query text (the open-answer verifier reads it)
-    meta: dict = dataclasses.field(default_factory=dict)  # "prompt": what a code answer completes (HumanEval)
+    @field_validator("benchmarks")
+    @classmethod
+    def _distinct(cls, specs: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [b.name for b in specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the benchmark name {', '.join(twice)} is given twice (name file benchmarks apart)")
+        return specs
 
 
 def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
@@ -103,16 +107,6 @@ def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
         groups = [[it for it in items if str(it.label) == m] for m in sorted({str(it.label) for it in items})]
         items = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)][:limit]
     return items
-
-
-def prefix(setting: str, item: Item) -> str:
-    """What the assistant turn is pre-filled with: ``<judge>\n``, or a whole judge and the mode prefix."""
-    from katdata.judge import tags_rationale
-
-    if setting == "auto":
-        return GENERATION_PREFIX
-    judge = tags_rationale(item.task_type, item.domain, setting)
-    return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
 
 
 def _think_open(text: str) -> bool:
@@ -237,61 +231,6 @@ def metrics(rows: list[dict]) -> dict:
     return out
 
 
-def plot(rows: list[dict], out: Path) -> list[str]:
-    """think_on_by_difficulty.png, tokens_by_mode.png, accuracy_vs_tokens.png (written via temp + rename)."""
-    matplotlib = require("matplotlib", "local")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    written = []
-
-    def save(fig, name):
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, out / name)
-        written.append(name)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    diffs = sorted({str(r["difficulty"]) for r in rows if r["setting"] == "auto"})
-    for k, m in enumerate(models):
-        rates = []
-        for d in diffs:
-            sel = [r for r in rows if r["model"] == m and r["setting"] == "auto" and r["mode"]
-                   and str(r["difficulty"]) == d]
-            rates.append(sum(r["mode"] == "on" for r in sel) / len(sel) if sel else 0.0)
-        ax.bar([i + k * 0.8 / len(models) for i in range(len(diffs))], rates, width=0.8 / len(models), label=m)
-    ax.set_xticks(range(len(diffs)), diffs)
-    ax.set(xlabel="difficulty tag", ylabel="think-on rate (auto)", ylim=(0, 1), title="Think-on rate by difficulty")
-    ax.legend()
-    save(fig, "think_on_by_difficulty.png")
-
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for mode in ("on", "off"):
-            toks = [r["tokens"] for r in rows if r["model"] == m and r["setting"] == "auto" and r["mode"] == mode]
-            if toks:
-                ax.hist(toks, bins=20, alpha=0.6, label=f"think-{mode} (n={len(toks)})")
-        ax.set(title=f"{m}: tokens per response (auto)", xlabel="completion tokens", ylabel="responses")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    save(fig, "tokens_by_mode.png")
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for m in models:
-        for s in ("auto", "on", "off"):
-            sel = [r for r in rows if r["model"] == m and r["setting"] == s]
-            acc = _acc(sel)
-            if sel and acc is not None:
-                ax.scatter([_mean([r["tokens"] for r in sel])], [acc], label=f"{m} {s}")
-    ax.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02), title="Accuracy against tokens")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    save(fig, "accuracy_vs_tokens.png")
-    return written
-
-
 def _adapted(cfg: EvalConfig, run_dir: Path, engine, base, adapter: Optional[Path] = None):
     if cfg.adapted_engine and adapter is None:
         return engine(cfg.adapted_engine), False
@@ -342,32 +281,49 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
                              "eval); to keep it, copy the run folder and evaluate in the copy")
     items = heldout(run_dir, cfg.limit)  # checked before the folder is made
+    bench_items = {spec.name: benchmarks.items(spec) for spec in cfg.benchmarks}  # a bad file: before any model
     from katdata.preflight import check_adapters  # loaded after the base model's generations: checked now
 
     adapter = None if cfg.adapted_engine else cfg.adapter or str(run_dir / "train" / "adapter")
     check_adapters(run_dir, {"adapter": adapter, "rl_adapter": cfg.rl_adapter})
-    verifier = Verifier(sandbox=sandbox)  # the recipe's `sandbox:` section
-    isolation = verifier.code_isolation(items)  # refuses before any model loads if code can't be isolated
-    out.mkdir(parents=True, exist_ok=True)
+    grader = engine(cfg.grader_engine) if cfg.grader_engine else None
+    verifier = Verifier(sandbox=sandbox, grader=grader)  # the recipe's `sandbox:` section
+    isolation = verifier.code_isolation(items + [it for its in bench_items.values() for it in its])
+    out.mkdir(parents=True, exist_ok=True)  # (code checks that can't be isolated are refused above)
     fingerprint.write_folder(out, current)
-    gen_path = out / "generations.jsonl"
-    done = done_keys(gen_path, key="key")
+    gen_path, bench_path = out / "generations.jsonl", out / "benchmarks.jsonl"
+    done, bench_done = done_keys(gen_path, key="key"), done_keys(bench_path, key="key")
     plan = [("base", "auto")] + ([("base", "on"), ("base", "off")] if cfg.base_forced else [])
     plan += [("adapted", "auto")] + ([("adapted", "on"), ("adapted", "off")] if cfg.forced else [])
     rl_adapter = None if cfg.rl_adapter == "none" else Path(cfg.rl_adapter or run_dir / "rl" / "adapter")
     if rl_adapter and (cfg.rl_adapter or (rl_adapter / "adapter_config.json").is_file()):
         plan += [("rl", "auto")] + ([("rl", "on"), ("rl", "off")] if cfg.forced else [])
+    models = list(dict.fromkeys(m for m, _ in plan))
+    bench_keys = benchmarks.wanted_keys(cfg.benchmarks, bench_items, models)
+    penalties = {"repetition_penalty": cfg.repetition_penalty, "frequency_penalty": cfg.frequency_penalty}
+
+    def answer(backend, name: str) -> None:  # the held-out split, then each benchmark
+        generate(backend, name, [s for m, s in plan if m == name], items, cfg, writer, done, verifier)
+        for spec in cfg.benchmarks:
+            benchmarks.generate(backend, name, spec, bench_items[spec.name], cfg.max_tokens, penalties, bench_writer,
+                                bench_done, verifier)
+
+    def missing(name: str) -> bool:
+        return (any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == name for it in items)
+                or any(k not in bench_done for k in benchmarks.wanted_keys(cfg.benchmarks, bench_items, [name])))
+
     threads = _set_threads(cfg.num_threads)
     try:
         from katdata.report import FileProgress  # a bar per row written, moving as completions finish
-        with FileProgress([gen_path], len(plan) * len(items), "eval", unit="row"), RowWriter(gen_path) as writer:
+        with FileProgress([gen_path, bench_path], len(plan) * len(items) + len(bench_keys), "eval", unit="row"), \
+                RowWriter(gen_path) as writer, RowWriter(bench_path) as bench_writer:
             base = engine(cfg.engine)
-            generate(base, "base", [s for m, s in plan if m == "base"], items, cfg, writer, done, verifier)
-            for name in ("adapted", "rl"):  # the SFT adapter, then the RL adapter when there is one
-                if any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == name for it in items):
+            answer(base, "base")
+            for name in models[1:]:  # the SFT adapter, then the RL adapter when there is one
+                if missing(name):
                     adapted, owned = _adapted(cfg, run_dir, engine, base, rl_adapter if name == "rl" else None)
                     try:
-                        generate(adapted, name, [s for m, s in plan if m == name], items, cfg, writer, done, verifier)
+                        answer(adapted, name)
                     finally:
                         if owned:
                             adapted.close()
@@ -377,14 +333,18 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
     rows = [r for r in _read(gen_path) if r["id"] in wanted and (r["model"], r["setting"]) in plan]
     result = {**({"sandbox": isolation} if isolation else {}), "heldout": len(items),
               "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
-              "models": {m: metrics([r for r in rows if r["model"] == m]) for m in ("base", "adapted", "rl")
-                         if any(m == pm for pm, _ in plan)}}
+              "models": {m: metrics([r for r in rows if r["model"] == m]) for m in models}}
+    if cfg.benchmarks:
+        result |= benchmarks.results(cfg.benchmarks, bench_items, benchmarks.read_rows(bench_path, bench_keys),
+                                     run_dir, out if cfg.plots else None)
     if "rl" in result["models"]:
         from katdata.rl import side_by_side
 
         result["side_by_side"] = side_by_side(result["models"])
     if cfg.plots:
-        result["plots"] = plot(rows, out)
+        from katdata.eval_plots import heldout_plots
+
+        result["plots"] = heldout_plots(rows, out)
     tmp = out / ".eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "eval.json")
@@ -408,14 +368,24 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--backend", help="the base engine's backend: transformers or vllm (no recipe: transformers)")
         p.add_argument("--model", help="the base engine's model (no recipe: the one train.json names, else the "
                        "embedded model)")
+        p.add_argument("--benchmark", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                       help="a benchmark to evaluate too, e.g. gsm8k:limit=8,k=2,settings=auto+on or a file "
+                       "(data.jsonl:limit=50); repeatable; replaces eval.benchmarks")
 
     def engine_sets(args):
         name = args.setting_engine or "default"
         return [f"engines.{name}.{key}={value}" for key, value in (("backend", args.backend), ("model", args.model))
-                if value]
+                if value] + _benchmark_sets(args)
 
     return stage_command.main("eval", list(sys.argv[1:] if argv is None else argv), extra=extra, bare=_bare,
                               sets=engine_sets, show=print_result)
+
+
+def _benchmark_sets(args) -> list[str]:
+    """``--benchmark`` flags as the recipe key they set."""
+    from katdata.benchmarks import parse_flag
+
+    return [f"eval.benchmarks={json.dumps([parse_flag(b) for b in args.benchmark])}"] if args.benchmark else []
 
 
 def _bare(args) -> int:
@@ -425,6 +395,7 @@ def _bare(args) -> int:
     from katdata.fingerprint import engine_settings
     from katdata.preflight import run_folder, train_record
 
+    args.set = [*_benchmark_sets(args), *(args.set or [])]
     cfg = stage_command.section(STAGE, args)
     backend = args.backend or "transformers"
     model = args.model or train_record(args.run_dir).get("base_model")
@@ -459,6 +430,12 @@ def print_result(result: dict, run_dir: Path) -> None:
             t = m["token_saving"]
             print(f"  auto saves {t['saving']} of always-think's tokens (accuracy {t['accuracy_auto']} against "
                   f"{t['accuracy_always_think']})")
+    for name, bench in result.get("benchmarks", {}).items():
+        from katdata.bench_figures import table_lines
+
+        c = bench["contamination"]
+        print("\n".join(["", *table_lines(name, bench),
+                         f"  {c['in_training']} of its {c['items']} items appear in the run's training queries"]))
     print(f"wrote {RunFolder(run_dir).eval / 'eval.json'}")
 
 

@@ -238,28 +238,3 @@ def recipe_section(path: Optional[str | Path], section: str, model: type[BaseMod
         return getattr(holder.model_validate({section: data}), section)
     except ValidationError as exc:
         raise explain(exc, Blame(Path(path) if path else None, {}), holder) from None
-
-
-def is_recipe(doc: dict, section: str) -> bool:
-    """Whether a config file is a whole recipe (its ``section`` is used) rather than the section's settings alone."""
-    return section in doc or "engines" in doc or "data" in doc
-
-
-def load_section(path: Optional[str], sets: list[str], model: type[BaseModel], section: str) -> BaseModel:
-    """A stage's config from a YAML file (a recipe, whose ``section`` is used, or the settings alone) plus
-    KEY=VALUE overrides (the --config / --set of the train, rl and eval commands)."""
-    data: dict = {}
-    in_recipe = False
-    if path:
-        doc = read_yaml(path, "config")
-        in_recipe = is_recipe(doc, section)
-        data = dict(doc.get(section) or {}) if in_recipe else doc
-    origin = {}
-    for item in sets:
-        key, value = parse_override(item)
-        set_key(data, key, value, item)
-        origin[key] = item
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise explain(exc, Blame(Path(path) if path else None, origin, (section,) if in_recipe else ()), model) from None

@@ -120,10 +120,13 @@ def _settings_file(stage: Stage, config: Optional[str]) -> Optional[dict]:
     """The settings of a ``--config`` file that holds the stage's section alone (not a whole recipe), else None."""
     if not config or not Path(config).is_file():
         return None
-    from katdata.settings import is_recipe, read_yaml
+    from katdata.recipe import Recipe
+    from katdata.settings import read_yaml
 
     doc = read_yaml(config, "config")
-    return None if is_recipe(doc, stage.name) else doc
+    recipe_only = set(Recipe.model_fields) - set(stage.config.model_fields)
+    whole = stage.name in doc or any(key in recipe_only for key in doc)  # `name: r` alone is a recipe too
+    return None if whole else doc
 
 
 def section(stage: Stage, args: argparse.Namespace):
