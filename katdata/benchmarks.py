@@ -155,6 +155,7 @@ def generate(backend, model: str, spec: BenchmarkConfig, its: list, max_tokens: 
 
 
 def _row(key, spec, model, setting, it, sample, seed, pre, c, verifier) -> dict:
+    from katdata.eval_items import verdict
     from katdata.template import parse
     from katdata.verify import VerifyError
 
@@ -163,10 +164,7 @@ def _row(key, spec, model, setting, it, sample, seed, pre, c, verifier) -> dict:
         answer_key = verifier.key(it.kind, p.answer, it) if p.answer is not None else None
     except VerifyError:
         answer_key = None
-    if p.answer is not None:
-        correct = verifier.correct(it.kind, p.answer, it.reference, it)
-    else:
-        correct = False if it.reference is not None else None
+    correct = verdict(verifier, it, p.answer)
     return {"key": key, "benchmark": spec.name, "model": model, "setting": setting, "id": it.id, "sample": sample,
             "k": spec.k, "seed": seed, "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
             "tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens, "ok": p.ok, "errors": p.errors,

@@ -31,3 +31,10 @@ def prefix(setting: str, item: Item) -> str:
         return GENERATION_PREFIX
     judge = tags_rationale(item.task_type, item.domain, setting)
     return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
+
+
+def verdict(verifier, item: Item, answer: Optional[str]) -> Optional[bool]:
+    """An answer's verdict; no answer is wrong when there is a reference, and has no verdict without one."""
+    if answer is not None:
+        return verifier.correct(item.kind, answer, item.reference, item)
+    return False if item.reference is not None else None

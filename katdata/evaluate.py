@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from katdata import benchmarks
 from katdata.benchmarks import BenchmarkConfig
-from katdata.eval_items import Item, prefix  # noqa: F401  (Item: also katdata.evaluate's)
+from katdata.eval_items import Item, prefix, verdict  # noqa: F401  (Item: also katdata.evaluate's)
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys, query_meta
@@ -154,8 +154,7 @@ def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, 
            prompt_tokens=0):
     p = parse(pre + text, finish_reason)
     mode = p.mode if setting == "auto" else setting
-    correct = verifier.correct(it.kind, p.answer, it.reference, it) if p.answer is not None else (
-        False if it.reference is not None else None)
+    correct = verdict(verifier, it, p.answer)
     writer.write({"key": f"{model}:{setting}:{it.id}", "model": model, "setting": setting, "id": it.id,
                   "prefix": pre, "text": text, "finish_reason": finish_reason,
                   "tokens": tokens, "ok": p.ok, "errors": p.errors, "mode": mode, "label": it.label,
@@ -440,9 +439,10 @@ def print_result(result: dict, run_dir: Path) -> None:
 
 
 def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list[Path]:
-    """What eval reads: the held-out split and, unless an engine already loads it, the adapter."""
+    """What eval reads: the held-out split, the adapter unless an engine already loads it, benchmark files."""
     folder = RunFolder(run_dir)
-    return [folder.split] + ([] if cfg.adapted_engine else [Path(cfg.adapter) if cfg.adapter else folder.adapter])
+    return ([folder.split] + ([] if cfg.adapted_engine else [Path(cfg.adapter) if cfg.adapter else folder.adapter])
+            + [Path(b.path) for b in cfg.benchmarks if b.path])  # a changed benchmark file is a changed input
 
 
 STAGE = Stage("eval", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens",

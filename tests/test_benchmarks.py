@@ -16,6 +16,7 @@ import pytest
 
 from katdata.backends.scripted import ScriptedBackend
 from katdata.benchmarks import BenchmarkConfig, card_section, contamination, copy_plot, item_seed, items, parse_flag
+from katdata.errors import KatdataError
 from katdata.evaluate import EvalConfig, run
 from katdata.runfiles import RowWriter
 from katdata.template import GENERATION_PREFIX
@@ -122,6 +123,11 @@ def test_eval_over_benchmarks_figures_resume_and_contamination(tmp_path):
     assert len(base.calls) + len(adapted.calls) > calls
     assert sorted(json.loads(x)["key"] for x in path.read_text().splitlines()) == sorted(r["key"] for r in rows)
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
+    # a benchmark file changed since is a changed input: refused, not mixed with the rows of the old one
+    bench_file.write_text(bench_file.read_text().replace("What is 2 + 2?", "What is 3 + 3?"))
+    with pytest.raises(KatdataError, match="mine.jsonl"):
+        run(cfg, tmp_path, engines.__getitem__)
+    bench_file.write_text(bench_file.read_text().replace("What is 3 + 3?", "What is 2 + 2?"))
     # an export written after eval shows the tables, the plot and the counts in its card
     card = "\n".join(card_section(tmp_path))
     assert "## Benchmarks" in card and "gsm8k: 3 items, k=2" in card and "mine: 2 of 3" in card
