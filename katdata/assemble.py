@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import kat_bulk, template
+from katdata.assemble_rows import RecordWriter
 from katdata.balance import check_balance
 from katdata.errors import InputError
 from katdata.judge import JudgeRow
@@ -165,7 +166,7 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
     info = info or RunInfo(None)  # the engines and prompts of the run, for each record's provenance
     stats: Counter = Counter()
     rejects: Counter = Counter()
-    with RowWriter(RunFolder(run_dir).records) as rec_out, RowWriter(RunFolder(run_dir).rejects) as rej_out, \
+    with RecordWriter(RunFolder(run_dir).records) as rec_out, RowWriter(RunFolder(run_dir).rejects) as rej_out, \
             kat_bulk.gc_paused():
         def reject(qid: str, stage: str, reason: str, raw=None) -> None:
             rej_out.write({"id": qid, "stage": stage, "reason": reason, "raw": raw})

@@ -210,16 +210,18 @@ def read_rows(path: Path, keys: list[str]) -> list[dict]:
 
 
 def results(specs: list[BenchmarkConfig], its: dict[str, list], rows: list[dict], run_dir: Path,
-            plot_to: Optional[Path]) -> dict:
+            plot_to: Optional[Path], decontaminate=None) -> dict:
     """eval.json's ``benchmarks`` (per benchmark: its settings, the figures per model and setting, the token saving
-    and the contamination count) and ``benchmark_plot`` when ``plot_to`` is a folder."""
+    and the contamination count, by ``decontaminate``'s n-gram settings when given) and ``benchmark_plot`` when
+    ``plot_to`` is a folder."""
     from katdata import bench_figures
 
     figs = bench_figures.figures(rows)
     texts = training_texts(run_dir)
     out = {"benchmarks": {s.name: {"items": len(its[s.name]), "k": s.k, "temperature": s.sampling_temperature,
                                    "settings": list(s.settings), **figs.get(s.name, {}),
-                                   "contamination": contamination(s.name, its[s.name], texts)} for s in specs}}
+                                   "contamination": contamination(s.name, its[s.name], texts, decontaminate)}
+                      for s in specs}}
     if plot_to is not None and figs:
         out["benchmark_plot"] = bench_figures.plot(figs, plot_to)
     return out

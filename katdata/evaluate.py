@@ -262,8 +262,9 @@ def _set_threads(n: Optional[int]) -> Optional[int]:
     return before
 
 
-def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
-    """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json)."""
+def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None, decontaminate=None) -> dict:
+    """Generate (resuming), score, plot; returns the metrics (also in OUTPUT/eval.json). ``decontaminate``: the
+    recipe's section, whose n-gram settings count the benchmarks' items in the training records."""
     from katdata import fingerprint
     from katdata.verify import Verifier
 
@@ -317,6 +318,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
         with FileProgress([gen_path, bench_path], len(plan) * len(items) + len(bench_keys), "eval", unit="row"), \
                 RowWriter(gen_path) as writer, RowWriter(bench_path) as bench_writer:
             base = engine(cfg.engine)
+            dtype = getattr(getattr(base, "backend", base), "dtype_name", None)  # the adapters run on the same base
             answer(base, "base")
             for name in models[1:]:  # the SFT adapter, then the RL adapter when there is one
                 if missing(name):
@@ -330,12 +332,12 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None) -> dict:
         _set_threads(threads)
     wanted = {it.id for it in items}
     rows = [r for r in _read(gen_path) if r["id"] in wanted and (r["model"], r["setting"]) in plan]
-    result = {**({"sandbox": isolation} if isolation else {}), "heldout": len(items),
+    result = {**({"sandbox": isolation} if isolation else {}), "dtype": dtype, "heldout": len(items),
               "labels": {m: sum(it.label == m for it in items) for m in ("on", "off")},
               "models": {m: metrics([r for r in rows if r["model"] == m]) for m in models}}
     if cfg.benchmarks:
         result |= benchmarks.results(cfg.benchmarks, bench_items, benchmarks.read_rows(bench_path, bench_keys),
-                                     run_dir, out if cfg.plots else None)
+                                     run_dir, out if cfg.plots else None, decontaminate)
     if "rl" in result["models"]:
         from katdata.rl import side_by_side
 
@@ -446,8 +448,9 @@ def _eval_inputs(cfg: EvalConfig, run_dir: Path) -> list[Path]:
 
 
 STAGE = Stage("eval", "evaluate base vs adapted model: think rate, mode choice, accuracy, tokens",
-              lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox")), EvalConfig,
-              reads=("split",), writes=("eval",), sections=("sandbox",), optional=True,
+              lambda ctx: run(ctx.cfg, ctx.folder.root, ctx.engines, sandbox=ctx.section("sandbox"),
+                              decontaminate=ctx.section("decontaminate")), EvalConfig,
+              reads=("split",), writes=("eval",), sections=("sandbox", "decontaminate"), optional=True,
               inputs=lambda recipe, run_dir: _eval_inputs(recipe.eval, run_dir))
 
 

@@ -2,10 +2,11 @@
 
 Reads review/merged.jsonl when a review was merged, else records.jsonl, in two streaming passes a block
 at a time (memory flat in the row count; katdata.export_arrow decodes each line once): 1. rows per
-(mode, domain) stratum; 2. validate each row, assign it to train/test by selection sampling (exact,
-seeded, stratified; one pair of counters per stratum), build the columns as Arrow arrays a row group at a
-time (katdata.export_columns), write parquet row groups. The reading is done span by span
-(katdata.export_spans), in worker processes when KATDATA_EXPORT_WORKERS allows. All goes to a temporary
+(mode, domain) stratum (counted in the same read as the hold-back scan when nothing is held back);
+2. validate each row, assign it to train/test by selection sampling (exact, seeded, stratified; one pair of
+counters per stratum), build the columns as Arrow arrays a row group at a time (katdata.export_columns),
+write parquet row groups (katdata.export_write: encoded on a background thread). The reading is done span
+by span (katdata.export_spans), in worker processes when KATDATA_EXPORT_WORKERS allows. All goes to a temporary
 folder renamed into place at the end; the place must be new, an empty folder or katdata's own earlier
 export (katdata.output_paths), nothing else is replaced.
 """
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from katdata import card, export_arrow, export_spans, kat_bulk, output_paths, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
+from katdata.export_write import Background, SplitWriter, data_glob
 from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.stage import Stage
 from katdata.run_folder import RunFolder
@@ -133,78 +135,20 @@ def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int
             yield ("test" if test else "train"), rec
 
 
-# ---------------------------------------------------------------- writing
-
-def shard_path(fmt: Format, split: str, i: int, n: int) -> str:
-    """data/{split}-i-of-n.parquet; LLaMA-Factory reads one file or folder per dataset: data/{split}/."""
-    name = f"{split}-{i:05d}-of-{n:05d}.parquet"
-    return f"data/{split}/{name}" if fmt == "llamafactory" else f"data/{name}"
-
-
-def data_glob(fmt: Format, split: str) -> str:
-    """The data_files pattern of a split in the card's configs."""
-    return f"data/{split}/*.parquet" if fmt == "llamafactory" else f"data/{split}-*.parquet"
-
-
-class SplitWriter:
-    """Parquet shards of one split: tables buffered, written as row groups of ``batch_rows`` rows."""
-
-    def __init__(self, root: Path, fmt: Format, split: str, total: int, schema, shard_rows: int, batch_rows: int):
-        self.root, self.fmt, self.split, self.schema = root, fmt, split, schema
-        self.shard_rows, self.batch_rows = shard_rows, batch_rows
-        self.n_shards = max(1, math.ceil(total / shard_rows))
-        self.buf: list = []
-        self.buffered, self.shard, self.in_shard, self.rows, self.nbytes = 0, 0, 0, 0, 0
-        self.writer = None
-
-    def _room(self) -> int:
-        return min(self.batch_rows, self.shard_rows - self.in_shard)
-
-    def add(self, table) -> None:
-        if table.num_rows:
-            self.buf.append(table)
-            self.buffered += table.num_rows
-        while self.buffered and self.buffered >= self._room():
-            self._write(self._room())
-
-    def _write(self, k: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        t = pa.concat_tables(self.buf) if len(self.buf) > 1 else self.buf[0]
-        head, rest = t.slice(0, k), t.slice(k)
-        self.buf, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        if self.writer is None:
-            path = self.root / shard_path(self.fmt, self.split, self.shard, self.n_shards)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(path, self.schema)
-        self.writer.write_table(head.combine_chunks(), row_group_size=k)
-        self.in_shard += k
-        self.rows += k
-        self.nbytes += head.nbytes
-        if self.in_shard >= self.shard_rows:
-            self.writer.close()
-            self.writer, self.shard, self.in_shard = None, self.shard + 1, 0
-
-    def close(self) -> None:
-        if self.buffered:
-            self._write(self.buffered)
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
+# ---------------------------------------------------------------- writing (katdata.export_write)
 
 def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None,
-                   reader: Optional[export_spans.Reader] = None) -> dict:
-    import pyarrow as pa
-
+                   reader: Optional[export_spans.Reader] = None, counted: Optional[dict] = None) -> dict:
+    """Pass 1 (rows per stratum; ``counted``: its rows per span as the hold-back scan counted them, all ("all")
+    and without the waiting ids ("held", None when the scan could not tell)), pass 2 (split and write), the card."""
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
     skip = waits if cfg.require_review else frozenset()
     export_arrow._check(src)
     reader = reader or export_spans.Reader(src, workers=1)
     counts: Counter = Counter()
     starts = [0]  # kept records before each span
-    for part in reader.map(export_spans.count_span, skip):
+    per_span = (counted or {}).get("held" if skip else "all")
+    for part in (per_span if per_span is not None else reader.map(export_spans.count_span, skip)):
         counts.update(part)
         starts.append(starts[-1] + sum(part.values()))
     total = sum(counts.values())
@@ -214,8 +158,32 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
     alloc = allocate(counts, cfg.test_size)
     n_test = sum(alloc.values())
     sizes = {"train": total - n_test, "test": n_test}
-    writers = {s: SplitWriter(tmp, cfg.format, s, sizes[s], schema, cfg.shard_rows, cfg.batch_rows)
-               for s in SPLITS if sizes[s]}
+    background = Background()  # the parquet encoding, beside the decoding
+    try:
+        writers = {s: SplitWriter(tmp, cfg.format, s, sizes[s], schema, cfg.shard_rows, cfg.batch_rows, background)
+                   for s in SPLITS if sizes[s]}
+        stats = _split(src, cfg, reader, skip, counts, alloc, starts, writers, hf_schema, schema)
+        for w in writers.values():
+            w.close()
+        background.close()
+    finally:
+        background.close(quiet=True)
+    splits = {s: {"rows": w.rows, "bytes": w.nbytes, "files": w.n_shards, "pattern": data_glob(cfg.format, s)}
+              for s, w in writers.items()}
+    if cfg.format == "llamafactory":
+        card.llamafactory_info(tmp, splits)
+    stats.review_note = _review_note(len(waits), cfg.require_review)
+    card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
+    return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
+            "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
+
+
+def _split(src: Path, cfg: ExportConfig, reader: export_spans.Reader, skip, counts: Counter, alloc: dict,
+           starts: list[int], writers: dict, hf_schema, schema) -> card.CardStats:
+    """Pass 2: each kept record to train or test (exact, stratified selection sampling in file order: rows left,
+    test rows left per stratum), its row group counted for the card and written."""
+    import pyarrow as pa
+
     stats = card.CardStats()
 
     def flush(table, tests: list[bool]) -> None:
@@ -227,7 +195,6 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
             if split in writers:
                 writers[split].add(table.filter(mask))
 
-    # the split: exact, stratified selection sampling in file order (rows left, test rows left per stratum)
     left = {s: [counts[s], alloc[s]] for s in counts}
     rand = random.Random(cfg.seed).random
     pieces, rows, tests = [], 0, []  # the row group being gathered
@@ -252,16 +219,7 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
                     pieces, tests, rows = [], tests[rows:], 0
     if rows:
         flush(pa.concat_tables(pieces), tests)
-    for w in writers.values():
-        w.close()
-    splits = {s: {"rows": w.rows, "bytes": w.nbytes, "files": w.n_shards, "pattern": data_glob(cfg.format, s)}
-              for s, w in writers.items()}
-    if cfg.format == "llamafactory":
-        card.llamafactory_info(tmp, splits)
-    stats.review_note = _review_note(len(waits), cfg.require_review)
-    card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
-    return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
-            "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
+    return stats
 
 
 def _id(tables: list, i: int) -> str:
@@ -272,11 +230,16 @@ def _id(tables: list, i: int) -> str:
     return "?"
 
 
-def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path, policy: review_routing.ReviewConfig) -> set[str]:
-    """review_routing.waiting: with the vote's flag alone (no blocking rules), the flagged ids, read span by span."""
+def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path,
+             policy: review_routing.ReviewConfig) -> tuple[set[str], Optional[dict]]:
+    """review_routing.waiting, and pass 1's rows per span where the same read gave them ({"all": ..., "held": ...
+    without the waiting ids, or None}): with the vote's flag alone (no blocking rules), the flagged ids and the
+    strata, read span by span (bad rows fail here)."""
     if policy.blocking:
-        return review_routing.waiting(run_dir, src, policy)
-    return set().union(*reader.map(export_spans.flag_span))
+        return review_routing.waiting(run_dir, src, policy), None
+    scans = list(reader.map(export_spans.flag_count_span))
+    waits = set().union(*(s.flags for s in scans))
+    return waits, {"all": [s.all for s in scans], "held": export_spans.held_counts(scans, waits)}
 
 
 def _review_note(waits: int, required: bool) -> str:
@@ -344,10 +307,10 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
     try:
         # the records the review policy (the recipe's review: section, its defaults without one) holds back
         reader = export_spans.Reader(src)  # worker processes for a large file
-        waits = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig())  # bad rows fail here
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         with kat_bulk.gc_paused():
-            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader)
+            waits, counted = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig())
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, counted)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
         output_paths.honour_umask(tmp)  # mkdtemp made it 0700
         reader.close()

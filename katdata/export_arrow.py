@@ -164,6 +164,14 @@ def _utf8(block: bytes) -> bool:
 
 def count_lines(path: Path, first: int, block: bytes, lines: list[bytes], skip) -> Counter:
     """Pass 1 over one block: rows per stratum, ids in ``skip`` left out (``first``: the number of its first line)."""
+    pairs = key_pairs(path, first, block, lines)
+    if skip:
+        pairs = [p for p in pairs if not (isinstance(p[0], str) and p[0] in skip)]
+    return Counter(p[1] for p in pairs)
+
+
+def key_pairs(path: Path, first: int, block: bytes, lines: list[bytes]) -> list[tuple[Any, str]]:
+    """(id, stratum) of each record of one block, as pass 1 reads them."""
     raws = list(filter(bytes.strip, lines))
     keys = None
     if _utf8(block):
@@ -175,9 +183,7 @@ def count_lines(path: Path, first: int, block: bytes, lines: list[bytes], skip) 
         pairs = [_key_careful(path, n, raw) for n, raw in _numbered(first, lines)]
     else:
         pairs = [(k.id, _key_stratum(k)) for k in keys]
-    if skip:
-        pairs = [p for p in pairs if not (isinstance(p[0], str) and p[0] in skip)]
-    return Counter(p[1] for p in pairs)
+    return pairs
 
 
 def count_strata(path: Path, skip: frozenset | set = frozenset()) -> dict[str, int]:

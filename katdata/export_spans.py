@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -50,14 +51,18 @@ def spans(path: Path, size: int = BLOCK) -> list[tuple[int, int]]:
     return out
 
 
-def _lines(path: str, off: int, length: int) -> list[bytes]:
+def _block(path: str, off: int, length: int) -> tuple[bytes, list[bytes]]:
     with open(path, "rb") as f:
         f.seek(off)
         block = f.read(length)
     lines = block.split(b"\n")
     if not lines[-1]:
         lines.pop()
-    return lines
+    return block, lines
+
+
+def _lines(path: str, off: int, length: int) -> list[bytes]:
+    return _block(path, off, length)[1]
 
 
 class _Failed:
@@ -83,10 +88,11 @@ def _run(fn: Callable, path: str, off: int, length: int, *args) -> tuple[int, An
         return len(lines), _Failed(exc)
 
 
-def _flags(path: Path, lines: list[bytes]) -> set[str]:
+def _flags(path: Path, lines: list[bytes], block: Optional[bytes] = None) -> set[str]:
     out: set[str] = set()
-    block = b"\n".join(lines)
-    if block.count(b'"review"') != sum(map(block.count, export_arrow.SAFE)) and review_routing._FLAG.search(block):
+    block = b"\n".join(lines) if block is None else block
+    keys = block.count(b'"review"')
+    if keys and keys != sum(map(block.count, export_arrow.SAFE)) and review_routing._FLAG.search(block):
         review_routing._flagged_lines(lines, out)
     return out
 
@@ -113,6 +119,60 @@ def _tables(path: Path, lines: list[bytes], skip, schema, start: int, size: int)
         tables.append(batch.table(schema))
         i = j
     return strata, tables
+
+
+class Scan:
+    """What the hold-back scan and pass 1 take from one span in one read: its flagged ids, its rows per stratum
+    (all, and without the rows whose id it flagged itself), how many rows that leaves out, and the hashes of
+    its string ids (to see at the end whether any row shares an id another span flagged)."""
+
+    def __init__(self, flags: set[str], pairs: list):
+        self.flags = flags
+        self.all = Counter(s for _, s in pairs)
+        if flags:
+            kept = [p for p in pairs if not (isinstance(p[0], str) and p[0] in flags)]
+            self.held, self.skipped = Counter(s for _, s in kept), len(pairs) - len(kept)
+        else:
+            self.held, self.skipped = self.all, 0
+        self.hashes = stable_hashes([i for i, _ in pairs if isinstance(i, str)])
+
+
+def stable_hashes(ids):
+    """64 bits per id, the same in every process (CRC-32 and Adler-32 of its UTF-8; str.__hash__ is salted per
+    process, and the spans may be read in worker processes)."""
+    import numpy as np
+
+    raw = list(map(_utf8_bytes, ids))
+    crc = np.fromiter(map(zlib.crc32, raw), np.uint64, len(raw))
+    adler = np.fromiter(map(zlib.adler32, raw), np.uint64, len(raw))
+    return (crc << np.uint64(32)) | adler
+
+
+def _utf8_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def flag_count_span(path: str, off: int, length: int):
+    """The hold-back scan and pass 1 in one read of a span (a `Scan`)."""
+    block, lines = _block(path, off, length)
+    try:
+        return len(lines), Scan(_flags(Path(path), lines, block), export_arrow.key_pairs(Path(path), 1, block, lines))
+    except InputError as exc:
+        return len(lines), _Failed(exc)
+
+
+def held_counts(scans: list[Scan], waits: set[str]) -> Optional[list[Counter]]:
+    """Pass 1's rows per span with the ids in ``waits`` (all the spans' flags) left out, from the scans alone where
+    that is exact: where no row outside the spans' own flagged rows has a flagged id (checked by `stable_hashes`,
+    which count every such row, and a colliding one besides: a collision only costs a second read); None
+    otherwise (pass 1 reads the file again)."""
+    import numpy as np
+
+    if not waits:
+        return [s.all for s in scans]
+    flagged = stable_hashes(waits)
+    rows = sum(int(np.isin(s.hashes, flagged).sum()) for s in scans)
+    return [s.held for s in scans] if rows == sum(s.skipped for s in scans) else None
 
 
 def flag_span(path: str, off: int, length: int):

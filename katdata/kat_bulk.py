@@ -6,8 +6,10 @@ response exactly: every template marker occurs as often as the layout itself hol
 one), every field is non-blank, and the text is the layout of kat-format.md section 2. A response that
 passes is one `template.parse` gives the same fields back from: the markers hold no newline and every
 field stands between newlines, so the parser's first marker of each kind is the layout's own and each
-block's content is the field. A response that does not pass goes to `template.parse`, which names what
-is wrong, as the assemble stage always reported it ("render check failed: ...").
+block's content is the field. The marker counts are taken at once where the response holds no "<" but
+the layout's own (one per marker): then no field holds one. A response that does not pass goes to
+`template.parse`, which names what is wrong, as the assemble stage always reported it ("render check
+failed: ...").
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _COUNTS = {mode: tuple((m, 1 if m in (JUDGE_OPEN, JUDGE_CLOSE, ANSWER_OPEN, ANSW
                         or (m == THINK_ON and mode == "on") or (m == THINK_OFF and mode == "off")
                         or (m in (THINK_OPEN, THINK_CLOSE) and mode == "on") else 0) for m in MARKERS)
            for mode in ("on", "off")}
+# how many "<" the layout of each mode holds (one per marker)
+_LTS = {mode: sum(n * m.count("<") for m, n in counts) for mode, counts in _COUNTS.items()}
 
 
 def layout(mode: str, judge: str, answer: str, think: Optional[str]) -> str:
@@ -47,9 +51,11 @@ def round_trips(response: str, mode: str, judge: str, answer: str, think: Option
         return False
     if not (judge.strip() and answer.strip() and (think is None or think.strip())):
         return False
-    for marker, n in counts:
-        if response.count(marker) != n:
-            return False
+    if response.count("<") != _LTS[mode]:  # a "<" in a field: each marker counted (none may stand in a field)
+        for marker, n in counts:
+            if response.count(marker) != n:
+                return False
+    # else the layout's own markers are the response's every "<", so no field holds a marker
     return response == layout(mode, judge, answer, think)
 
 

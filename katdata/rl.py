@@ -34,9 +34,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from katdata.errors import KatdataError, require
+from katdata.model_load import LoadSettings
 from katdata.rl_rewards import EVIDENCE, decision_length, mode_tag_ids, reward_functions, segment_advantages
 from katdata.template import FORCE_PREFIX, GENERATION_PREFIX
 from katdata.run_folder import RunFolder
@@ -46,7 +47,7 @@ from katdata.stage import Stage
 log = logging.getLogger(__name__)
 
 
-class RLConfig(BaseModel):
+class RLConfig(LoadSettings):
     model_config = ConfigDict(extra="forbid")
     _no_output = model_validator(mode="before")(classmethod(lambda cls, data: no_output_key(data, "rl")))
 
@@ -204,20 +205,21 @@ def _last_checkpoint(ckpt: Path) -> Optional[str]:
 
 
 def _load_policy(cfg: RLConfig, run_dir: Path, torch, transformers, peft):
-    """(model, tokenizer, lora config or None): the SFT adapter made trainable, or a merged model for a new LoRA."""
+    """(model, tokenizer, lora config or None, how the base loaded): the SFT adapter made trainable, or a merged
+    model for a new LoRA."""
+    from katdata import model_load
     from katdata.model import resolve
 
     policy = _policy(cfg, run_dir)
     tok = transformers.AutoTokenizer.from_pretrained(policy)
     if (policy / "adapter_config.json").is_file():
-        base = transformers.AutoModelForCausalLM.from_pretrained(resolve(_base_model(cfg, run_dir)),
-                                                                 dtype=torch.float32)
+        base, loaded = model_load.load(resolve(_base_model(cfg, run_dir)), cfg, "rl")
         if len(tok) > base.get_input_embeddings().weight.shape[0]:  # an adapter trained with marker tokens
             base.resize_token_embeddings(len(tok))
-        return peft.PeftModel.from_pretrained(base, str(policy), is_trainable=True), tok, None
-    model = transformers.AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+        return peft.PeftModel.from_pretrained(base, str(policy), is_trainable=True), tok, None, loaded
+    model, loaded = model_load.load(policy, cfg, "rl")
     lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, task_type="CAUSAL_LM", target_modules="all-linear")
-    return model, tok, lora
+    return model, tok, lora, loaded
 
 
 def input_paths(cfg: RLConfig, run_dir: Path) -> list[Path]:
@@ -245,6 +247,9 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
                            f"({cfg.num_generations}): some completions of each group must choose their mode")
     rows = load_queries(cfg, run_dir)  # bad input fails before any model loads
     _policy(cfg, run_dir)
+    from katdata import model_load
+
+    model_load.check_quantization(cfg, "rl")  # one line before torch or the model loads
     torch = require("torch", "local")
     transformers = require("transformers", "local")
     peft = require("peft", "train")
@@ -252,7 +257,11 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     datasets = require("datasets", "local")
     from katdata.verify import Verifier
 
-    model, tok, lora = _load_policy(cfg, run_dir, torch, transformers, peft)
+    from katdata.model import resolve
+
+    policy = _policy(cfg, run_dir)  # a merged policy is planned as it is, an adapter on its base
+    plan = model_load.planned(cfg, policy if (policy / "config.json").is_file() else resolve(_base_model(cfg, run_dir)), "rl")
+    model, tok, lora, loaded = _load_policy(cfg, run_dir, torch, transformers, peft)
     tok.pad_token = tok.pad_token or tok.eos_token
     eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if i is not None and i >= 0]
     queries = {r["id"]: SimpleNamespace(kind=r["kind"], reference=r["reference"], query=r["query"], meta=r["meta"])
@@ -277,7 +286,7 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
         repetition_penalty=cfg.repetition_penalty, beta=cfg.beta, learning_rate=cfg.learning_rate,
         reward_weights=weights, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2,
         seed=cfg.seed, bf16=bool(bf16), report_to=[], disable_tqdm=True, use_cpu=not gpu, dataloader_num_workers=0,
-        remove_unused_columns=False, **vllm)
+        remove_unused_columns=False, **vllm, **model_load.trainer_args(cfg))
     cls = trainer_class()
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok,
                   peft_config=lora, kat=cfg, tag_ids=mode_tag_ids(tok))
@@ -303,7 +312,8 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
              "steps": trainer.state.global_step, "resumed_from": resume, "seconds": round(seconds, 2),
              "step_level": cfg.step_level, "num_generations": cfg.num_generations,
              "forced_per_mode": cfg.forced_per_mode, "reward_weights": dict(zip(trainer.reward_func_names, weights)),
-             "adapter": str(out / "adapter"), "last": _last_metrics(history)}
+             "adapter": str(out / "adapter"), "last": _last_metrics(history), **loaded,
+             "memory_plan_gib": round(plan.total / 2**30, 2) if plan else None}
     if trainer.accelerator.is_main_process:
         from katdata.train import _save_atomic
 

@@ -220,8 +220,9 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
           tool_parser: Optional[str] = TOOL_PARSER) -> Server:
     """Start a vLLM server of ``model`` (default: the embedded model) and wait until it is ready.
 
-    On CPU the dtype defaults to float32 and the KV cache to ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB)
-    unless the environment sets it. ``api_key_env`` names an env var whose value becomes the key.
+    On CPU the dtype defaults to float32, the KV cache to ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB) unless the
+    environment sets it, and chunked prefill is off unless ``extra_args`` name it (vllm-cpu 0.32 fails seeded
+    requests when a prefill is split: "CPU Generator does not use offset"). ``api_key_env`` names an env var whose value becomes the key.
     ``kat=True`` adds katdata's chat template, the ``kat`` reasoning parser and (unless ``tool_parser``
     is None) ``--enable-auto-tool-choice --tool-call-parser TOOL_PARSER``; ``adapter`` serves a
     LoRA adapter (un-merged) as ``adapter_name`` beside the base model.
@@ -252,6 +253,8 @@ def start(model: Optional[str] = None, port: Optional[int] = None, *, served_nam
         args.append("--enforce-eager")
     if data_parallel_size != 1:
         args += ["--data-parallel-size", str(data_parallel_size)]
+    if cpu and not any("chunked-prefill" in a for a in args):
+        args.append("--no-enable-chunked-prefill")  # vllm-cpu 0.32 fails seeded requests when a prefill is split
     env: dict = {}
     if cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from katdata.errors import KatdataError, require
+from katdata.model_load import LoadSettings
 from katdata.review_routing import hold_policy
 from katdata.run_folder import RunFolder
 from katdata.settings import no_output_key
@@ -49,7 +50,7 @@ MARKER_WORDS = {"<judge>": "judge", "</judge>": "end judge", "<think_on>": "thin
                 "<think>": "think", "</think>": "end think", "<answer>": "answer", "</answer>": "end answer"}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(LoadSettings):
     model_config = ConfigDict(extra="forbid")
     _no_output = model_validator(mode="before")(classmethod(lambda cls, data: no_output_key(data, "train")))
 
@@ -77,7 +78,9 @@ class TrainConfig(BaseModel):
                             "never cut")
     balance_modes: bool = Field(False, description="repeat the rarer mode's examples until both modes have as many "
                                 "(the mode choice is learned from both sides even when the labels are skewed)")
-    packing: bool = Field(False, description="pack examples into max_length rows (TRL best-fit packing, padding-free)")
+    packing: bool = Field(False, description="pack examples end to end into rows of up to max_length tokens (best-fit "
+                          "decreasing, padding-free, position ids restart per record, no attention across records); "
+                          "batch_size then counts packed rows")
     bf16: Optional[bool] = Field(None, description="bf16 mixed precision; None = on where the hardware supports it")
     add_marker_tokens: bool = Field(False, description="add the KAT markers as new tokens and train their embedding "
                                     "rows and the output head; such an adapter must be merged before vLLM can serve it")
@@ -214,6 +217,32 @@ def _last_checkpoint(ckpt: Path) -> Optional[str]:
     return str(max(steps)[1]) if steps else None
 
 
+def _gathered_state(trainer) -> Optional[dict]:
+    """The model's full state dict when FSDP or DeepSpeed ZeRO-3 shards it over the ranks (each rank holds a slice
+    of every weight, so saving from rank 0 alone would write slices or hang): a collective that every rank must
+    call, the same way Trainer.save_model gathers. None when rank 0 holds the whole model (one process, DDP)."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # needs stage3_gather_16bit_weights_on_model_save (accelerate: zero3_save_16bit_model: true)
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return None
+
+
+def _merge_saved(base: str, adapter: Path, tok, resize: bool, dtype: str):
+    """merged/ under sharding: the saved adapter merged into a fresh copy of the base (in the dtype training loaded
+    it in) on rank 0 (the trained model itself is sharded over the ranks)."""
+    import peft
+    import transformers
+
+    from katdata.dtypes import torch_dtype
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(dtype))
+    if resize:  # add_marker_tokens: the adapter carries the grown embedding rows
+        model.resize_token_embeddings(len(tok))
+    return peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
 def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     """Train the LoRA adapter; returns the stats for summary.json (also written to OUTPUT/train.json). ``hold``:
     the review policy records of a records.jsonl wait under (review_routing.hold_policy; None: none wait)."""
@@ -230,6 +259,9 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     if RunFolder(run_dir).train_record.is_file() and RunFolder(run_dir).adapter.is_dir():
         log.info("train: %s already holds a finished adapter made with these settings, skipping", out)
         return json.loads(RunFolder(run_dir).train_record.read_text())
+    from katdata import model_load
+
+    model_load.check_quantization(cfg, "train")  # one line before torch or the model loads
     torch = require("torch", "local")
     transformers = require("transformers", "local")
     peft = require("peft", "train")
@@ -239,6 +271,7 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     from katdata.model import resolve
 
     base = resolve(cfg.model)
+    plan = model_load.planned(cfg, base, "train")  # a setup that cannot fit stops here: nothing loaded or written
     tok = transformers.AutoTokenizer.from_pretrained(base)
     train_rows, encs, held, stats = prepare(cfg, run_dir, tok, hold)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +286,12 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else (
         torch.cuda.is_bf16_supported() if torch.cuda.is_available() else native_bf16_cpu())
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    from katdata.train_packing import attn_implementation, collator_for, packed_dataset
+
+    # packing: records end to end in rows of max_length, position ids restarting per record, no attention across
+    # records (flash-attention varlen on a GPU that has it, else SDPA's block mask from the position ids)
+    model, loaded = model_load.load(base, cfg, "train",
+                                    **({"attn_implementation": attn_implementation()} if cfg.packing else {}))
     modules_to_save = None
     if cfg.add_marker_tokens:
         _marker_tokens(tok, model)
@@ -262,17 +300,21 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     tied = {"ensure_weight_tying": True} if modules_to_save and getattr(model.config, "tie_word_embeddings", False) else {}
     lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                            target_modules=cfg.target_modules, modules_to_save=modules_to_save, **tied)
-    data = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encs])
+    data = (packed_dataset(encs, cfg.max_length) if cfg.packing else
+            datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encs]))
     ckpt = out / "checkpoints"
     args = trl.SFTConfig(
         output_dir=str(ckpt), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, bf16=bool(bf16),
-        seed=cfg.seed, report_to=[], max_length=cfg.max_length, packing=cfg.packing, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+        seed=cfg.seed, report_to=[], max_length=cfg.max_length, packing=False, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        **model_load.trainer_args(cfg))
     tok.pad_token = tok.pad_token or tok.eos_token
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    collator = collator_for(model, tok.pad_token_id) if cfg.packing else None  # packed rows: katdata's own collator
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora,
+                             data_collator=collator)
     from katdata.train_progress import attach
     attach(trainer, "train")  # a bar with step, loss, ETA; TRL's printed dicts only with -v
     resume = _last_checkpoint(ckpt)
@@ -287,17 +329,21 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
-    tokens = int(trainer.state.num_input_tokens_seen)
+    # packed rows have no attention mask, and the trainer's count (input_ids != pad) misses the pad-valued
+    # <|im_end|> inside every record: the collator counts real tokens instead
+    tokens = collator.tokens if collator is not None and not resume else int(trainer.state.num_input_tokens_seen)
 
     tok.chat_template = template_text(training=False)
+    state = _gathered_state(trainer)  # FSDP / ZeRO-3: every rank takes part in the gather
     if trainer.accelerator.is_main_process:
         def save_adapter(path):
-            trainer.model.save_pretrained(path)
+            trainer.model.save_pretrained(path, state_dict=state)
             tok.save_pretrained(path)
 
         _save_atomic(save_adapter, out / "adapter")
         if cfg.merge:
-            merged = trainer.model.merge_and_unload()
+            merged = trainer.model.merge_and_unload() if state is None else _merge_saved(
+                base, out / "adapter", tok, cfg.add_marker_tokens, loaded["dtype"])
             _save_atomic(lambda p: (merged.save_pretrained(p), tok.save_pretrained(p)), out / "merged")
         with open(out / ".log.jsonl.tmp", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in trainer.state.log_history)
@@ -306,7 +352,8 @@ def run(cfg: TrainConfig, run_dir: Path, engine=None, hold=None) -> dict:
               "train_loss": result.training_loss, "seconds": round(seconds, 2), "input_tokens_seen": tokens,
               "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "marker_tokens": cfg.add_marker_tokens,
               "adapter": str(out / "adapter"), "merged": str(out / "merged") if cfg.merge else None,
-              "processes": trainer.accelerator.num_processes}
+              "processes": trainer.accelerator.num_processes, **loaded,
+              "memory_plan_gib": round(plan.total / 2**30, 2) if plan else None}
     if trainer.accelerator.is_main_process:
         _write_json(RunFolder(run_dir).train_record, stats)
     return stats
@@ -324,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     def extra(p):
         p.add_argument("--audit", type=int, metavar="N", help="print N examples with loss spans marked and per-span "
                        "loss-token counts, then exit without training")
+        p.add_argument("--plan", action="store_true", help="print the memory plan (weights, LoRA, optimizer, "
+                       "activations against the devices present) from the model's config.json, then exit")
 
     def audited(args, recipe, run_dir):
+        if args.plan:
+            return _plan(recipe.train)
         if args.audit is None:
             return None
         return _audit(recipe.train, run_dir, hold_policy(recipe.review, recipe.export.require_review), args.audit)
@@ -338,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = stage_command.section(STAGE, args)
         run_folder(args.run_dir, "train", data=cfg.data, models={"model": cfg.model})  # before torch is imported
         hold = hold_policy(ReviewConfig(), ExportConfig().require_review)
+        if args.plan:
+            return _plan(cfg)
         if args.audit is not None:
             return _audit(cfg, args.run_dir, hold, args.audit)
         stats = run(cfg, args.run_dir, hold=hold)
@@ -347,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
 
     return stage_command.main("train", list(sys.argv[1:] if argv is None else argv), extra=extra, after=audited,
                               bare=bare)
+
+
+def _plan(cfg: TrainConfig) -> int:
+    from katdata.memory_plan import format_plan, plan_for_train
+    from katdata.model import resolve
+    from katdata.model_load import sharded_over
+
+    print(format_plan(plan_for_train(cfg, resolve(cfg.model), shards=sharded_over())))
+    return 0
 
 
 def _audit(cfg: TrainConfig, run_dir: Path, hold, n: int) -> int:
@@ -360,7 +422,7 @@ def _audit(cfg: TrainConfig, run_dir: Path, hold, n: int) -> int:
     return 0
 
 
-STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N shows the loss spans)",
+STAGE = Stage("train", "LoRA-fine-tune a model on a run's dataset (--audit N: the loss spans; --plan: the memory plan)",
               lambda ctx: run(ctx.cfg, ctx.folder.root, hold=hold_policy(ctx.section("review"),
                                                                          ctx.section("export").require_review)),
               TrainConfig, may_read=("export", "records"), writes=("train",), sections=("review", "export"), optional=True,

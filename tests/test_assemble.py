@@ -122,3 +122,32 @@ def test_model_fingerprint_follows_config_and_weight_files(tmp_path):
     assert folder_fingerprint(tmp_path) != first
     (tmp_path / "config.json").unlink()
     assert folder_fingerprint(tmp_path) is None
+
+
+def test_record_writer_writes_row_writers_bytes(tmp_path, monkeypatch):
+    """assemble_rows: the fast lines are RowWriter's, floats pydantic spells otherwise included (they take the
+    slow path), and a torn tail is cut as RowWriter cuts it."""
+    from katdata import assemble_rows
+
+    base = dict(id="x", query="q ä 😀 \u2028 \x00\x1f \"quoted\" \\ 1e5 0.00001", mode="off", judge="j\nk\t",
+                answer="16", response="r")
+    floats = [0.1, 1e-05, 0.0001, 1e16, 1e15, 123456789012345678.0, -0.0, 5e-324, 1.7976931348623157e308,
+              float("nan"), float("inf"), 2.5, 3]
+    rows = [KatRecord(**base, tags={"p_reasoning": f, "difficulty": 3, "domain": "math"},
+                      vote={"p_on": f, "classes_on": {"16": 3, "k": f}, "margin": [f, 1.0]},
+                      provenance={"source": "gsm8k", "models": {"solver": "m"}, "x": f})
+            for f in floats]
+    rows.append(Query(id="q", query="q", reference="16", kind="numeric", meta={"f": 1e-7}))
+    rows.append({"id": "d", "stage": "vote", "reason": "r", "raw": {"p": 1e-05, "n": float("nan")}})
+    slow = []
+    monkeypatch.setattr(assemble_rows, "slow_line", lambda row, _f=assemble_rows.slow_line: slow.append(row) or _f(row))
+    for row in rows:
+        assert assemble_rows.line(row) == assemble_rows.slow_line(row)
+    assert len(slow) == 2 * len(rows) - 6  # 0.1, -0.0, nan, inf (null), 2.5 and 3 went the fast way
+    with RowWriter(tmp_path / "a.jsonl") as w:
+        w.write_all(rows)
+    (tmp_path / "b.jsonl").write_bytes(b'{"id": "torn"')  # a crash mid-write, cut when the writer opens the file
+    with assemble_rows.RecordWriter(tmp_path / "b.jsonl", every=3) as w:
+        for row in rows:
+            w.write(row)
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()

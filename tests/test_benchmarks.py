@@ -144,6 +144,21 @@ def test_contamination_uses_the_decontaminate_matcher():
     assert got["items"] == 4 and got["in_training"] == 2 and got["ids"] == sorted([its[0].id, its[1].id])
 
 
+def test_contamination_counts_by_the_recipes_decontaminate_settings():
+    """An item with a word in its middle changed is in training at the default threshold (0.5) and not under a recipe
+    that asks for 0.95; the method line says which settings counted."""
+    from katdata.decontaminate import DecontaminateConfig
+
+    it = max(items(BenchmarkConfig(name="gsm8k", limit=8, seed=2)), key=lambda i: len(i.query.split()))
+    words = it.query.split()
+    assert len(words) >= 30  # so the 8 n-grams the change touches are under half of them
+    mid = len(words) // 2
+    changed = " ".join(words[:mid] + ["zebra"] + words[mid + 1:])  # the 8 n-grams holding that word change
+    assert contamination("gsm8k", [it], [changed])["in_training"] == 1
+    strict = contamination("gsm8k", [it], [changed], DecontaminateConfig(threshold=0.95))
+    assert strict["in_training"] == 0 and "share >= 0.95" in strict["method"]
+
+
 def test_bad_benchmark_flag_is_one_line(tmp_path, capsys):
     from katdata.cli import main
 

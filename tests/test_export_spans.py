@@ -90,3 +90,60 @@ def test_the_hold_back_scan_finds_what_review_routing_finds(run):
     assert export_arrow.flagged(src) == review_routing._flagged(src) != set()
     with export_spans.Reader(src, workers=1) as reader:
         assert set().union(*reader.map(export_spans.flag_span)) == review_routing._flagged(src)
+
+
+def test_one_read_gives_the_hold_back_and_pass_one(run):
+    """flag_count_span: the flagged ids of flag_span and the rows per stratum of count_span (nothing left out)."""
+    src = run / "records.jsonl"
+    with export_spans.Reader(src, workers=1) as reader:
+        scans = list(reader.map(export_spans.flag_count_span))
+        assert [s.flags for s in scans] == list(reader.map(export_spans.flag_span))
+        assert [s.all for s in scans] == list(reader.map(export_spans.count_span, frozenset()))
+
+
+def test_parquet_written_on_the_thread_is_written_inline_byte_for_byte(run, tmp_path, monkeypatch):
+    from katdata import export_write
+
+    threaded = _export(run, tmp_path / "thread", monkeypatch, 1, batch_rows=6, shard_rows=40)
+    monkeypatch.setattr(export, "Background", lambda: export_write.Background(inline=True))
+    inline = _export(run, tmp_path / "inline", monkeypatch, 1, batch_rows=6, shard_rows=40)
+    assert threaded == inline and len(list((tmp_path / "inline" / "data").iterdir())) > 2
+    assert _files(tmp_path / "thread") == _files(tmp_path / "inline")
+
+
+def test_the_background_thread_keeps_order_and_raises_errors():
+    from katdata import export_write
+
+    done = []
+    bg = export_write.Background()
+    for i in range(20):
+        bg.submit(lambda i=i: done.append(i))
+    bg.close()
+    assert done == list(range(20))
+    bg = export_write.Background()
+    bg.submit(lambda: 1 / 0)
+    bg.submit(lambda: done.append("dropped after the error"))
+    with pytest.raises(ZeroDivisionError):
+        bg.close()
+    assert done[-1] == 19
+    bg.close()  # closed twice: nothing left to raise
+
+
+def test_held_back_counts_from_the_scan_or_a_second_read(run, tmp_path, monkeypatch):
+    """held_counts: pass 1's counts without the waiting ids, as a second read gives them; None (a second read)
+    where a row shares a waiting id without being flagged in its own span."""
+    monkeypatch.setattr(export_spans, "BLOCK", 4096)
+    src = run / "records.jsonl"
+    with export_spans.Reader(src, workers=1) as reader:
+        scans = list(reader.map(export_spans.flag_count_span))
+        waits = set().union(*(s.flags for s in scans))
+        assert waits and export_spans.held_counts(scans, waits) == list(reader.map(export_spans.count_span, waits))
+        assert export_spans.held_counts(scans, set()) == list(reader.map(export_spans.count_span, frozenset()))
+    lines = src.read_text().splitlines()
+    twin = next(x for x in lines if x.strip() and json.loads(x)["id"] in waits and '"review": true' in x)
+    dup = tmp_path / "records.jsonl"  # the same id again, unflagged, in the last span
+    dup.write_text("\n".join(lines + [twin.replace('"review": true', '"review": false')]) + "\n")
+    with export_spans.Reader(dup, workers=1) as reader:
+        scans = list(reader.map(export_spans.flag_count_span))
+        assert set().union(*(s.flags for s in scans)) == waits
+        assert export_spans.held_counts(scans, waits) is None

