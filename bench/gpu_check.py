@@ -137,7 +137,8 @@ def _bench(script: str, model: str, device: str, extra: list[str]) -> str:
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{script}: " + (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1])
-    return " | ".join(done.stdout.strip().splitlines()[-3:])  # the bench's summary lines
+    lines = [x for x in done.stdout.strip().splitlines() if x and x[0] not in ' {}[]"']  # not its JSON dump
+    return " | ".join(lines[-3:])  # the bench's summary lines
 
 
 def run_part(name: str, model: str, device: str, work: Path) -> str:
