@@ -83,3 +83,36 @@ def test_vllm_server_through_the_openai_backend(tmp_path, vllm_server, openai_co
         _cut_and_rerun(tmp_path, cfg, engines, result)
     finally:
         backend.close()
+
+
+@pytest.mark.slow  # trains a small adapter and starts a second vLLM server that serves it: minutes on a CPU
+def test_vllm_server_serving_the_runs_adapter(tmp_path, openai_config):
+    """The base model and the run's adapter (un-merged, `--lora-modules kat=...`) on one vLLM server, each a model
+    name of the openai backend: benchmark rows for both, the adapter's differing from the base's, resumable."""
+    from katdata import servers
+    from katdata.backends import get_backend
+
+    from conftest import MAX_MODEL_LEN
+
+    with RowWriter(tmp_path / "records.jsonl") as w:
+        w.write_all(demo_records(0, 8, seed=5))
+    train_run(TrainConfig(holdout=2, max_steps=4, batch_size=2, max_length=128, warmup_steps=0, learning_rate=5e-3,
+                          num_threads=1), tmp_path)
+    server = servers.start(None, max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                           adapter=str(tmp_path / "train" / "adapter"), adapter_name="kat",
+                           log_path=str(tmp_path.parent / f"{tmp_path.name}-server.log"))
+    base = get_backend("openai", openai_config(server, api_key_env="NO_KEY_NEEDED"))
+    adapted = get_backend("openai", openai_config(server, model="kat", api_key_env="NO_KEY_NEEDED"))
+    engines = {"default": base, "served": adapted}.__getitem__
+    cfg = EvalConfig(max_tokens=16, limit=1, forced=False, plots=False, adapted_engine="served", benchmarks=BENCH)
+    try:
+        result = run(cfg, tmp_path, engines)
+        rows = _rows(tmp_path)
+        assert len(rows) == 16 and set(result["benchmarks"]["gsm8k"]["models"]) == {"base", "adapted"}
+        texts = {m: [r["text"] for r in rows if r["model"] == m] for m in ("base", "adapted")}
+        assert texts["base"] != texts["adapted"]  # the adapter's requests went to the LoRA
+        _cut_and_rerun(tmp_path, cfg, engines, result)
+    finally:
+        base.close()
+        adapted.close()
+        server.stop()
