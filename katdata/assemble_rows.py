@@ -17,7 +17,6 @@ thread instead won nothing measurable on the shared 2-core machine: the serializ
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import msgspec
 from pydantic import BaseModel
 
 from katdata.records import KatRecord
-from katdata.runfiles import repair_tail
+from katdata.runfiles import repair_tail, row_line
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ def risky(raw: bytes) -> bool:
 
 def slow_line(row: BaseModel | dict[str, Any]) -> bytes:
     """RowWriter's line of ``row`` (without the newline), as RowWriter builds it."""
-    data = row.model_dump(mode="json") if isinstance(row, BaseModel) else row
-    return json.dumps(data, ensure_ascii=False).encode("utf-8")
+    return row_line(row).encode("utf-8")
 
 
 def line(row: BaseModel | dict[str, Any]) -> bytes:

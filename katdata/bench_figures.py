@@ -12,6 +12,8 @@ import os
 import pathlib
 from typing import Optional
 
+from katdata.eval_items import counted_tokens
+
 SETTING_ORDER = ("auto", "on", "off")
 MARKERS = {"auto": "o", "on": "^", "off": "v"}
 COLUMNS = (("model", 8), ("setting", 7), ("pass@1", 6), ("pass@k", 6), ("maj@k", 6), ("think-on", 8),
@@ -75,7 +77,7 @@ def _counted_tokens(row: dict, auto_prompts: dict) -> int:
     auto_prompt = auto_prompts.get(base + (row["sample"],), auto_prompts.get(base))
     if auto_prompt is None:
         return row["tokens"]
-    return row["tokens"] + max(0, row["prompt_tokens"] - auto_prompt)
+    return counted_tokens(row["tokens"], row["prompt_tokens"], auto_prompt)
 
 
 def _cell(rows: list[dict], auto_prompts: dict) -> dict:

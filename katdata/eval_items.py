@@ -38,3 +38,24 @@ def verdict(verifier, item: Item, answer: Optional[str]) -> Optional[bool]:
     if answer is not None:
         return verifier.correct(item.kind, answer, item.reference, item)
     return False if item.reference is not None else None
+
+
+def counted_tokens(tokens: int, prompt_tokens: Optional[int], auto_prompt_tokens: Optional[int]) -> int:
+    """A forced reply's tokens counted over the same span as auto's: forced prompts pre-fill the judge and the mode
+    line that auto writes itself, so the reply counts what its prompt holds beyond auto's on the same query."""
+    return tokens + max(0, (prompt_tokens or 0) - (auto_prompt_tokens or 0))
+
+
+def rate(rows: list[dict], test) -> Optional[float]:
+    """The share of ``rows`` passing ``test``, to 4 places (None without rows)."""
+    return round(sum(1 for r in rows if test(r)) / len(rows), 4) if rows else None
+
+
+def accuracy(rows: list[dict]) -> Optional[float]:
+    """The share of the rows with a verdict that are correct."""
+    return rate([r for r in rows if r["correct"] is not None], lambda r: r["correct"])
+
+
+def mean(xs: list) -> Optional[float]:
+    """The mean to 1 place (None when empty)."""
+    return round(sum(xs) / len(xs), 1) if xs else None

@@ -6,15 +6,7 @@ import os
 from pathlib import Path
 
 from katdata.errors import require
-
-
-def _mean(xs: list):
-    return sum(xs) / len(xs) if xs else None
-
-
-def _acc(rows: list[dict]):
-    judged = [r for r in rows if r["correct"] is not None]
-    return sum(1 for r in judged if r["correct"]) / len(judged) if judged else None
+from katdata.eval_items import accuracy, mean  # the figures eval.json reports, plotted as they are
 
 
 def heldout_plots(rows: list[dict], out: Path) -> list[str]:
@@ -62,9 +54,9 @@ def heldout_plots(rows: list[dict], out: Path) -> list[str]:
     for m in models:
         for s in ("auto", "on", "off"):
             sel = [r for r in rows if r["model"] == m and r["setting"] == s]
-            acc = _acc(sel)
+            acc = accuracy(sel)
             if sel and acc is not None:
-                ax.scatter([_mean([r["tokens"] for r in sel])], [acc], label=f"{m} {s}")
+                ax.scatter([mean([r["tokens"] for r in sel])], [acc], label=f"{m} {s}")
     ax.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02), title="Accuracy against tokens")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from katdata import benchmarks
 from katdata.benchmarks import BenchmarkConfig
-from katdata.eval_items import Item, prefix, verdict  # noqa: F401  (Item: also katdata.evaluate's)
+from katdata.eval_items import Item, accuracy, counted_tokens, mean, prefix, rate, verdict  # noqa: F401  (Item: also katdata.evaluate's)
 from katdata.errors import KatdataError, require
 from katdata.judge import keyword_stance
 from katdata.runfiles import RowWriter, done_keys, query_meta
@@ -163,18 +163,6 @@ def _write(writer, model, setting, it, pre, text, finish_reason, tokens, error, 
                   "think_closed": think_closed, "prompt_tokens": prompt_tokens})
 
 
-def _rate(rows: list[dict], test) -> Optional[float]:
-    return round(sum(1 for r in rows if test(r)) / len(rows), 4) if rows else None
-
-
-def _acc(rows: list[dict]) -> Optional[float]:
-    return _rate([r for r in rows if r["correct"] is not None], lambda r: r["correct"])
-
-
-def _mean(xs: list) -> Optional[float]:
-    return round(sum(xs) / len(xs), 1) if xs else None
-
-
 def metrics(rows: list[dict]) -> dict:
     """The eval.json metrics of one model from its generation rows."""
     by = defaultdict(list)
@@ -182,20 +170,20 @@ def metrics(rows: list[dict]) -> dict:
         by[r["setting"]].append(r)
     auto = by["auto"]
     moded = [r for r in auto if r["mode"]]
-    out: dict = {"n": len(auto), "template_validity": _rate(auto, lambda r: r["ok"]),
+    out: dict = {"n": len(auto), "template_validity": rate(auto, lambda r: r["ok"]),
                  # cut by the token limit is a state, not a template error: valid + truncated + malformed = 1
-                 "truncated": _rate(auto, lambda r: r["finish_reason"] == "length"),
-                 "malformed": _rate(auto, lambda r: not r["ok"] and r["finish_reason"] != "length"),
-                 "think_on_rate": _rate(moded, lambda r: r["mode"] == "on"),
-                 "think_closed": _rate(auto, lambda r: r.get("think_closed")),  # think_reserve closed the block
-                 "mode_agreement": _rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),
-                 "mode_agreement_valid": _rate([r for r in auto if r["label"] and r["ok"]],
+                 "truncated": rate(auto, lambda r: r["finish_reason"] == "length"),
+                 "malformed": rate(auto, lambda r: not r["ok"] and r["finish_reason"] != "length"),
+                 "think_on_rate": rate(moded, lambda r: r["mode"] == "on"),
+                 "think_closed": rate(auto, lambda r: r.get("think_closed")),  # think_reserve closed the block
+                 "mode_agreement": rate([r for r in auto if r["label"]], lambda r: r["mode"] == r["label"]),
+                 "mode_agreement_valid": rate([r for r in auto if r["label"] and r["ok"]],
                                                lambda r: r["mode"] == r["label"])}
     for key in ("difficulty", "domain"):
         groups = defaultdict(list)
         for r in moded:
             groups[str(r[key])].append(r)
-        out[f"think_on_rate_by_{key}"] = {g: {"n": len(v), "rate": _rate(v, lambda r: r["mode"] == "on")}
+        out[f"think_on_rate_by_{key}"] = {g: {"n": len(v), "rate": rate(v, lambda r: r["mode"] == "on")}
                                           for g, v in sorted(groups.items())}
     errors = defaultdict(int)
     for r in auto:
@@ -203,10 +191,10 @@ def metrics(rows: list[dict]) -> dict:
             errors[e] += 1
     out["parse_errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
     # per setting (auto, forced on, forced off): accuracy, template validity ("valid"), mean tokens
-    out["settings"] = {s: {"n": len(v), "accuracy": _acc(v), "valid": _rate(v, lambda r: r["ok"]),
-                           "think_closed": _rate(v, lambda r: r.get("think_closed")),
-                           "mean_tokens": _mean([r["tokens"] for r in v]),
-                           "mean_tokens_by_mode": {m: _mean([r["tokens"] for r in v if r["mode"] == m])
+    out["settings"] = {s: {"n": len(v), "accuracy": accuracy(v), "valid": rate(v, lambda r: r["ok"]),
+                           "think_closed": rate(v, lambda r: r.get("think_closed")),
+                           "mean_tokens": mean([r["tokens"] for r in v]),
+                           "mean_tokens_by_mode": {m: mean([r["tokens"] for r in v if r["mode"] == m])
                                                    for m in ("on", "off")}}
                        for s, v in sorted(by.items())}
     if by.get("on") and auto:
@@ -214,7 +202,7 @@ def metrics(rows: list[dict]) -> dict:
         # always-think's prompt pre-fills the judge and the mode line that auto writes itself: its replies count
         # those tokens too (its prompt tokens minus auto's on the same query), so both count the same span
         auto_prompt = {r["id"]: r.get("prompt_tokens") or 0 for r in auto}
-        always = _mean([r["tokens"] + max(0, (r.get("prompt_tokens") or 0) - auto_prompt[r["id"]])
+        always = mean([counted_tokens(r["tokens"], r.get("prompt_tokens"), auto_prompt[r["id"]])
                         for r in by["on"] if r["id"] in auto_prompt])
         out["tokens_vs_always_think"] = round(am["mean_tokens"] / always, 4) if always else None
         # the tokens auto saves against always-think, read next to what it costs in accuracy
@@ -225,7 +213,7 @@ def metrics(rows: list[dict]) -> dict:
                                "always_think_counts": "its reply plus the judge and mode line its prompt pre-filled"}
     judged = [r for r in auto if r["ok"]]
     out["judge_consistency"] = {"n": len(judged), "unclear": sum(1 for r in judged if r["stance"] is None),
-                                "rate": _rate([r for r in judged if r["stance"]], lambda r: r["stance"] == r["mode"]),
+                                "rate": rate([r for r in judged if r["stance"]], lambda r: r["stance"] == r["mode"]),
                                 "method": "keyword cues in the rationale (heuristic)"}
     return out
 
@@ -300,6 +288,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None, decontaminate=None
         plan += [("rl", "auto")] + ([("rl", "on"), ("rl", "off")] if cfg.forced else [])
     models = list(dict.fromkeys(m for m, _ in plan))
     bench_keys = benchmarks.wanted_keys(cfg.benchmarks, bench_items, models)
+    keys_of = {m: benchmarks.wanted_keys(cfg.benchmarks, bench_items, [m]) for m in models}
     penalties = {"repetition_penalty": cfg.repetition_penalty, "frequency_penalty": cfg.frequency_penalty}
 
     def answer(backend, name: str) -> None:  # the held-out split, then each benchmark
@@ -310,7 +299,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None, decontaminate=None
 
     def missing(name: str) -> bool:
         return (any(f"{m}:{s}:{it.id}" not in done for m, s in plan if m == name for it in items)
-                or any(k not in bench_done for k in benchmarks.wanted_keys(cfg.benchmarks, bench_items, [name])))
+                or any(k not in bench_done for k in keys_of[name]))
 
     threads = _set_threads(cfg.num_threads)
     try:

@@ -23,21 +23,20 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from katdata import card, export_arrow, export_spans, kat_bulk, output_paths, review_routing
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
-from katdata.export_write import Background, SplitWriter, data_glob
+from katdata.export_write import Background, Format, SplitWriter, data_glob
 from katdata.errors import EngineError, InputError, KatdataError, require
 from katdata.stage import Stage
 from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-Format = Literal["hf", "trl", "llamafactory"]
 SPLITS = ("train", "test")
 
 
@@ -138,16 +137,15 @@ def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int
 # ---------------------------------------------------------------- writing (katdata.export_write)
 
 def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None,
-                   reader: Optional[export_spans.Reader] = None, counted: Optional[dict] = None) -> dict:
-    """Pass 1 (rows per stratum; ``counted``: its rows per span as the hold-back scan counted them, all ("all")
-    and without the waiting ids ("held", None when the scan could not tell)), pass 2 (split and write), the card."""
+                   reader: Optional[export_spans.Reader] = None, per_span: Optional[list[Counter]] = None) -> dict:
+    """Pass 1 (rows per stratum; ``per_span``: its rows per span as the hold-back scan counted them, None: read
+    them here), pass 2 (split and write), the card."""
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
     skip = waits if cfg.require_review else frozenset()
     export_arrow._check(src)
     reader = reader or export_spans.Reader(src, workers=1)
     counts: Counter = Counter()
     starts = [0]  # kept records before each span
-    per_span = (counted or {}).get("held" if skip else "all")
     for part in (per_span if per_span is not None else reader.map(export_spans.count_span, skip)):
         counts.update(part)
         starts.append(starts[-1] + sum(part.values()))
@@ -230,16 +228,16 @@ def _id(tables: list, i: int) -> str:
     return "?"
 
 
-def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path,
-             policy: review_routing.ReviewConfig) -> tuple[set[str], Optional[dict]]:
-    """review_routing.waiting, and pass 1's rows per span where the same read gave them ({"all": ..., "held": ...
-    without the waiting ids, or None}): with the vote's flag alone (no blocking rules), the flagged ids and the
-    strata, read span by span (bad rows fail here)."""
+def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path, policy: review_routing.ReviewConfig,
+             held_back: bool) -> tuple[set[str], Optional[list[Counter]]]:
+    """review_routing.waiting, and pass 1's rows per span where the same read gave them (without the waiting ids
+    when ``held_back``; None when the scan could not tell): with the vote's flag alone (no blocking rules), the
+    flagged ids and the strata, read span by span (bad rows fail here)."""
     if policy.blocking:
         return review_routing.waiting(run_dir, src, policy), None
     scans = list(reader.map(export_spans.flag_count_span))
     waits = set().union(*(s.flags for s in scans))
-    return waits, {"all": [s.all for s in scans], "held": export_spans.held_counts(scans, waits)}
+    return waits, export_spans.held_counts(scans, waits) if held_back else [s.all for s in scans]
 
 
 def _review_note(waits: int, required: bool) -> str:
@@ -308,9 +306,10 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
         # the records the review policy (the recipe's review: section, its defaults without one) holds back
         reader = export_spans.Reader(src)  # worker processes for a large file
         with kat_bulk.gc_paused():
-            waits, counted = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig())
+            waits, per_span = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig(),
+                                       cfg.require_review)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, counted)
+            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, per_span)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
         output_paths.honour_umask(tmp)  # mkdtemp made it 0700
         reader.close()

@@ -82,18 +82,18 @@ class Background:
 
 
 class SplitWriter:
-    """Parquet shards of one split: tables buffered, written as row groups of ``batch_rows`` rows (by
-    ``background``, when given, else here)."""
+    """Parquet shards of one split: tables buffered, written as row groups of ``batch_rows`` rows by
+    ``background``."""
 
     def __init__(self, root: Path, fmt: Format, split: str, total: int, schema, shard_rows: int, batch_rows: int,
-                 background: Optional[Background] = None):
+                 background: Background):
         self.root, self.fmt, self.split, self.schema = root, fmt, split, schema
         self.shard_rows, self.batch_rows = shard_rows, batch_rows
         self.n_shards = max(1, math.ceil(total / shard_rows))
         self.buf: list = []
         self.buffered, self.shard, self.in_shard, self.rows, self.nbytes = 0, 0, 0, 0, 0
         self.writer = None
-        self.background = background or Background(inline=True)
+        self.background = background
 
     def _room(self) -> int:
         return min(self.batch_rows, self.shard_rows - self.in_shard)

@@ -46,9 +46,7 @@ def check_quantization(settings: LoadSettings, section: str) -> None:
 
 
 def device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if dtypes.on_gpu() else "cpu"
 
 
 def load(path: str | Path, settings: LoadSettings, section: str, **kw):
@@ -96,26 +94,32 @@ def sharded_over() -> int:
 
     if device() != "cuda":
         return 1
-
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
         os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
     return int(os.environ.get("WORLD_SIZE", "1")) if fsdp or zero3 else 1
 
 
-def planned(cfg, model_path, stage: str):
-    """The memory plan (katdata.memory_plan) of ``stage`` with ``cfg`` on ``model_path`` and the devices present,
-    checked: a setup that cannot fit stops here, in one line, before any weight loads. None (logged) when the model
-    has no local config.json to plan from (a hub id not downloaded yet)."""
+def plan(cfg, model_path, stage: str):
+    """The memory plan (katdata.memory_plan) of ``stage`` ("train" or "rl") with ``cfg`` on ``model_path`` and the
+    devices present (FSDP / ZeRO-3 shards counted)."""
     from katdata import memory_plan
 
     make = memory_plan.plan_for_train if stage == "train" else memory_plan.plan_for_rl
+    return make(cfg, model_path, shards=sharded_over())
+
+
+def planned(cfg, model_path, stage: str):
+    """:func:`plan`, checked: a setup that cannot fit stops here, in one line, before any weight loads. None (logged)
+    when the model cannot be planned (no local config.json yet, as for a hub id not downloaded, or a layout the
+    plan does not know)."""
+    from katdata import memory_plan
+
     try:
-        memory_plan.read_config(model_path)
+        found = plan(cfg, model_path, stage)
     except KatdataError as exc:
         log.warning("%s: %s; going on without a memory plan", stage, exc)
         return None
-    plan = make(cfg, model_path, shards=sharded_over())
-    memory_plan.check(plan)
-    log.info("%s: memory plan %.1f GiB of %.1f GiB a device", stage, plan.total / 2**30, plan.devices.memory / 2**30)
-    return plan
+    memory_plan.check(found)
+    log.info("%s: memory plan %.1f GiB of %.1f GiB a device", stage, found.total / 2**30, found.devices.memory / 2**30)
+    return found

@@ -204,16 +204,23 @@ def _last_checkpoint(ckpt: Path) -> Optional[str]:
     return last(ckpt)
 
 
+def _weights(cfg: RLConfig, run_dir: Path):
+    """The model whose weights load: a merged policy itself, else the base the SFT adapter goes on."""
+    from katdata.model import resolve
+
+    policy = _policy(cfg, run_dir)
+    return policy if not (policy / "adapter_config.json").is_file() else resolve(_base_model(cfg, run_dir))
+
+
 def _load_policy(cfg: RLConfig, run_dir: Path, torch, transformers, peft):
     """(model, tokenizer, lora config or None, how the base loaded): the SFT adapter made trainable, or a merged
     model for a new LoRA."""
     from katdata import model_load
-    from katdata.model import resolve
 
     policy = _policy(cfg, run_dir)
     tok = transformers.AutoTokenizer.from_pretrained(policy)
     if (policy / "adapter_config.json").is_file():
-        base, loaded = model_load.load(resolve(_base_model(cfg, run_dir)), cfg, "rl")
+        base, loaded = model_load.load(_weights(cfg, run_dir), cfg, "rl")
         if len(tok) > base.get_input_embeddings().weight.shape[0]:  # an adapter trained with marker tokens
             base.resize_token_embeddings(len(tok))
         return peft.PeftModel.from_pretrained(base, str(policy), is_trainable=True), tok, None, loaded
@@ -257,10 +264,7 @@ def run(cfg: RLConfig, run_dir: Path, engine=None) -> dict:
     datasets = require("datasets", "local")
     from katdata.verify import Verifier
 
-    from katdata.model import resolve
-
-    policy = _policy(cfg, run_dir)  # a merged policy is planned as it is, an adapter on its base
-    plan = model_load.planned(cfg, policy if (policy / "config.json").is_file() else resolve(_base_model(cfg, run_dir)), "rl")
+    plan = model_load.planned(cfg, _weights(cfg, run_dir), "rl")
     model, tok, lora, loaded = _load_policy(cfg, run_dir, torch, transformers, peft)
     tok.pad_token = tok.pad_token or tok.eos_token
     eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if i is not None and i >= 0]

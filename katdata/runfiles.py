@@ -71,6 +71,12 @@ def repair_tail(path: Path) -> None:
         f.truncate(0)
 
 
+def row_line(row: BaseModel | dict[str, Any]) -> str:
+    """A row's line in a run file (without the newline): its JSON, non-ASCII kept as it is."""
+    data = row.model_dump(mode="json") if isinstance(row, BaseModel) else row
+    return json.dumps(data, ensure_ascii=False)
+
+
 class RowWriter:
     """Append rows to a JSONL file, flushing each one; ``fsync=True`` also syncs it to disk."""
 
@@ -82,8 +88,7 @@ class RowWriter:
         self._fsync = fsync
 
     def write(self, row: BaseModel | dict[str, Any]) -> None:
-        data = row.model_dump(mode="json") if isinstance(row, BaseModel) else row
-        self._f.write(json.dumps(data, ensure_ascii=False) + "\n")
+        self._f.write(row_line(row) + "\n")
         self._f.flush()
         if self._fsync:
             os.fsync(self._f.fileno())

@@ -403,11 +403,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(cfg: TrainConfig) -> int:
-    from katdata.memory_plan import format_plan, plan_for_train
+    from katdata.memory_plan import format_plan
     from katdata.model import resolve
-    from katdata.model_load import sharded_over
+    from katdata.model_load import plan
 
-    print(format_plan(plan_for_train(cfg, resolve(cfg.model), shards=sharded_over())))
+    print(format_plan(plan(cfg, resolve(cfg.model), "train")))
     return 0
 
 
