@@ -122,11 +122,12 @@ def _export_phases(ph: Phases) -> None:
 
     export_spans.MAX_WORKERS = 1
     ph.wrap(export_arrow, "count_lines", "read")
-    ph.wrap(export_arrow, "key_pairs", "read")
+    ph.wrap(export_arrow, "key_columns", "read")
     ph.wrap(export_arrow, "decode_block", "read")
     ph.wrap(export, "_waiting", "route/hold back")
     ph.wrap(export_columns.Batch, "table", "render")
     ph.wrap(card.CardStats, "add_table", "write")
+    ph.wrap(card.CardStats, "finish", "write")
     ph.wrap(export_write.SplitWriter, "add", "write")
     ph.wrap(export_write.SplitWriter, "close", "write")
     ph.wrap(export_write.Background, "close", "write")
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=["assemble", "export"], help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default 1)")
+    p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default: one per CPU, "
+                   "at most 4, for files of 48 spans (about 200 MB) or more)")
     p.add_argument("--phases", action="store_true", help="time each phase (read, route/hold back, render, "
                    "parse-check, write) in a second run of each step")
     a = p.parse_args(argv)

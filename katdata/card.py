@@ -20,6 +20,7 @@ import pydantic_core
 import yaml
 
 from katdata import balance, card_training
+from katdata.card_stats import BY, CardStats  # noqa: F401  (CardStats re-exported: the card's counters)
 from katdata.errors import InputError, require
 from katdata.records import Attempt, Change, KatRecord
 from katdata.redact import redact
@@ -29,7 +30,6 @@ from katdata.sources import licence as source_licence  # the one table of packag
 from katdata.run_folder import RunFolder
 
 PLOT = "think_on_by_difficulty.png"
-BY = ("domain", "difficulty", "task_type", "kind", "source")
 
 
 TAG_TYPES = {"domain": "string", "task_type": "string", "difficulty": "int32", "needs_reasoning": "bool",
@@ -146,85 +146,6 @@ def llamafactory_info(tmp: Path, splits: dict) -> None:
     info = {f"katdata_{s}": {"file_name": f"data/{s}", "formatting": "sharegpt",
                              "columns": {"messages": "messages"}, "tags": tags} for s in splits}
     (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
-class CardStats:
-    """Counters over the exported records, filled a batch (pyarrow Table) at a time."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.splits: Counter = Counter()
-        self.modes: Counter = Counter()
-        self.label_sources: Counter = Counter()
-        self.content_sources: Counter = Counter()
-        self.by: dict[str, dict[str, Counter]] = {k: defaultdict(Counter) for k in BY}
-        self.margins: Counter = Counter()  # margin rounded to 0.1
-        self.margin_sum, self.voted = 0.0, 0
-        self.p_sum, self.p_n = {"on": 0.0, "off": 0.0}, {"on": 0, "off": 0}
-        self.explored, self.flagged, self.reviewed = 0, 0, 0
-        self.changed_fields: Counter = Counter()
-        self.models: Counter = Counter()
-        self.chars = {"on": 0, "off": 0}
-        self.languages: Counter = Counter()
-        self.plotted = False
-        self.review_note: str | None = None  # set by export: records held back for review
-
-    def add_table(self, t, test) -> None:
-        """Count one batch: ``t`` in the hf layout (a pyarrow Table), ``test`` its test-split mask."""
-        import pyarrow.compute as pc
-
-        def col(path: str):
-            head, *rest = path.split(".")
-            c = t.column(head).combine_chunks()
-            for name in rest:
-                c = pc.struct_field(c, name)
-            return c
-
-        def group(*cols) -> list[tuple]:
-            import pyarrow as pa
-
-            names = [f"c{i}" for i in range(len(cols))]
-            g = pa.table(dict(zip(names, cols))).group_by(names, use_threads=False).aggregate([([], "count_all")])
-            return list(zip(*(g.column(c).to_pylist() for c in names), g.column("count_all").to_pylist()))
-
-        n = t.num_rows
-        n_test = pc.sum(test).as_py() or 0
-        self.n += n
-        self.splits.update({"train": n - n_test, "test": n_test})
-        mode = col("mode")
-        for m, length, c in group(mode, pc.utf8_length(col("response"))):
-            self.modes[m] += c
-            self.chars[m] += length * c
-        for key, path in (("domain", "tags.domain"), ("difficulty", "tags.difficulty"), ("task_type", "tags.task_type"),
-                          ("kind", "kind"), ("source", "provenance.source")):
-            for v, m, c in group(col(path), mode):
-                self.by[key][str(v) if v is not None else "-"][m] += c
-        for key, counter in (("label_source", self.label_sources), ("content_source", self.content_sources)):
-            for v, c in group(col(key)):
-                counter[v or "-"] += c
-        for lang, c in group(col("tags.language")):
-            if lang is not None:
-                self.languages[lang] += c
-        margin = col("vote.margin")
-        voted = pc.is_valid(margin)
-        self.voted += pc.sum(voted).as_py() or 0
-        self.margin_sum += pc.sum(margin).as_py() or 0.0
-        for m, c in group(pc.round(margin, 1)):
-            if m is not None:
-                self.margins[m + 0.0] += c
-        for m in ("on", "off"):
-            p = col(f"vote.p_{m}")
-            self.p_sum[m] += pc.sum(p).as_py() or 0.0
-            self.p_n[m] += pc.sum(pc.is_valid(p)).as_py() or 0
-        self.explored += pc.sum(pc.fill_null(col("vote.explored"), False)).as_py() or 0
-        self.flagged += pc.sum(pc.fill_null(col("vote.review"), False)).as_py() or 0
-        changes = col("provenance.changes")
-        self.reviewed += pc.sum(pc.greater(pc.list_value_length(changes), 0)).as_py() or 0
-        for f, c in group(pc.struct_field(pc.list_flatten(changes), "field")):
-            self.changed_fields[f] += c
-        models = pc.list_flatten(col("provenance.models"))
-        for r, m, c in group(pc.struct_field(models, "role"), pc.struct_field(models, "model")):
-            self.models[(r, m)] += c
 
 
 def _pct(a: float, b: float) -> str:
@@ -468,6 +389,7 @@ def write_card(folder: Path, run_dir: Path, src: Path, stats: CardStats, splits:
     (secrets redacted, as recipe.yaml holds it) the export ran under, shown in the card."""
     if cfg.pretty_name is None:
         cfg = cfg.model_copy(update={"pretty_name": f"katdata {Path(run_dir).resolve().name}"})
+    stats.finish()
     stats.plotted = cfg.plot and plot(stats, folder / PLOT)
     card_training.write_template(folder)  # chat_template.jinja, which the card's "Train on this" uses
     from katdata.calibrate import copy_plot

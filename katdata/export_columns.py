@@ -6,20 +6,40 @@ from __future__ import annotations
 from operator import attrgetter, itemgetter
 from typing import Optional
 
+import msgspec
+import pydantic_core
+
 from katdata import card
 from katdata.records import Change
+
+_PARTS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def dumps_many(values: list) -> list:
+    """`card.dumps` of each value (as UTF-8 bytes; None stays None), in one serializer call: pydantic-core's
+    JSON of the list, cut back into its elements by msgspec (each element is the value's own JSON)."""
+    try:
+        parts = _PARTS.decode(pydantic_core.to_json(values))
+    except Exception:  # noqa: BLE001  (what the list cannot do: value by value, with card.dumps' own errors)
+        return [None if v is None else card.dumps(v).encode() for v in values]
+    return [None if v is None else bytes(p) for v, p in zip(values, parts)]
 
 
 def _provenance(prov: dict) -> tuple[Optional[str], dict, Optional[str]]:
     """(source, models {role: model}, extra JSON) of a provenance dict; anything else goes to extra."""
+    source, models, rest = _provenance_parts(prov)
+    return source, models, (card.dumps(rest) if rest is not None else None)
+
+
+def _provenance_parts(prov: dict) -> tuple[Optional[str], dict, Optional[dict]]:
+    """(source, models, the rest of the dict or None when nothing is left) of a provenance dict."""
     source, models = prov.get("source"), prov.get("models")
     src_ok = type(source) is str
     mod_ok = type(models) is dict and bool(models) and all(type(k) is str and type(v) is str for k, v in models.items())
     typed = (source if src_ok else None), (models if mod_ok else {})
     if len(prov) == src_ok + mod_ok:
         return (*typed, None)
-    rest = {k: v for k, v in prov.items() if not (k == "source" and src_ok or k == "models" and mod_ok)}
-    return (*typed, card.dumps(rest))
+    return (*typed, {k: v for k, v in prov.items() if not (k == "source" and src_ok or k == "models" and mod_ok)})
 
 
 def _change(c: Change) -> tuple:
@@ -69,10 +89,7 @@ def _struct_columns(dicts: list[dict], types: dict[str, str], typ):
     sigs = set(map(tuple, dicts))
     if len(sigs) == 1:
         return _one_signature(dicts, next(iter(sigs)), types, typ)
-    extra: list = [None] * len(dicts)
-    for i in [i for i, d in enumerate(dicts) if not d.keys() <= keys]:
-        d = dicts[i]
-        extra[i] = card.dumps({k: v for k, v in d.items() if k not in types})
+    extra = dumps_many([None if d.keys() <= keys else {k: v for k, v in d.items() if k not in types} for d in dicts])
     arrays = []
     try:
         for f in typ:
@@ -97,8 +114,11 @@ def _one_signature(dicts: list[dict], sig: tuple, types: dict[str, str], typ):
     n = len(dicts)
     values = {k: list(map(itemgetter(k), dicts)) for k in sig if k in types}  # the typed keys' columns
     untyped = [k for k in sig if k not in types]
-    if untyped:
-        extra = [card.dumps({k: d[k] for k in untyped}) for d in dicts]
+    if len(untyped) == 1:
+        k = untyped[0]
+        extra = dumps_many([{k: v} for v in map(itemgetter(k), dicts)])
+    elif untyped:
+        extra = dumps_many([{k: d[k] for k in untyped} for d in dicts])
     else:
         extra = None
     arrays = []
@@ -186,25 +206,31 @@ class Batch:
         self.test += test
         self.recs += recs
 
-    def _messages(self, typ, cols: dict):
-        system, query, response = cols["system"], cols["query"], cols["response"]
-        if any(system):
-            roles: list = []
-            contents: list = []
-            offsets = [0]
-            for s, q, r in zip(system, query, response):
-                if s:
-                    roles.append("system")
-                    contents.append(s)
-                roles += ("user", "assistant")
-                contents += (q, r)
-                offsets.append(len(roles))
-        else:  # no system prompt in this batch: user, assistant per row
-            roles = ["user", "assistant"] * len(query)
-            contents = [None] * (2 * len(query))
-            contents[::2], contents[1::2] = query, response
-            offsets = list(range(0, 2 * len(query) + 1, 2))
-        return _list_array(offsets, {"role": roles, "content": contents}, typ)
+    @staticmethod
+    def _messages(typ, system: list, texts: dict):
+        """The chat column: [system,] user, assistant per row, taken from the built query/response (and system)
+        string arrays by index (no string is converted twice); a system message where the system prompt is
+        non-empty."""
+        import numpy as np
+        import pyarrow as pa
+
+        n = len(system)
+        has = np.fromiter(map(bool, system), bool, n)
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(2 + has, out=offsets[1:])
+        first, rows = offsets[:-1], np.arange(n)
+        index = np.empty(offsets[-1], np.int64)  # into [system..., query..., response...]
+        role = np.empty(offsets[-1], np.int8)  # into (system, user, assistant)
+        with_system = np.flatnonzero(has)
+        index[first[with_system]], role[first[with_system]] = with_system, 0
+        user = first + has
+        index[user], role[user] = n + rows, 1
+        index[user + 1], role[user + 1] = 2 * n + rows, 2
+        st = typ.value_type
+        contents = pa.concat_arrays([texts["system"], texts["query"], texts["response"]]).take(pa.array(index))
+        roles = pa.array(["system", "user", "assistant"], st.field("role").type).take(pa.array(role))
+        values = pa.StructArray.from_arrays([roles, contents], fields=list(st))
+        return pa.ListArray.from_arrays(pa.array(offsets), values, type=typ)
 
     def _provenance(self, typ):
         import pyarrow as pa
@@ -215,16 +241,17 @@ class Batch:
             source, models, model_offsets = fast
             extra = [None] * len(provs)
         else:
-            source, extra = [], []
+            source, rest = [], []
             models, model_offsets = {"role": [], "model": []}, [0]
             for p in provs:
-                s, mods, x = _provenance(p)
+                s, mods, x = _provenance_parts(p)
                 source.append(s)
-                extra.append(x)
+                rest.append(x)
                 if mods:
                     models["role"] += mods.keys()
                     models["model"] += mods.values()
                 model_offsets.append(len(models["role"]))
+            extra = dumps_many(rest)
         changes, change_offsets = {k: [] for k in ("field", "old", "new", "annotator", "at")}, [0]
         if any(r.changes for r in self.recs):
             for r in self.recs:
@@ -242,15 +269,17 @@ class Batch:
     def table(self, schema):
         import pyarrow as pa
 
-        flat = [f.name for f in schema if f.name in self.FLAT]
-        need = list(dict.fromkeys(flat + ["system", "query", "response"]))
-        cols = {k: list(map(attrgetter(k), self.recs)) for k in need}  # a C-level pass per column
+        types = {f.name: f.type for f in schema if f.name in self.FLAT}
+        for k in ("system", "query", "response"):  # the messages' texts
+            types.setdefault(k, pa.string())
+        cols = {k: list(map(attrgetter(k), self.recs)) for k in types}  # a C-level pass per column
+        texts = {k: pa.array(v, type=types[k]) for k, v in cols.items()}
         arrays = []
         for f in schema:
             if f.name in self.FLAT:
-                arrays.append(pa.array(cols[f.name], type=f.type))
+                arrays.append(texts[f.name])
             elif f.name == "messages":
-                arrays.append(self._messages(f.type, cols))
+                arrays.append(self._messages(f.type, cols["system"], texts))
             elif f.name in ("tags", "vote"):
                 types = card.TAG_TYPES if f.name == "tags" else card.VOTE_TYPES
                 dicts = list(map(attrgetter(f.name), self.recs))

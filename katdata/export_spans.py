@@ -3,8 +3,9 @@
 Each of the three reads of the records file (the hold-back flags, pass 1's rows per stratum, pass 2's
 typed records and their hf columns) is done per span: `spans` cuts the file at line ends every
 ``BLOCK`` bytes, a span's work is a plain function of its bytes, and the results are taken in file order.
-Large files can go to a pool of spawned processes (one per CPU, at most ``MAX_WORKERS``, a few spans
-in flight so memory stays flat); small ones, and all by default, are read in this process. Either way
+Large files go to a pool of spawned processes (one per CPU, at most ``MAX_WORKERS``, a few spans
+in flight so memory stays flat; they run without the cyclic garbage collector, as export's loop does); small
+ones are read in this process. Either way
 the results, and so the exported bytes, are the same. A bad line is reported by the first span that holds one, with
 its line number in the file.
 """
@@ -15,6 +16,8 @@ import logging
 import os
 import zlib
 from collections import Counter, deque
+from itertools import repeat
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,10 +27,10 @@ from katdata.errors import InputError
 log = logging.getLogger(__name__)
 
 BLOCK = export_arrow.BLOCK
-# worker processes at most (KATDATA_EXPORT_WORKERS; default 1: on the shared 2-core machine the pool's start-up and
-# transfers cost more than it won, see bench/export_scale.py --workers)
-MAX_WORKERS = int(os.environ.get("KATDATA_EXPORT_WORKERS", "1") or 1)
-MIN_SPANS = 8  # fewer spans than this: no worker processes (starting them costs more)
+# worker processes at most (KATDATA_EXPORT_WORKERS; 1: all in this process). Measured on the 2-core machine (issue 29,
+# bench/export_scale.py --workers): 2 workers export 1M records 15-20% faster than none, 100k no faster (start-up)
+MAX_WORKERS = int(os.environ.get("KATDATA_EXPORT_WORKERS", "4") or 1)
+MIN_SPANS = 48  # fewer spans than this (about 200 MB): no worker processes (starting them costs more than they win)
 IN_FLIGHT = 2  # spans submitted ahead per worker
 
 
@@ -110,7 +113,7 @@ def _tables(path: Path, lines: list[bytes], skip, schema, start: int, size: int)
     recs = export_arrow.decode_block(path, 1, lines)
     if skip:
         recs = [r for r in recs if r.id not in skip]
-    strata = [f"{r.mode}|{d if (d := r.tags.get('domain')) is not None else 'unknown'}" for r in recs]
+    strata = _strata(recs)
     tables, i = [], 0
     while i < len(recs):
         j = min(len(recs), i + size - (start + i) % size)
@@ -121,20 +124,33 @@ def _tables(path: Path, lines: list[bytes], skip, schema, start: int, size: int)
     return strata, tables
 
 
+def _strata(recs: list) -> list[str]:
+    """Each record's stratum ("mode|domain"), each distinct (mode, domain) spelled once."""
+    both = list(zip(map(_MODE, recs), map(dict.get, map(_TAGS, recs), repeat("domain"))))
+    try:
+        names = {md: f"{md[0]}|{md[1] if md[1] is not None else 'unknown'}" for md in set(both)}
+    except TypeError:  # an unhashable domain: spelled row by row
+        return [f"{m}|{d if d is not None else 'unknown'}" for m, d in both]
+    return list(map(names.__getitem__, both))
+
+
+_MODE, _TAGS = attrgetter("mode"), attrgetter("tags")
+
+
 class Scan:
     """What the hold-back scan and pass 1 take from one span in one read: its flagged ids, its rows per stratum
     (all, and without the rows whose id it flagged itself), how many rows that leaves out, and the hashes of
     its string ids (to see at the end whether any row shares an id another span flagged)."""
 
-    def __init__(self, flags: set[str], pairs: list):
+    def __init__(self, flags: set[str], ids: list, strata: list[str]):
         self.flags = flags
-        self.all = Counter(s for _, s in pairs)
+        self.all = Counter(strata)
         if flags:
-            kept = [p for p in pairs if not (isinstance(p[0], str) and p[0] in flags)]
-            self.held, self.skipped = Counter(s for _, s in kept), len(pairs) - len(kept)
+            kept = [s for i, s in zip(ids, strata) if not (isinstance(i, str) and i in flags)]
+            self.held, self.skipped = Counter(kept), len(strata) - len(kept)
         else:
             self.held, self.skipped = self.all, 0
-        self.hashes = stable_hashes([i for i, _ in pairs if isinstance(i, str)])
+        self.hashes = stable_hashes(ids if set(map(type, ids)) <= {str} else [i for i in ids if isinstance(i, str)])
 
 
 def stable_hashes(ids):
@@ -142,21 +158,21 @@ def stable_hashes(ids):
     process, and the spans may be read in worker processes)."""
     import numpy as np
 
-    raw = list(map(_utf8_bytes, ids))
+    raw = list(map(_UTF8, ids))
     crc = np.fromiter(map(zlib.crc32, raw), np.uint64, len(raw))
     adler = np.fromiter(map(zlib.adler32, raw), np.uint64, len(raw))
     return (crc << np.uint64(32)) | adler
 
 
-def _utf8_bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
+_UTF8 = methodcaller("encode", "utf-8", "surrogatepass")
 
 
 def flag_count_span(path: str, off: int, length: int):
     """The hold-back scan and pass 1 in one read of a span (a `Scan`)."""
     block, lines = _block(path, off, length)
     try:
-        return len(lines), Scan(_flags(Path(path), lines, block), export_arrow.key_pairs(Path(path), 1, block, lines))
+        keys = export_arrow.key_columns(Path(path), 1, block, lines)
+        return len(lines), Scan(_flags(Path(path), lines, block), *keys)
     except InputError as exc:
         return len(lines), _Failed(exc)
 
@@ -190,6 +206,14 @@ def table_span(path: str, off: int, length: int, skip, schema, start: int, size:
     return _run(_tables, path, off, length, skip, schema, start, size)
 
 
+def _worker_start() -> None:
+    """A worker process runs without the cyclic garbage collector, as export's own loop does (kat_bulk.gc_paused:
+    the decoded rows hold no cycles)."""
+    import gc
+
+    gc.disable()
+
+
 class Reader:
     """The spans of one file, mapped through a span function in order, by a process pool or here."""
 
@@ -202,7 +226,8 @@ class Reader:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_start)
             self.ahead = IN_FLIGHT * n
             log.debug("reading %s in %d spans with %d worker processes", self.path, len(self.spans), n)
 

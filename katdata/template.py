@@ -87,7 +87,7 @@ def render(mode: Mode, judge: str, answer: str, think: Optional[str] = None) -> 
     for name, value in fields.items():
         if not value or not value.strip():
             raise TemplateError(f"{name} is empty")
-        marker = next((m for m in MARKERS if m in value), None)
+        marker = "<" in value and next((m for m in MARKERS if m in value), None)  # every marker starts with "<"
         if marker:
             raise TemplateError(f"{name} contains the marker {marker}")
     head = f"{JUDGE_OPEN}\n{judge}\n{JUDGE_CLOSE}\n\n"
