@@ -7,8 +7,8 @@ For each count (default 100,000 and 1,000,000), in fresh processes side by side:
 Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints records/s and
 peak RSS per step and count, and the ratios between the largest and smallest count.
 Goal (issue 8): export >= 20,000 records/s, peak RSS flat as the count grows (issue 29: export
->= 100,000, assemble >= 50,000 at 1M). Each rate is also given as a ratio to the last recorded figures
-(REFERENCE below; REFERENCE_CPU for records per CPU-second, the steadier figure on a shared machine).
+>= 100,000, assemble >= 50,000 at 1M). Each rate is also given as a ratio to the last committed figures
+(the table of docs/export_speed.md; records per CPU-second is the steadier figure on a shared machine).
 --phases reruns each step instrumented and prints seconds, records/s and share per phase: read,
 route/hold back, render, parse-check, write (and other: imports, the split loop). Export
 reads large files in worker processes (katdata.export_spans): records/CPU-s counts theirs too, and
@@ -170,17 +170,22 @@ def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
     return out
 
 
-# The last recorded figures (records/s, wall, this 2-core machine): docs and README give none, so these are
-# issue 29's (the turn the regression was found). A ratio below 1 is slower than then.
-REFERENCE = {("assemble", 1_000_000): 24_491, ("export", 1_000_000): 15_197, ("export", 100_000): 12_839}
-REFERENCE_NOTE = "issue 29's figures"
-# Records per CPU-second (the step's process, its threads and worker processes), which a busy machine bends less
-# than wall time: the last recorded figures, after issue 29's first changes, on an idle 2-core machine (load average
-# 0.2 at the start; 2026-12-06). The same run's wall figures: assemble 22,903 / 27,940 records/s and export 16,542 /
-# 26,468 records/s at 100k / 1M. Before those changes, side by side on the same records: assemble 25,000 and export
-# 24,000 per CPU-second at 1M (on a busy machine).
-REFERENCE_CPU = {("assemble", 100_000): 23_370, ("export", 100_000): 15_705,
-                 ("assemble", 1_000_000): 28_433, ("export", 1_000_000): 23_433}
+# The last committed figures: the table of docs/export_speed.md (records/s wall and per CPU-second, the step's process,
+# its threads and worker processes: the steadier figure on a shared machine). A ratio below 1 is slower than then.
+DOC = Path(__file__).resolve().parents[1] / "docs" / "export_speed.md"
+ISSUE_29 = {("assemble", 1_000_000): 24_491, ("export", 1_000_000): 15_197, ("export", 100_000): 12_839}  # its figures
+
+
+def committed(doc: Path = DOC) -> tuple[dict, dict]:
+    """(records/s, records/CPU-s) per (step, count), from the doc's rows "| step | count | rate | cpu rate | ..."."""
+    wall, cpu = {}, {}
+    for m in re.finditer(r"^\| (assemble|export) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|", doc.read_text("utf-8")
+                         if doc.is_file() else "", re.M):
+        key = (m[1], int(m[2].replace(",", "")))
+        wall[key], cpu[key] = int(m[3].replace(",", "")), int(m[4].replace(",", ""))
+    return wall, cpu
+
+
 GOALS = {"assemble": 50_000, "export": 100_000}  # issue 29, records/s at the largest count
 
 
@@ -228,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             for step in ("assemble", "export"):
                 r = measure(step, run, n)
                 results.append(r)
-                ref = REFERENCE.get((step, n))
-                vs = f"  x{r['rate'] / ref:.2f} vs {ref:,d} ({REFERENCE_NOTE})" if ref else ""
-                ref_cpu = REFERENCE_CPU.get((step, n))
-                vs += f"  x{r['cpu_rate'] / ref_cpu:.2f} per CPU-s vs {ref_cpu:,d} (last recorded)" if ref_cpu else ""
+                ref, ref_cpu = (table.get((step, n)) for table in committed())
+                vs = f"  x{r['rate'] / ref:.2f} vs {ref:,d} (docs)" if ref else ""
+                vs += f"  x{r['cpu_rate'] / ref_cpu:.2f} per CPU-s vs {ref_cpu:,d} (docs)" if ref_cpu else ""
+                first = ISSUE_29.get((step, n))
+                vs += f"  x{r['rate'] / first:.2f} vs {first:,d} (issue 29)" if first else ""
                 kids = f" (+ workers {r['worker_rss_mb']:.0f} MB each)" if r.get("worker_rss_mb") else ""
                 print(f"{step:8s} n={n:>9,d}  {r['seconds']:7.1f} s  {r['rate']:9,.0f} records/s  "
                       f"({r['cpu_rate']:9,.0f} records/CPU-s)  peak RSS {r['peak_rss_mb']:7.1f} MB{kids}{vs}",
