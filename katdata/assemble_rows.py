@@ -22,6 +22,9 @@ thread instead won nothing measurable on the shared 2-core machine: the serializ
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
+from itertools import accumulate
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,13 @@ log = logging.getLogger(__name__)
 
 # where pydantic-core may spell a float otherwise than Python's repr does (or could, for all we check)
 # (checked with every digit made 0: bytes.translate and `in` are far quicker than a regular expression here)
-DIGITS = bytes.maketrans(b"123456789", b"000000000")
+DIGITS = bytes.maketrans(b"123456789E", b"000000000e")  # (and E as e: one pattern fewer to look for)
 # a KatRecord's fields before tags are strings or null: numbers can only stand after this key (the first
 # time it occurs: no earlier value is an object, and a quote after a comma is no escaped one inside a string)
 TAIL = b',"tags":'
 
 
-PATTERNS = (b"0e", b"0E", b"0.0000", b"0000000000000000")
+PATTERNS = (b"0e", b"0.0000", b"0000000000000000")  # 0e: a digit, then e or E
 
 
 def risky(raw: bytes) -> bool:
@@ -70,10 +73,12 @@ def line(row: BaseModel | dict[str, Any]) -> bytes:
 
 
 _PARTS = msgspec.json.Decoder(list[msgspec.Raw])
+_SEP = 2  # the formatter's ", " between the list's elements
 
 
-def lines(rows: list) -> list[bytes]:
-    """`line` of each row (without newlines), the models of the batch serialized at once where that is exact."""
+def lines(rows: list) -> list:
+    """`line` of each row (without newlines; bytes-like: bytes or msgspec.Raw), the models of the batch serialized
+    at once where that is exact."""
     if not rows or not all(isinstance(r, BaseModel) for r in rows):
         return list(map(line, rows))
     try:
@@ -81,14 +86,32 @@ def lines(rows: list) -> list[bytes]:
         parts = _PARTS.decode(text)
     except Exception:  # noqa: BLE001  (what the batch cannot do: row by row, each row's own path and errors)
         return list(map(line, rows))
-    if len(parts) != len(rows):
+    sizes = list(map(len, parts))
+    if len(parts) != len(rows) or len(text) != 2 + sum(sizes) + _SEP * (len(rows) - 1):
         return list(map(line, rows))
-    out = list(map(bytes, parts))
-    tails = [t[max(0, t.find(_TAIL_FORMATTED)):] if type(r) is KatRecord else t for t, r in zip(out, rows)]
-    if risky(b"|".join(tails)):  # somewhere in the batch ("|" holds no pattern): row by row
-        for i, tail in enumerate(tails):
-            if risky(tail):
-                out[i] = slow_line(rows[i])
+    starts = list(accumulate((s + _SEP for s in sizes[:-1]), initial=1))
+    ends = list(map(add, starts, sizes))
+    tails = [text[max(s, text.find(_TAIL_FORMATTED, s, e)) if type(r) is KatRecord else s:e]
+             for s, e, r in zip(starts, ends, rows)]
+    for i in _risky_tails(tails):
+        parts[i] = slow_line(rows[i])
+    return parts
+
+
+def _risky_tails(tails: list[bytes]) -> set[int]:
+    """The indexes of the tails that are `risky`, found in one pass over them all joined by "|" (which no pattern
+    holds, so a hit lies within one tail, and every tail's hits are hits of the joined text)."""
+    z = b"|".join(tails).translate(DIGITS)
+    hits = [p for p in PATTERNS if p in z]
+    if not hits:
+        return set()
+    bounds = list(accumulate((len(t) + 1 for t in tails[:-1]), initial=0))
+    out = set()
+    for pattern in hits:
+        at = z.find(pattern)
+        while at >= 0:
+            out.add(bisect_right(bounds, at) - 1)
+            at = z.find(pattern, at + len(pattern))  # an overlapping hit lies in the same tail
     return out
 
 

@@ -131,8 +131,8 @@ def generate(backend, model: str, spec: BenchmarkConfig, its: list, max_tokens: 
     """Answer every item of one benchmark not yet done in its settings, ``spec.k`` samples each, all in one stream;
     write a row per sample as its request finishes. Returns the rows written."""
     from katdata.backends.base import Job, Request, SamplingParams
-    from katdata.eval_items import prefix
-    from katdata.template import STOP_STRINGS
+    from katdata.eval_items import prefix, verdict
+    from katdata.template import STOP_STRINGS, parse
 
     params = SamplingParams(n=spec.k, temperature=spec.sampling_temperature, top_p=spec.top_p,
                             max_tokens=spec.max_tokens or max_tokens, stop=tuple(STOP_STRINGS), **penalties)
@@ -145,26 +145,35 @@ def generate(backend, model: str, spec: BenchmarkConfig, its: list, max_tokens: 
     written = 0
     for job, comps in backend.stream(jobs):
         (setting, it), seed = job.key, job.params.seed
-        for i, c in enumerate(comps):
+        parsed = [parse(job.request.prefix + c.text, c.finish_reason) for c in comps]
+        keys = answer_classes(verifier, it, parsed)
+        for i, (c, p, (raw, cls)) in enumerate(zip(comps, parsed, keys)):
             key = row_key(spec.name, model, setting, it.id, i)
             if key not in done:  # a kill between the k rows of a request: the rest come now, same seeds
                 writer.write(_row(key, spec, model, setting, it, i, seed + i if sampled else None,
-                                  job.request.prefix, c, verifier))
+                                  job.request.prefix, c, p, cls, verdict(verifier, it, p.answer, raw)))
                 written += 1
     return written
 
 
-def _row(key, spec, model, setting, it, sample, seed, pre, c, verifier) -> dict:
-    from katdata.eval_items import verdict
-    from katdata.template import parse
-    from katdata.verify import VerifyError
+def answer_classes(verifier, it, parsed: list) -> list[tuple]:
+    """(key, class) of each sample's answer: its verifier key, merged with an earlier sample's where the verifier
+    says they are the same answer (as the sample stage's classes: "1/2" and "0.5" vote together in maj@k);
+    (None, None) for no answer or a verifier failure."""
+    from katdata.verify import VerifyError, assign_class
 
-    p = parse(pre + c.text, c.finish_reason)
-    try:
-        answer_key = verifier.key(it.kind, p.answer, it) if p.answer is not None else None
-    except VerifyError:
-        answer_key = None
-    correct = verdict(verifier, it, p.answer)
+    seen: list[str] = []
+    out = []
+    for p in parsed:
+        try:
+            raw = verifier.key(it.kind, p.answer, it) if p.answer is not None else None
+            out.append((raw, assign_class(it.kind, raw, seen, verifier) if raw is not None else None))
+        except VerifyError:
+            out.append((None, None))
+    return out
+
+
+def _row(key, spec, model, setting, it, sample, seed, pre, c, p, answer_key, correct) -> dict:
     return {"key": key, "benchmark": spec.name, "model": model, "setting": setting, "id": it.id, "sample": sample,
             "k": spec.k, "seed": seed, "prefix": pre, "text": c.text, "finish_reason": c.finish_reason,
             "tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens, "ok": p.ok, "errors": p.errors,
@@ -172,27 +181,31 @@ def _row(key, spec, model, setting, it, sample, seed, pre, c, verifier) -> dict:
             "error": c.error}
 
 
-def training_texts(run_dir: Path) -> list[str]:
-    """The query texts the run trained on: train/split.json's train ids, read from the training data."""
-    from katdata.train_data import split_rows
-
-    return [r["query"] for r in split_rows(run_dir, "train", "it lists the training ids")]
-
-
 def contamination(name: str, its: list, texts: list[str], cfg=None) -> dict:
     """How many of a benchmark's evaluated items appear in the training queries, by the decontaminate stage's
     matcher (exact, or word n-grams over its threshold; the recipe's decontaminate settings when given)."""
-    from katdata.decontaminate import BenchmarkIndex, DecontaminateConfig, match_text
+    return contaminations({name: its}, texts, cfg)[name]
+
+
+def contaminations(its: dict[str, list], texts: list[str], cfg=None) -> dict[str, dict]:
+    """`contamination` of each benchmark of ``its`` (name: items), each training text split into words and n-grams
+    once for them all."""
+    from katdata.decontaminate import BenchmarkIndex, DecontaminateConfig, match_words, ngrams, words
 
     cfg = cfg or DecontaminateConfig()
-    index = BenchmarkIndex(name, ((it.id, it.query) for it in its), cfg.ngram)
-    found = {}
+    indexes = {name: [BenchmarkIndex(name, ((it.id, it.query) for it in items), cfg.ngram)]
+               for name, items in its.items()}
+    found: dict[str, dict] = {name: {} for name in its}
     for text in texts:
-        m = match_text(text, [index], cfg)
-        if m is not None:
-            found.setdefault(m.item_id, m.kind)
-    return {"items": len(its), "in_training": len(found), "ids": sorted(found),
-            "method": f"decontaminate matcher: exact, or {cfg.ngram}-gram share >= {cfg.threshold}"}
+        ws = words(text)
+        grams = ngrams(ws, cfg.ngram)
+        for name, index in indexes.items():
+            m = match_words(ws, grams, index, cfg)
+            if m is not None:
+                found[name].setdefault(m.item_id, m.kind)
+    method = f"decontaminate matcher: exact, or {cfg.ngram}-gram share >= {cfg.threshold}"
+    return {name: {"items": len(its[name]), "in_training": len(found[name]), "ids": sorted(found[name]),
+                   "method": method} for name in its}
 
 
 def read_rows(path: Path, keys: list[str]) -> list[dict]:
@@ -209,18 +222,18 @@ def read_rows(path: Path, keys: list[str]) -> list[dict]:
     return [rows[k] for k in keys if k in rows]
 
 
-def results(specs: list[BenchmarkConfig], its: dict[str, list], rows: list[dict], run_dir: Path,
+def results(specs: list[BenchmarkConfig], its: dict[str, list], rows: list[dict], texts: list[str],
             plot_to: Optional[Path], decontaminate=None) -> dict:
     """eval.json's ``benchmarks`` (per benchmark: its settings, the figures per model and setting, the token saving
-    and the contamination count, by ``decontaminate``'s n-gram settings when given) and ``benchmark_plot`` when
-    ``plot_to`` is a folder."""
+    and the contamination count against the training queries ``texts``, by ``decontaminate``'s n-gram settings when
+    given) and ``benchmark_plot`` when ``plot_to`` is a folder."""
     from katdata import bench_figures
 
     figs = bench_figures.figures(rows)
-    texts = training_texts(run_dir)
+    found = contaminations({s.name: its[s.name] for s in specs}, texts, decontaminate)
     out = {"benchmarks": {s.name: {"items": len(its[s.name]), "k": s.k, "temperature": s.sampling_temperature,
                                    "settings": list(s.settings), **figs.get(s.name, {}),
-                                   "contamination": contamination(s.name, its[s.name], texts, decontaminate)}
+                                   "contamination": found[s.name]}
                       for s in specs}}
     if plot_to is not None and figs:
         out["benchmark_plot"] = bench_figures.plot(figs, plot_to)

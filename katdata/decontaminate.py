@@ -272,14 +272,19 @@ def build_indexes(cfg: DecontaminateConfig) -> list[BenchmarkIndex]:
 def match_text(text: str, benchmarks: Sequence[BenchmarkIndex], cfg: DecontaminateConfig) -> Optional[Match]:
     """The match that drops a query text, or None: an exact match (first benchmark in order) before an n-gram
     match (the highest share; ties: the first benchmark)."""
-    ws = words(text)
+    return match_words(words(text), None, benchmarks, cfg)
+
+
+def match_words(ws: list[str], grams: Optional[list[str]], benchmarks: Sequence[BenchmarkIndex],
+                cfg: DecontaminateConfig) -> Optional[Match]:
+    """`match_text` of a text's `words` (``grams``: their `ngrams` with ``cfg.ngram``, when worked out already)."""
     key = " ".join(ws)
     for idx in benchmarks:
         m = idx.exact_match(key)
         if m is not None:
-            grams = len(ws) - cfg.ngram + 1
-            return Match(m.benchmark, m.item_id, "exact", 1.0, max(grams, 0), max(grams, 0))
-    grams = ngrams(ws, cfg.ngram)
+            n = len(ws) - cfg.ngram + 1
+            return Match(m.benchmark, m.item_id, "exact", 1.0, max(n, 0), max(n, 0))
+    grams = ngrams(ws, cfg.ngram) if grams is None else grams
     best = None
     for idx in benchmarks:
         m = idx.ngram_match(grams, cfg.threshold)

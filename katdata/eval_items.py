@@ -33,10 +33,11 @@ def prefix(setting: str, item: Item) -> str:
     return f"{GENERATION_PREFIX}{judge}\n</judge>\n\n{FORCE_PREFIX[setting]}"
 
 
-def verdict(verifier, item: Item, answer: Optional[str]) -> Optional[bool]:
-    """An answer's verdict; no answer is wrong when there is a reference, and has no verdict without one."""
+def verdict(verifier, item: Item, answer: Optional[str], key: Optional[str] = None) -> Optional[bool]:
+    """An answer's verdict; no answer is wrong when there is a reference, and has no verdict without one (``key``:
+    the answer's class key, when the caller has worked it out already)."""
     if answer is not None:
-        return verifier.correct(item.kind, answer, item.reference, item)
+        return verifier.correct(item.kind, answer, item.reference, item, key)
     return False if item.reference is not None else None
 
 

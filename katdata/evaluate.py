@@ -93,11 +93,12 @@ class EvalConfig(BaseModel):
         return specs
 
 
-def heldout(run_dir: Path, limit: Optional[int]) -> list[Item]:
-    """The held-out rows named in train/split.json, read from the same data as training."""
+def heldout(run_dir: Path, limit: Optional[int], rows: Optional[list[dict]] = None) -> list[Item]:
+    """The held-out rows named in train/split.json, read from the same data as training (``rows``: those rows,
+    when the caller has read them)."""
     from katdata.train_data import split_rows
 
-    rows = split_rows(run_dir, "heldout", "it lists the held-out ids")
+    rows = split_rows(run_dir, "heldout", "it lists the held-out ids") if rows is None else rows
     metas = query_meta(run_dir, rows)
     items = [Item(r["id"], r["messages"][:-1], r["vote"].get("label") or r["mode"], r["tags"].get("difficulty"),
                   str(r["tags"].get("domain") or "unknown"), str(r["tags"].get("task_type") or "other"),
@@ -268,7 +269,11 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None, decontaminate=None
     current = {"settings": settings, "inputs": inputs}
     fingerprint.check_folder(out, current, f"to evaluate again, move {out} aside (in a pipeline: rerun with --from "
                              "eval); to keep it, copy the run folder and evaluate in the copy")
-    items = heldout(run_dir, cfg.limit)  # checked before the folder is made
+    from katdata.train_data import split_parts
+
+    # the data read once: the held-out items, and the training queries the benchmarks' contamination counts
+    split = split_parts(run_dir, ("heldout", "train") if cfg.benchmarks else ("heldout",), "it lists the held-out ids")
+    items = heldout(run_dir, cfg.limit, split["heldout"])  # checked before the folder is made
     bench_items = {spec.name: benchmarks.items(spec) for spec in cfg.benchmarks}  # a bad file: before any model
     from katdata.preflight import check_adapters  # loaded after the base model's generations: checked now
 
@@ -326,7 +331,7 @@ def run(cfg: EvalConfig, run_dir: Path, engine, sandbox=None, decontaminate=None
               "models": {m: metrics([r for r in rows if r["model"] == m]) for m in models}}
     if cfg.benchmarks:
         result |= benchmarks.results(cfg.benchmarks, bench_items, benchmarks.read_rows(bench_path, bench_keys),
-                                     run_dir, out if cfg.plots else None, decontaminate)
+                                     [r["query"] for r in split["train"]], out if cfg.plots else None, decontaminate)
     if "rl" in result["models"]:
         from katdata.rl import side_by_side
 

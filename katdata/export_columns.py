@@ -1,5 +1,7 @@
 """The hf layout of an export, a row group at a time: KatRecords appended column by column into a
-`Batch`, whose arrow arrays are built at once (several times faster than a dict per row)."""
+`Batch`, whose arrow arrays are built at once (several times faster than a dict per row). The JSON of the
+struct columns' ``extra`` fields is serialized for the whole row group in one call (`dumps_many`), and the
+chat column is taken by index from the built query/response/system arrays."""
 
 from __future__ import annotations
 

@@ -64,10 +64,6 @@ def _block(path: str, off: int, length: int) -> tuple[bytes, list[bytes]]:
     return block, lines
 
 
-def _lines(path: str, off: int, length: int) -> list[bytes]:
-    return _block(path, off, length)[1]
-
-
 class _Failed:
     """An InputError carried back from a worker (its line counted from the span's first line)."""
 
@@ -83,28 +79,27 @@ class _Failed:
 
 
 def _run(fn: Callable, path: str, off: int, length: int, *args) -> tuple[int, Any]:
-    """(lines in the span, fn's result or the _Failed of its InputError)."""
-    lines = _lines(path, off, length)
+    """(lines in the span, fn(path, block, lines, *args) or the _Failed of its InputError)."""
+    block, lines = _block(path, off, length)
     try:
-        return len(lines), fn(Path(path), lines, *args)
+        return len(lines), fn(Path(path), block, lines, *args)
     except InputError as exc:
         return len(lines), _Failed(exc)
 
 
-def _flags(path: Path, lines: list[bytes], block: Optional[bytes] = None) -> set[str]:
+def _flags(path: Path, block: bytes, lines: list[bytes]) -> set[str]:
     out: set[str] = set()
-    block = b"\n".join(lines) if block is None else block
     keys = block.count(b'"review"')
     if keys and keys != sum(map(block.count, export_arrow.SAFE)) and review_routing._FLAG.search(block):
         review_routing._flagged_lines(lines, out)
     return out
 
 
-def _counts(path: Path, lines: list[bytes], skip) -> Counter:
-    return export_arrow.count_lines(path, 1, b"\n".join(lines), lines, skip)
+def _counts(path: Path, block: bytes, lines: list[bytes], skip) -> Counter:
+    return export_arrow.count_lines(path, 1, block, lines, skip)
 
 
-def _tables(path: Path, lines: list[bytes], skip, schema, start: int, size: int) -> tuple[list[str], list]:
+def _tables(path: Path, block: bytes, lines: list[bytes], skip, schema, start: int, size: int) -> tuple[list[str], list]:
     """The kept records' strata, and their hf tables (katdata.export_columns) cut where a row group of ``size``
     rows ends (``start``: how many kept records come before this span), so that each row group is built from
     fresh arrays exactly as when it is built at once."""
@@ -172,7 +167,7 @@ def flag_count_span(path: str, off: int, length: int):
     block, lines = _block(path, off, length)
     try:
         keys = export_arrow.key_columns(Path(path), 1, block, lines)
-        return len(lines), Scan(_flags(Path(path), lines, block), *keys)
+        return len(lines), Scan(_flags(Path(path), block, lines), *keys)
     except InputError as exc:
         return len(lines), _Failed(exc)
 

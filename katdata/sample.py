@@ -147,7 +147,7 @@ def check_attempt(a: Attempt, st: QueryState, verifier: Verifier) -> Attempt:
         key = verifier.key(q.kind, a.answer, q) if a.answer is not None else None
         a.answer_class = assign_class(q.kind, key, st.seen, verifier)
         if verifier.can_check(q.kind, q.reference):
-            a.correct = verifier.check(q.kind, a.answer, q.reference, q) if a.answer is not None else False
+            a.correct = verifier.check(q.kind, a.answer, q.reference, q, key) if a.answer is not None else False
     except VerifyError as exc:
         a.answer_class, a.correct, a.reason = INVALID, None, str(exc)
     return a

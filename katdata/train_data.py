@@ -55,6 +55,11 @@ def _split_record(src: Path, run_dir: Path) -> str:
 def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
     """The rows train/split.json lists under ``part`` ("train" or "heldout"), read from the same data as
     training; ``needed_by`` says in the error who needs them."""
+    return split_parts(run_dir, (part,), needed_by)[part]
+
+
+def split_parts(run_dir: Path, parts: tuple[str, ...], needed_by: str) -> dict[str, list[dict]]:
+    """`split_rows` of each of ``parts``, the data read once for them all."""
     path = RunFolder(run_dir).split
     if not path.is_file():
         raise KatdataError(f"{path} not found: run `katdata train` first ({needed_by})")
@@ -62,11 +67,13 @@ def split_rows(run_dir: Path, part: str, needed_by: str) -> list[dict]:
 
     split = read_split(path)  # an empty, cut-short or foreign split.json is one line naming it
     rows, test = load_examples(_split_data(split.get("data"), Path(run_dir)), Path(run_dir))
-    wanted = set(split[part])
-    rows = [r for r in rows + (test or []) if r["id"] in wanted]
-    if not rows:
-        raise KatdataError(f"{path}: none of the {part} ids is in {split.get('data') or 'the run folder'}")
-    return rows
+    out = {}
+    for part in parts:
+        wanted = set(split[part])
+        out[part] = [r for r in rows + (test or []) if r["id"] in wanted]
+        if not out[part]:
+            raise KatdataError(f"{path}: none of the {part} ids is in {split.get('data') or 'the run folder'}")
+    return out
 
 
 def load_examples(data: Optional[str], run_dir: Path, hold=None) -> tuple[list[dict], Optional[list[dict]]]:

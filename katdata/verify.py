@@ -265,16 +265,19 @@ class Verifier:
         """Whether verdicts exist for this query (a reference, and a grader engine for open answers)."""
         return reference is not None and (kind != "open" or self.grader is not None)
 
-    def correct(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
+    def correct(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None,
+                key: Optional[str] = None) -> Optional[bool]:
         """True/False against the reference; None when there is no reference or no verdict."""
         try:
-            return self.check(kind, answer, reference, query)
+            return self.check(kind, answer, reference, query, key)
         except VerifyError as exc:
             log.debug("no verdict: %s", exc)
             return None
 
-    def check(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None) -> Optional[bool]:
-        """Like ``correct``, but a failed Math-Verify worker raises VerifyError instead of giving None."""
+    def check(self, kind: Optional[str], answer: Optional[str], reference: Optional[str], query=None,
+              key: Optional[str] = None) -> Optional[bool]:
+        """Like ``correct``, but a failed Math-Verify worker raises VerifyError instead of giving None. ``key``: the
+        answer's `key` when the caller has it already (it is not worked out again)."""
         if not self.can_check(kind, reference):
             return None
         if answer is None or not answer.strip():
@@ -284,7 +287,7 @@ class Verifier:
         if kind == "open":
             return self.grade_open(query, answer, reference)
         ref_key = last_number(reference) if kind == "numeric" else self.key(kind, reference)  # a reference is trusted
-        got = self.key(kind, answer)
+        got = self.key(kind, answer) if key is None else key
         if got is None or ref_key is None:
             return False
         if self.same(kind, got, ref_key):

@@ -151,3 +151,9 @@ def test_record_writer_writes_row_writers_bytes(tmp_path, monkeypatch):
         for row in rows:
             w.write(row)
     assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    slow.clear()  # a batch takes the slow path for exactly the rows `line` does: float-like text before tags does not
+    with assemble_rows.RecordWriter(tmp_path / "c.jsonl", every=len(rows) + 1) as w:
+        for row in rows[:-2] * 3:
+            w.write(row)
+    assert len(slow) == 3 * (len(rows) - 2 - 6) and all(r.tags["p_reasoning"] not in (0.1, 2.5, 3) for r in slow)
+    assert (tmp_path / "c.jsonl").read_bytes() == b"".join(assemble_rows.slow_line(r) + b"\n" for r in rows[:-2] * 3)

@@ -79,8 +79,12 @@ def test_packaged_items_are_a_seeded_sample_with_their_references():
     assert len(items(BenchmarkConfig(name="aime2025"))) == 30
 
 
-def test_eval_over_benchmarks_figures_resume_and_contamination(tmp_path):
+def test_eval_over_benchmarks_figures_resume_and_contamination(tmp_path, monkeypatch):
+    from katdata import train_data
+
     recs, train_ids = make_run(tmp_path)
+    loads = []  # the training data is read once: the held-out items and the training queries from one read
+    monkeypatch.setattr(train_data, "load_examples", lambda *a, _f=train_data.load_examples: loads.append(a) or _f(*a))
     gsm = items(BenchmarkConfig(name="gsm8k", limit=3, seed=5))
     trained = [recs[i] for i in train_ids if recs[i].mode == "on"][:2]  # a file benchmark: two trained-on items
     bench_file = tmp_path / "mine.jsonl"
@@ -95,6 +99,7 @@ def test_eval_over_benchmarks_figures_resume_and_contamination(tmp_path):
     cfg = EvalConfig(adapted_engine="adapted", max_tokens=64, benchmarks=[
         {"name": "gsm8k", "limit": 3, "seed": 5, "k": 2}, {"name": "mine", "path": str(bench_file), "settings": ["auto"]}])
     result = run(cfg, tmp_path, engines.__getitem__)
+    assert len(loads) == 1
 
     rows = [json.loads(x) for x in (tmp_path / "eval" / "benchmarks.jsonl").read_text().splitlines()]
     # gsm8k: 2 models x 3 settings x 3 items x k=2; mine: 2 models x auto x 3 items x 1
@@ -221,3 +226,27 @@ def test_quickstart_run_over_two_benchmarks_and_a_kill_mid_eval(tmp_path):
     again = subprocess.run(_eval_cmd(killed), capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((killed / "eval" / "eval.json").read_text()) == result
+
+
+def test_samples_vote_by_answer_class_and_each_key_is_worked_out_once(monkeypatch):
+    """maj@k counts answers the verifier calls the same as one (3 and 3.00000000001 within rel_tol), as the
+    sample stage's classes do; the verdict reuses the key instead of extracting it again."""
+    from types import SimpleNamespace
+
+    from katdata.bench_figures import maj_at_k
+    from katdata.benchmarks import answer_classes
+    from katdata.eval_items import verdict
+    from katdata.verify import Verifier
+
+    v, calls = Verifier(), []
+    monkeypatch.setattr(v, "key", lambda kind, answer, query=None, _f=v.key: calls.append(answer) or _f(kind, answer))
+    it = SimpleNamespace(kind="numeric", reference="3")
+    parsed = [SimpleNamespace(answer=a) for a in ("4", "3", "3.00000000001", None)]
+    keys = answer_classes(v, it, parsed)
+    assert keys == [("4", "4"), ("3", "3"), ("3.00000000001", "3"), (None, None)]
+    rows = [{"sample": i, "answer_key": cls, "correct": verdict(v, it, p.answer, raw)}
+            for i, (p, (raw, cls)) in enumerate(zip(parsed, keys))]
+    assert [r["correct"] for r in rows] == [False, True, True, False]
+    assert calls == ["4", "3", "3.00000000001"]  # once per answer (the reference's own key is last_number's)
+    assert maj_at_k(rows) is True
+    assert maj_at_k([dict(r, answer_key=raw) for r, (raw, _) in zip(rows, keys)]) is False  # raw keys: a 3-way tie

