@@ -3,7 +3,10 @@
 For each count (default 100,000 and 1,000,000), in fresh processes side by side:
   1. assemble: build KatRecord rows from real query texts (GSM8K with worked solutions as think-on,
      FanOutQA hops as think-off), render the byte-exact KAT response, append to records.jsonl;
-  2. export: `katdata.export.run` on that run folder (two streaming passes, parquet row groups).
+  2. export: `katdata.export.run` on that run folder (two streaming passes, parquet row groups);
+  3. floor: export's C++ parts alone on the same records and export, one thread (pyarrow's JSON reader over the
+     typed columns, the parquet encoding of the exported row groups): records per CPU-second, and export's
+     ratio to it (what export costs beyond reading and writing its columns).
 Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints records/s and
 peak RSS per step and count, and the ratios between the largest and smallest count.
 Goal (issue 8): export >= 20,000 records/s, peak RSS flat as the count grows (issue 29: export
@@ -147,7 +150,49 @@ def _assemble_phases(ph: Phases) -> None:
     ph.wrap(sys.modules[__name__], "_pool", "read")
 
 
+def floor(run: Path, n: int) -> dict:
+    """What export's C++ parts alone cost on one thread, on the same records and export: pyarrow's JSON reader
+    over records.jsonl's typed columns (the flat strings, the typed fields of tags and vote, provenance.source;
+    no validation, no extras, no second pass) and the parquet encoding of the export's row groups (read back
+    untimed, written with the same writer and row groups). A lower bound of export's records per CPU-second:
+    nothing of the split, the card, the review hold-back or the Python rows is in it."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    from katdata import card
+
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    kinds = {"string": pa.string(), "int32": pa.int64(), "bool": pa.bool_(), "float64": pa.float64()}
+    schema = pa.schema([(k, pa.string()) for k in ("id", "query", "system", "mode", "judge", "think", "answer",
+                                                   "response", "reference", "kind", "label_source", "content_source")]
+                       + [(name, pa.struct([(k, kinds[t]) for k, t in types.items()]))
+                          for name, types in (("tags", card.TAG_TYPES), ("vote", card.VOTE_TYPES))]
+                       + [("provenance", pa.struct([("source", pa.string())]))])
+    c = _cpu()
+    reader = pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(use_threads=False, block_size=1 << 22),
+                          parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+    rows = sum(b.num_rows for b in reader)
+    read = _cpu() - c
+    encode = 0.0
+    with tempfile.TemporaryDirectory(dir=run) as tmp:
+        for i, path in enumerate(sorted((run / "export" / "data").glob("*.parquet"))):
+            src = pq.ParquetFile(path)
+            with pq.ParquetWriter(Path(tmp) / f"{i}.parquet", src.schema_arrow) as w:
+                for g in range(src.num_row_groups):
+                    t = src.read_row_group(g)
+                    c = _cpu()
+                    w.write_table(t, row_group_size=t.num_rows)
+                    encode += _cpu() - c
+    if rows != n:
+        raise SystemExit(f"floor: read {rows} records, expected {n}")
+    return {"step": "floor", "n": n, "read_cpu_s": read, "encode_cpu_s": encode, "cpu_rate": n / (read + encode)}
+
+
 def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
+    if step == "floor":
+        return floor(run, n)
     ph = Phases()
     if phases:
         (_assemble_phases if step == "assemble" else _export_phases)(ph)
@@ -212,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_scale", description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed after)")
-    p.add_argument("--child", choices=["assemble", "export"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["assemble", "export", "floor"], help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default: one per CPU, "
@@ -225,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(child(a.child, a.run, a.n, a.phases)))
         return 0
+    if a.dir:
+        Path(a.dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="export_scale-", dir=a.dir))
-    results = []
+    results, floors = [], {}
     try:
         for n in a.counts:
             run = work / f"run-{n}"
@@ -246,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                     if step == "assemble":
                         (run / "records.jsonl").unlink()
                     _print_phases(measure(step, run, n, phases=True))
+            fl = measure("floor", run, n)
+            floors[n] = fl
+            print(f"floor    n={n:>9,d}  pyarrow JSON read {fl['read_cpu_s']:.1f} CPU-s + parquet encode "
+                  f"{fl['encode_cpu_s']:.1f} CPU-s: {fl['cpu_rate']:9,.0f} records/CPU-s (export's C++ parts alone; "
+                  f"export at x{r['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
             print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
                   f"{(run / 'records.jsonl').stat().st_size / 2**20:.1f} MB", flush=True)
@@ -262,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         r_hi = next(r for r in results if r["step"] == step and r["n"] == hi)
         print(f"{step} goal >= {goal:,d} records/s at {hi:,d}: {r_hi['rate']:,.0f} records/s wall "
               f"({'met' if r_hi['rate'] >= goal else 'NOT met'}), {r_hi['cpu_rate']:,.0f} per CPU-second")
+    cores = len(os.sched_getaffinity(0))
+    need = GOALS["export"] / cores
+    print(f"export goal on {cores} cores needs >= {need:,.0f} records per CPU-second with every core busy: at most "
+          f"x{floors[hi]['cpu_rate'] / need:.2f} the floor's CPU per record (see docs/export_speed.md)")
     print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (figures from a busy machine are "
           "not comparable with the reference)")
     return 0

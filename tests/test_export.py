@@ -345,10 +345,15 @@ def test_import_stays_light():
 
 
 def test_bench_runs_small(tmp_path):
+    """The bench runs in a work folder that does not exist yet, and prints its rates, memory ratios and the floor
+    (export's C++ parts alone) per count, with export's ratio to it."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "export_scale.py"), "--counts", "300", "600",
-                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--dir", str(tmp_path / "new")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "records/s" in out.stdout and "peak RSS ratio" in out.stdout
+    floors = re.findall(r"^floor +n= +(\d+) .*: +([\d,]+) records/CPU-s .*export at x([\d.]+) of it", out.stdout, re.M)
+    assert [n for n, _, _ in floors] == ["300", "600"] and all(float(x) > 0 for _, _, x in floors), out.stdout
+    assert list((tmp_path / "new").iterdir()) == []  # its own temporary folder removed
 
 
 def test_card_licences_come_from_the_sources_table(tmp_path):
