@@ -161,20 +161,20 @@ def floor(run: Path, n: int) -> dict:
     import pyarrow.parquet as pq
 
     from katdata import card
+    from katdata.export_columns import Batch
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    kinds = {"string": pa.string(), "int32": pa.int64(), "bool": pa.bool_(), "float64": pa.float64()}
-    schema = pa.schema([(k, pa.string()) for k in ("id", "query", "system", "mode", "judge", "think", "answer",
-                                                   "response", "reference", "kind", "label_source", "content_source")]
-                       + [(name, pa.struct([(k, kinds[t]) for k, t in types.items()]))
-                          for name, types in (("tags", card.TAG_TYPES), ("vote", card.VOTE_TYPES))]
-                       + [("provenance", pa.struct([("source", pa.string())]))])
+    hf = card.features("hf").arrow_schema  # the export's own column types; of provenance only its source
+    source = hf.field("provenance").type.field("source")
+    schema = pa.schema([hf.field(k) for k in (*Batch.FLAT, "tags", "vote")] + [("provenance", pa.struct([source]))])
     c = _cpu()
     reader = pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(use_threads=False, block_size=1 << 22),
                           parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
     rows = sum(b.num_rows for b in reader)
     read = _cpu() - c
+    if rows != n:
+        raise SystemExit(f"floor: read {rows} records, expected {n}")
     encode = 0.0
     with tempfile.TemporaryDirectory(dir=run) as tmp:
         for i, path in enumerate(sorted((run / "export" / "data").glob("*.parquet"))):
@@ -185,8 +185,6 @@ def floor(run: Path, n: int) -> dict:
                     c = _cpu()
                     w.write_table(t, row_group_size=t.num_rows)
                     encode += _cpu() - c
-    if rows != n:
-        raise SystemExit(f"floor: read {rows} records, expected {n}")
     return {"step": "floor", "n": n, "read_cpu_s": read, "encode_cpu_s": encode, "cpu_rate": n / (read + encode)}
 
 
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             floors[n] = fl
             print(f"floor    n={n:>9,d}  pyarrow JSON read {fl['read_cpu_s']:.1f} CPU-s + parquet encode "
                   f"{fl['encode_cpu_s']:.1f} CPU-s: {fl['cpu_rate']:9,.0f} records/CPU-s (export's C++ parts alone; "
-                  f"export at x{r['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
+                  f"export at x{results[-1]['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
             print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
                   f"{(run / 'records.jsonl').stat().st_size / 2**20:.1f} MB", flush=True)
@@ -314,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         r_hi = next(r for r in results if r["step"] == step and r["n"] == hi)
         print(f"{step} goal >= {goal:,d} records/s at {hi:,d}: {r_hi['rate']:,.0f} records/s wall "
               f"({'met' if r_hi['rate'] >= goal else 'NOT met'}), {r_hi['cpu_rate']:,.0f} per CPU-second")
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))  # the CPUs this process may use, as export's worker count counts them
     need = GOALS["export"] / cores
     print(f"export goal on {cores} cores needs >= {need:,.0f} records per CPU-second with every core busy: at most "
           f"x{floors[hi]['cpu_rate'] / need:.2f} the floor's CPU per record (see docs/export_speed.md)")
-    print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (figures from a busy machine are "
+    print(f"load average now {os.getloadavg()[0]:.1f} on {cores} cores (figures from a busy machine are "
           "not comparable with the reference)")
     return 0
 
