@@ -188,26 +188,161 @@ def floor(run: Path, n: int) -> dict:
     return {"step": "floor", "n": n, "read_cpu_s": read, "encode_cpu_s": encode, "cpu_rate": n / (read + encode)}
 
 
+def bound(run: Path, n: int) -> dict:
+    """The best case of a column-wise export (issue 29's item 2) on this machine, wall time with every core: pyarrow's
+    JSON reader (its threads) over what it can type itself (the flat strings, the typed fields of tags and vote,
+    provenance.source), the hf columns built from its arrays (messages by index, null extras, empty models and
+    changes), a seeded random split and the parquet encoding on a second thread. Left out, because the reader cannot
+    do them or they come after it: pass 1, validation, the free-keyed parts (the extras' JSON, provenance.models),
+    the card and the hold-back. Not the export's output, only its shape. Also times, on one thread, msgspec decoding
+    just the free-keyed parts of these records (the vote's answer classes, provenance.models): pyarrow's reader
+    cannot read a JSON object with free keys (no map type), so a column-wise export still decodes them in Python."""
+    import queue
+    import threading
+    from typing import Optional
+
+    import msgspec
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    from katdata import card
+    from katdata.export_columns import Batch
+
+    hf = card.features("hf").arrow_schema
+    typed = {k: pa.struct([f for f in hf.field(k).type if f.name != "extra"]) for k in ("tags", "vote")}
+    prov = hf.field("provenance").type
+    schema = pa.schema([hf.field(k) for k in Batch.FLAT] + [(k, t) for k, t in typed.items()]
+                       + [("provenance", pa.struct([prov.field("source")]))])
+    todo: queue.Queue = queue.Queue(4)
+
+    def encode(folder: str) -> None:
+        writers = {}
+        while (item := todo.get()) is not None:
+            split, table = item
+            if split not in writers:
+                writers[split] = pq.ParquetWriter(Path(folder) / f"{split}.parquet", hf)
+            writers[split].write_table(table, row_group_size=table.num_rows)
+        for w in writers.values():
+            w.close()
+
+    def struct(arr, typ, m):  # the reader's struct with the typed fields, and a null extra
+        return pa.StructArray.from_arrays([arr.field(f.name) if f.name != "extra" else pa.nulls(m, pa.string())
+                                           for f in typ], fields=list(typ))
+
+    rng, rows = np.random.default_rng(0), 0
+    with tempfile.TemporaryDirectory(dir=run) as tmp:
+        writer = threading.Thread(target=encode, args=(tmp,))
+        t = time.perf_counter()
+        writer.start()
+        for rb in pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(block_size=1 << 22),
+                               parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")):
+            for i in range(0, rb.num_rows, 2000):
+                b = rb.slice(i, 2000)
+                m, col = b.num_rows, dict(zip(b.schema.names, b.columns))
+                texts = {"system": col["system"].fill_null(""), "query": col["query"], "response": col["response"]}
+                kids = {"source": col["provenance"].field("source")}
+                arrays = {**{k: col[k] for k in Batch.FLAT}, **{k: struct(col[k], hf.field(k).type, m) for k in typed},
+                          "messages": Batch._messages(hf.field("messages").type, col["system"].to_pylist(), texts),
+                          "provenance": pa.StructArray.from_arrays([kids.get(f.name, pa.nulls(m, f.type)) for f in prov],
+                                                                   fields=list(prov))}
+                table = pa.Table.from_arrays([arrays[f.name] for f in hf], schema=hf)
+                test = pa.array(rng.random(m) < 0.1)
+                todo.put(("train", table.filter(pa.compute.invert(test))))
+                todo.put(("test", table.filter(test)))
+                rows += m
+        todo.put(None)
+        writer.join()
+        secs = time.perf_counter() - t
+
+    some = Optional[dict]
+    classes = msgspec.defstruct("Classes", [("classes_on", some, None), ("classes_off", some, None)])
+    models = msgspec.defstruct("Models", [("models", some, None)])
+    free = msgspec.defstruct("Free", [("vote", Optional[classes], None), ("provenance", Optional[models], None)])
+    decode, c = msgspec.json.Decoder(free).decode, _cpu()
+    with open(run / "records.jsonl", "rb") as f:
+        while block := f.read(1 << 22):
+            block += f.readline()
+            list(map(decode, block.splitlines()))  # built and freed inside the timing, as a reader would
+    if rows != n:
+        raise SystemExit(f"bound: read {rows} records, expected {n}")
+    return {"step": "bound", "n": n, "seconds": secs, "rate": n / secs, "free_cpu_s": _cpu() - c}
+
+
+class Threads:
+    """CPU seconds per thread of this process while a step runs, by thread name (read from /proc/self/task every
+    0.1 s; Linux only, empty elsewhere): export's serial parts, its main thread and its parquet thread, bound it
+    whatever the core count."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cpu: dict[str, float] = {}
+        self._before: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-threads", daemon=True)
+
+    def _sample(self) -> None:
+        import threading
+
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            name = names.get(int(tid), f"thread {tid}")
+            used = (int(fields[11]) + int(fields[12])) / tick - self._before.get(name, 0.0)
+            self.cpu[name] = max(self.cpu.get(name, 0.0), used)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def __enter__(self):
+        if Path("/proc/self/task").is_dir():
+            self._sample()
+            self._before, self.cpu = self.cpu, {}  # what the threads alive now had used already
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._sample()
+            self._stop.set()
+            self._thread.join()
+        self.cpu.pop("bench-threads", None)
+
+    def serial(self) -> dict[str, float]:
+        """main, parquet (export's writer thread) and hand-off (the rest: the process pool's threads)."""
+        main, parquet = self.cpu.get("MainThread", 0.0), self.cpu.get("katdata-export-write", 0.0)
+        return {"main": main, "parquet": parquet, "hand-off": sum(self.cpu.values()) - main - parquet}
+
+
 def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
-    if step == "floor":
-        return floor(run, n)
+    if step in ("floor", "bound"):
+        return (floor if step == "floor" else bound)(run, n)
     ph = Phases()
     if phases:
         (_assemble_phases if step == "assemble" else _export_phases)(ph)
     t, c = time.perf_counter(), _cpu()
-    if step == "assemble":
-        run.mkdir(parents=True, exist_ok=True)
-        assemble(run, n)
-    else:
-        from katdata.export import ExportConfig, run as export_run
+    with Threads() as threads:
+        if step == "assemble":
+            run.mkdir(parents=True, exist_ok=True)
+            assemble(run, n)
+        else:
+            from katdata.export import ExportConfig, run as export_run
 
-        export_run(ExportConfig(), run, None)
+            export_run(ExportConfig(), run, None)
     secs, cpu = time.perf_counter() - t, _cpu() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # export's worker processes, when it started any
     cpu += kids.ru_utime + kids.ru_stime
     out = {"step": step, "n": n, "seconds": secs, "rate": n / secs, "cpu_s": cpu, "cpu_rate": n / cpu,
-           "peak_rss_mb": peak / 2**20, "worker_rss_mb": kids.ru_maxrss / 2**10}
+           "peak_rss_mb": peak / 2**20, "worker_rss_mb": kids.ru_maxrss / 2**10, "threads": threads.serial(),
+           "worker_cpu_s": kids.ru_utime + kids.ru_stime}
     if phases:
         out["phases"] = dict(ph.secs, other=secs - sum(ph.secs.values()))
     return out
@@ -255,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_scale", description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed after)")
-    p.add_argument("--child", choices=["assemble", "export", "floor"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["assemble", "export", "floor", "bound"], help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default: one per CPU, "
@@ -287,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{step:8s} n={n:>9,d}  {r['seconds']:7.1f} s  {r['rate']:9,.0f} records/s  "
                       f"({r['cpu_rate']:9,.0f} records/CPU-s)  peak RSS {r['peak_rss_mb']:7.1f} MB{kids}{vs}",
                       flush=True)
+                th = r.get("threads") or {}
+                if step == "export" and th:
+                    top = max(max(th.values()), 0.01)  # /proc counts in clock ticks
+                    print(f"         export's threads: main {th['main']:.1f} CPU-s, parquet {th['parquet']:.1f}, hand-off "
+                          f"{th['hand-off']:.1f}; worker processes {r['worker_cpu_s']:.1f}. The busiest thread alone caps "
+                          f"export at {n / top:,.0f} records/s, whatever the core count", flush=True)
                 if a.phases:  # a second, instrumented run (wrapping costs a little): where the time goes
                     if step == "assemble":
                         (run / "records.jsonl").unlink()
@@ -296,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"floor    n={n:>9,d}  pyarrow JSON read {fl['read_cpu_s']:.1f} CPU-s + parquet encode "
                   f"{fl['encode_cpu_s']:.1f} CPU-s: {fl['cpu_rate']:9,.0f} records/CPU-s (export's C++ parts alone; "
                   f"export at x{results[-1]['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
+            bd = measure("bound", run, n)
+            print(f"bound    n={n:>9,d}  {bd['seconds']:7.1f} s  {bd['rate']:9,.0f} records/s  (a column-wise export's best "
+                  f"case: pyarrow's threaded reader, hf columns, split, parquet; export at x{results[-1]['rate'] / bd['rate']:.2f} "
+                  f"of it); the free-keyed parts it leaves out, msgspec on one thread: {bd['free_cpu_s']:.1f} CPU-s",
+                  flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
             print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
                   f"{(run / 'records.jsonl').stat().st_size / 2**20:.1f} MB", flush=True)

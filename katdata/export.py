@@ -316,7 +316,7 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
         _replace(tmp, out, run_dir, label)
     except BaseException:
         if reader is not None:
-            reader.close()
+            reader.close(failed=True)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # innermost first

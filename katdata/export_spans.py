@@ -3,9 +3,9 @@
 Each of the three reads of the records file (the hold-back flags, pass 1's rows per stratum, pass 2's
 typed records and their hf columns) is done per span: `spans` cuts the file at line ends every
 ``BLOCK`` bytes, a span's work is a plain function of its bytes, and the results are taken in file order.
-Large files go to a pool of spawned processes (one per CPU, at most ``MAX_WORKERS``, a few spans
-in flight so memory stays flat; they run without the cyclic garbage collector, as export's loop does); small
-ones are read in this process. Either way
+Large files go to a pool of worker processes (loky's: fresh interpreters that leave the caller's
+``__main__`` alone; one per CPU, at most ``MAX_WORKERS``, a few spans in flight so memory stays flat; they run
+without the cyclic garbage collector, as export's loop does); small ones are read in this process. Either way
 the results, and so the exported bytes, are the same. A bad line is reported by the first span that holds one, with
 its line number in the file.
 """
@@ -218,11 +218,11 @@ class Reader:
         n = workers if workers is not None else min(MAX_WORKERS, len(os.sched_getaffinity(0)))
         self.pool = None
         if n > 1 and len(self.spans) >= MIN_SPANS:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            # loky's processes are fresh interpreters that do not import the caller's __main__ (the standard library's
+            # spawn runs a script's top level again in each worker, and fails on a script without a main guard)
+            from loky import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_start)
+            self.pool = ProcessPoolExecutor(n, initializer=_worker_start)
             self.ahead = IN_FLIGHT * n
             log.debug("reading %s in %d spans with %d worker processes", self.path, len(self.spans), n)
 
@@ -254,13 +254,14 @@ class Reader:
                 queue.append(self.pool.submit(fn, *call))
             yield result
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop the worker processes (``failed``: at once, their pending spans dropped)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, kill_workers=failed)
             self.pool = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.close(failed=exc[0] is not None)

@@ -345,14 +345,20 @@ def test_import_stays_light():
 
 
 def test_bench_runs_small(tmp_path):
-    """The bench runs in a work folder that does not exist yet, and prints its rates, memory ratios and the floor
-    (export's C++ parts alone) per count, with export's ratio to it."""
+    """The bench runs in a work folder that does not exist yet, and prints its rates, memory ratios, the floor
+    (export's C++ parts alone) and the column-wise bound per count, with export's ratio to each, and the CPU of
+    export's own threads."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "export_scale.py"), "--counts", "300", "600",
                           "--dir", str(tmp_path / "new")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "records/s" in out.stdout and "peak RSS ratio" in out.stdout
     floors = re.findall(r"^floor +n= +(\d+) .*: +([\d,]+) records/CPU-s .*export at x([\d.]+) of it", out.stdout, re.M)
     assert [n for n, _, _ in floors] == ["300", "600"] and all(float(x) > 0 for _, _, x in floors), out.stdout
+    bounds = re.findall(r"^bound +n= +(\d+) .* ([\d,]+) records/s .*export at x([\d.]+) of it.*: ([\d.]+) CPU-s$",
+                        out.stdout, re.M)
+    assert [b[0] for b in bounds] == ["300", "600"] and all(float(b[2]) > 0 for b in bounds), out.stdout
+    caps = re.findall(r"^ +export's threads: main ([\d.]+) CPU-s, .* caps export at ([\d,]+) records/s", out.stdout, re.M)
+    assert len(caps) == 2 and all(float(main) > 0 for main, _ in caps), out.stdout  # the main thread did the export
     assert list((tmp_path / "new").iterdir()) == []  # its own temporary folder removed
 
 

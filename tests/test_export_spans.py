@@ -147,3 +147,33 @@ def test_held_back_counts_from_the_scan_or_a_second_read(run, tmp_path, monkeypa
         scans = list(reader.map(export_spans.flag_count_span))
         assert set().union(*(s.flags for s in scans)) == waits
         assert export_spans.held_counts(scans, waits) is None
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_script_without_a_main_guard_exports_with_workers_and_runs_once(run, tmp_path, monkeypatch, how):
+    """A user's script that calls export without `if __name__ == "__main__":` (or one piped to python): export's
+    worker processes do not import it again (the standard library's spawn ran its top level in every worker, which
+    then failed: BrokenProcessPool), and the script's own code runs once."""
+    import subprocess
+    import sys
+
+    log, out = tmp_path / "ran.log", tmp_path / "out"
+    script = "\n".join([
+        "import logging, pathlib",
+        f"with open({str(log)!r}, 'a') as f: f.write('ran\\n')",
+        "logging.basicConfig(level=logging.DEBUG, format='%(name)s %(message)s')",
+        "from katdata import export, export_spans",
+        "export_spans.BLOCK, export_spans.MIN_SPANS, export_spans.MAX_WORKERS = 4096, 2, 2",
+        f"stats = export.run(export.ExportConfig(out=pathlib.Path({str(out)!r}), plot=False), pathlib.Path({str(run)!r}))",
+        "print('rows', stats['rows_out'])",
+    ]) + "\n"
+    (tmp_path / "script.py").write_text(script)
+    cmd = [sys.executable, str(tmp_path / "script.py")] if how == "file" else [sys.executable, "-"]
+    done = subprocess.run(cmd, input=script if how == "stdin" else None, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"in \d+ spans with 2 worker processes", done.stderr), done.stderr[-3000:]
+    assert log.read_text() == "ran\n"
+    one = _export(run, tmp_path / "one", monkeypatch, 1)  # in this process, no workers: the same rows and bytes
+    assert re.search(r"^rows (\d+)$", done.stdout, re.M)[1] == str(one["rows_out"])
+    assert _files(out) == _files(tmp_path / "one")
