@@ -234,7 +234,7 @@ def bound(run: Path, n: int) -> dict:
     rng, rows = np.random.default_rng(0), 0
     with tempfile.TemporaryDirectory(dir=run) as tmp:
         writer = threading.Thread(target=encode, args=(tmp,))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         writer.start()
         for rb in pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(block_size=1 << 22),
                                parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")):
@@ -254,7 +254,7 @@ def bound(run: Path, n: int) -> dict:
                 rows += m
         todo.put(None)
         writer.join()
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, _cpu() - c
 
     some = Optional[dict]
     classes = msgspec.defstruct("Classes", [("classes_on", some, None), ("classes_off", some, None)])
@@ -267,7 +267,7 @@ def bound(run: Path, n: int) -> dict:
             list(map(decode, block.splitlines()))  # built and freed inside the timing, as a reader would
     if rows != n:
         raise SystemExit(f"bound: read {rows} records, expected {n}")
-    return {"step": "bound", "n": n, "seconds": secs, "rate": n / secs, "free_cpu_s": _cpu() - c}
+    return {"step": "bound", "n": n, "seconds": secs, "rate": n / secs, "cpu_s": cpu, "free_cpu_s": _cpu() - c}
 
 
 class Threads:
@@ -316,9 +316,9 @@ class Threads:
         self.cpu.pop("bench-threads", None)
 
     def serial(self) -> dict[str, float]:
-        """main, parquet (export's writer thread) and hand-off (the rest: the process pool's threads)."""
+        """main, parquet (export's writer thread) and other (the rest: the process pool's threads, Arrow's own)."""
         main, parquet = self.cpu.get("MainThread", 0.0), self.cpu.get("katdata-export-write", 0.0)
-        return {"main": main, "parquet": parquet, "hand-off": sum(self.cpu.values()) - main - parquet}
+        return {"main": main, "parquet": parquet, "other": sum(self.cpu.values()) - main - parquet}
 
 
 def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 th = r.get("threads") or {}
                 if step == "export" and th:
                     top = max(max(th.values()), 0.01)  # /proc counts in clock ticks
-                    print(f"         export's threads: main {th['main']:.1f} CPU-s, parquet {th['parquet']:.1f}, hand-off "
-                          f"{th['hand-off']:.1f}; worker processes {r['worker_cpu_s']:.1f}. The busiest thread alone caps "
+                    print(f"         export's threads: main {th['main']:.1f} CPU-s, parquet {th['parquet']:.1f}, other "
+                          f"{th['other']:.1f}; worker processes {r['worker_cpu_s']:.1f}. The busiest thread alone caps "
                           f"export at {n / top:,.0f} records/s, whatever the core count", flush=True)
                 if a.phases:  # a second, instrumented run (wrapping costs a little): where the time goes
                     if step == "assemble":
@@ -439,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"export at x{results[-1]['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
             bd = measure("bound", run, n)
             print(f"bound    n={n:>9,d}  {bd['seconds']:7.1f} s  {bd['rate']:9,.0f} records/s  (a column-wise export's best "
-                  f"case: pyarrow's threaded reader, hf columns, split, parquet; export at x{results[-1]['rate'] / bd['rate']:.2f} "
-                  f"of it); the free-keyed parts it leaves out, msgspec on one thread: {bd['free_cpu_s']:.1f} CPU-s",
+                  f"case: pyarrow's threaded reader, hf columns, split, parquet, {bd['cpu_s'] / bd['seconds']:.1f} cores busy; "
+                  f"export at x{results[-1]['rate'] / bd['rate']:.2f} of it); the free-keyed parts it leaves out, msgspec on "
+                  f"one thread: {bd['free_cpu_s']:.1f} CPU-s",
                   flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
             print(f"         export folder {size / 2**20:.1f} MB, records.jsonl "
