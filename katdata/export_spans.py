@@ -16,13 +16,14 @@ import logging
 import os
 import zlib
 from collections import Counter, deque
+from concurrent.futures.process import BrokenProcessPool  # loky's errors for a dead worker derive from it
 from itertools import repeat
 from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from katdata import export_arrow, review_routing
-from katdata.errors import InputError
+from katdata.errors import InputError, KatdataError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,12 @@ class Reader:
             if len(queue) >= self.ahead:
                 break
         while queue:
-            result = queue.popleft().result()
+            try:
+                result = queue.popleft().result()
+            except BrokenProcessPool as exc:  # a worker killed (out of memory, a signal) or unable to start
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise KatdataError(f"a worker process reading {self.path} stopped ({type(exc).__name__}: {first}); "
+                                   "KATDATA_EXPORT_WORKERS=1 reads the file in this process instead") from exc
             call = next(calls, None)
             if call is not None:
                 queue.append(self.pool.submit(fn, *call))

@@ -177,3 +177,26 @@ def test_a_script_without_a_main_guard_exports_with_workers_and_runs_once(run, t
     one = _export(run, tmp_path / "one", monkeypatch, 1)  # in this process, no workers: the same rows and bytes
     assert re.search(r"^rows (\d+)$", done.stdout, re.M)[1] == str(one["rows_out"])
     assert _files(out) == _files(tmp_path / "one")
+
+
+def _die(path: str, off: int, length: int):
+    """A span function whose worker process dies (as one killed for memory does)."""
+    import os
+
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_one_error_naming_the_way_round(run, monkeypatch):
+    """A worker process killed mid-read (out of memory, a signal) is a KatdataError in one line that names the
+    file and KATDATA_EXPORT_WORKERS=1, not a BrokenProcessPool traceback; the pool is gone after it."""
+    from katdata.errors import KatdataError, describe
+
+    monkeypatch.setattr(export_spans, "BLOCK", 4096)  # many spans: a pool, as for a large file
+    monkeypatch.setattr(export_spans, "MIN_SPANS", 2)
+    with pytest.raises(KatdataError) as info:
+        with export_spans.Reader(run / "records.jsonl", workers=2) as reader:
+            assert reader.pool is not None
+            list(reader.map(_die))
+    assert re.fullmatch(r"a worker process reading .*records\.jsonl stopped \(\w+: .*\); KATDATA_EXPORT_WORKERS=1 "
+                        r"reads the file in this process instead", str(info.value))
+    assert describe(info.value)[0] == 2 and "\n" not in str(info.value) and reader.pool is None
