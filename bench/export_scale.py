@@ -6,8 +6,12 @@ For each count (default 100,000 and 1,000,000), in fresh processes side by side:
   2. export: `katdata.export.run` on that run folder (two streaming passes, parquet row groups);
   3. floor: export's C++ parts alone on the same records and export, one thread (pyarrow's JSON reader over the
      typed columns, the parquet encoding of the exported row groups): records per CPU-second, and export's
-     ratio to it (what export costs beyond reading and writing its columns).
-Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints records/s and
+     ratio to it (what export costs beyond reading and writing its columns);
+  4. bound: a column-wise export's best case (issue 29's item 2), wall time with every core: pyarrow's threaded
+     reader, the hf columns, a split, parquet on a second thread, none of the work the reader cannot do; and the
+     CPU of msgspec decoding just the free-keyed parts that pyarrow cannot read.
+Export's line also gives the CPU of its own threads (main, parquet, other; /proc per thread): the busiest one caps
+export whatever the core count. Each step runs in its own process so its peak RSS (ru_maxrss) is its own. Prints records/s and
 peak RSS per step and count, and the ratios between the largest and smallest count.
 Goal (issue 8): export >= 20,000 records/s, peak RSS flat as the count grows (issue 29: export
 >= 100,000, assemble >= 50,000 at 1M). Each rate is also given as a ratio to the last committed figures
