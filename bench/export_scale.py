@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import re
 import resource
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +156,19 @@ def _assemble_phases(ph: Phases) -> None:
     ph.wrap(sys.modules[__name__], "_pool", "read")
 
 
+def _typed_schema():
+    """The columns pyarrow's JSON reader types itself, as the export types them: the flat strings, tags and vote with
+    their typed fields (``extra`` reads as null: no record has that key), provenance with its source only."""
+    import pyarrow as pa
+
+    from katdata import card
+    from katdata.export_columns import Batch
+
+    hf = card.features("hf").arrow_schema
+    source = hf.field("provenance").type.field("source")
+    return pa.schema([hf.field(k) for k in (*Batch.FLAT, "tags", "vote")] + [("provenance", pa.struct([source]))])
+
+
 def floor(run: Path, n: int) -> dict:
     """What export's C++ parts alone cost on one thread, on the same records and export: pyarrow's JSON reader
     over records.jsonl's typed columns (the flat strings, the typed fields of tags and vote, provenance.source;
@@ -164,14 +179,9 @@ def floor(run: Path, n: int) -> dict:
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
-    from katdata import card
-    from katdata.export_columns import Batch
-
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    hf = card.features("hf").arrow_schema  # the export's own column types; of provenance only its source
-    source = hf.field("provenance").type.field("source")
-    schema = pa.schema([hf.field(k) for k in (*Batch.FLAT, "tags", "vote")] + [("provenance", pa.struct([source]))])
+    schema = _typed_schema()
     c = _cpu()
     reader = pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(use_threads=False, block_size=1 << 22),
                           parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
@@ -201,8 +211,6 @@ def bound(run: Path, n: int) -> dict:
     the card and the hold-back. Not the export's output, only its shape. Also times, on one thread, msgspec decoding
     just the free-keyed parts of these records (the vote's answer classes, provenance.models): pyarrow's reader
     cannot read a JSON object with free keys (no map type), so a column-wise export still decodes them in Python."""
-    import queue
-    import threading
     from typing import Optional
 
     import msgspec
@@ -215,10 +223,7 @@ def bound(run: Path, n: int) -> dict:
     from katdata.export_columns import Batch
 
     hf = card.features("hf").arrow_schema
-    typed = {k: pa.struct([f for f in hf.field(k).type if f.name != "extra"]) for k in ("tags", "vote")}
     prov = hf.field("provenance").type
-    schema = pa.schema([hf.field(k) for k in Batch.FLAT] + [(k, t) for k, t in typed.items()]
-                       + [("provenance", pa.struct([prov.field("source")]))])
     todo: queue.Queue = queue.Queue(4)
 
     def encode(folder: str) -> None:
@@ -231,23 +236,20 @@ def bound(run: Path, n: int) -> dict:
         for w in writers.values():
             w.close()
 
-    def struct(arr, typ, m):  # the reader's struct with the typed fields, and a null extra
-        return pa.StructArray.from_arrays([arr.field(f.name) if f.name != "extra" else pa.nulls(m, pa.string())
-                                           for f in typ], fields=list(typ))
-
     rng, rows = np.random.default_rng(0), 0
     with tempfile.TemporaryDirectory(dir=run) as tmp:
         writer = threading.Thread(target=encode, args=(tmp,))
         t, c = time.perf_counter(), _cpu()
         writer.start()
         for rb in pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(block_size=1 << 22),
-                               parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")):
+                               parse_options=pj.ParseOptions(explicit_schema=_typed_schema(),
+                                                             unexpected_field_behavior="ignore")):
             for i in range(0, rb.num_rows, 2000):
                 b = rb.slice(i, 2000)
                 m, col = b.num_rows, dict(zip(b.schema.names, b.columns))
                 texts = {"system": col["system"].fill_null(""), "query": col["query"], "response": col["response"]}
                 kids = {"source": col["provenance"].field("source")}
-                arrays = {**{k: col[k] for k in Batch.FLAT}, **{k: struct(col[k], hf.field(k).type, m) for k in typed},
+                arrays = {**{k: col[k] for k in (*Batch.FLAT, "tags", "vote")},
                           "messages": Batch._messages(hf.field("messages").type, col["system"].to_pylist(), texts),
                           "provenance": pa.StructArray.from_arrays([kids.get(f.name, pa.nulls(m, f.type)) for f in prov],
                                                                    fields=list(prov))}
@@ -280,16 +282,12 @@ class Threads:
     whatever the core count."""
 
     def __init__(self) -> None:
-        import threading
-
         self.cpu: dict[str, float] = {}
         self._before: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-threads", daemon=True)
 
     def _sample(self) -> None:
-        import threading
-
         names = {t.native_id: t.name for t in threading.enumerate()}
         tick = os.sysconf("SC_CLK_TCK")
         for tid in os.listdir("/proc/self/task"):
@@ -325,9 +323,12 @@ class Threads:
         return {"main": main, "parquet": parquet, "other": sum(self.cpu.values()) - main - parquet}
 
 
+MEASURES = {"floor": floor, "bound": bound}  # the steps that measure rather than run a stage
+
+
 def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
-    if step in ("floor", "bound"):
-        return (floor if step == "floor" else bound)(run, n)
+    if step in MEASURES:
+        return MEASURES[step](run, n)
     ph = Phases()
     if phases:
         (_assemble_phases if step == "assemble" else _export_phases)(ph)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_scale", description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed after)")
-    p.add_argument("--child", choices=["assemble", "export", "floor", "bound"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["assemble", "export", *MEASURES], help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default: one per CPU, "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,9 +157,6 @@ def test_a_script_without_a_main_guard_exports_with_workers_and_runs_once(run, t
     """A user's script that calls export without `if __name__ == "__main__":` (or one piped to python): export's
     worker processes do not import it again (the standard library's spawn ran its top level in every worker, which
     then failed: BrokenProcessPool), and the script's own code runs once."""
-    import subprocess
-    import sys
-
     log, out = tmp_path / "ran.log", tmp_path / "out"
     script = "\n".join([
         "import logging, pathlib",
@@ -181,8 +181,6 @@ def test_a_script_without_a_main_guard_exports_with_workers_and_runs_once(run, t
 
 def _die(path: str, off: int, length: int):
     """A span function whose worker process dies (as one killed for memory does)."""
-    import os
-
     os._exit(3)
 
 
