@@ -29,7 +29,7 @@ from katdata.judge import JudgeRow
 from katdata.provenance import RunInfo
 from katdata.stage import Context, Stage
 from katdata.records import Attempt, KatRecord, Query, Tags, Vote
-from katdata.runfiles import RowIndex, RowWriter, done_keys, read_rows
+from katdata.runfiles import RowIndex, RowWriter, count_rows, done_keys, dump, read_rows
 from katdata.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ def reference_pick(q: Query, mode: str) -> Optional[Attempt]:
 
 
 def _rows(path: Path, model):
-    """The rows of a stage file, streamed; none when the file is not there."""
-    return read_rows(path, model) if path.is_file() else iter(())
+    """The rows of a stage file, streamed (as its model's msgspec mirror reads them: katdata.fast_rows); none when the
+    file is not there."""
+    return read_rows(path, model, fast=True) if path.is_file() else iter(())
 
 
 def solver_pick(attempts: list[Attempt]) -> Optional[Attempt]:
@@ -141,8 +142,8 @@ def build(q: Query, vote: Vote, judge: JudgeRow, pick: Attempt, source: str,
     return KatRecord(id=q.id, query=q.query, system=q.system, mode=vote.label, judge=judge.rationale, think=think,
                      answer=answer, response=response, reference=q.reference, kind=q.kind,
                      label_source=labelled_by, content_source=source,
-                     tags=tags.model_dump(mode="json") if tags else {},
-                     vote=vote.model_dump(mode="json"),
+                     tags=dump(tags) if tags else {},
+                     vote=dump(vote),
                      provenance={"source": q.source, **roles, "attempt_index": pick.index,
                                  "attempt_mode": pick.mode, "correct": pick.correct,
                                  "completion_tokens": pick.completion_tokens,
@@ -155,13 +156,14 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
     run_dir = Path(run_dir)
     if not (RunFolder(run_dir).queries).is_file():
         raise InputError(RunFolder(run_dir).queries, "file not found")
-    # votes are streamed; every other file is an index (rows read back by id), each checked here, before any work
-    queries = RowIndex(RunFolder(run_dir).queries, Query)
-    n_votes = sum(1 for _ in _rows(RunFolder(run_dir).votes, Vote))
-    judges = RowIndex(RunFolder(run_dir).judges, JudgeRow)
-    tags = RowIndex(RunFolder(run_dir).tags, Tags)
-    samples = RowIndex(RunFolder(run_dir).samples, Attempt)
-    solve = RowIndex(RunFolder(run_dir).solve, Attempt)
+    # votes are streamed; every other file is an index (rows read back by id), each checked here, before any work;
+    # rows are read as their models' msgspec mirrors where those read them (katdata.fast_rows: the same values)
+    queries = RowIndex(RunFolder(run_dir).queries, Query, fast=True)
+    n_votes = count_rows(RunFolder(run_dir).votes, Vote) if RunFolder(run_dir).votes.is_file() else 0
+    judges = RowIndex(RunFolder(run_dir).judges, JudgeRow, fast=True)
+    tags = RowIndex(RunFolder(run_dir).tags, Tags, fast=True)
+    samples = RowIndex(RunFolder(run_dir).samples, Attempt, fast=True)
+    solve = RowIndex(RunFolder(run_dir).solve, Attempt, fast=True)
     done = done_keys(RunFolder(run_dir).records) | done_keys(RunFolder(run_dir).rejects)
     info = info or RunInfo(None)  # the engines and prompts of the run, for each record's provenance
     stats: Counter = Counter()
@@ -177,7 +179,7 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
                 continue
             q = queries.one(vote.id)
             if vote.label is None:
-                reject(q.id, "review" if vote.review else "vote", vote.reason, vote.model_dump(mode="json"))
+                reject(q.id, "review" if vote.review else "vote", vote.reason, dump(vote))
                 continue
             judge = judges.one(q.id)
             if judge is None or not judge.ok or not judge.rationale:
@@ -185,9 +187,12 @@ def run(cfg: AssembleConfig, run_dir: Path, engine=None, info: Optional[RunInfo]
                 reject(q.id, "judge", reason or "no judge rationale", judge.attempts if judge else None)
                 continue
             solver = [a for a in solve.get(q.id, []) if a.source == "solver"]
-            pick, source = content(vote, samples.get(q.id, []), solver, cfg, q)
+            # of the query's samples only the vote's chosen one is read whole
+            chosen = None if vote.chosen_index is None else \
+                samples.first(q.id, mode=vote.label, index=vote.chosen_index)
+            pick, source = content(vote, [chosen] if chosen else [], solver, cfg, q)
             if pick is None:
-                reject(q.id, "assemble", source, vote.model_dump(mode="json"))
+                reject(q.id, "assemble", source, dump(vote))
                 continue
             try:
                 rec = build(q, vote, judge, pick, source, tags.one(q.id), info)

@@ -4,10 +4,14 @@ RowWriter writes ``json.dumps(row.model_dump(mode="json"), ensure_ascii=False)``
 `line` gets the same bytes several times faster: pydantic-core serializes the model to compact JSON (the
 same values as model_dump(mode="json"), the same string escapes as json.dumps with ensure_ascii=False),
 and msgspec's formatter puts in json.dumps' separators (", " and ": "). The one place the two differ is
-how a float is spelled where Python's repr uses an exponent (1e-05, 1e+16): a line that holds a digit
-followed by e/E, "0.0000" or sixteen digits in a row (in a number or not; in a KatRecord, only from its
-tags on: its earlier fields are strings) is written by json.dumps itself, as is any row the fast path
-cannot serialize (the slow path then raises what RowWriter raised).
+how a float is spelled: pydantic-core writes some small ones otherwise than Python's repr (1e-07 as 1e-7,
+1e-05 as 0.00001; large ones and the rest as repr does: checked over every exponent by
+tests/test_assemble.py). A cheap scan finds the text where such a float could stand (a negative exponent,
+"e-" and a digit, or "0.0000"; in a KatRecord, only from its tags on: its earlier fields are strings); where it
+fires, that text is decoded by msgspec with a hook that sees each float's own spelling (the numbers alone:
+strings that look alike do not count), and a row with a float not spelled as repr spells it is written by
+json.dumps itself, as is any row the fast path cannot serialize (the slow path then raises what RowWriter
+raised).
 
 `RecordWriter` gathers the rows and writes them ``every`` rows at a time (and at close), instead of a
 flush per row. A batch of models is serialized in one call (`lines`: pydantic-core's JSON of the list,
@@ -22,7 +26,6 @@ thread instead won nothing measurable on the shared 2-core machine: the serializ
 from __future__ import annotations
 
 import logging
-from bisect import bisect_right
 from itertools import accumulate
 from operator import add
 from pathlib import Path
@@ -37,21 +40,48 @@ from katdata.runfiles import repair_tail, row_line
 
 log = logging.getLogger(__name__)
 
-# where pydantic-core may spell a float otherwise than Python's repr does (or could, for all we check)
-# (checked with every digit made 0: bytes.translate and `in` are far quicker than a regular expression here)
+# the text where pydantic-core may spell a float otherwise than Python's repr does, numbers or strings alike (a quick
+# scan; `exact` then looks at the numbers alone), checked with every digit made 0 (bytes.translate and `in` are far
+# quicker than a regular expression here)
 DIGITS = bytes.maketrans(b"123456789E", b"000000000e")  # (and E as e: one pattern fewer to look for)
 # a KatRecord's fields before tags are strings or null: numbers can only stand after this key (the first
 # time it occurs: no earlier value is an object, and a quote after a comma is no escaped one inside a string)
 TAIL = b',"tags":'
 
 
-PATTERNS = (b"0e", b"0.0000", b"0000000000000000")  # 0e: a digit, then e or E
+PATTERNS = (b"e-0", b"0.0000")  # a negative exponent (1.5e-7); a small number in decimals (0.00001)
 
 
 def risky(raw: bytes) -> bool:
-    """Whether JSON text may hold a float that pydantic-core spells otherwise than repr (see the module doc)."""
+    """Whether JSON text may hold a float that pydantic-core spells otherwise than repr (see the module doc): a quick
+    scan of the text, strings and all."""
     z = raw.translate(DIGITS)
     return any(p in z for p in PATTERNS)
+
+
+def exact(tail: bytes) -> bool:
+    """Whether every float in a row's JSON text (or its tail: from the comma before ``"tags"``) is spelled as repr
+    spells it; the numbers alone are looked at (msgspec hands its float hook each float's text as written)."""
+    return not _inexact([tail])
+
+
+def _inexact(tails: list[bytes]) -> set[int]:
+    """The indexes of the tails that hold a float not spelled as repr spells it (or text msgspec cannot read): all
+    tails read at once by a decoder whose hook collects the floats' texts, compared with repr at once; a tail that
+    holds the text of a float that differs is counted (a string holding that text too: at worst a row written the
+    slow way)."""
+    objects = [b"{" + t[1:] if t[:1] == b"," else t for t in tails]
+    seen: list[str] = []
+    decoder = msgspec.json.Decoder(float_hook=seen.append)
+    try:
+        decoder.decode(b"[" + b",".join(objects) + b"]")
+    except msgspec.DecodeError:  # tail by tail, to find the one msgspec cannot read
+        return {i for i, tail in enumerate(tails) if not exact(tail)} if len(tails) > 1 else {0}
+    spelled = list(map(float.__repr__, map(float, seen)))
+    if spelled == seen:
+        return set()
+    bad = {s.encode() for a, s in zip(spelled, seen) if a != s}
+    return {i for i, text in enumerate(objects) if any(b in text for b in bad)}
 
 
 def slow_line(row: BaseModel | dict[str, Any]) -> bytes:
@@ -65,7 +95,7 @@ def line(row: BaseModel | dict[str, Any]) -> bytes:
         try:
             raw = row.__pydantic_serializer__.to_json(row)
             tail = raw[max(0, raw.find(TAIL)):] if type(row) is KatRecord else raw
-            if not risky(tail):
+            if not risky(tail) or exact(tail):
                 return msgspec.json.format(raw, indent=0)
         except Exception:  # noqa: BLE001  (anything the fast path cannot do: the slow path, its own errors)
             pass
@@ -99,20 +129,12 @@ def lines(rows: list) -> list:
 
 
 def _risky_tails(tails: list[bytes]) -> set[int]:
-    """The indexes of the tails that are `risky`, found in one pass over them all joined by "|" (which no pattern
-    holds, so a hit lies within one tail, and every tail's hits are hits of the joined text)."""
+    """The indexes of the tails with a float not spelled as repr spells it: none where the quick scan finds nothing
+    `risky` in them all joined by "|" (which no pattern holds: a hit lies within one tail), else `_inexact`'s."""
     z = b"|".join(tails).translate(DIGITS)
-    hits = [p for p in PATTERNS if p in z]
-    if not hits:
+    if not any(p in z for p in PATTERNS):
         return set()
-    bounds = list(accumulate((len(t) + 1 for t in tails[:-1]), initial=0))
-    out = set()
-    for pattern in hits:
-        at = z.find(pattern)
-        while at >= 0:
-            out.add(bisect_right(bounds, at) - 1)
-            at = z.find(pattern, at + len(pattern))  # an overlapping hit lies in the same tail
-    return out
+    return _inexact(tails)
 
 
 _TAIL_FORMATTED = b', "tags": '  # TAIL as the formatter spaces it

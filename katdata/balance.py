@@ -14,9 +14,15 @@ import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+from msgspec import UNSET
 
 from katdata.errors import InputError, KatdataError
 from katdata.run_folder import RunFolder
+from katdata.runfiles import loads
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +32,28 @@ LABEL_NAMES = {"vote": "vote", "prior": "tagger prior", "exploration": "explorat
 CONTENT_NAMES = {"sample": "model sample", "solver": "solver team", "reference": "reference"}
 
 
-def _json_rows(path: Path):
+def _json_rows(path: Path, fields: tuple[str, ...]):
+    """The rows of a JSONL file read for ``fields`` alone (an absent one: msgspec.UNSET; msgspec skips the rest, the
+    long texts of records.jsonl among them); broken JSON raises InputError with the line."""
     if not path.is_file():
         return
+    light = msgspec.json.Decoder(msgspec.defstruct("Fields", [(f, Any, UNSET) for f in fields]))
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if raw.strip():
                 try:
-                    yield json.loads(raw)
-                except ValueError as exc:
-                    raise InputError(path, f"broken JSON ({exc})", line=n) from exc
+                    yield light.decode(raw)
+                except msgspec.DecodeError:
+                    try:  # what msgspec refuses and json reads (NaN, a lone surrogate) counts as before
+                        row = loads(raw)
+                    except ValueError as exc:
+                        raise InputError(path, f"broken JSON ({exc})", line=n) from exc
+                    yield SimpleNamespace(**{k: row.get(k, UNSET) if isinstance(row, dict) else UNSET for k in fields})
+
+
+def _get(value, default=None):
+    """A field of a `_json_rows` row as ``dict.get`` gives it: ``default`` where the key is absent."""
+    return default if value is UNSET else value
 
 
 def counts(run_dir: Path) -> dict:
@@ -43,21 +61,21 @@ def counts(run_dir: Path) -> dict:
     sources (records.jsonl), and per labelled mode the reject reasons of the queries it lost (rejects.jsonl)."""
     run_dir = Path(run_dir)
     labels, label_of, vote_sources = Counter(), {}, Counter()
-    for v in _json_rows(RunFolder(run_dir).votes):
-        if v.get("label") in MODES:
-            labels[v["label"]] += 1
-            label_of[v["id"]] = v["label"]
-            vote_sources[v.get("label_source") or "-"] += 1
+    for v in _json_rows(RunFolder(run_dir).votes, ("id", "label", "label_source")):
+        if v.label in MODES:
+            labels[v.label] += 1
+            label_of[v.id] = v.label
+            vote_sources[_get(v.label_source) or "-"] += 1
     records, label_sources, content_sources = Counter(), Counter(), Counter()
-    for r in _json_rows(RunFolder(run_dir).records):
-        records[r["mode"]] += 1
-        label_sources[r.get("label_source") or "-"] += 1
-        content_sources[r.get("content_source") or (r.get("provenance") or {}).get("content_source") or "-"] += 1
+    for r in _json_rows(RunFolder(run_dir).records, ("mode", "label_source", "content_source", "provenance")):
+        records[r.mode] += 1
+        label_sources[_get(r.label_source) or "-"] += 1
+        content_sources[_get(r.content_source) or (_get(r.provenance) or {}).get("content_source") or "-"] += 1
     lost: dict[str, Counter] = defaultdict(Counter)
-    for r in _json_rows(RunFolder(run_dir).rejects):
-        mode = label_of.get(r.get("id"))
+    for r in _json_rows(RunFolder(run_dir).rejects, ("id", "stage", "reason")):
+        mode = label_of.get(_get(r.id))
         if mode:
-            lost[mode][f"{r.get('stage', '-')}: {str(r.get('reason', '-')).split(':')[0]}"] += 1
+            lost[mode][f"{_get(r.stage, '-')}: {str(_get(r.reason, '-')).split(':')[0]}"] += 1
     return {"labels": {m: labels[m] for m in MODES}, "records_by_mode": {m: records[m] for m in MODES},
             "vote_label_sources": dict(vote_sources), "label_sources": dict(label_sources),
             "content_sources": dict(content_sources), "lost": {m: dict(lost[m]) for m in MODES if lost[m]}}
@@ -138,10 +156,10 @@ def card_lines(run_dir: Path, exported: dict, label_sources: dict, content_sourc
            f"Their content: {share_line(content_sources, CONTENT_NAMES)}.", ""]
     if (RunFolder(run_dir).votes).is_file():
         labels, sources = Counter(), Counter()
-        for v in _json_rows(RunFolder(run_dir).votes):
-            if v.get("label") in MODES:
-                labels[v["label"]] += 1
-                sources[v.get("label_source") or "-"] += 1
+        for v in _json_rows(RunFolder(run_dir).votes, ("label", "label_source")):
+            if v.label in MODES:
+                labels[v.label] += 1
+                sources[_get(v.label_source) or "-"] += 1
         out += [f"Mode shares, vote labels -> exported records: {mode_line(labels, exported)}. "
                 f"All labels of the vote stage: {share_line(sources, LABEL_NAMES)}.", ""]
     summary = RunFolder(run_dir).summary
