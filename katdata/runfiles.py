@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from array import array
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Type, TypeVar
@@ -184,7 +186,7 @@ class RowIndex:
 
     def __init__(self, path: Path, model: Type[T], key: str = "id", fast: bool = False):
         self.path, self.model = Path(path), model
-        self._at: dict[str, int | list[int]] = {}  # key -> offset, or offsets when several rows share it
+        self._at: dict[str, int | array] = {}  # key -> offset, or offsets when several rows share it
         self._fd: Optional[int] = None
         self._fast = fast_rows.decoder(model) if fast else None
         if not self.path.is_file():
@@ -194,8 +196,15 @@ class RowIndex:
             for n, raw in enumerate(f, 1):
                 if raw.strip():
                     k = getattr(check_row(self.path, n, raw, self.model), key)
+                    if type(k) is str:
+                        k = sys.intern(k)  # one string per id, shared by the run's indexes
                     have = self._at.get(k)
-                    self._at[k] = offset if have is None else (have if isinstance(have, list) else [have]) + [offset]
+                    if have is None:
+                        self._at[k] = offset
+                    elif type(have) is int:
+                        self._at[k] = array("q", (have, offset))  # 8 bytes an offset
+                    else:
+                        have.append(offset)
                 offset += len(raw)
 
     def _parse(self, raw: bytes, line: int | None = None):
@@ -206,11 +215,11 @@ class RowIndex:
                 pass
         return parse_row(self.path, line, raw, self.model)
 
-    def _lines(self, at: int | list[int]) -> list[bytes]:
+    def _lines(self, at: int | array) -> list[bytes]:
         """The lines that start at these offsets (in file order, as indexed)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        if not isinstance(at, list):
+        if type(at) is int:
             return [_line_at(self._fd, at)]
         lo = at[0]
         if at[-1] - lo > _NEAR:
@@ -244,7 +253,7 @@ class RowIndex:
         at = self._at.get(key)
         if at is None:
             return None
-        return self._parse(self._lines(at if not isinstance(at, list) else at[0])[0])
+        return self._parse(self._lines(at if type(at) is int else at[0])[0])
 
     def first(self, key, **fields):
         """The first row with this key whose ``fields`` have the given values, or None. Each of the key's lines is read
