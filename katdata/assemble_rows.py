@@ -6,8 +6,8 @@ same values as model_dump(mode="json"), the same string escapes as json.dumps wi
 and msgspec's formatter puts in json.dumps' separators (", " and ": "). The one place the two differ is
 how a float is spelled: pydantic-core writes some small ones otherwise than Python's repr (1e-07 as 1e-7,
 1e-05 as 0.00001; large ones and the rest as repr does: checked over every exponent by
-tests/test_assemble.py). A cheap scan finds the text where such a float could stand (a negative exponent,
-"e-" and a digit, or "0.0000"; in a KatRecord, only from its tags on: its earlier fields are strings); where it
+tests/test_assemble.py). A cheap scan finds the text where such a float could stand ("e-" or "E-", as in a
+negative exponent, or "0.0000"; in a KatRecord, only from its tags on: its earlier fields are strings); where it
 fires, that text is decoded by msgspec with a hook that sees each float's own spelling (the numbers alone:
 strings that look alike do not count), and a row with a float not spelled as repr spells it is written by
 json.dumps itself, as is any row the fast path cannot serialize (the slow path then raises what RowWriter
@@ -40,23 +40,24 @@ from katdata.runfiles import repair_tail, row_line
 
 log = logging.getLogger(__name__)
 
-# the text where pydantic-core may spell a float otherwise than Python's repr does, numbers or strings alike (a quick
-# scan; `exact` then looks at the numbers alone), checked with every digit made 0 (bytes.translate and `in` are far
-# quicker than a regular expression here)
-DIGITS = bytes.maketrans(b"123456789E", b"000000000e")  # (and E as e: one pattern fewer to look for)
 # a KatRecord's fields before tags are strings or null: numbers can only stand after this key (the first
 # time it occurs: no earlier value is an object, and a quote after a comma is no escaped one inside a string)
 TAIL = b',"tags":'
 
 
-PATTERNS = (b"e-0", b"0.0000")  # a negative exponent (1.5e-7); a small number in decimals (0.00001)
+# where pydantic-core may spell a float otherwise than Python's repr does, in numbers or strings alike (a quick scan;
+# `exact` then looks at the numbers alone): a small number in decimals (0.00001 for repr's 1e-05), or a negative
+# exponent ("e-" or "E-" and a digit: 1.5e-7 for repr's 1.5e-07), found with every digit made 0 by bytes.translate
+# (far quicker than a regular expression), where "e-" or "E-" stands at all
+DIGITS = bytes.maketrans(b"123456789E", b"000000000e")
 
 
 def risky(raw: bytes) -> bool:
     """Whether JSON text may hold a float that pydantic-core spells otherwise than repr (see the module doc): a quick
     scan of the text, strings and all."""
-    z = raw.translate(DIGITS)
-    return any(p in z for p in PATTERNS)
+    if b"0.0000" in raw:
+        return True
+    return (b"e-" in raw or b"E-" in raw) and b"e-0" in raw.translate(DIGITS)
 
 
 def exact(tail: bytes) -> bool:
@@ -131,10 +132,7 @@ def lines(rows: list) -> list:
 def _risky_tails(tails: list[bytes]) -> set[int]:
     """The indexes of the tails with a float not spelled as repr spells it: none where the quick scan finds nothing
     `risky` in them all joined by "|" (which no pattern holds: a hit lies within one tail), else `_inexact`'s."""
-    z = b"|".join(tails).translate(DIGITS)
-    if not any(p in z for p in PATTERNS):
-        return set()
-    return _inexact(tails)
+    return _inexact(tails) if risky(b"|".join(tails)) else set()
 
 
 _TAIL_FORMATTED = b', "tags": '  # TAIL as the formatter spaces it
