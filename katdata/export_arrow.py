@@ -1,11 +1,11 @@
 """Reading records.jsonl for export, a block at a time: each line decoded once, typed as a KatRecord.
 
-The fast path decodes every line with msgspec into `Rec` (the fields, types and refusals of
-`records.KatRecord`: unknown keys, wrong types and bad literals are errors). msgspec refuses a little
-more than pydantic does (NaN, Infinity, lone surrogates): a block with any line it refuses is read again
-by pydantic, line by line, exactly as before, so the records and the errors (file, line, field) stay the
-same. What msgspec accepts, pydantic accepts with the same values (same ints, floats, key order, last of
-duplicate keys), so the exported bytes are the same either way.
+The fast path decodes every line with msgspec into `Rec`, KatRecord's mirror derived by katdata.fast_rows (the
+fields, types and refusals of `records.KatRecord`: unknown keys, wrong types and bad literals are errors).
+msgspec refuses a little more than pydantic does (NaN, Infinity, lone surrogates): a block with any line it
+refuses is read again by pydantic, line by line, exactly as before, so the records and the errors (file, line,
+field) stay the same. What msgspec accepts, pydantic accepts with the same values (same ints, floats, key order,
+last of duplicate keys), so the exported bytes are the same either way.
 
 Pass 1 (`count_lines`, `count_strata`) decodes only id, mode and tags.domain (`_Key`); the hold-back
 scan (`flagged`, and export_spans per span) counts the ``"review"`` keys of a block and only looks further
@@ -20,12 +20,12 @@ import struct
 from collections import Counter
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from katdata import review_routing
+from katdata import fast_rows, review_routing
 from katdata.errors import InputError
 from katdata.records import KatRecord
 from katdata.runfiles import invalid_row
@@ -36,35 +36,7 @@ BLOCK = 1 << 22  # bytes read at once (whole lines)
 CHUNK = 1000  # lines pydantic validates at once on the careful path
 
 
-class Change(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """records.Change as msgspec reads it."""
-
-    field: str
-    old: Any = None
-    new: Any = None
-    annotator: Optional[str] = None
-    at: Optional[str] = None
-
-
-class Rec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """records.KatRecord as msgspec reads it (same fields, types, defaults and refusals)."""
-
-    id: str
-    query: str
-    system: Optional[str] = None
-    mode: Literal["on", "off"]
-    judge: str
-    think: Optional[str] = None
-    answer: str
-    response: str
-    reference: Optional[str] = None
-    kind: Optional[Literal["math", "numeric", "choice", "exact", "code", "open"]] = None
-    label_source: Optional[Literal["vote", "prior", "exploration", "human"]] = None
-    content_source: Optional[Literal["sample", "solver", "reference"]] = None
-    tags: dict[str, Any] = msgspec.field(default_factory=dict)
-    vote: dict[str, Any] = msgspec.field(default_factory=dict)
-    provenance: dict[str, Any] = msgspec.field(default_factory=dict)
-    changes: list[Change] = msgspec.field(default_factory=list)
+Rec = fast_rows.struct(KatRecord)  # records.KatRecord as msgspec reads it (katdata.fast_rows: its fields, types, refusals)
 
 
 class _Domain(msgspec.Struct):
@@ -93,7 +65,7 @@ class PKey(BaseModel):
     tags: Optional[_PDomain] = None
 
 
-_RECS = msgspec.json.Decoder(Rec)
+_RECS = fast_rows.decoder(KatRecord)
 _KEYS = msgspec.json.Decoder(_Key)
 
 

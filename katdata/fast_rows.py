@@ -101,9 +101,17 @@ def _struct(model: type[BaseModel], structs: dict) -> type:
 
 
 @lru_cache(maxsize=None)
-def decoder(model: type[BaseModel]) -> Optional[msgspec.json.Decoder]:
-    """A msgspec decoder of ``model``'s mirror, or None where the model has something the mirror does not translate."""
+def struct(model: type[BaseModel]) -> Optional[type]:
+    """``model``'s mirror (a ``msgspec.Struct`` class with its fields), or None where the model has something the
+    mirror does not translate."""
     try:
-        return msgspec.json.Decoder(_struct(model, {}))
+        return _struct(model, {})
     except Untranslatable:
         return None
+
+
+@lru_cache(maxsize=None)
+def decoder(model: type[BaseModel]) -> Optional[msgspec.json.Decoder]:
+    """A msgspec JSON decoder of ``model``'s mirror, or None where the model has none."""
+    mirror = struct(model)
+    return None if mirror is None else msgspec.json.Decoder(mirror)
