@@ -34,10 +34,10 @@ def parse_row(path: Path, line: Optional[int], raw: bytes, model: Type[T]) -> T:
     read by msgspec (several times quicker, the same values); what it refuses (NaN, Infinity, out-of-range numbers,
     lone surrogates, broken text) is read by json.loads, which accepts some of it and names what is broken."""
     try:
-        data = loads(raw)
-    except ValueError:
+        data = _JSON.decode(raw)
+    except msgspec.DecodeError:
         try:
-            data = json.loads(raw.decode("utf-8"))  # (for its error)
+            data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise InputError(path, f"not UTF-8 ({exc.reason})", line=line) from exc
         except json.JSONDecodeError as exc:

@@ -141,3 +141,14 @@ def test_first_reads_the_chosen_row_and_lookups_read_lines_near_and_far(tmp_path
         assert index.one("tail").text == "y" * 20_000 and index.one("none") is None
         assert all(type(r) is Attempt for r in index.get("a")) != fast
         index.close()
+
+
+def test_parse_row_refuses_what_it_refused_before(tmp_path):
+    """msgspec reads first, but a line json.loads would only read from bytes of another encoding (UTF-16) is still
+    "not UTF-8", and broken JSON is still named as such."""
+    line = json.dumps(VALID[Query]).encode("utf-16")
+    with pytest.raises(InputError, match=r":4: not UTF-8"):
+        parse_row(tmp_path, 4, line, Query)
+    with pytest.raises(InputError, match=r":5: broken JSON"):
+        parse_row(tmp_path, 5, b'{"id": "a",}', Query)
+    assert parse_row(tmp_path, 6, json.dumps(VALID[Query]).encode(), Query) == Query(**VALID[Query])
