@@ -42,9 +42,11 @@ def _json_rows(path: Path, fields: tuple[str, ...]):
         for n, raw in enumerate(f, 1):
             if raw.strip():
                 try:
+                    if not raw.isascii():
+                        raw.decode("utf-8")  # msgspec does not look into the strings it skips
                     yield light.decode(raw)
-                except msgspec.DecodeError:
-                    try:  # what msgspec refuses and json reads (NaN, a lone surrogate) counts as before
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    try:  # what msgspec refuses, json as before: it reads NaN and a lone surrogate, names the rest
                         row = loads(raw)
                     except ValueError as exc:
                         raise InputError(path, f"broken JSON ({exc})", line=n) from exc

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from katdata.assemble import AssembleConfig, run
-from katdata.errors import KatdataError
+from katdata.balance import counts
+from katdata.errors import InputError, KatdataError
 from katdata.judge import JudgeRow
 from katdata.records import Attempt, KatRecord
 from katdata.runfiles import RowWriter, read_rows
@@ -195,3 +196,24 @@ def test_real_run_with_the_embedded_model_stops_before_export(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imbalance accepted" in " ".join(proc.stdout.split())
     assert "**Imbalance accepted**" in (run_dir / "export" / "README.md").read_text("utf-8")
+
+
+def test_counts_read_only_their_fields_and_refuse_what_they_refused(tmp_path):
+    """balance.counts reads the fields it counts (a record's long texts skipped) with the same counts as whole rows
+    give, NaN included; a line that is not UTF-8, even inside a field it skips, is still one clear error."""
+    votes = [{"id": f"q{i}", "label": m, "label_source": s, "reason": "r"} for i, (m, s) in
+             enumerate([("on", "vote"), ("off", None), (None, None), ("off", "prior")])]
+    (tmp_path / "votes.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
+    records = [{"id": "q0", "mode": "on", "label_source": "vote", "response": "é" * 50, "provenance": {"x": 1}},
+               {"id": "q3", "mode": "off", "content_source": None, "provenance": {"content_source": "solver"},
+                "score": float("nan")}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "rejects.jsonl").write_text(json.dumps({"id": "q1", "stage": "judge", "reason": "too long: 9"}) + "\n")
+    c = counts(tmp_path)
+    assert c["labels"] == {"on": 1, "off": 2} and c["records_by_mode"] == {"on": 1, "off": 1}
+    assert c["vote_label_sources"] == {"vote": 1, "-": 1, "prior": 1} and c["label_sources"] == {"vote": 1, "-": 1}
+    assert c["content_sources"] == {"-": 1, "solver": 1} and c["lost"] == {"off": {"judge: too long": 1}}
+    with open(tmp_path / "records.jsonl", "ab") as f:
+        f.write(b'{"id": "q9", "mode": "on", "response": "\xff"}\n')
+    with pytest.raises(InputError, match=r"records.jsonl:3: broken JSON"):
+        counts(tmp_path)
