@@ -187,7 +187,7 @@ class RowIndex:
     def __init__(self, path: Path, model: Type[T], key: str = "id", fast: bool = False):
         self.path, self.model = Path(path), model
         self._at: dict[str, int | array] = {}  # key -> offset, or offsets when several rows share it
-        self._fd: Optional[int] = None
+        self._f = None  # opened at the first lookup, read by os.pread (a file object: closed with the index too)
         self._fast = fast_rows.decoder(model) if fast else None
         if not self.path.is_file():
             return
@@ -217,18 +217,19 @@ class RowIndex:
 
     def _lines(self, at: int | array) -> list[bytes]:
         """The lines that start at these offsets (in file order, as indexed)."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        if self._f is None:
+            self._f = open(self.path, "rb", buffering=0)
+        fd = self._f.fileno()
         if type(at) is int:
-            return [_line_at(self._fd, at)]
+            return [_line_at(fd, at)]
         lo = at[0]
         if at[-1] - lo > _NEAR:
-            return [_line_at(self._fd, off) for off in at]
-        block = os.pread(self._fd, at[-1] - lo + _READ, lo)
+            return [_line_at(fd, off) for off in at]
+        block = os.pread(fd, at[-1] - lo + _READ, lo)
         out = []
         for off in at:
             end = block.find(b"\n", off - lo)
-            out.append(block[off - lo:end + 1] if end >= 0 else _line_at(self._fd, off))
+            out.append(block[off - lo:end + 1] if end >= 0 else _line_at(fd, off))
         return out
 
     def __contains__(self, key) -> bool:
@@ -277,9 +278,9 @@ class RowIndex:
         return None
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 _NEAR = 1 << 18  # a key's lines within this many bytes of each other are read at once

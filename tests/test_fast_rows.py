@@ -1,7 +1,9 @@
 """katdata.fast_rows: each row model's msgspec mirror reads a line only where pydantic reads it, with the same values;
 the row index and the readers built on it give the same rows, the same errors, and the chosen sample alone."""
 
+import gc
 import json
+import os
 from itertools import product
 
 import msgspec
@@ -141,6 +143,12 @@ def test_first_reads_the_chosen_row_and_lookups_read_lines_near_and_far(tmp_path
         assert index.one("tail").text == "y" * 20_000 and index.one("none") is None
         assert all(type(r) is Attempt for r in index.get("a")) != fast
         index.close()
+    fds = len(os.listdir("/proc/self/fd"))  # an index dropped without close() leaves no file open
+    index = RowIndex(path, Attempt)
+    index.one("a")
+    del index
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_parse_row_refuses_what_it_refused_before(tmp_path):
