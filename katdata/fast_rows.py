@@ -115,3 +115,10 @@ def decoder(model: type[BaseModel]) -> Optional[msgspec.json.Decoder]:
     """A msgspec JSON decoder of ``model``'s mirror, or None where the model has none."""
     mirror = struct(model)
     return None if mirror is None else msgspec.json.Decoder(mirror)
+
+
+@lru_cache(maxsize=None)
+def fields(names: tuple[str, ...]) -> type:
+    """A struct of just these fields of a JSON object, any values, ``msgspec.UNSET`` where one is absent: msgspec
+    skips the object's other keys (a light read of a few fields of long lines)."""
+    return msgspec.defstruct("Fields", [(name, Any, msgspec.UNSET) for name in names])
