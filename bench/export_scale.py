@@ -3,7 +3,10 @@
 For each count (default 100,000 and 1,000,000), in fresh processes side by side:
   1. assemble: build KatRecord rows from real query texts (GSM8K with worked solutions as think-on,
      FanOutQA hops as think-off), render the byte-exact KAT response, append to records.jsonl;
-  2. export: `katdata.export.run` on that run folder (two streaming passes, parquet row groups);
+  2. export: `katdata.export.run` on that run folder: records.jsonl is katdata's own (assemble's writer stamped it,
+     katdata.written), so DuckDB reads it (katdata.export_duck); then export-python: the same export by the Python
+     reader (KATDATA_EXPORT_DUCKDB=0: two streaming passes, worker processes), its ratio and whether the two
+     exports are byte-identical;
   3. floor: export's C++ parts alone on the same records and export, one thread (pyarrow's JSON reader over the
      typed columns, the parquet encoding of the exported row groups): records per CPU-second, and export's
      ratio to it (what export costs beyond reading and writing its columns);
@@ -127,9 +130,13 @@ def _export_phases(ph: Phases) -> None:
     groups handed to the writer thread and the wait for it at the end, card and plot (the thread's encoding
     overlaps the other phases, so it shows only where the main thread waits for it). Timed in one process
     (worker processes would hide their phases), so the phase run is slower than the plain one on several cores."""
-    from katdata import card, export, export_arrow, export_columns, export_spans, export_write
+    from katdata import card, export, export_arrow, export_columns, export_duck, export_spans, export_write
 
     export_spans.MAX_WORKERS = 1
+    ph.wrap(export_duck.Reader, "plan", "read")  # DuckDB's reader (a file katdata wrote: katdata.written)
+    ph.wrap(export_duck, "_read_batch", "read")
+    ph.wrap(export_duck.Reader, "flags", "route/hold back")
+    ph.wrap(export_duck, "_table", "render")
     ph.wrap(export_arrow, "count_lines", "read")
     ph.wrap(export_arrow, "key_columns", "read")
     ph.wrap(export_arrow, "decode_block", "read")
@@ -323,6 +330,16 @@ class Threads:
         return {"main": main, "parquet": parquet, "other": sum(self.cpu.values()) - main - parquet}
 
 
+def _python_export(run: Path) -> Path:
+    return run.with_name(f"{run.name}-export-python")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """An export folder's files and their bytes (its marker, which names the folder, left out)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".katdata-export.json"}
+
+
 MEASURES = {"floor": floor, "bound": bound}  # the steps that measure rather than run a stage
 
 
@@ -340,7 +357,11 @@ def child(step: str, run: Path, n: int, phases: bool = False) -> dict:
         else:
             from katdata.export import ExportConfig, run as export_run
 
-            export_run(ExportConfig(), run, None)
+            out = None
+            if step == "export-python":  # the same export by the Python reader, side by side (outside the run folder)
+                os.environ["KATDATA_EXPORT_DUCKDB"] = "0"
+                out = _python_export(run)
+            export_run(ExportConfig(out=out), run, None)
     secs, cpu = time.perf_counter() - t, _cpu() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # export's worker processes, when it started any
@@ -395,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_scale", description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed after)")
-    p.add_argument("--child", choices=["assemble", "export", *MEASURES], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["assemble", "export", "export-python", *MEASURES], help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help="export's worker processes (KATDATA_EXPORT_WORKERS; default: one per CPU, "
@@ -415,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in a.counts:
             run = work / f"run-{n}"
-            for step in ("assemble", "export"):
+            for step in ("assemble", "export", "export-python"):
                 r = measure(step, run, n)
                 results.append(r)
                 ref, ref_cpu = (table.get((step, n)) for table in committed())
@@ -433,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"         export's threads: main {th['main']:.1f} CPU-s, parquet {th['parquet']:.1f}, other "
                           f"{th['other']:.1f}; worker processes {r['worker_cpu_s']:.1f}. The busiest thread alone caps "
                           f"export at {n / top:,.0f} records/s, whatever the core count", flush=True)
+                if step == "export-python":
+                    duck = next(x for x in results if x["step"] == "export" and x["n"] == n)
+                    same = _files(run / "export") == _files(_python_export(run))
+                    shutil.rmtree(_python_export(run))
+                    print(f"         DuckDB's reader (katdata wrote records.jsonl: katdata.written) at "
+                          f"x{duck['rate'] / r['rate']:.2f} of the Python reader's records/s, x"
+                          f"{duck['cpu_rate'] / r['cpu_rate']:.2f} per CPU-s; the two exports "
+                          f"{'byte-identical' if same else 'DIFFER'}", flush=True)
+                    continue
                 if a.phases:  # a second, instrumented run (wrapping costs a little): where the time goes
                     if step == "assemble":
                         (run / "records.jsonl").unlink()

@@ -66,12 +66,15 @@ def features(fmt: str = "hf"):
 
 
 def _fits(value: Any, dtype: str) -> bool:
-    """Whether a value goes in a typed column (exact types: a bool is no int here)."""
+    """Whether a value goes in a typed column (exact types: a bool is no int here; an int in a float column only
+    where a float holds it exactly, as Arrow requires)."""
     if value is None:
         return True
     if type(value) not in COLUMN_TYPES[dtype]:
         return False
-    return dtype != "int32" or -2**31 <= value < 2**31
+    if dtype == "int32":
+        return -2**31 <= value < 2**31
+    return dtype != "float64" or type(value) is float or -2**53 <= value <= 2**53
 
 
 def dumps(value: Any) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from katdata import card, export_arrow, export_spans, kat_bulk, output_paths, review_routing
+from katdata import card, export_arrow, export_duck, export_spans, kat_bulk, output_paths, review_routing, written
 from katdata.card import features, from_hf_row  # noqa: F401  (re-exported: the layout of an export)
 from katdata.export_columns import Batch, _provenance  # noqa: F401  (re-exported)
 from katdata.export_write import Background, Format, SplitWriter, data_glob
@@ -137,9 +137,9 @@ def split_records(path: Path, test_size: float, seed: int, counts: dict[str, int
 # ---------------------------------------------------------------- writing (katdata.export_write)
 
 def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits: set[str], recipe=None,
-                   reader: Optional[export_spans.Reader] = None, per_span: Optional[list[Counter]] = None) -> dict:
-    """Pass 1 (rows per stratum; ``per_span``: its rows per span as the hold-back scan counted them, None: read
-    them here), pass 2 (split and write), the card."""
+                   reader=None, per_span: Optional[list[Counter]] = None) -> dict:
+    """Pass 1 (rows per stratum; ``per_span``: its rows per span as the hold-back scan or DuckDB's plan counted
+    them, None: read them here), pass 2 (split and write), the card."""
     hf_schema, schema = features("hf").arrow_schema, features(cfg.format).arrow_schema
     skip = waits if cfg.require_review else frozenset()
     export_arrow._check(src)
@@ -149,6 +149,12 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
     for part in (per_span if per_span is not None else reader.map(export_spans.count_span, skip)):
         counts.update(part)
         starts.append(starts[-1] + sum(part.values()))
+    hinted = isinstance(reader, export_duck.Reader)  # counts not read from the file itself: checked as it is read
+    if hinted:
+        parts = reader.tables(hf_schema, cfg.batch_rows)
+    else:
+        each = [(start, cfg.batch_rows) for start in starts[:-1]]
+        parts = reader.map(export_spans.table_span, skip, hf_schema, each=each)
     total = sum(counts.values())
     if total == 0:
         why = f"all {len(skip)} records wait for review ({review_routing.WAIT_HINT})" if skip else "no records to export"
@@ -160,7 +166,7 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
     try:
         writers = {s: SplitWriter(tmp, cfg.format, s, sizes[s], schema, cfg.shard_rows, cfg.batch_rows, background)
                    for s in SPLITS if sizes[s]}
-        stats = _split(src, cfg, reader, skip, counts, alloc, starts, writers, hf_schema, schema)
+        stats = _split(src, cfg, parts, counts, alloc, writers, schema, hinted)
         for w in writers.values():
             w.close()
         background.close()
@@ -176,10 +182,11 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
             "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
 
 
-def _split(src: Path, cfg: ExportConfig, reader: export_spans.Reader, skip, counts: Counter, alloc: dict,
-           starts: list[int], writers: dict, hf_schema, schema) -> card.CardStats:
-    """Pass 2: each kept record to train or test (exact, stratified selection sampling in file order: rows left,
-    test rows left per stratum), its row group counted for the card and written."""
+def _split(src: Path, cfg: ExportConfig, parts: Iterator[tuple[list[str], list]], counts: Counter, alloc: dict,
+           writers: dict, schema, hinted: bool = False) -> card.CardStats:
+    """Pass 2: each kept record (``parts``: the strata and hf tables of the kept records, in file order) to train or
+    test (exact, stratified selection sampling in file order: rows left, test rows left per stratum), its row group
+    counted for the card and written."""
     import pyarrow as pa
 
     stats = card.CardStats()
@@ -196,11 +203,12 @@ def _split(src: Path, cfg: ExportConfig, reader: export_spans.Reader, skip, coun
     left = {s: [counts[s], alloc[s]] for s in counts}
     rand = random.Random(cfg.seed).random
     pieces, rows, tests = [], 0, []  # the row group being gathered
-    each = [(start, cfg.batch_rows) for start in starts[:-1]]
-    for strata, tables in reader.map(export_spans.table_span, skip, hf_schema, each=each):
+    for strata, tables in parts:
         for i, key in enumerate(strata):
             state = left.get(key)
             if state is None or state[0] <= 0:
+                if hinted:
+                    raise export_duck.Fallback(f"more {key} records than counted")
                 raise InputError(src, f"record {_id(tables, i)} not seen in the first pass: the file changed during "
                                  "export")
             test = rand() * state[0] < state[1]
@@ -217,6 +225,8 @@ def _split(src: Path, cfg: ExportConfig, reader: export_spans.Reader, skip, coun
                     pieces, tests, rows = [], tests[rows:], 0
     if rows:
         flush(pa.concat_tables(pieces), tests)
+    if hinted and any(state[0] for state in left.values()):
+        raise export_duck.Fallback("fewer records than counted")
     return stats
 
 
@@ -238,6 +248,43 @@ def _waiting(reader: export_spans.Reader, run_dir: Path, src: Path, policy: revi
     scans = list(reader.map(export_spans.flag_count_span))
     waits = set().union(*(s.flags for s in scans))
     return waits, export_spans.held_counts(scans, waits) if held_back else [s.all for s in scans]
+
+
+def _fast(src: Path, run_dir: Path, policy: review_routing.ReviewConfig, held_back: bool):
+    """(DuckDB's reader, the waiting ids, its rows per stratum) for a records file katdata wrote and nobody changed
+    since (katdata.export_duck), or (None, None, None): the file is read in Python. The rows per stratum and the
+    flagged ids come from what the writer counted (katdata.written) where it did and no blocking rule holds records
+    back, else from a first read."""
+    if not export_duck.available(src):
+        return None, None, None
+    reader = export_duck.Reader(src)
+    try:
+        facts = written.counted(src)
+        if facts is not None and not policy.blocking:
+            waits = {i for i, _ in facts["flagged"]}
+            counts = Counter(facts["strata"])
+            if held_back:
+                counts.subtract(s for _, s in facts["flagged"])
+        else:
+            waits = review_routing.waiting(run_dir, src, policy) if policy.blocking else set()
+            reader.set_skip(waits if held_back else frozenset())
+            counts, n_flagged = reader.plan()
+            if n_flagged and not policy.blocking:
+                waits = reader.flags()
+                if held_back:
+                    reader.set_skip(waits)
+                    counts, _ = reader.plan()
+        if held_back:
+            reader.set_skip(waits)
+    except export_duck.Fallback as why:
+        log.info("%s: %s: export reads it in Python", src, why)
+        reader.close()
+        return None, None, None
+    except BaseException:
+        reader.close()
+        raise
+    log.debug("reading %s with DuckDB (katdata wrote it, unchanged since)", src)
+    return reader, waits, [+counts]
 
 
 def _review_note(waits: int, required: bool) -> str:
@@ -302,14 +349,25 @@ def run(cfg: ExportConfig, run_dir: Path, engine=None, *, label: Optional[str] =
     made = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]  # removed again if export fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = reader = None
+    policy = review or review_routing.ReviewConfig()
     try:
-        # the records the review policy (the recipe's review: section, its defaults without one) holds back
-        reader = export_spans.Reader(src)  # worker processes for a large file
         with kat_bulk.gc_paused():
-            waits, per_span = _waiting(reader, run_dir, src, review or review_routing.ReviewConfig(),
-                                       cfg.require_review)
+            # the records the review policy (the recipe's review: section, its defaults without one) holds back
+            reader, waits, per_span = _fast(src, run_dir, policy, cfg.require_review)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-            stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, per_span)
+            if reader is not None:
+                try:
+                    stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, per_span)
+                except export_duck.Fallback as why:
+                    log.info("%s: %s: export reads it in Python", src, why)
+                    reader.close(failed=True)
+                    reader = None
+                    shutil.rmtree(tmp)
+                    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            if reader is None:
+                reader = export_spans.Reader(src)  # worker processes for a large file
+                waits, per_span = _waiting(reader, run_dir, src, policy, cfg.require_review)
+                stats = _write_dataset(tmp, src, run_dir, cfg, waits, recipe, reader, per_span)
         output_paths.write_marker(tmp, kind="export", run_dir=run_dir, format=cfg.format)
         output_paths.honour_umask(tmp)  # mkdtemp made it 0700
         reader.close()

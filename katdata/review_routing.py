@@ -227,8 +227,14 @@ def _flagged_lines(lines: list[bytes], out: set[str]) -> None:
             r = _Flagged.model_validate_json(raw)
         except ValidationError:
             continue
-        if r.vote.review is True and not isinstance(r.provenance.review, dict):
+        if waits_for_review(r.vote.review, r.provenance.review):
             out.add(r.id)
+
+
+def waits_for_review(vote_review: Any, provenance_review: Any) -> bool:
+    """The vote's flag rule: the vote flagged the record (``review`` is true) and no reviewer answered it (the
+    merge puts the answer, an object, under provenance's ``review``)."""
+    return vote_review is True and not isinstance(provenance_review, dict)
 
 
 def _rows(path: Path, model) -> Iterable:
