@@ -6,7 +6,10 @@ at a time (memory flat in the row count; katdata.export_arrow decodes each line 
 2. validate each row, assign it to train/test by selection sampling (exact, seeded, stratified; one pair of
 counters per stratum), build the columns as Arrow arrays a row group at a time (katdata.export_columns),
 write parquet row groups (katdata.export_write: encoded on a background thread). The reading is done span
-by span (katdata.export_spans), in worker processes when KATDATA_EXPORT_WORKERS allows. All goes to a temporary
+by span (katdata.export_spans), in worker processes when KATDATA_EXPORT_WORKERS allows. A records file that
+assemble's writer stamped and nobody changed since (katdata.written) is read by DuckDB instead, column-wise
+(katdata.export_duck), with the rows per stratum the writer counted; whatever DuckDB could read otherwise
+sends the export back to the Python reader, from the start. All goes to a temporary
 folder renamed into place at the end; the place must be new, an empty folder or katdata's own earlier
 export (katdata.output_paths), nothing else is replaced.
 """
