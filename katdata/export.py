@@ -172,15 +172,16 @@ def _write_dataset(tmp: Path, src: Path, run_dir: Path, cfg: ExportConfig, waits
         stats = _split(src, cfg, parts, counts, alloc, writers, schema, hinted)
         for w in writers.values():
             w.close()
+        # the card (its counters, plot and text) while the thread encodes the last row groups: it reads no parquet
+        splits = {s: {"rows": w.rows, "bytes": w.nbytes, "files": w.n_shards, "pattern": data_glob(cfg.format, s)}
+                  for s, w in writers.items()}
+        if cfg.format == "llamafactory":
+            card.llamafactory_info(tmp, splits)
+        stats.review_note = _review_note(len(waits), cfg.require_review)
+        card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
         background.close()
     finally:
         background.close(quiet=True)
-    splits = {s: {"rows": w.rows, "bytes": w.nbytes, "files": w.n_shards, "pattern": data_glob(cfg.format, s)}
-              for s, w in writers.items()}
-    if cfg.format == "llamafactory":
-        card.llamafactory_info(tmp, splits)
-    stats.review_note = _review_note(len(waits), cfg.require_review)
-    card.write_card(tmp, run_dir, src, stats, splits, features(cfg.format), cfg, recipe)
     return {"rows_in": total + len(skip), "rows_out": stats.n, "splits": {s: v["rows"] for s, v in splits.items()},
             "on": stats.modes["on"], "off": stats.modes["off"], "format": cfg.format}
 
