@@ -168,6 +168,7 @@ def test_rolling_window_is_bounded_and_not_batch_by_batch(vllm_server, openai_co
     assert all(len(r) == 1 and r[0].finish_reason in ("stop", "length") for r in out)
 
 
+@pytest.mark.slow  # about a minute (a second vLLM server start): keeps the default run under 15 minutes here
 def test_server_killed_and_restarted_mid_run(vllm_server, openai_config, openai_backend):
     """kill -9 the server after a few answers, restart it on the same port: the run completes and
     every request is answered exactly once, with the answer an undisturbed run gives."""
