@@ -43,8 +43,10 @@ MIN_BYTES = 32 << 20  # smaller files are read in Python (bench/export_scale.py:
 
 def available(path: Path) -> bool:
     """Whether this reader may read ``path``: katdata wrote the file, unchanged since, it holds ``MIN_BYTES`` or more,
-    and DuckDB is installed (KATDATA_EXPORT_DUCKDB=0: never)."""
+    its path holds no glob character, and DuckDB is installed (KATDATA_EXPORT_DUCKDB=0: never)."""
     if os.environ.get("KATDATA_EXPORT_DUCKDB", "1") == "0" or not written.unchanged(path):
+        return False
+    if set(str(path)) & set("*?[{"):  # read_json takes its path as a glob pattern
         return False
     if os.path.getsize(path) < MIN_BYTES:
         return False

@@ -46,7 +46,9 @@ def _fitting() -> list:
                                entropy_on=1e-05)
             upd["provenance"] = dict(upd.get("provenance", r.provenance), attempt_index=0, correct=True,
                                      completion_tokens=2**70, tokens=1e-7, big=1e16, review=False)
-            upd["tags"] = dict(r.tags, id=r.id, rule={"x": [1.5, None, "\u2028"]}, p_reasoning=2)
+            upd["tags"] = dict(r.tags, id=r.id, rule={"x": [1.5, None, "\u2028 \U0001F600 \u00e9"], "y": {}}, p_reasoning=2)
+        if i % 5 == 1:  # extras DuckDB spells itself (nothing to re-spell): non-ASCII, a line separator, "/", nesting
+            upd["tags"] = dict(r.tags, note="é \U0001F600 \u2028 a/b", deep={"k": [True, None, {}, []]})
         if i % 11 == 4:
             upd["tags"] = {}
         if i % 13 == 5:
@@ -266,3 +268,10 @@ def test_a_line_longer_than_duckdbs_default_object_size_reads_the_same(tmp_path,
     a, _ = _export(path, tmp_path / "duck", monkeypatch, True)
     b, _ = _export(path, tmp_path / "py", monkeypatch, False)
     assert a == b and _files(tmp_path / "duck") == _files(tmp_path / "py")
+
+
+def test_a_path_duckdb_would_take_for_a_glob_is_read_in_python(run, tmp_path, monkeypatch):
+    path = tmp_path / "run[1]*"
+    shutil.copytree(run, path)
+    written.stamp(path / "records.jsonl", written.counted(run / "records.jsonl"))  # a copy: stamp it again
+    assert written.unchanged(path / "records.jsonl") and not export_duck.available(path / "records.jsonl")
