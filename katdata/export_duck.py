@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 SQL_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "bool": "BOOLEAN", "float64": "DOUBLE"}
 MAX_EXACT = 2 ** 53  # the largest integer a float64 column holds exactly (Arrow refuses larger ones there)
 RESPELL = r'[0-9][.eE]|\\|\x7f'  # extra JSON that pydantic-core may spell otherwise than DuckDB
-MIN_BYTES = 32 << 20  # smaller files are read in Python (bench/export_scale.py: DuckDB x0.73 at 5,000 records, x1.65 at 100,000)
+# smaller files are read in Python (bench/export_scale.py: DuckDB's export x0.73 the Python reader's at 5,000 records,
+# x1.48-1.65 at 100,000)
+MIN_BYTES = 32 << 20
 
 
 def available(path: Path) -> bool:
@@ -85,7 +87,8 @@ def _fit(types: dict[str, str], kinds: str, values: str) -> str:
         elif t == "int32":
             conds.append(f"({jt} = 'NULL' OR ({jt} IN ('BIGINT', 'UBIGINT') AND {values}.{k} IS NOT NULL))")
         else:
-            conds.append(f"({jt} = 'NULL' OR ({jt} IN ('BIGINT', 'UBIGINT', 'DOUBLE') AND abs({values}.{k}) < {MAX_EXACT}))")
+            conds.append(f"({jt} = 'NULL' OR ({jt} IN ('BIGINT', 'UBIGINT', 'DOUBLE') "
+                         f"AND abs({values}.{k}) < {MAX_EXACT}))")
     return "(" + " AND ".join(conds) + ")"
 
 

@@ -46,7 +46,8 @@ def _fitting() -> list:
                                entropy_on=1e-05)
             upd["provenance"] = dict(upd.get("provenance", r.provenance), attempt_index=0, correct=True,
                                      completion_tokens=2**70, tokens=1e-7, big=1e16, review=False)
-            upd["tags"] = dict(r.tags, id=r.id, rule={"x": [1.5, None, "\u2028 \U0001F600 \u00e9"], "y": {}}, p_reasoning=2)
+            upd["tags"] = dict(r.tags, id=r.id, rule={"x": [1.5, None, "\u2028 \U0001F600 \u00e9"], "y": {}},
+                               p_reasoning=2)
         if i % 5 == 1:  # extras DuckDB spells itself (nothing to re-spell): non-ASCII, a line separator, "/", nesting
             upd["tags"] = dict(r.tags, note="é \U0001F600 \u2028 a/b", deep={"k": [True, None, {}, []]})
         if i % 11 == 4:
