@@ -269,6 +269,7 @@ def _fast(src: Path, run_dir: Path, policy: review_routing.ReviewConfig, held_ba
             counts = Counter(facts["strata"])
             if held_back:
                 counts.subtract(s for _, s in facts["flagged"])
+                reader.set_skip(waits)
         else:
             waits = review_routing.waiting(run_dir, src, policy) if policy.blocking else set()
             reader.set_skip(waits if held_back else frozenset())
@@ -278,8 +279,6 @@ def _fast(src: Path, run_dir: Path, policy: review_routing.ReviewConfig, held_ba
                 if held_back:
                     reader.set_skip(waits)
                     counts, _ = reader.plan()
-        if held_back:
-            reader.set_skip(waits)
     except export_duck.Fallback as why:
         log.info("%s: %s: export reads it in Python", src, why)
         reader.close()

@@ -3,7 +3,6 @@ the file goes the Python way whenever the two could differ (katdata.export_duck,
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from katdata.assemble_rows import RecordWriter
 from katdata.errors import InputError
 from katdata.records import Change
 from test_export import make_records, make_run
+from test_export_spans import _files
 
 pytest.importorskip("duckdb")
 
@@ -23,11 +23,6 @@ pytest.importorskip("duckdb")
 @pytest.fixture(autouse=True)
 def small_files_too(monkeypatch):
     monkeypatch.setattr(export_duck, "MIN_BYTES", 0)  # these runs are small: read them with DuckDB all the same
-
-
-def _files(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".katdata-export.json"}
 
 
 def _fitting() -> list:
