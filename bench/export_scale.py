@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import random
 import re
 import resource
 import shutil
@@ -47,6 +45,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import export_limits  # noqa: E402  (beside this file: the floor and bound steps)
 
 JUDGE_ON = "The problem needs several dependent calculation steps, so reasoning them out first avoids mistakes."
 JUDGE_OFF = "This asks to recall one well-known fact, so a direct answer without explicit reasoning is enough."
@@ -63,35 +63,47 @@ def _pool():
 
 
 def assemble(run: Path, n: int, seed: int = 0) -> None:
-    """Stream n synthetic KatRecord rows into run/records.jsonl (real texts, random labels and votes)."""
+    """Stream n synthetic KatRecord rows into run/records.jsonl (real texts, random labels and votes). The random
+    fields are drawn by numpy a chunk at a time: drawn one by one with the random module they cost a fifth of the
+    step, which is the bench's work, not assemble's."""
+    import numpy as np
+
     from katdata.assemble_rows import RecordWriter
     from katdata.kat_bulk import gc_paused, render_checked
     from katdata.records import KatRecord
 
-    rng = random.Random(seed)
-    on, off = _pool()
+    rng = np.random.default_rng(seed)
+    pools = _pool()
+    domains = ("knowledge", "sports", "film")
     with RecordWriter(run / "records.jsonl") as w, gc_paused():  # as the assemble stage loops
-        for i in range(n):
-            mode = "on" if rng.random() < 0.35 else "off"
-            query, think, answer = rng.choice(on if mode == "on" else off)
-            judge = JUDGE_ON if mode == "on" else JUDGE_OFF
-            response = render_checked(mode, judge, answer, think)  # the assemble stage's render and re-check
-            p_on, p_off = round(rng.random(), 2), round(rng.random(), 2)
-            w.write(KatRecord(
-                id=f"syn-{i}", query=query, mode=mode, judge=judge, think=think, answer=answer,
-                response=response, reference=answer,
-                kind="numeric" if mode == "on" else "exact",
-                tags={"domain": "math" if mode == "on" else rng.choice(["knowledge", "sports", "film"]),
-                      "task_type": "qa", "difficulty": rng.randint(1, 5), "needs_reasoning": mode == "on",
-                      "p_reasoning": round(rng.random(), 3), "verifiability": "reference", "language": "en"},
-                vote={"label": mode, "reason": "pass rates", "n_on": 4, "n_off": 4, "p_on": p_on, "p_off": p_off,
-                      "margin": round(p_on - p_off, 2), "delta": 0.1, "classes_on": {answer: 3}, "samples_used": 8},
-                provenance={"source": "gsm8k" if mode == "on" else "fanoutqa-hop", "models": MODELS}))
+        for first in range(0, n, CHUNK):
+            m = min(CHUNK, n - first)
+            ons = (rng.random(m) < 0.35).tolist()
+            picks = (rng.random(m) * [len(pools[0]) if on else len(pools[1]) for on in ons]).astype(int).tolist()
+            p_on, p_off = np.round(rng.random(m), 2), np.round(rng.random(m), 2)
+            draws = zip(range(first, first + m), ons, picks, rng.integers(0, 3, m).tolist(),
+                        rng.integers(1, 6, m).tolist(), np.round(rng.random(m), 3).tolist(), p_on.tolist(),
+                        p_off.tolist(), np.round(p_on - p_off, 2).tolist())
+            for i, on, pick, domain, difficulty, p_reasoning, p1, p0, margin in draws:
+                mode = "on" if on else "off"
+                query, think, answer = pools[0 if on else 1][pick]
+                judge = JUDGE_ON if on else JUDGE_OFF
+                response = render_checked(mode, judge, answer, think)  # the assemble stage's render and re-check
+                w.write(KatRecord(
+                    id=f"syn-{i}", query=query, mode=mode, judge=judge, think=think, answer=answer,
+                    response=response, reference=answer, kind="numeric" if on else "exact",
+                    tags={"domain": "math" if on else domains[domain], "task_type": "qa", "difficulty": difficulty,
+                          "needs_reasoning": on, "p_reasoning": p_reasoning, "verifiability": "reference",
+                          "language": "en"},
+                    vote={"label": mode, "reason": "pass rates", "n_on": 4, "n_off": 4, "p_on": p1, "p_off": p0,
+                          "margin": margin, "delta": 0.1, "classes_on": {answer: 3}, "samples_used": 8},
+                    provenance={"source": "gsm8k" if on else "fanoutqa-hop", "models": MODELS}))
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+CHUNK = 4096  # records whose random fields are drawn at once
+
+
+_cpu = export_limits.cpu  # this process's CPU seconds
 
 
 class Phases:
@@ -163,126 +175,6 @@ def _assemble_phases(ph: Phases) -> None:
     ph.wrap(sys.modules[__name__], "_pool", "read")
 
 
-def _typed_schema():
-    """The columns pyarrow's JSON reader types itself, as the export types them: the flat strings, tags and vote with
-    their typed fields (``extra`` reads as null: no record has that key), provenance with its source only."""
-    import pyarrow as pa
-
-    from katdata import card
-    from katdata.export_columns import Batch
-
-    hf = card.features("hf").arrow_schema
-    source = hf.field("provenance").type.field("source")
-    return pa.schema([hf.field(k) for k in (*Batch.FLAT, "tags", "vote")] + [("provenance", pa.struct([source]))])
-
-
-def floor(run: Path, n: int) -> dict:
-    """What export's C++ parts alone cost on one thread, on the same records and export: pyarrow's JSON reader
-    over records.jsonl's typed columns (the flat strings, the typed fields of tags and vote, provenance.source;
-    no validation, no extras, no second pass) and the parquet encoding of the export's row groups (read back
-    untimed, written with the same writer and row groups). A lower bound of export's records per CPU-second:
-    nothing of the split, the card, the review hold-back or the Python rows is in it."""
-    import pyarrow as pa
-    import pyarrow.json as pj
-    import pyarrow.parquet as pq
-
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    schema = _typed_schema()
-    c = _cpu()
-    reader = pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(use_threads=False, block_size=1 << 22),
-                          parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
-    rows = sum(b.num_rows for b in reader)
-    read = _cpu() - c
-    if rows != n:
-        raise SystemExit(f"floor: read {rows} records, expected {n}")
-    encode = 0.0
-    with tempfile.TemporaryDirectory(dir=run) as tmp:
-        for i, path in enumerate(sorted((run / "export" / "data").glob("*.parquet"))):
-            src = pq.ParquetFile(path)
-            with pq.ParquetWriter(Path(tmp) / f"{i}.parquet", src.schema_arrow) as w:
-                for g in range(src.num_row_groups):
-                    t = src.read_row_group(g)
-                    c = _cpu()
-                    w.write_table(t, row_group_size=t.num_rows)
-                    encode += _cpu() - c
-    return {"step": "floor", "n": n, "read_cpu_s": read, "encode_cpu_s": encode, "cpu_rate": n / (read + encode)}
-
-
-def bound(run: Path, n: int) -> dict:
-    """The best case of a column-wise export (issue 29's item 2) on this machine, wall time with every core: pyarrow's
-    JSON reader (its threads) over what it can type itself (the flat strings, the typed fields of tags and vote,
-    provenance.source), the hf columns built from its arrays (messages by index, null extras, empty models and
-    changes), a seeded random split and the parquet encoding on a second thread. Left out, because the reader cannot
-    do them or they come after it: pass 1, validation, the free-keyed parts (the extras' JSON, provenance.models),
-    the card and the hold-back. Not the export's output, only its shape. Also times, on one thread, msgspec decoding
-    just the free-keyed parts of these records (the vote's answer classes, provenance.models): pyarrow's reader
-    cannot read a JSON object with free keys (no map type), so a column-wise export still decodes them in Python."""
-    from typing import Optional
-
-    import msgspec
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.json as pj
-    import pyarrow.parquet as pq
-
-    from katdata import card
-    from katdata.export_columns import Batch
-
-    hf = card.features("hf").arrow_schema
-    prov = hf.field("provenance").type
-    todo: queue.Queue = queue.Queue(4)
-
-    def encode(folder: str) -> None:
-        writers = {}
-        while (item := todo.get()) is not None:
-            split, table = item
-            if split not in writers:
-                writers[split] = pq.ParquetWriter(Path(folder) / f"{split}.parquet", hf)
-            writers[split].write_table(table, row_group_size=table.num_rows)
-        for w in writers.values():
-            w.close()
-
-    rng, rows = np.random.default_rng(0), 0
-    with tempfile.TemporaryDirectory(dir=run) as tmp:
-        writer = threading.Thread(target=encode, args=(tmp,))
-        t, c = time.perf_counter(), _cpu()
-        writer.start()
-        for rb in pj.open_json(run / "records.jsonl", read_options=pj.ReadOptions(block_size=1 << 22),
-                               parse_options=pj.ParseOptions(explicit_schema=_typed_schema(),
-                                                             unexpected_field_behavior="ignore")):
-            for i in range(0, rb.num_rows, 2000):
-                b = rb.slice(i, 2000)
-                m, col = b.num_rows, dict(zip(b.schema.names, b.columns))
-                texts = {"system": col["system"].fill_null(""), "query": col["query"], "response": col["response"]}
-                kids = {"source": col["provenance"].field("source")}
-                arrays = {**{k: col[k] for k in (*Batch.FLAT, "tags", "vote")},
-                          "messages": Batch._messages(hf.field("messages").type, col["system"].to_pylist(), texts),
-                          "provenance": pa.StructArray.from_arrays([kids.get(f.name, pa.nulls(m, f.type)) for f in prov],
-                                                                   fields=list(prov))}
-                table = pa.Table.from_arrays([arrays[f.name] for f in hf], schema=hf)
-                test = pa.array(rng.random(m) < 0.1)
-                todo.put(("train", table.filter(pa.compute.invert(test))))
-                todo.put(("test", table.filter(test)))
-                rows += m
-        todo.put(None)
-        writer.join()
-        secs, cpu = time.perf_counter() - t, _cpu() - c
-
-    some = Optional[dict]
-    classes = msgspec.defstruct("Classes", [("classes_on", some, None), ("classes_off", some, None)])
-    models = msgspec.defstruct("Models", [("models", some, None)])
-    free = msgspec.defstruct("Free", [("vote", Optional[classes], None), ("provenance", Optional[models], None)])
-    decode, c = msgspec.json.Decoder(free).decode, _cpu()
-    with open(run / "records.jsonl", "rb") as f:
-        while block := f.read(1 << 22):
-            block += f.readline()
-            list(map(decode, block.splitlines()))  # built and freed inside the timing, as a reader would
-    if rows != n:
-        raise SystemExit(f"bound: read {rows} records, expected {n}")
-    return {"step": "bound", "n": n, "seconds": secs, "rate": n / secs, "cpu_s": cpu, "free_cpu_s": _cpu() - c}
-
-
 class Threads:
     """CPU seconds per thread of this process while a step runs, by thread name (read from /proc/self/task every
     0.1 s; Linux only, empty elsewhere): export's serial parts, its main thread and its parquet thread, bound it
@@ -340,7 +232,7 @@ def _files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".katdata-export.json"}
 
 
-MEASURES = {"floor": floor, "bound": bound}  # the steps that measure rather than run a stage
+MEASURES = {"floor": export_limits.floor, "bound": export_limits.bound}  # steps that measure, not run a stage
 
 
 def child(step: str, run: Path, n: int, phases: bool = False) -> dict:

@@ -30,7 +30,7 @@ from collections import Counter
 from itertools import accumulate, repeat
 from operator import add, attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import msgspec
 import pydantic_core
@@ -143,6 +143,14 @@ _TAIL_FORMATTED = b', "tags": '  # TAIL as the formatter spaces it
 
 
 _MODE, _TAGS, _VOTE = attrgetter("mode"), attrgetter("tags"), attrgetter("vote")
+OBJECTS = {"tags": _TAGS, "vote": _VOTE, "provenance": attrgetter("provenance")}  # written.OBJECTS' getters
+MAX_KEYS = 64  # more distinct keys than this in one of a file's objects: the writer does not record them
+
+
+def _seen(facts: Optional[dict]) -> Optional[dict[str, set]]:
+    """The keys an earlier writer recorded (a resumed file), None where it did not."""
+    keys = written.keys(facts)
+    return None if keys is None else {c: set(keys[c]) for c in OBJECTS}
 
 
 class RecordWriter:
@@ -150,8 +158,9 @@ class RecordWriter:
 
     A file that holds only KatRecords (validated models) when it is closed, and held only such rows before (new,
     empty, or stamped and unchanged), is stamped as katdata's own (katdata.written), with what export would count
-    in a first read (rows per stratum, the ids the vote flagged for review): export then reads it without checking
-    each line again, and without that first read."""
+    in a first read (rows per stratum, the ids the vote flagged for review) and the keys its tags, vote and
+    provenance hold (up to MAX_KEYS each): export then reads it without checking each line again, without that first
+    read, and only looks for the keys that are there."""
 
     def __init__(self, path: Path, every: int = 256):
         self.path = Path(path)
@@ -159,6 +168,7 @@ class RecordWriter:
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._own = new or written.unchanged(self.path)
         self._facts = {"strata": {}, "flagged": []} if new else written.counted(self.path)
+        self._keys = {c: set() for c in OBJECTS} if new else _seen(self._facts)
         written.forget(self.path)  # not as stamped until this writer closes it
         repair_tail(self.path)
         self._f = open(self.path, "ab")
@@ -210,6 +220,13 @@ class RecordWriter:
         for (mode, domain), n in pairs.items():
             name = stratum(mode, {"domain": domain})
             strata[name] = strata.get(name, 0) + n
+        if self._keys is not None:
+            for name, get in OBJECTS.items():
+                keys = self._keys[name]
+                keys.update(*map(dict.keys, map(get, rows)))
+                if len(keys) > MAX_KEYS:
+                    self._keys = None
+                    break
         reviews = list(map(dict.get, map(_VOTE, rows), repeat("review")))
         if True in reviews:  # (== True: a 1 too; the rule itself looks closer)
             for r, review in zip(rows, reviews):
@@ -223,6 +240,10 @@ class RecordWriter:
             finally:
                 self._f.close()
             if self._own:
+                if self._facts is not None:
+                    self._facts.pop("keys", None)
+                    if self._keys is not None:
+                        self._facts["keys"] = {name: sorted(keys) for name, keys in self._keys.items()}
                 written.stamp(self.path, self._facts)
 
     def __enter__(self):

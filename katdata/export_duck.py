@@ -16,7 +16,10 @@ raised as soon as such a record comes up; export then starts over):
 - counts that do not match the records read (a held-back id shared by a record the vote did not flag).
 The ``extra`` JSON of tags, vote and provenance (the keys without a column, in the line's order) comes from
 DuckDB; where its spelling could differ from pydantic-core's (a number with a fraction or an exponent, a
-backslash escape, a DEL) the value is spelled by pydantic-core from the text instead.
+backslash escape, a DEL) the value is spelled by pydantic-core from the text instead. Where the stamp lists the
+keys the writer saw in each object, an object with no key beyond its columns needs no extra at all, and one with a
+single such key gets it with a JSON path instead of merging the whole object (that merge was a third of DuckDB's
+work). Provenance's models come as JSON text, each distinct text decoded once.
 
 Files under ``MIN_BYTES`` are read in Python: starting DuckDB costs more than it saves there.
 """
@@ -29,6 +32,8 @@ import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
+
+import pydantic_core
 
 from katdata import card, written
 from katdata.export_columns import Batch, dumps_many
@@ -101,7 +106,10 @@ def _source(path: Path, skip_table: Optional[str]) -> str:
 
 TAGS_V = f"json_transform(tags, {_structure(card.TAG_TYPES)})"
 VOTE_V = f"json_transform(vote, {_structure(card.VOTE_TYPES)})"
-PROV_V = "json_transform(provenance, '{\"source\": \"VARCHAR\", \"models\": \"MAP(VARCHAR, VARCHAR)\"}')"
+# provenance's models as JSON text, decoded in Python once per distinct text (a run's records share a few; a MAP
+# column cost DuckDB a third of its work)
+PROV_V = "json_transform(provenance, '{\"source\": \"VARCHAR\", \"models\": \"JSON\"}')"
+PROV_TYPES = {"source": "string", "models": "object"}  # provenance's keys with a column of their own
 
 
 # where a line may hold what `_fit` refuses, found with one regular expression over an object's JSON (as DuckDB
@@ -161,6 +169,7 @@ class Reader:
         import duckdb
 
         self.path = Path(path)
+        self.keys = written.keys(written.counted(self.path))
         self.con = duckdb.connect(config={"threads": threads or len(os.sched_getaffinity(0))})
         self.skip_table: Optional[str] = None
 
@@ -207,9 +216,10 @@ class Reader:
         import pyarrow as pa
 
         flat = ", ".join(Batch.FLAT)
-        sql = f"""SELECT {flat}, {TAGS_V} AS tags_v, {_extra("tags", card.TAG_TYPES)} AS tags_extra,
-                         {VOTE_V} AS vote_v, {_extra("vote", card.VOTE_TYPES)} AS vote_extra, {PROV_V} AS prov_v,
-                         {_extra("provenance", {"source": "", "models": ""})} AS prov_extra, {_ok_sql()} AS ok
+        sql = f"""SELECT {flat}, {TAGS_V} AS tags_v, {_extra("tags", card.TAG_TYPES, self.keys)} AS tags_extra,
+                         {VOTE_V} AS vote_v, {_extra("vote", card.VOTE_TYPES, self.keys)} AS vote_extra,
+                         {PROV_V} AS prov_v, {_extra("provenance", PROV_TYPES, self.keys)} AS prov_extra,
+                         {_ok_sql()} AS ok
                   FROM {_text(self.path, self.skip_table, flat)}"""
         pending: list = []
         rows = 0
@@ -238,8 +248,17 @@ def _read_batch(batches):
         raise Fallback(f"DuckDB could not read it ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
-def _extra(col: str, types: dict[str, str]) -> str:
-    """SQL: the object without its typed keys (the others in their order), '{}' when none is left."""
+def _extra(col: str, types: dict, keys: Optional[dict] = None) -> str:
+    """SQL: the object without its typed keys (the others in their order), '{}' when none is left. Where the writer
+    recorded the keys it saw (``keys``), an object that can hold no other key gives '{}' at once, and one that can
+    hold one other key gives it by itself (a JSON function cheaper than the merge)."""
+    rest = None if keys is None else [k for k in keys[col] if k not in types]
+    if rest == []:
+        return "'{}'"
+    if rest is not None and len(rest) == 1:  # one key: no order of keys to keep
+        pointer = _lit("/" + rest[0].replace("~", "~0").replace("/", "~1"))
+        head = _lit("{" + pydantic_core.to_json(rest[0]).decode() + ":")
+        return f"coalesce({head} || json_extract({col}, {pointer}) || '}}', '{{}}')"
     patch = _lit(json.dumps({k: None for k in types}))
     return f"json_merge_patch({col}, {patch})"
 
@@ -330,22 +349,39 @@ def _provenance(t, typ):
     import pyarrow as pa
 
     prov = t.column("prov_v").combine_chunks()
-    models = prov.field("models")
     mt = typ.field("models").type
+    offsets, keys, values = _models(prov.field("models"))
     st = mt.value_type
-    first, last = models.offsets[0].as_py(), models.offsets[-1].as_py()
-    values = pa.StructArray.from_arrays([_strings(models.keys.slice(first, last - first)),
-                                         _strings(models.items.slice(first, last - first))], fields=list(st))
-    offsets = pa.array(models.offsets.to_numpy() - first, pa.int32())
+    models = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays([keys, values], fields=list(st)), type=mt)
     n = len(t)
     ct = typ.field("changes").type
     no_changes = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)),
                                           pa.StructArray.from_arrays([pa.array([], f.type) for f in ct.value_type],
                                                                      fields=list(ct.value_type)), type=ct)
-    kids = {"models": pa.ListArray.from_arrays(offsets, values, type=mt), "changes": no_changes,
+    kids = {"models": models, "changes": no_changes,
             "source": _strings(prov.field("source")),
             "extra": _extras(t.column("prov_extra").combine_chunks())}
     return pa.StructArray.from_arrays([kids[f.name] for f in typ], fields=list(typ))
+
+
+def _models(texts):
+    """Offsets, keys and values of the models column from provenance's models as JSON text (null: none, an empty
+    list), each distinct text decoded once (`ok` has checked that each is an object of strings)."""
+    import msgspec
+    import numpy as np
+    import pyarrow as pa
+
+    codes = texts.cast(pa.string()).dictionary_encode()
+    found = [msgspec.json.decode(x) for x in codes.dictionary.to_pylist()]
+    sizes = np.array([len(d) for d in found] + [0], np.int64)  # the last: a null text
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    which = codes.indices.fill_null(len(found)).to_numpy()
+    lengths = sizes[which]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    take = pa.array(np.repeat(starts[which] - offsets[:-1], lengths) + np.arange(offsets[-1]))
+    keys = pa.array([k for d in found for k in d], pa.string()).take(take)
+    values = pa.array([v for d in found for v in d.values()], pa.string()).take(take)
+    return pa.array(offsets.astype(np.int32)), _strings(keys), _strings(values)
 
 
 def _strata(t) -> list[str]:

@@ -9,7 +9,8 @@ line as they would any file. A stamp that cannot be read, or one from an interru
 writer opens the file, written again only when it closes), matches nothing.
 
 The stamp may also hold what the writer counted while it wrote (``facts``: rows per export stratum, the ids the
-vote flagged for review), so export need not read the file once more to count them (katdata.export_duck).
+vote flagged for review, the keys its records' tags, vote and provenance hold), so export need not read the file
+once more to count them, and looks only for the keys that are there (katdata.export_duck).
 Export reads a stamped file column-wise without checking each line again.
 """
 
@@ -64,6 +65,18 @@ def counted(path: Path) -> Optional[dict]:
     kept = _read(path)
     facts = kept.get("facts") if kept else None
     return facts if isinstance(facts, dict) else None
+
+
+OBJECTS = ("tags", "vote", "provenance")  # the records' objects whose keys the facts may list
+
+
+def keys(facts: Optional[dict]) -> Optional[dict[str, list[str]]]:
+    """The keys the writer saw in each of the file's objects (OBJECTS), from its facts; None where it did not list
+    them."""
+    found = facts.get("keys") if isinstance(facts, dict) else None
+    if not isinstance(found, dict) or not all(isinstance(found.get(c), list) for c in OBJECTS):
+        return None
+    return {c: found[c] for c in OBJECTS}
 
 
 def forget(path: Path) -> None:

@@ -271,3 +271,54 @@ def test_a_path_duckdb_would_take_for_a_glob_is_read_in_python(run, tmp_path, mo
     shutil.copytree(run, path)
     written.stamp(path / "records.jsonl", written.counted(run / "records.jsonl"))  # a copy: stamp it again
     assert written.unchanged(path / "records.jsonl") and not export_duck.available(path / "records.jsonl")
+
+
+def _one_extra_each(i: int, r):
+    """A record whose tags hold no key without a column, whose vote holds one (or none), and whose provenance holds
+    one with a name a JSON path would have to quote."""
+    typed = {k: v for k, v in r.tags.items() if k in ("domain", "task_type", "difficulty", "language")}
+    values = [{"a": [1e-05, None, "x"]}, None, "é \U0001F600 \\ \"q\" \u2028", 1.5e-7, 2**70, [], {}, 3]
+    vote = {k: v for k, v in r.vote.items() if k in ("label", "p_on", "p_off", "n_on")}
+    if i % 9:  # some votes lack it
+        vote["classes_on"] = values[i % len(values)]
+    prov = {"source": "s", "models": {"solver": "m", "judge": "j" if i % 2 else "m"}, 'a/b~"c.d é': i}
+    return r.model_copy(update={"tags": typed, "vote": vote, "provenance": prov, "changes": []})
+
+
+def test_the_writer_lists_the_keys_and_duckdb_looks_only_for_those(tmp_path, monkeypatch):
+    """The stamp lists the keys of tags, vote and provenance; where an object holds no key without a column, or one,
+    DuckDB reads its extra without the JSON merge, and both readers still write the same bytes."""
+    recs = [_one_extra_each(i, r) for i, r in enumerate(make_records())]
+    run = _stamped(tmp_path / "run", recs)
+    keys = written.keys(written.counted(run / "records.jsonl"))
+    assert keys == {"tags": ["difficulty", "domain", "language", "task_type"],
+                    "vote": ["classes_on", "label", "n_on", "p_off", "p_on"], "provenance": ['a/b~"c.d é', "models", "source"]}
+    sql = []
+    real = export_duck.Reader._run
+    monkeypatch.setattr(export_duck.Reader, "_run", lambda self, q, *a: sql.append(q) or real(self, q, *a))
+    a, used = _export(run, tmp_path / "duck", monkeypatch, True)
+    b, _ = _export(run, tmp_path / "py", monkeypatch, False)
+    assert used and a == b and _files(tmp_path / "duck") == _files(tmp_path / "py")
+    assert "json_merge_patch" not in sql[-1] and "'{}' AS tags_extra" in sql[-1]
+
+
+def test_the_keys_add_up_over_a_resumed_file_and_are_left_out_past_the_cap(tmp_path, monkeypatch):
+    from katdata import assemble_rows
+
+    recs = _fitting()[:6]
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as w:
+        w.write(recs[0].model_copy(update={"tags": {"domain": "math"}}))
+    with RecordWriter(path) as w:  # resumed: the keys of both
+        w.write(recs[1].model_copy(update={"tags": {"language": "en"}}))
+    assert written.keys(written.counted(path))["tags"] == ["domain", "language"]
+    monkeypatch.setattr(assemble_rows, "MAX_KEYS", 2)
+    with RecordWriter(path) as w:
+        w.write(recs[2].model_copy(update={"tags": {"difficulty": 2}}))
+    facts = written.counted(path)
+    assert written.keys(facts) is None and sum(facts["strata"].values()) == 3  # the counts still there
+    monkeypatch.setattr(assemble_rows, "MAX_KEYS", 64)
+    with RecordWriter(path) as w:  # a file whose earlier keys were not listed: none listed after it either
+        w.write(recs[3])
+    assert written.counted(path) is not None and written.keys(written.counted(path)) is None
+
