@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from itertools import accumulate, repeat
+from itertools import accumulate, chain, repeat
 from operator import add, attrgetter
 from pathlib import Path
 from typing import Any, Optional
 
 import msgspec
 import pydantic_core
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from katdata import written
 from katdata.export_arrow import stratum
@@ -108,6 +108,7 @@ def line(row: BaseModel | dict[str, Any]) -> bytes:
 
 
 _PARTS = msgspec.json.Decoder(list[msgspec.Raw])
+_KAT_ROWS = TypeAdapter(list[KatRecord])  # the same JSON as pydantic_core.to_json of the list, a little sooner
 _SEP = 2  # the formatter's ", " between the list's elements
 
 
@@ -117,7 +118,8 @@ def lines(rows: list) -> list:
     if not rows or not all(isinstance(r, BaseModel) for r in rows):
         return list(map(line, rows))
     try:
-        text = msgspec.json.format(pydantic_core.to_json(rows), indent=0)
+        raw = _KAT_ROWS.dump_json(rows) if all(type(r) is KatRecord for r in rows) else pydantic_core.to_json(rows)
+        text = msgspec.json.format(raw, indent=0)
         parts = _PARTS.decode(text)
     except Exception:  # noqa: BLE001  (what the batch cannot do: row by row, each row's own path and errors)
         return list(map(line, rows))
@@ -223,7 +225,7 @@ class RecordWriter:
         if self._keys is not None:
             for name, get in OBJECTS.items():
                 keys = self._keys[name]
-                keys.update(*map(dict.keys, map(get, rows)))
+                keys.update(chain.from_iterable(map(get, rows)))  # (iterating a dict gives its keys)
                 if len(keys) > MAX_KEYS:
                     self._keys = None
                     break
