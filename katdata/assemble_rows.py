@@ -145,7 +145,7 @@ _TAIL_FORMATTED = b', "tags": '  # TAIL as the formatter spaces it
 
 
 _MODE, _TAGS, _VOTE = attrgetter("mode"), attrgetter("tags"), attrgetter("vote")
-OBJECTS = {"tags": _TAGS, "vote": _VOTE, "provenance": attrgetter("provenance")}  # written.OBJECTS' getters
+OBJECTS = {name: attrgetter(name) for name in written.OBJECTS}  # the objects whose keys the stamp lists
 MAX_KEYS = 64  # more distinct keys than this in one of a file's objects: the writer does not record them
 
 

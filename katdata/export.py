@@ -261,9 +261,9 @@ def _fast(src: Path, run_dir: Path, policy: review_routing.ReviewConfig, held_ba
     back, else from a first read."""
     if not export_duck.available(src):
         return None, None, None
-    reader = export_duck.Reader(src)
+    facts = written.counted(src)
+    reader = export_duck.Reader(src, keys=written.keys(facts))
     try:
-        facts = written.counted(src)
         if facts is not None and not policy.blocking:
             waits = {i for i, _ in facts["flagged"]}
             counts = Counter(facts["strata"])

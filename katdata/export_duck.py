@@ -165,11 +165,13 @@ class Fallback(Exception):
 class Reader:
     """One records file read by DuckDB: `plan` (pass 1), then `tables` (pass 2)."""
 
-    def __init__(self, path: Path, threads: Optional[int] = None):
+    def __init__(self, path: Path, threads: Optional[int] = None, keys: Optional[dict[str, list[str]]] = None):
+        """``keys``: the keys the writer listed for the file's tags, vote and provenance (`written.keys`), None:
+        not listed."""
         import duckdb
 
         self.path = Path(path)
-        self.keys = written.keys(written.counted(self.path))
+        self.keys = keys
         self.con = duckdb.connect(config={"threads": threads or len(os.sched_getaffinity(0))})
         self.skip_table: Optional[str] = None
 
