@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -306,6 +307,12 @@ def measure(step: str, run: Path, n: int, phases: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ratio(x: float) -> str:
+    """A ratio with at least two significant digits (a few hundred records make export a tiny fraction of the
+    floor: 0.0077, not 0.01 or 0.00)."""
+    return f"{x:.{max(2, 1 - math.floor(math.log10(x))) if x > 0 else 2}f}"
+
+
 def _print_phases(r: dict) -> None:
     order = ("read", "route/hold back", "render", "parse-check", "write", "other")
     for name in order:
@@ -377,11 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             floors[n] = fl
             print(f"floor    n={n:>9,d}  pyarrow JSON read {fl['read_cpu_s']:.1f} CPU-s + parquet encode "
                   f"{fl['encode_cpu_s']:.1f} CPU-s: {fl['cpu_rate']:9,.0f} records/CPU-s (export's C++ parts alone; "
-                  f"export at x{exp['cpu_rate'] / fl['cpu_rate']:.2f} of it)", flush=True)
+                  f"export at x{_ratio(exp['cpu_rate'] / fl['cpu_rate'])} of it)", flush=True)
             bd = measure("bound", run, n)
             print(f"bound    n={n:>9,d}  {bd['seconds']:7.1f} s  {bd['rate']:9,.0f} records/s  (a column-wise export's best "
                   f"case: pyarrow's threaded reader, hf columns, split, parquet, {bd['cpu_s'] / bd['seconds']:.1f} cores busy; "
-                  f"export at x{exp['rate'] / bd['rate']:.2f} of it); the free-keyed parts it leaves out, msgspec on "
+                  f"export at x{_ratio(exp['rate'] / bd['rate'])} of it); the free-keyed parts it leaves out, msgspec on "
                   f"one thread: {bd['free_cpu_s']:.1f} CPU-s",
                   flush=True)
             size = sum(f.stat().st_size for f in (run / "export").rglob("*") if f.is_file())
